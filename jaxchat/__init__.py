@@ -1,0 +1,1 @@
+"""jaxchat: nanochat base-model pretraining in JAX / Flax NNX."""

@@ -1,0 +1,32 @@
+"""Small shared helpers: the base directory, user-facing errors, rank-0 printing."""
+
+import os
+import sys
+
+import jax
+
+
+class UserError(Exception):
+    """A mistake the user can fix; entry points print it as one line and exit with code 2."""
+
+
+def base_dir() -> str:
+    """Root for data, tokenizer, checkpoints and eval bundles ($JAXCHAT_BASE_DIR, default ~/.cache/jaxchat)."""
+    path = os.environ.get("JAXCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxchat")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def print0(*args, **kwargs) -> None:
+    """Print on process 0 only."""
+    if jax.process_index() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def run_main(main, *args) -> None:
+    """Run an entry point; a UserError becomes one line on stderr and exit code 2 (no traceback)."""
+    try:
+        main(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
