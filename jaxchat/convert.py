@@ -1,0 +1,133 @@
+"""Move weights between nanochat's state dict (names and PyTorch layouts, spec §1.4) and jaxchat's parameter tree.
+
+The reference stores each Linear as (out, in) per layer; jaxchat stores kernels as (in, out) stacked over layers.
+The round trip is exact (transposes and stacking only).
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxchat.common import UserError
+from jaxchat.model import GPT, GPTConfig
+
+# jaxchat blocks/<name> -> reference transformer.h.{i}.<name>
+BLOCK_NAMES = {
+    "c_q": "attn.c_q.weight",
+    "c_k": "attn.c_k.weight",
+    "c_v": "attn.c_v.weight",
+    "c_proj": "attn.c_proj.weight",
+    "c_fc": "mlp.c_fc.weight",
+    "mlp_proj": "mlp.c_proj.weight",
+}
+
+
+def from_reference(state: dict[str, np.ndarray], config: GPTConfig) -> dict:
+    """A nanochat state dict (name -> array, PyTorch layout) as a jaxchat parameter tree of float32 numpy arrays."""
+    state = {k.removeprefix("_orig_mod."): np.asarray(v, np.float32) for k, v in state.items()}
+    expected = set(to_reference_names(config))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise UserError(f"state dict does not match the model config: missing {missing[:4]}, unexpected {extra[:4]}")
+    L = range(config.n_layer)
+    blocks = {name: np.stack([state[f"transformer.h.{i}.{ref}"].T for i in L]) for name, ref in BLOCK_NAMES.items()}
+    blocks["ve_gate"] = np.stack([state[f"transformer.h.{i}.attn.ve_gate.weight"].T for i in config.ve_layers])
+    return {
+        "wte": state["transformer.wte.weight"],
+        "lm_head": state["lm_head.weight"].T,
+        "resid_lambdas": state["resid_lambdas"],
+        "x0_lambdas": state["x0_lambdas"],
+        "value_embeds": np.stack([state[f"value_embeds.{i}.weight"] for i in config.ve_layers]),
+        "blocks": blocks,
+    }
+
+
+def to_reference(params: dict, config: GPTConfig) -> dict[str, np.ndarray]:
+    """A jaxchat parameter tree (or a gradient of the same structure) as a nanochat state dict."""
+    p = {k: v for k, v in params.items() if k != "blocks"}
+    b = params["blocks"]
+    state = {
+        "transformer.wte.weight": p["wte"],
+        "lm_head.weight": np.asarray(p["lm_head"]).T,
+        "resid_lambdas": p["resid_lambdas"],
+        "x0_lambdas": p["x0_lambdas"],
+    }
+    for i in range(config.n_layer):
+        for name, ref in BLOCK_NAMES.items():
+            state[f"transformer.h.{i}.{ref}"] = np.asarray(b[name][i]).T
+    for j, i in enumerate(config.ve_layers):
+        state[f"transformer.h.{i}.attn.ve_gate.weight"] = np.asarray(b["ve_gate"][j]).T
+        state[f"value_embeds.{i}.weight"] = p["value_embeds"][j]
+    return {k: np.asarray(v) for k, v in state.items()}
+
+
+def to_reference_names(config: GPTConfig) -> list[str]:
+    """Every key of the reference state dict for this config."""
+    names = ["transformer.wte.weight", "lm_head.weight", "resid_lambdas", "x0_lambdas"]
+    names += [f"transformer.h.{i}.{ref}" for i in range(config.n_layer) for ref in BLOCK_NAMES.values()]
+    names += [f"transformer.h.{i}.attn.ve_gate.weight" for i in config.ve_layers]
+    names += [f"value_embeds.{i}.weight" for i in config.ve_layers]
+    return names
+
+
+def load_params(model: GPT, params: dict) -> None:
+    """Write a parameter tree (e.g. from `from_reference`) into a model, checking every shape."""
+    state = nnx.state(model, nnx.Param)
+    current = nnx.to_pure_dict(state)
+    flat_new = dict(_flatten(params))
+    for path, value in _flatten(current):
+        if path not in flat_new or flat_new[path].shape != value.shape:
+            got = flat_new[path].shape if path in flat_new else "missing"
+            raise UserError(f"parameter {path}: expected shape {value.shape}, got {got}")
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    nnx.update(model, state)
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def config_from_dict(model_config: dict) -> GPTConfig:
+    """A GPTConfig from nanochat's `model_config` (checkpoint meta); a missing window_pattern means 'L', as in the reference."""
+    keys = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+    return GPTConfig(**{k: int(model_config[k]) for k in keys},
+                     window_pattern=str(model_config.get("window_pattern", "L")))
+
+
+def read_reference_npz(path: str) -> tuple[GPTConfig, dict[str, np.ndarray], "np.lib.npyio.NpzFile"]:
+    """A parity-fixture-format .npz: (config from config/*, reference state dict from param/*, the open file)."""
+    try:
+        data = np.load(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} as a .npz file ({e}); pass a file in the parity-fixture format") from None
+    model_config = {k.removeprefix("config/"): data[k].item() for k in data.files if k.startswith("config/")
+                    and k != "config/window_sizes"}
+    config = config_from_dict(model_config)
+    if "config/window_sizes" in data.files and tuple(data["config/window_sizes"].tolist()) != config.window_sizes:
+        raise UserError(f"{path}: window sizes {data['config/window_sizes'].tolist()} differ from the pattern's "
+                        f"{list(config.window_sizes)}")
+    state = {k.removeprefix("param/"): data[k] for k in data.files if k.startswith("param/")}
+    return config, state, data
+
+
+def read_reference_pt(path: str) -> tuple[GPTConfig, dict[str, np.ndarray]]:
+    """A nanochat model_XXXXXX.pt beside its meta_XXXXXX.json (needs torch installed)."""
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f"reading {path} needs PyTorch: pip install torch (or convert it to .npz elsewhere)") from None
+    meta_path = path.replace("model_", "meta_").removesuffix(".pt") + ".json"
+    try:
+        with open(meta_path) as f:
+            config = config_from_dict(json.load(f)["model_config"])
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, KeyError, RuntimeError) as e:
+        raise UserError(f"cannot read nanochat checkpoint {path} with {meta_path}: {e}") from None
+    return config, {k: v.float().numpy() for k, v in state.items()}

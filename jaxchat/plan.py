@@ -1,0 +1,169 @@
+"""The training plan in one place: model size from depth, horizon (spec §3.1) and batch / accumulation (§3.2).
+
+    python -m jaxchat.plan --depth=26 --target-param-data-ratio=8.25 --device-batch-size=16 --num-devices=8
+    python -m jaxchat.plan --readme      # the README's configuration tables, computed
+"""
+
+import argparse
+import dataclasses
+
+from jaxchat.common import UserError, run_main
+from jaxchat.model import GPTConfig, config_for_depth, estimate_flops, num_scaling_params
+
+
+def num_iterations(*, num_iterations: int, target_flops: float, target_param_data_ratio: float, flops_per_token: int,
+                   scaling_params: int, total_batch_size: int) -> tuple[int, str]:
+    """Steps to train and where the number came from: --num-iterations > --target-flops > --target-param-data-ratio."""
+    if num_iterations > 0:
+        return num_iterations, "--num-iterations"
+    if target_flops > 0:
+        return round(target_flops / (flops_per_token * total_batch_size)), "--target-flops"
+    if target_param_data_ratio > 0:
+        return int(target_param_data_ratio * scaling_params) // total_batch_size, "--target-param-data-ratio"
+    raise UserError("no training horizon: set one of --num-iterations, --target-flops or --target-param-data-ratio "
+                    "to a positive value (e.g. --target-param-data-ratio=10.5)")
+
+
+def valid_device_batch_sizes(total_batch_size: int, seq_len: int, data_parallel_size: int) -> list[int]:
+    """Device batch sizes (rows per device per micro-batch) that divide the total batch exactly."""
+    rows_per_device, rem = divmod(total_batch_size, seq_len * data_parallel_size)
+    if rem:
+        return []
+    return [b for b in range(1, rows_per_device + 1) if rows_per_device % b == 0]
+
+
+def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int, data_parallel_size: int) -> int:
+    """Micro-batches per step so that every step sees exactly total_batch_size tokens."""
+    if device_batch_size <= 0:
+        raise UserError(f"--device-batch-size={device_batch_size} must be positive (e.g. 32, 16 or 8)")
+    tokens_per_micro_batch = device_batch_size * seq_len * data_parallel_size
+    if total_batch_size <= 0 or total_batch_size % tokens_per_micro_batch:
+        valid = valid_device_batch_sizes(total_batch_size, seq_len, data_parallel_size)
+        fix = (f"use --device-batch-size in {valid}" if valid else
+               f"make --total-batch-size a multiple of seq_len x devices = {seq_len * data_parallel_size}")
+        raise UserError(f"--total-batch-size={total_batch_size} is not divisible by device batch {device_batch_size} x "
+                        f"seq_len {seq_len} x {data_parallel_size} data-parallel devices = {tokens_per_micro_batch}; {fix}")
+    return total_batch_size // tokens_per_micro_batch
+
+
+def device_batch_warning(device_batch_size: int) -> str | None:
+    """The seed document's troubleshooting warning for a device batch that is not a power of two."""
+    if device_batch_size & (device_batch_size - 1):
+        return (f"warning: uneven gradient accumulation steps: --device-batch-size={device_batch_size} is not a "
+                f"power of 2; use 32, 16 or 8 for stability")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything the run's size implies, computed once at start-up."""
+
+    model: GPTConfig
+    params: dict[str, int]
+    flops_per_token: int
+    num_iterations: int
+    horizon_source: str
+    total_batch_size: int
+    device_batch_size: int
+    data_parallel_size: int
+    grad_accum_steps: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.total_batch_size * self.num_iterations
+
+    @property
+    def tokens_per_param(self) -> float:
+        return self.total_tokens / self.params["scaling"]
+
+    @property
+    def total_flops(self) -> float:
+        return float(self.flops_per_token) * self.total_tokens
+
+    def summary(self) -> list[str]:
+        """The reference's start-up facts (spec §10): sizes, parameter table, FLOPs, horizon, batch."""
+        m = self.model
+        lines = [f"Vocab size: {m.vocab_size:,}",
+                 f"num_layers: {m.n_layer}, model_dim: {m.n_embd}, num_heads: {m.n_head}, head_dim: {m.head_dim}, "
+                 f"num_kv_heads: {m.n_kv_head}, window_pattern: {m.window_pattern}",
+                 f"Tokens / micro-batch / device: {self.device_batch_size * m.sequence_len:,}",
+                 f"Tokens / micro-batch: {self.device_batch_size * m.sequence_len * self.data_parallel_size:,}",
+                 f"Total batch size {self.total_batch_size:,} => gradient accumulation steps: {self.grad_accum_steps}",
+                 "Parameter counts:"]
+        lines += [f"  {name:<22}: {count:,}" for name, count in self.params.items()]
+        lines += [f"Estimated FLOPs per token: {self.flops_per_token:e}",
+                  f"Number of iterations ({self.horizon_source}): {self.num_iterations:,}",
+                  f"Total number of training tokens: {self.total_tokens:,}",
+                  f"Tokens : Scaling params ratio: {self.tokens_per_param:.2f}",
+                  f"Total training FLOPs estimate: {self.total_flops:e}"]
+        return lines
+
+
+def make_plan(*, depth: int, aspect_ratio: int = 64, head_dim: int = 128, max_seq_len: int = 2048,
+              vocab_size: int = 32768, window_pattern: str = "SSSL", num_iterations_flag: int = -1,
+              target_flops: float = -1.0, target_param_data_ratio: float = 10.5, total_batch_size: int = 524288,
+              device_batch_size: int = 32, data_parallel_size: int = 1) -> Plan:
+    """The plan for a depth and horizon; raises UserError for a horizon or batch that cannot work."""
+    model = config_for_depth(depth, aspect_ratio=aspect_ratio, head_dim=head_dim, max_seq_len=max_seq_len,
+                             vocab_size=vocab_size, window_pattern=window_pattern)
+    params = num_scaling_params(model)
+    flops = estimate_flops(model)
+    steps, source = num_iterations(num_iterations=num_iterations_flag, target_flops=target_flops,
+                                   target_param_data_ratio=target_param_data_ratio, flops_per_token=flops,
+                                   scaling_params=params["scaling"], total_batch_size=total_batch_size)
+    accum = grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, data_parallel_size)
+    return Plan(model, params, flops, steps, source, total_batch_size, device_batch_size, data_parallel_size, accum)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# README tables (a test checks the README holds exactly these)
+
+README_DEPTHS = (12, 18, 20, 24, 26)
+README_RATIOS = (8.25, 10.5, 12)
+
+
+def readme_tables() -> dict[str, str]:
+    """The depth, horizon and device-batch tables of the README, computed from the code."""
+    depth_rows = ["| depth | width | heads | scaling params | total params | FLOPs / token |",
+                  "|---|---|---|---|---|---|"]
+    horizon_rows = ["| depth | " + " | ".join(f"steps @ ratio {r}" for r in README_RATIOS) + " |",
+                    "|---|" + "---|" * len(README_RATIOS)]
+    for depth in README_DEPTHS:
+        plan = make_plan(depth=depth)
+        c, p = plan.model, plan.params
+        depth_rows.append(f"| {depth} | {c.n_embd} | {c.n_head} | {p['scaling'] / 1e6:,.1f}M | {p['total'] / 1e6:,.1f}M "
+                          f"| {plan.flops_per_token / 1e9:.2f}G |")
+        steps = [make_plan(depth=depth, target_param_data_ratio=r).num_iterations for r in README_RATIOS]
+        horizon_rows.append(f"| {depth} | " + " | ".join(f"{s:,}" for s in steps) + " |")
+    batch_rows = ["| --device-batch-size | accumulation steps, 8 GPUs | accumulation steps, 1 GPU | total batch |",
+                  "|---|---|---|---|"]
+    for b in (32, 16, 8, 4):
+        batch_rows.append(f"| {b} | {grad_accum_steps(524288, b, 2048, 8)} | {grad_accum_steps(524288, b, 2048, 1)} "
+                          f"| 524,288 |")
+    return {"depth": "\n".join(depth_rows), "horizon": "\n".join(horizon_rows), "batch": "\n".join(batch_rows)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--readme", action="store_true", help="print the README's configuration tables")
+    parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--target-param-data-ratio", type=float, default=10.5)
+    parser.add_argument("--num-iterations", type=int, default=-1)
+    parser.add_argument("--target-flops", type=float, default=-1.0)
+    parser.add_argument("--total-batch-size", type=int, default=524288)
+    parser.add_argument("--device-batch-size", type=int, default=32)
+    parser.add_argument("--num-devices", type=int, default=8, help="data-parallel devices")
+    args = parser.parse_args(argv)
+    if args.readme:
+        for name, table in readme_tables().items():
+            print(f"<!-- table:{name} -->\n{table}\n")
+        return
+    plan = make_plan(depth=args.depth, target_param_data_ratio=args.target_param_data_ratio,
+                     num_iterations_flag=args.num_iterations, target_flops=args.target_flops,
+                     total_batch_size=args.total_batch_size, device_batch_size=args.device_batch_size,
+                     data_parallel_size=args.num_devices)
+    print("\n".join(plan.summary()))
+
+
+if __name__ == "__main__":
+    run_main(main)

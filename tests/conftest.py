@@ -1,0 +1,22 @@
+"""Shared test setup: 8 host devices for mesh tests, offline WandB, the reference fixtures' location."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def shared_fixture(name: str) -> Path:
+    """Path of a file in ../shared/fixtures, or skip the test with the reason."""
+    path = SHARED_FIXTURES / name
+    if not path.exists():
+        pytest.skip(f"reference fixture {path} not found: clone the repo beside its shared/ folder to run parity tests")
+    return path
