@@ -1,0 +1,102 @@
+"""Orbax checkpoints: parameters, optimizer state and a JSON meta record (spec §9), written atomically.
+
+Layout: `$JAXCHAT_BASE_DIR/base_checkpoints/<model_tag>/<step>/{params,opt_state,meta}`. Orbax writes each step into
+a temporary directory and renames it when complete, so a crash during a save leaves the previous step usable and the
+half-written one is never listed.
+"""
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxchat.common import UserError, base_dir
+from jaxchat.convert import config_from_dict
+from jaxchat.model import GPT
+
+
+def checkpoint_dir(model_tag: str) -> str:
+    return os.path.join(base_dir(), "base_checkpoints", model_tag)
+
+
+class Checkpointer:
+    """Saves and restores training state for one model tag."""
+
+    def __init__(self, directory: str, *, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("params", "opt_state", "meta"))
+
+    def save(self, step: int, params, opt_state, meta: dict) -> None:
+        """Start saving step `step` (asynchronously; `wait()` blocks until it is on disk)."""
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def steps(self) -> list[int]:
+        """Complete checkpoints on disk, oldest first."""
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def resolve_step(self, step: int | str) -> int:
+        """A step number, or 'last' for the newest complete checkpoint."""
+        steps = self.steps()
+        if not steps:
+            raise UserError(f"no checkpoint in {self.directory}: train first, or check --model-tag")
+        if step == "last":
+            return steps[-1]
+        if int(step) not in steps:
+            raise UserError(f"no checkpoint for step {step} in {self.directory}; available steps: {steps}")
+        return int(step)
+
+    def restore(self, step: int, abstract_params, abstract_opt_state=None) -> tuple:
+        """(params, opt_state or None, meta) of a step, placed with the shardings of the abstract targets."""
+        items = dict(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
+        if abstract_opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, OSError, TypeError) as e:
+            raise UserError(f"checkpoint {self.directory}/{step} cannot be restored ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}); resume from an earlier step") from None
+        return restored["params"], restored.get("opt_state") if abstract_opt_state is not None else None, restored["meta"]
+
+    def read_meta(self, step: int) -> dict:
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return restored["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs (with shardings) for a tree of arrays or ShapeDtypeStructs: an orbax restore target."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def load_model_for_eval(model_tag: str, step: int | str = "last", compute_dtype=None) -> tuple[GPT, dict]:
+    """(model, meta) of a saved jaxchat checkpoint, parameters on the default device."""
+    ckpt = Checkpointer(checkpoint_dir(model_tag), async_save=False)
+    step = ckpt.resolve_step(step)
+    meta = ckpt.read_meta(step)
+    config = config_from_dict(meta["model_config"])
+    kwargs = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
+    model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), **kwargs))
+    graphdef, abstract = nnx.split(model)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(abstract))
+    params, _, meta = ckpt.restore(step, target)
+    ckpt.close()
+    return nnx.merge(graphdef, params), meta
+
+
+def to_numpy(tree):
+    """Host copy of a tree of (possibly sharded) arrays."""
+    return jax.tree.map(np.asarray, tree)

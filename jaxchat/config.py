@@ -1,0 +1,159 @@
+"""Training flags: nanochat's base_train flags (reference defaults, spec §11.1), ml_collections config files, overrides.
+
+    python -m jaxchat.train --depth=26 --target-param-data-ratio=8.25 --device-batch-size=16 --run=my-run
+    python -m jaxchat.train --config=configs/d26.py --config.device_batch_size=16
+
+Precedence: reference defaults < config file < `--config.key=value` < nanochat-style `--key=value` flags.
+"""
+
+import argparse
+import importlib.util
+import os
+
+from ml_collections import ConfigDict
+
+from jaxchat.common import UserError
+
+
+def defaults() -> ConfigDict:
+    """Every flag with nanochat 348fbb3's default, plus jaxchat's own (mesh, data source, dtype, logging)."""
+    c = ConfigDict()
+    # logging / identity
+    c.run = "dummy"  # WandB run name; 'dummy' disables WandB
+    c.model_tag = ""  # checkpoint directory name; '' means d{depth}
+    c.device_type = ""  # '' autodetects (gpu > cpu)
+    # model
+    c.depth = 20
+    c.aspect_ratio = 64
+    c.head_dim = 128
+    c.max_seq_len = 2048
+    c.window_pattern = "SSSL"
+    # horizon
+    c.num_iterations = -1
+    c.target_flops = -1.0
+    c.target_param_data_ratio = 10.5
+    # batch
+    c.device_batch_size = 32
+    c.total_batch_size = 524288
+    # optimizer
+    c.embedding_lr = 0.3
+    c.unembedding_lr = 0.004
+    c.weight_decay = 0.2
+    c.matrix_lr = 0.02
+    c.scalar_lr = 0.5
+    c.adam_beta1 = 0.8
+    c.adam_beta2 = 0.95
+    c.warmup_ratio = 0.0
+    c.warmdown_ratio = 0.5
+    c.final_lr_frac = 0.0
+    # loop
+    c.resume_from_step = "-1"  # a step number, or 'last'
+    c.eval_every = 250
+    c.eval_tokens = 20 * 524288
+    c.core_metric_every = 2000
+    c.core_metric_max_per_task = 500
+    c.sample_every = 2000
+    c.save_every = -1
+    # jaxchat
+    c.data = "fineweb-edu"  # fineweb-edu | climbmix | demo
+    c.fsdp = 1  # size of the FSDP mesh axis; 1 = pure data parallel
+    c.compute_dtype = ""  # '' = bfloat16 on GPU, float32 on CPU
+    c.seed = 42
+    c.log_every = 1  # print a step line every N steps
+    c.tensorboard = True
+    c.coordinator_address = ""  # multi-process: host:port of process 0 ('' = single process, or SLURM / JAX env vars)
+    c.num_processes = 0
+    c.process_id = -1
+    return c
+
+
+def _parse_value(text: str, like):
+    """Parse a flag value as the type of the default it replaces."""
+    try:
+        if isinstance(like, bool):
+            if text.lower() in ("1", "true", "yes"):
+                return True
+            if text.lower() in ("0", "false", "no"):
+                return False
+            raise ValueError(text)
+        if isinstance(like, int):
+            value = float(text)  # accepts 524288 and 5e5 alike
+            if value != int(value):
+                raise ValueError(text)
+            return int(value)
+        if isinstance(like, float):
+            return float(text)
+    except ValueError:
+        raise UserError(f"bad value {text!r}: expected {type(like).__name__}") from None
+    return text
+
+
+def load_config_file(path: str) -> ConfigDict:
+    """Run a configs/NAME.py file's get_config() (an optional ':arg' suffix is passed to it)."""
+    path, _, arg = path.partition(":")
+    if not os.path.isfile(path):
+        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+        if not os.path.isfile(here):
+            raise UserError(f"--config={path}: no such file (configs are in configs/, e.g. --config=configs/d26.py)")
+        path = here
+    spec = importlib.util.spec_from_file_location("jaxchat_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise UserError(f"--config={path} defines no get_config()")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def parse_flags(argv: list[str]) -> ConfigDict:
+    """The run's configuration from the command line (argv without the program name)."""
+    config = defaults()
+    config_file = None
+    dotted, flags = [], []
+    for arg in argv:
+        if arg.startswith("--config="):
+            config_file = arg.split("=", 1)[1]
+        elif arg.startswith("--config."):
+            dotted.append(arg[len("--config."):])
+        else:
+            flags.append(arg)
+    if config_file:
+        for key, value in load_config_file(config_file).items():
+            if key not in config:
+                raise UserError(f"--config={config_file} sets unknown key {key!r}; known keys: {sorted(config)}")
+            config[key] = value
+    for item in dotted:
+        key, eq, text = item.partition("=")
+        if key not in config or not eq:
+            raise UserError(f"--config.{item}: unknown key or missing '=value'; known keys: {sorted(config)}")
+        config[key] = _parse_value(text, config[key])
+    parser = argparse.ArgumentParser(prog="python -m jaxchat.train", allow_abbrev=False, add_help=True,
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, value in config.items():
+        parser.add_argument("--" + key.replace("_", "-"), dest=key, type=str, default=None,
+                            help=f"default: {value!r}")
+    parser.error = lambda message: (_ for _ in ()).throw(UserError(message + " (see python -m jaxchat.train --help)"))
+    args = parser.parse_args(flags)
+    for key, text in vars(args).items():
+        if text is not None:
+            config[key] = _parse_value(text, config[key])
+    validate(config)
+    return config
+
+
+def validate(c: ConfigDict) -> None:
+    """Contradictions and impossible values, each as one line that says what to do."""
+    if c.depth <= 0:
+        raise UserError(f"--depth={c.depth} must be a positive integer (e.g. --depth=12)")
+    if c.data not in ("fineweb-edu", "climbmix", "demo"):
+        raise UserError(f"--data={c.data!r}: choose fineweb-edu, climbmix or demo")
+    if c.compute_dtype not in ("", "bfloat16", "float32"):
+        raise UserError(f"--compute-dtype={c.compute_dtype!r}: choose bfloat16 or float32")
+    if str(c.resume_from_step) != "last" and not str(c.resume_from_step).lstrip("-").isdigit():
+        raise UserError(f"--resume-from-step={c.resume_from_step!r}: give a step number or 'last'")
+    for key in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+        if not 0.0 <= c[key] <= 1.0:
+            raise UserError(f"--{key.replace('_', '-')}={c[key]} must be between 0 and 1")
+    if c.warmup_ratio + c.warmdown_ratio > 1.0:
+        raise UserError(f"--warmup-ratio + --warmdown-ratio = {c.warmup_ratio + c.warmdown_ratio} exceeds 1")
+    if c.max_seq_len % 2 or c.head_dim % 2:
+        raise UserError("--max-seq-len and --head-dim must be even")

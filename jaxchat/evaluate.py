@@ -1,0 +1,66 @@
+"""Bits per byte on the validation split (spec §8.1) and greedy samples from fixed prompts (§10)."""
+
+import math
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+SAMPLE_PROMPTS = (
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+)
+
+
+def make_bpb_step(graphdef) -> Callable:
+    """Jitted (params, inputs, targets, token_bytes) -> (sum of nats over counted tokens, sum of bytes)."""
+
+    def nats_and_bytes(params, inputs_BT, targets_BT, token_bytes_V):
+        losses_BT = nnx.merge(graphdef, params)(inputs_BT, targets_BT, reduction="none")
+        valid = targets_BT >= 0
+        nbytes_BT = jnp.where(valid, token_bytes_V[jnp.where(valid, targets_BT, 0)], 0)
+        return jnp.sum(losses_BT * (nbytes_BT > 0)), jnp.sum(nbytes_BT)
+
+    return jax.jit(nats_and_bytes)
+
+
+def evaluate_bpb(bpb_step: Callable, params, batches: Iterator, steps: int, token_bytes_V) -> float:
+    """bpb = total nats / (ln 2 * total bytes) over `steps` batches; special tokens (0 bytes) are not counted."""
+    total_nats, total_bytes = 0.0, 0
+    for _ in range(steps):
+        inputs, targets = next(batches)
+        nats, nbytes = bpb_step(params, inputs, targets, token_bytes_V)
+        total_nats += float(nats)
+        total_bytes += int(nbytes)
+    return total_nats / (math.log(2) * total_bytes) if total_bytes else math.inf
+
+
+def greedy_generate(graphdef, params, prompts: list[list[int]], max_tokens: int, stop_ids: set[int],
+                    bucket: int = 64) -> list[list[int]]:
+    """Greedy continuation of each prompt (no KV cache: the model is re-run on a fixed padded length, one compile)."""
+    longest = max(len(p) for p in prompts) + max_tokens
+    length = math.ceil(longest / bucket) * bucket
+    forward = jax.jit(lambda params, tokens: nnx.merge(graphdef, params)(tokens))
+    outputs = []
+    for prompt in prompts:
+        tokens = np.zeros((1, length), np.int32)
+        tokens[0, : len(prompt)] = prompt
+        n = len(prompt)
+        generated = []
+        for _ in range(max_tokens):
+            # Right padding is harmless: the model is causal, so position n-1 never sees it.
+            next_id = int(np.argmax(np.asarray(forward(params, tokens)[0, n - 1])))
+            if next_id in stop_ids:
+                break
+            generated.append(next_id)
+            tokens[0, n] = next_id
+            n += 1
+        outputs.append(generated)
+    return outputs

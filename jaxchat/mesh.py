@@ -1,0 +1,104 @@
+"""The device mesh and every sharding decision, declared once: logical axis names mapped to mesh axes.
+
+Mesh axes: `data` (pure data parallel) x `fsdp` (data parallel with parameters sharded over it). The batch is split
+over both. Parameters are replicated over `data` and sharded over `fsdp`; optimizer state is additionally sharded over
+`data` (ZeRO-2, like the reference's DistMuonAdamW), along the stack axis for Muon matrices so that every matrix is
+orthogonalised whole on one device.
+"""
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jaxchat.common import UserError
+
+DATA_AXES = ("data", "fsdp")  # the batch is split over every device
+
+# Logical axes of each parameter (paths of model.GPT's parameter tree).
+PARAM_AXES = {
+    "wte": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "resid_lambdas": (None,),
+    "x0_lambdas": (None,),
+    "value_embeds": ("stack", "vocab", "embed"),
+    "blocks/c_q": ("stack", "embed", "heads"),
+    "blocks/c_k": ("stack", "embed", "heads"),
+    "blocks/c_v": ("stack", "embed", "heads"),
+    "blocks/c_proj": ("stack", "heads", "embed"),
+    "blocks/c_fc": ("stack", "embed", "mlp"),
+    "blocks/mlp_proj": ("stack", "mlp", "embed"),
+    "blocks/ve_gate": ("stack", None, None),
+}
+
+# Where logical axes live. Parameters: FSDP shards the model dimension (the stack axis is scanned over, so it stays
+# whole). Optimizer state: tables by vocabulary row, matrices by stack entry, over every device.
+# Each rule lists candidate mesh axes, first fit wins: a candidate must divide the dimension and use no mesh axis
+# that an earlier dimension of the same leaf already uses.
+PARAM_RULES = {"embed": [("fsdp",)]}
+OPTIMIZER_RULES = {"vocab": [DATA_AXES, ("data",), ("fsdp",)], "stack": [DATA_AXES, ("data",), ("fsdp",)],
+                   "embed": [("fsdp",)]}
+
+
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> None:
+    """Join the multi-process runtime when launched as several processes (explicit flags, SLURM, or JAX's env vars)."""
+    launched = coordinator_address or "SLURM_NTASKS" in os.environ or "JAX_COORDINATOR_ADDRESS" in os.environ
+    if launched and (num_processes or int(os.environ.get("SLURM_NTASKS", "1"))) > 1:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+
+
+def make_mesh(fsdp: int = 1) -> Mesh:
+    """A (data, fsdp) mesh over every device of every process; fsdp=1 is pure data parallel."""
+    n = jax.device_count()
+    if fsdp <= 0 or n % fsdp:
+        valid = [f for f in range(1, n + 1) if n % f == 0]
+        raise UserError(f"--fsdp={fsdp} does not divide the {n} devices; use one of {valid}")
+    return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def _spec(logical: tuple, shape: tuple, rules: dict, mesh: Mesh) -> P:
+    """PartitionSpec for a leaf: per dimension the first candidate that divides it; otherwise replicated."""
+    spec, used = [], set()
+    for name, size in zip(logical, shape):
+        fits = [axes for axes in rules.get(name, []) if not used & set(axes)
+                and int(np.prod([mesh.shape[a] for a in axes])) > 1
+                and size % int(np.prod([mesh.shape[a] for a in axes])) == 0]
+        if fits:
+            used |= set(fits[0])
+            spec.append(fits[0] if len(fits[0]) > 1 else fits[0][0])
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def _shardings(tree, rules: dict, mesh: Mesh, prefix: str = ""):
+    """NamedShardings for a tree whose leaves follow the parameter paths (optimizer state mirrors them)."""
+    def leaf(path, x):
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        name = "/".join(str(k) for k in keys if isinstance(k, str))
+        logical = next((axes for p, axes in PARAM_AXES.items() if name.endswith(p) and len(axes) == len(x.shape)),
+                       (None,) * len(x.shape))
+        return NamedSharding(mesh, _spec(logical, x.shape, rules, mesh))
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def param_shardings(params, mesh: Mesh):
+    """How parameters live on the mesh (replicated, or FSDP-sharded over the model dimension)."""
+    return _shardings(params, PARAM_RULES, mesh)
+
+
+def optimizer_shardings(opt_state, mesh: Mesh):
+    """How optimizer state (and gradients entering the update) live: ZeRO-2 over every device."""
+    return _shardings(opt_state, OPTIMIZER_RULES, mesh)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Micro-batched tokens (accum, rows, T): rows split over every device."""
+    return NamedSharding(mesh, P(None, DATA_AXES, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,70 @@
+"""Monitoring: the per-step line, MFU against the peak-FLOPs table, WandB and TensorBoard (process 0 only)."""
+
+import math
+import os
+
+import jax
+
+from jaxchat.common import print0
+
+# Peak dense bf16 FLOP/s per device (spec §10); substring match on the lower-cased device kind, first match wins.
+PEAK_FLOPS = (
+    ("gb200", 2.5e15), ("grace blackwell", 2.5e15), ("b200", 2.25e15), ("b100", 1.8e15),
+    ("h200 nvl", 836e12), ("h200 pcie", 836e12), ("h200", 989e12),
+    ("h100 nvl", 835e12), ("h100 pcie", 756e12), ("h100", 989e12),
+    ("h800 nvl", 989e12), ("h800", 756e12), ("a100", 312e12), ("a800", 312e12), ("a40", 149.7e12), ("a30", 165e12),
+    ("l40s", 362e12), ("l4", 121e12), ("mi355", 2.5e15), ("mi325", 1.3074e15), ("mi300x", 1.3074e15),
+    ("mi300a", 980.6e12), ("mi250x", 383e12), ("mi250", 362.1e12), ("rtx 5090", 209.5e12), ("4090", 165.2e12),
+    ("3090", 71e12),
+)
+
+
+def peak_flops(device_kind: str) -> float:
+    """Peak bf16 FLOP/s of one device; inf (so MFU reads 0) for CPUs and unknown devices."""
+    kind = device_kind.lower()
+    return next((flops for name, flops in PEAK_FLOPS if name in kind), math.inf)
+
+
+def step_line(step: int, num_iterations: int, loss: float, lrm: float, dt: float, tokens_per_sec: int, mfu: float,
+              epoch: int, total_time: float, eta: float | None) -> str:
+    """The reference's per-step print (spec §10)."""
+    line = (f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {loss:.6f} | "
+            f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tokens_per_sec:,} | mfu: {mfu:.2f} | "
+            f"epoch: {epoch} | total time: {total_time / 60:.2f}m")
+    return line + (f" | eta: {eta / 60:.1f}m" if eta is not None else "")
+
+
+class Monitor:
+    """WandB (project "nanochat", the reference's keys; off for run "dummy") and TensorBoard event files, on process 0."""
+
+    def __init__(self, run: str, config: dict, tensorboard_dir: str | None):
+        self.wandb_run = None
+        self.tb = None
+        if jax.process_index() != 0:
+            return
+        if run != "dummy":
+            import wandb
+            self.wandb_run = wandb.init(project="nanochat", name=run, config=config,
+                                        dir=os.path.dirname(tensorboard_dir) if tensorboard_dir else None)
+        if tensorboard_dir:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(tensorboard_dir)
+            print0(f"TensorBoard logs: {tensorboard_dir}")
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Log scalars (and dicts of scalars, e.g. CORE's centered results) at a step."""
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+        if self.tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, dict):
+                    for sub, v in value.items():
+                        self.tb.add_scalar(f"{key}/{sub}", v, step)
+                elif key != "step":
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

@@ -1,0 +1,255 @@
+"""Base-model pretraining: `python -m jaxchat.train` (nanochat's scripts/base_train.py flags, spec §11.1).
+
+One jitted, donated train step per optimizer step: `lax.scan` over the micro-batches (so the total batch is exactly
+--total-batch-size for any --device-batch-size), gradient averaging by GSPMD over the (data, fsdp) mesh, then the
+Muon + AdamW update with this step's schedule values passed in as traced scalars (never a recompile).
+"""
+
+import dataclasses
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxchat import mesh as meshlib
+from jaxchat import optim
+from jaxchat.checkpoint import Checkpointer, abstract_like, checkpoint_dir
+from jaxchat.common import UserError, base_dir, print0, run_main
+from jaxchat.config import parse_flags
+from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
+from jaxchat.model import GPT
+from jaxchat.monitor import Monitor, peak_flops, step_line
+from jaxchat.plan import device_batch_warning, make_plan
+
+
+def make_train_step(graphdef, tx, param_sh, opt_sh, grad_sh, replicated):
+    """The jitted step: (params, opt_state, inputs (A, rows, T), targets, schedule) -> (params, opt_state, loss)."""
+
+    def train_step(params, opt_state, inputs_ART, targets_ART, schedule):
+        def micro_step(grad_sum, batch):
+            inputs_RT, targets_RT = batch
+            loss, grads = jax.value_and_grad(lambda p: nnx.merge(graphdef, p)(inputs_RT, targets_RT))(params)
+            return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+        grad_sum = jax.tree.map(jnp.zeros_like, params)
+        grad_sum, losses = jax.lax.scan(micro_step, grad_sum, (inputs_ART, targets_ART))
+        # Mean over micro-batches; the constraint makes the cross-device mean a reduce-scatter (ZeRO-2).
+        grads = jax.lax.with_sharding_constraint(jax.tree.map(lambda g: g / inputs_ART.shape[0], grad_sum), grad_sh)
+        opt_state = optim.set_schedule(opt_state, schedule)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, losses[-1]
+
+    return jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh, replicated))
+
+
+@dataclasses.dataclass
+class LoopState:
+    """What the loop carries between steps and across a resume (spec §9 loop_state)."""
+
+    step: int = 0
+    val_bpb: float | None = None
+    min_val_bpb: float = float("inf")
+    smooth_train_loss: float = 0.0
+    total_training_time: float = 0.0
+
+
+def prepare_data(c):
+    """(tokenizer, train loader factory, val loader factory), building the demo corpus and tokenizer when asked."""
+    from jaxchat import dataloader, dataset, tokenizer
+
+    if c.data == "demo":
+        dataset.build_demo_corpus()
+        tok_dir = os.path.join(base_dir(), "tokenizer_demo")
+        if not os.path.exists(os.path.join(tok_dir, "tokenizer.pkl")) and jax.process_index() == 0:
+            from jaxchat.tok_train import train_tokenizer
+            train_tokenizer(source="demo", vocab_size=4096, max_chars=2_000_000_000, doc_cap=10_000, out_dir=tok_dir)
+    else:
+        tok_dir = os.path.join(base_dir(), "tokenizer")
+    tok = tokenizer.Tokenizer.load(tok_dir)
+    rows = c.device_batch_size * jax.local_device_count()
+
+    def train_loader():
+        return dataloader.DataLoader(tok, dataset.list_shards(c.data, "train"), rows, c.max_seq_len,
+                                     rank=jax.process_index(), world_size=jax.process_count())
+
+    def val_loader():
+        return dataloader.DataLoader(tok, dataset.list_shards(c.data, "val"), rows, c.max_seq_len,
+                                     rank=jax.process_index(), world_size=jax.process_count())
+
+    return tok, train_loader, val_loader
+
+
+def global_batch(local_ART: np.ndarray, sharding) -> jax.Array:
+    """This process's rows -> one global array sharded over every device of every process."""
+    return jax.make_array_from_process_local_data(sharding, local_ART)
+
+
+def train(argv: list[str]) -> None:
+    c = parse_flags(argv)
+    meshlib.init_distributed(c.coordinator_address or None, c.num_processes or None,
+                             c.process_id if c.process_id >= 0 else None)
+    mesh = meshlib.make_mesh(c.fsdp)
+    on_gpu = jax.default_backend() == "gpu"
+    compute_dtype = c.compute_dtype or ("bfloat16" if on_gpu else "float32")
+    model_tag = c.model_tag or f"d{c.depth}"
+    device_kind = jax.devices()[0].device_kind
+    print0(f"Devices: {jax.device_count()} x {device_kind} over {jax.process_count()} process(es); "
+           f"mesh {dict(mesh.shape)}; peak bf16 FLOP/s per device {peak_flops(device_kind):.3g}; compute {compute_dtype}")
+
+    tok, train_loader_factory, val_loader_factory = prepare_data(c)
+    plan = make_plan(depth=c.depth, aspect_ratio=c.aspect_ratio, head_dim=c.head_dim, max_seq_len=c.max_seq_len,
+                     vocab_size=tok.vocab_size, window_pattern=c.window_pattern, num_iterations_flag=c.num_iterations,
+                     target_flops=c.target_flops, target_param_data_ratio=c.target_param_data_ratio,
+                     total_batch_size=c.total_batch_size, device_batch_size=c.device_batch_size,
+                     data_parallel_size=jax.device_count())
+    if warning := device_batch_warning(c.device_batch_size):
+        print0(warning)
+    for line in plan.summary():
+        print0(line)
+    core_bundle = None
+    if c.core_metric_every > 0:
+        from jaxchat import core_eval
+        core_bundle = core_eval.bundle_dir()  # fails now, with the download command, rather than hours in
+
+    # Model and optimizer state, created directly with their shardings (no full copy on one device).
+    config = plan.model
+    wd_scaled = optim.depth_scaled_weight_decay(c.weight_decay, c.depth)
+    bls = optim.batch_lr_scale(c.total_batch_size)
+    tx = optim.make_optimizer(model_dim=config.n_embd, embedding_lr=c.embedding_lr, unembedding_lr=c.unembedding_lr,
+                              matrix_lr=c.matrix_lr, scalar_lr=c.scalar_lr, adam_betas=(c.adam_beta1, c.adam_beta2),
+                              weight_decay=wd_scaled, batch_lr_scale=bls)
+    print0(f"Batch LR scale {bls:.6f}; Muon weight decay {c.weight_decay} x (12/{c.depth})^2 = {wd_scaled:.6f}; "
+           f"AdamW LR scale (n/768)^-0.5 = {(config.n_embd / 768) ** -0.5:.6f}")
+    make_model = lambda: GPT(config, rngs=nnx.Rngs(c.seed), compute_dtype=compute_dtype)
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
+    abstract_params = nnx.to_pure_dict(abstract_state)
+    param_sh = meshlib.param_shardings(abstract_params, mesh)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sh = meshlib.optimizer_shardings(abstract_opt, mesh)
+    grad_sh = meshlib.optimizer_shardings(abstract_params, mesh)
+    replicated = meshlib.replicated(mesh)
+    init_params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(make_model())[1]), out_shardings=param_sh)
+    params = init_params()
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+
+    checkpointer = Checkpointer(checkpoint_dir(model_tag))
+    loop = LoopState()
+    train_loader = train_loader_factory()
+    resume = str(c.resume_from_step)
+    if resume != "-1":
+        step = checkpointer.resolve_step(resume)
+        params, opt_state, meta = checkpointer.restore(step, abstract_like(abstract_params, param_sh),
+                                                       abstract_like(abstract_opt, opt_sh))
+        if meta["model_config"] != dataclasses.asdict(config):
+            raise UserError(f"checkpoint step {step} of {model_tag} has model {meta['model_config']}, "
+                            f"not {dataclasses.asdict(config)}: use the flags of the saving run")
+        train_loader.set_state(meta["dataloader_state_dict"])
+        loop = LoopState(step=step, val_bpb=meta["val_bpb"], **meta["loop_state"])
+        print0(f"Resumed from step {step} of {checkpointer.directory}")
+    resume_step = loop.step
+
+    batch_sh = meshlib.batch_sharding(mesh)
+    train_step = make_train_step(graphdef, tx, param_sh, opt_sh, grad_sh, replicated)
+    bpb_step = make_bpb_step(graphdef)
+    token_bytes = jnp.asarray(tok.get_token_bytes())
+    eval_steps = max(1, c.eval_tokens // (c.device_batch_size * c.max_seq_len * jax.device_count()))
+    monitor = Monitor(c.run, c.to_dict(), os.path.join(base_dir(), "tensorboard", model_tag) if c.tensorboard else None)
+    N = plan.num_iterations
+    flops_per_step = plan.flops_per_token * c.total_batch_size
+    peak = peak_flops(device_kind) * jax.device_count()
+
+    def save(step: int) -> None:
+        meta = dict(step=step, val_bpb=loop.val_bpb, model_config=dataclasses.asdict(config), user_config=c.to_dict(),
+                    device_batch_size=c.device_batch_size, max_seq_len=c.max_seq_len,
+                    total_batch_size=c.total_batch_size, dataloader_state_dict=train_loader.get_state(),
+                    loop_state=dict(min_val_bpb=loop.min_val_bpb, smooth_train_loss=loop.smooth_train_loss,
+                                    total_training_time=loop.total_training_time))
+        checkpointer.save(step, params, opt_state, meta)
+        print0(f"Saved checkpoint step {step} to {checkpointer.directory}")
+
+    def next_batch():
+        micro = [next(train_loader) for _ in range(plan.grad_accum_steps)]
+        inputs = np.stack([m[0] for m in micro]).astype(np.int32)
+        targets = np.stack([m[1] for m in micro]).astype(np.int32)
+        return global_batch(inputs, batch_sh), global_batch(targets, batch_sh)
+
+    def to_device(rows):
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(meshlib.DATA_AXES, None))
+        return tuple(global_batch(np.asarray(a, np.int32), sharding) for a in rows)
+
+    step = loop.step
+    while True:
+        last = step == N
+        if last or step % c.eval_every == 0:
+            val_batches = (to_device(b) for b in val_loader_factory())
+            loop.val_bpb = evaluate_bpb(bpb_step, params, val_batches, eval_steps, token_bytes)
+            loop.min_val_bpb = min(loop.min_val_bpb, loop.val_bpb)
+            print0(f"Step {step:05d} | Validation bpb: {loop.val_bpb:.6f}")
+            monitor.log({"step": step, "total_training_flops": flops_per_step * step,
+                         "total_training_time": loop.total_training_time, "val/bpb": loop.val_bpb}, step)
+        if core_bundle and (last or (step > 0 and step % c.core_metric_every == 0)):
+            results = core_eval.evaluate_core(nnx.merge(graphdef, params), tok, bundle_dir=core_bundle,
+                                              max_per_task=c.core_metric_max_per_task)
+            print0(f"Step {step:05d} | CORE metric: {results['core']:.4f}")
+            monitor.log({"step": step, "total_training_flops": flops_per_step * step, "core_metric": results["core"],
+                         "centered_results": {k: v["centered"] for k, v in results["tasks"].items()}}, step)
+        if c.sample_every > 0 and (last or (step > 0 and step % c.sample_every == 0)):
+            prompts = [tok.encode(p, prepend_bos=True) for p in SAMPLE_PROMPTS]
+            for prompt, out in zip(prompts, greedy_generate(graphdef, params, prompts, 16, {tok.bos_id})):
+                print0(tok.decode(prompt + out))
+        if last or (c.save_every > 0 and step > 0 and step != resume_step and step % c.save_every == 0):
+            save(step)
+        if last:
+            break
+
+        inputs, targets = next_batch()
+        values = optim.schedule_values(step, num_iterations=N, warmup_ratio=c.warmup_ratio,
+                                       warmdown_ratio=c.warmdown_ratio, final_lr_frac=c.final_lr_frac,
+                                       weight_decay=wd_scaled)
+        schedule = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
+        t0 = time.perf_counter()
+        params, opt_state, loss = train_step(params, opt_state, inputs, targets, schedule)
+        loss = float(loss)  # waits for the step
+        dt = time.perf_counter() - t0
+        if not np.isfinite(loss):
+            checkpointer.wait()
+            saved = checkpointer.steps()
+            raise UserError(f"step {step}: the training loss is {loss}; the last good checkpoint is "
+                            f"{saved[-1] if saved else 'none'}; lower the learning rates or resume from it")
+        loop.smooth_train_loss = 0.9 * loop.smooth_train_loss + 0.1 * loss
+        debiased = loop.smooth_train_loss / (1 - 0.9 ** (step + 1))
+        if step > 10:
+            loop.total_training_time += dt
+        mfu = 100 * flops_per_step / dt / peak
+        eta = (N - step) * loop.total_training_time / (step - 10) if step > 10 else None
+        if step % c.log_every == 0:
+            print0(step_line(step, N, debiased, values["lrm"], dt, int(c.total_batch_size / dt), mfu,
+                             train_loader.epoch, loop.total_training_time, eta))
+        if step % 100 == 0:
+            monitor.log({"step": step, "total_training_flops": flops_per_step * step,
+                         "total_training_time": loop.total_training_time, "train/loss": debiased,
+                         "train/lrm": values["lrm"], "train/dt": dt, "train/tok_per_sec": c.total_batch_size / dt,
+                         "train/mfu": mfu, "train/epoch": train_loader.epoch}, step)
+        step += 1
+        loop.step = step
+
+    checkpointer.close()
+    monitor.close()
+    stats = jax.devices()[0].memory_stats() or {}
+    print0(f"Peak memory usage: {stats.get('peak_bytes_in_use', 0) / 2**20:.2f}MiB")
+    print0(f"Total training time: {loop.total_training_time / 60:.2f}m")
+    print0(f"Minimum validation bpb: {loop.min_val_bpb:.6f}")
+
+
+def main() -> None:
+    run_main(train, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
