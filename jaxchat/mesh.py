@@ -63,8 +63,8 @@ def _spec(logical: tuple, shape: tuple, rules: dict, mesh: Mesh) -> P:
     """PartitionSpec for a leaf: per dimension the first candidate that divides it; otherwise replicated."""
     spec, used = [], set()
     for name, size in zip(logical, shape):
-        fits = [axes for axes in rules.get(name, []) if not used & set(axes)
-                and int(np.prod([mesh.shape[a] for a in axes])) > 1
+        candidates = [tuple(a for a in axes if mesh.shape[a] > 1) for axes in rules.get(name, [])]
+        fits = [axes for axes in candidates if axes and not used & set(axes)
                 and size % int(np.prod([mesh.shape[a] for a in axes])) == 0]
         if fits:
             used |= set(fits[0])

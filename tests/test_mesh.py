@@ -1,0 +1,46 @@
+"""Sharding declared once: parameter and optimizer-state layouts on (data, fsdp) meshes of 8 host devices."""
+
+import jax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jaxchat import mesh as meshlib
+from jaxchat.common import UserError
+from jaxchat.model import GPT, GPTConfig
+
+CONFIG = GPTConfig(sequence_len=32, vocab_size=120, n_layer=8, n_head=2, n_kv_head=2, n_embd=64)
+
+
+def abstract_params():
+    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: GPT(CONFIG, rngs=nnx.Rngs(0))), nnx.Param))
+
+
+def specs(shardings):
+    return jax.tree.map(lambda s: s.spec, shardings)
+
+
+def test_data_parallel_replicates_parameters_and_shards_optimizer_state():
+    mesh = meshlib.make_mesh(fsdp=1)
+    assert dict(mesh.shape) == {"data": 8, "fsdp": 1}
+    params = abstract_params()
+    assert all(s == P(*(None,) * len(s)) for s in jax.tree.leaves(specs(meshlib.param_shardings(params, mesh))))
+    opt = specs(meshlib.optimizer_shardings(params, mesh))
+    assert opt["blocks"]["c_q"] == P("data", None, None)  # whole matrices per device: Muon stays local
+    assert opt["wte"] == P("data", None)
+    assert opt["resid_lambdas"] == P(None)
+
+
+def test_fsdp_shards_the_model_dimension():
+    mesh = meshlib.make_mesh(fsdp=4)
+    params = abstract_params()
+    p = specs(meshlib.param_shardings(params, mesh))
+    assert p["blocks"]["c_fc"] == P(None, "fsdp", None) and p["wte"] == P(None, "fsdp")
+    opt = specs(meshlib.optimizer_shardings(params, mesh))
+    assert opt["blocks"]["c_fc"] == P(("data", "fsdp"), None, None)
+    assert opt["blocks"]["ve_gate"] == P("data", None, None)  # 4 VE layers: only the data axis divides
+
+
+def test_bad_fsdp_size():
+    with pytest.raises(UserError, match=r"use one of \[1, 2, 4, 8\]"):
+        meshlib.make_mesh(fsdp=3)
