@@ -44,23 +44,21 @@ def evaluate_bpb(bpb_step: Callable, params, batches: Iterator, steps: int, toke
 
 def greedy_generate(graphdef, params, prompts: list[list[int]], max_tokens: int, stop_ids: set[int],
                     bucket: int = 64) -> list[list[int]]:
-    """Greedy continuation of each prompt (no KV cache: the model is re-run on a fixed padded length, one compile)."""
-    longest = max(len(p) for p in prompts) + max_tokens
-    length = math.ceil(longest / bucket) * bucket
-    forward = jax.jit(lambda params, tokens: nnx.merge(graphdef, params)(tokens))
+    """Greedy continuation of each prompt with the KV-cache decoder (fixed shapes: one compilation for all)."""
+    max_len = math.ceil((max(len(p) for p in prompts) + max_tokens) / bucket) * bucket
+    model = nnx.merge(graphdef, params)
+    step = jax.jit(lambda params, token, pos, cache: nnx.merge(graphdef, params).decode_step(token, pos, cache))
     outputs = []
     for prompt in prompts:
-        tokens = np.zeros((1, length), np.int32)
-        tokens[0, : len(prompt)] = prompt
-        n = len(prompt)
+        cache = model.init_cache(1, max_len)
+        for pos, token in enumerate(prompt):  # prefill, one token at a time through the same compiled step
+            logits, cache = step(params, jnp.asarray([token], jnp.int32), jnp.int32(pos), cache)
         generated = []
-        for _ in range(max_tokens):
-            # Right padding is harmless: the model is causal, so position n-1 never sees it.
-            next_id = int(np.argmax(np.asarray(forward(params, tokens)[0, n - 1])))
+        for pos in range(len(prompt), len(prompt) + max_tokens):
+            next_id = int(jnp.argmax(logits[0]))
             if next_id in stop_ids:
                 break
             generated.append(next_id)
-            tokens[0, n] = next_id
-            n += 1
+            logits, cache = step(params, jnp.asarray([next_id], jnp.int32), jnp.int32(pos), cache)
         outputs.append(generated)
     return outputs

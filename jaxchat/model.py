@@ -117,6 +117,19 @@ def attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, window_le
                                         implementation="cudnn" if on_gpu else "xla")
 
 
+def cached_attention(q_B1HD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, pos: jax.Array,
+                     window_left: int) -> jax.Array:
+    """One query at position `pos` against a KV cache: keys pos-window_left..pos are visible."""
+    B, _, H, D = q_B1HD.shape
+    K = k_BSKD.shape[2]
+    q = q_B1HD.reshape(B, K, H // K, D)  # GQA: query heads grouped by their kv head
+    scores_BKGS = jnp.einsum("bkgd,bskd->bkgs", q, k_BSKD).astype(jnp.float32) / math.sqrt(D)
+    key_pos = jnp.arange(k_BSKD.shape[1])
+    visible = (key_pos <= pos) & (key_pos >= pos - window_left)
+    probs = jax.nn.softmax(jnp.where(visible, scores_BKGS, -jnp.inf), axis=-1).astype(v_BSKD.dtype)
+    return jnp.einsum("bkgs,bskd->bkgd", probs, v_BSKD).reshape(B, 1, H, D)
+
+
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     """Per-token cross-entropy in float32; targets of -1 are ignored and give 0."""
     valid = targets_BT >= 0
@@ -130,9 +143,9 @@ def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
 
 
-def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, window_left: int, ve_Vn, ve_gate, cos, sin, n_head: int,
+def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, ve_Vn, ve_gate, cos, sin, n_head: int,
                   n_kv_head: int):
-    """One transformer layer: lambda mix, attention (with optional value embedding), relu^2 MLP."""
+    """One transformer layer: lambda mix, attention (`attend(q, k, v)`, with optional value embedding), relu^2 MLP."""
     B, T, n = x_BTn.shape
     head_dim = n // n_head
     dtype = x_BTn.dtype
@@ -146,7 +159,7 @@ def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, window_left: int, ve_Vn
         gate_BTK = 2 * jax.nn.sigmoid(_matmul(a[..., :VE_GATE_CHANNELS], ve_gate))
         v = v + gate_BTK[..., None] * ve
     q, k = rmsnorm(apply_rotary(q, cos, sin)), rmsnorm(apply_rotary(k, cos, sin))
-    y = attention(q, k, v, window_left).reshape(B, T, n)
+    y = attend(q, k, v).reshape(B, T, n)
     x = x + _matmul(y, layer["c_proj"])
     h = jax.nn.relu(_matmul(rmsnorm(x), layer["c_fc"]))
     return x + _matmul(h * h, layer["mlp_proj"])
@@ -219,7 +232,7 @@ class GPT(nnx.Module):
         def layer_at(i, arrays, ve_index):
             ve = None if ve_index is None else arrays["value_embeds"][ve_index]
             gate = None if ve_index is None else arrays["ve_gate"][ve_index]
-            return dict(window_left=cfg.window_sizes[i], ve_Vn=ve, ve_gate=gate)
+            return dict(attend=functools.partial(attention, window_left=cfg.window_sizes[i]), ve_Vn=ve, ve_gate=gate)
 
         # Layers [0, n_rep * P) are n_rep identical repeats of a period P (window pattern and VE parity): scan them.
         period = math.lcm(len(cfg.window_pattern), 2)
@@ -245,6 +258,43 @@ class GPT(nnx.Module):
             layer = {k: v[i] for k, v in layers.items() if k not in ("value_embeds", "ve_gate")}
             x = run(x, x0, idx_BT, layer, **layer_at(i, layers, ve_of_layer.get(i)))
         return rmsnorm(x)
+
+    def decode_step(self, token_B: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """One token per row at position `pos` with a KV cache of fixed shape: (logits (B, vocab), updated cache).
+
+        `cache` = {"k", "v"}: (L, B, max_len, Hkv, D) from `init_cache`. Layers run unrolled; shapes never change,
+        so a whole generation compiles once.
+        """
+        cfg = self.config
+        idx_BT = token_B[:, None]
+        cos_full, sin_full = (jnp.asarray(t) for t in rotary_tables(cache["k"].shape[2], cfg.head_dim))
+        cos = jax.lax.dynamic_slice_in_dim(cos_full, pos, 1)
+        sin = jax.lax.dynamic_slice_in_dim(sin_full, pos, 1)
+        x = rmsnorm(jnp.take(self.wte[...], idx_BT, axis=0).astype(self.compute_dtype))
+        x0 = x
+        layers = self._layer_arrays()
+        ve_of_layer = {layer: j for j, layer in enumerate(cfg.ve_layers)}
+        new_k, new_v = [], []
+        for i in range(cfg.n_layer):
+            def attend(q, k, v, i=i):
+                k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"][i], k.astype(cache["k"].dtype), pos, axis=1)
+                v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"][i], v.astype(cache["v"].dtype), pos, axis=1)
+                new_k.append(k_cache)
+                new_v.append(v_cache)
+                return cached_attention(q, k_cache, v_cache, pos, cfg.window_sizes[i])
+            j = ve_of_layer.get(i)
+            layer = {k: v[i] for k, v in layers.items() if k not in ("value_embeds", "ve_gate")}
+            x = block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin, n_head=cfg.n_head,
+                              n_kv_head=cfg.n_kv_head, ve_Vn=None if j is None else layers["value_embeds"][j],
+                              ve_gate=None if j is None else layers["ve_gate"][j])
+        logits = _matmul(rmsnorm(x), self.lm_head[...])[:, 0, : cfg.vocab_size].astype(jnp.float32)
+        return SOFTCAP * jnp.tanh(logits / SOFTCAP), {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """An empty KV cache for `decode_step`."""
+        cfg = self.config
+        shape = (cfg.n_layer, batch_size, max_len, cfg.n_kv_head, cfg.head_dim)
+        return {"k": jnp.zeros(shape, self.compute_dtype), "v": jnp.zeros(shape, self.compute_dtype)}
 
     def _layer_arrays(self) -> dict[str, jax.Array]:
         """Per-layer arrays with a leading layer axis (VE arrays: leading VE-layer axis)."""

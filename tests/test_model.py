@@ -123,3 +123,15 @@ def test_rotary_tables_are_bfloat16_rounded():
     angle = np.outer(np.arange(16), 1.0 / 10000 ** (np.arange(0, 8, 2) / 8))
     np.testing.assert_allclose(cos.astype(np.float32), np.cos(angle), atol=4e-3)
     np.testing.assert_allclose(sin.astype(np.float32), np.sin(angle), atol=4e-3)
+
+
+def test_kv_cache_decoding_matches_the_full_forward():
+    config = GPTConfig(sequence_len=8, vocab_size=100, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL")
+    model = make_model(config)
+    idx, _ = batch(config, B=1, T=14)  # longer than sequence_len: S windows (4) and L windows (8) both bite
+    full = model(idx)[0]
+    step = nnx.jit(lambda m, token, pos, cache: m.decode_step(token, pos, cache))
+    cache = model.init_cache(1, 16)
+    for pos in range(idx.shape[1]):
+        logits, cache = step(model, idx[:, pos], jnp.int32(pos), cache)
+        np.testing.assert_allclose(logits[0], full[pos], atol=2e-5)
