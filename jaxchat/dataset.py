@@ -1,0 +1,275 @@
+"""Pretraining shards: download (FineWeb-EDU / ClimbMix), list train/val files, build the offline demo corpus.
+
+    python -m jaxchat.dataset -n 370                 # FineWeb-EDU shards 0..369 plus the pinned val shard 01822
+    python -m jaxchat.dataset -n 170 --source climbmix
+    python -m jaxchat.dataset --demo                 # small corpus from the Python stdlib's docstrings and sources
+"""
+
+import argparse
+import ast
+import os
+import random
+import shutil
+import sys
+import sysconfig
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jaxchat.common import UserError, base_dir, run_main
+
+# Spec §6.2. The last shard of each source is its validation shard; pinning it (instead of "whichever file sorts
+# last locally") keeps the split independent of how many shards were downloaded (spec §13.1).
+SOURCES = {
+    "fineweb-edu": dict(url="https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main",
+                        subdir="base_data", max_index=1822),
+    "climbmix": dict(url="https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main",
+                     subdir="base_data_climbmix", max_index=6542),
+}
+DEMO_SUBDIR = "base_data_demo"
+ROW_GROUP_SIZE = 1024  # spec §6.1
+ATTEMPTS = 5
+BACKOFF_S = 1.0  # wait BACKOFF_S * 2**attempt after a failed attempt (reference: 2**attempt s)
+TIMEOUT_S = 60.0
+
+
+def shard_name(index: int) -> str:
+    """File name of shard `index` (spec §6.1)."""
+    return f"shard_{index:05d}.parquet"
+
+
+def val_shard_name(source: str) -> str:
+    """The pinned validation shard of a download source."""
+    return shard_name(SOURCES[source]["max_index"])
+
+
+def data_dir(source: str) -> str:
+    """Local directory of a source's shards: fineweb-edu, climbmix or demo."""
+    if source == "demo":
+        return os.path.join(base_dir(), DEMO_SUBDIR)
+    if source not in SOURCES:
+        raise UserError(f"unknown data source {source!r}: choose fineweb-edu, climbmix or demo")
+    return os.path.join(base_dir(), SOURCES[source]["subdir"])
+
+
+def download_command(source: str) -> str:
+    """The command that fetches a source's data."""
+    if source == "demo":
+        return "python -m jaxchat.dataset --demo"
+    return "python -m jaxchat.dataset -n 8" + ("" if source == "fineweb-edu" else f" --source {source}")
+
+
+def _parquet_files(directory: str) -> list[str]:
+    # `.tmp` files are unfinished downloads; sorted like the reference's sorted(os.listdir).
+    if not os.path.isdir(directory):
+        return []
+    return sorted(f for f in os.listdir(directory) if f.endswith(".parquet"))
+
+
+def list_shards(source_or_dir: str, split: str) -> list[str]:
+    """Paths of the train or val shards of a source (fineweb-edu, climbmix, demo) or of a directory of shards."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be train or val, not {split!r}")
+    is_source = source_or_dir in SOURCES or source_or_dir == "demo"
+    directory = data_dir(source_or_dir) if is_source else source_or_dir
+    files = _parquet_files(directory)
+    hint = f": run `{download_command(source_or_dir)}`" if is_source else ""
+    if not files:
+        raise UserError(f"no parquet shards in {directory}{hint}")
+    if source_or_dir in SOURCES:
+        val = val_shard_name(source_or_dir)
+        if val not in files:
+            raise UserError(f"validation shard {val} missing from {directory}{hint}")
+        chosen = [val] if split == "val" else [f for f in files if f != val]
+    else:  # demo corpus or a bare directory: the last file is the val split, as in the reference
+        chosen = files[-1:] if split == "val" else files[:-1]
+    if not chosen:
+        raise UserError(f"no {split} shards in {directory} (found only {files}){hint}")
+    return [os.path.join(directory, f) for f in chosen]
+
+
+def check_shard(path: str) -> None:
+    """Raise ValueError unless `path` is a readable parquet file with a string `text` column."""
+    try:
+        schema = pq.ParquetFile(path).schema_arrow
+    except Exception as e:  # pyarrow raises several types for truncated or non-parquet files
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from e
+    if "text" not in schema.names or not pa.types.is_string(schema.field("text").type):
+        raise ValueError(f"{path}: no string column 'text' (columns {schema.names})")
+
+
+def _shard_ok(path: str) -> bool:
+    try:
+        check_shard(path)
+        return True
+    except ValueError:
+        return False
+
+
+def download_shard(index: int, source: str, out_dir: str, attempts: int = ATTEMPTS) -> str:
+    """Fetch one shard into out_dir (temp file + atomic rename), retrying with exponential backoff; returns its path."""
+    path = os.path.join(out_dir, shard_name(index))
+    if os.path.exists(path) and _shard_ok(path):
+        return path
+    url = f"{SOURCES[source]['url']}/{shard_name(index)}"
+    tmp = f"{path}.{os.getpid()}.tmp"  # per-process name: two downloaders never write the same temp file
+    last_error: Exception | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f, length=1 << 20)
+            check_shard(tmp)
+            os.replace(tmp, path)
+            return path
+        except Exception as e:  # network errors, HTTP errors and broken files are all retried
+            last_error = e
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            if attempt < attempts:
+                time.sleep(BACKOFF_S * 2 ** attempt)
+    raise RuntimeError(f"could not download {url} after {attempts} attempts: {last_error}")
+
+
+def download(n: int, source: str = "fineweb-edu", workers: int = 4) -> str:
+    """Download shards 0..n-1 (n = -1: all) plus the pinned val shard, in parallel; returns the data dir."""
+    from tqdm import tqdm
+
+    max_index = SOURCES[source]["max_index"]
+    count = max_index + 1 if n < 0 else min(n, max_index + 1)
+    indices = sorted(set(range(count)) | {max_index})
+    out_dir = data_dir(source)
+    os.makedirs(out_dir, exist_ok=True)
+    failed = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {pool.submit(download_shard, i, source, out_dir): i for i in indices}
+        for future in tqdm(as_completed(futures), total=len(futures), desc=f"{source} shards", unit="shard"):
+            try:
+                future.result()
+            except RuntimeError as e:
+                failed.append(futures[future])
+                print(e, file=sys.stderr, flush=True)
+    if failed:
+        raise UserError(f"{len(failed)} of {len(indices)} shards failed ({sorted(failed)[:10]}...); "
+                        f"re-run `{download_command(source)}` with the same -n to fetch only the missing ones")
+    print(f"{len(indices)} shards in {out_dir}", flush=True)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Demo corpus: text present on every machine with Python, so training runs end to end offline.
+
+DEMO_MAX_CHARS = 8_000_000
+DEMO_SEED = 42
+DEMO_VAL_FRACTION = 0.1
+DEMO_ROW_GROUPS_PER_SHARD = 4
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "ensurepip", "turtledemo",
+              "__pycache__"}
+
+
+def _stdlib_files() -> list[str]:
+    root = sysconfig.get_paths()["stdlib"]
+    paths = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in _SKIP_DIRS and not x.startswith("."))
+        paths += [os.path.join(d, f) for f in sorted(files) if f.endswith(".py")]
+    return paths
+
+
+def _documents(source: str, module: str) -> list[str]:
+    """One document per docstring (module, class, function) and per top-level block of the source."""
+    tree = ast.parse(source)
+    docs = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            text = ast.get_docstring(node)
+            if text and len(text) >= 40:
+                title = module if isinstance(node, ast.Module) else f"{module}.{node.name}"
+                docs.append(f"{title}\n\n{text}")
+    # Source split at top-level statements (decorators included); short runs of imports/assignments merge forward.
+    lines = source.splitlines(keepends=True)
+    starts = [min([n.lineno] + [d.lineno for d in getattr(n, "decorator_list", [])]) - 1 for n in tree.body]
+    bounds = sorted(set([0] + starts)) + [len(lines)]
+    block = ""
+    for a, b in zip(bounds, bounds[1:]):
+        block += "".join(lines[a:b])
+        if len(block) >= 256:
+            docs.append(block)
+            block = ""
+    if block.strip():
+        docs.append(block)
+    return docs
+
+
+def _write_shard(path: str, docs: list[str]) -> None:
+    table = pa.table({"text": pa.array(docs, type=pa.string())})
+    # Spec §6.1 format: zstd level 3, no dictionary, no statistics, 1024 documents per row group.
+    pq.write_table(table, path, row_group_size=ROW_GROUP_SIZE, compression="zstd", compression_level=3,
+                   use_dictionary=False, write_statistics=False)
+
+
+def build_demo_corpus(out_dir: str | None = None, max_chars: int = DEMO_MAX_CHARS) -> str:
+    """Build the stdlib demo corpus (train shards, then the val shard last) unless present; returns its dir."""
+    out_dir = out_dir or data_dir("demo")
+    if _parquet_files(out_dir) and all(_shard_ok(os.path.join(out_dir, f)) for f in _parquet_files(out_dir)):
+        return out_dir
+    files = _stdlib_files()
+    random.Random(0).shuffle(files)  # a size cap then samples the whole stdlib, not its first letters
+    root = sysconfig.get_paths()["stdlib"]
+    docs, total = [], 0
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                source = f.read()
+            new = _documents(source, os.path.relpath(path, root)[:-3].replace(os.sep, "."))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a few stdlib files are deliberately invalid or not UTF-8
+        docs += new
+        total += sum(map(len, new))
+        if total >= max_chars:
+            break
+    random.Random(DEMO_SEED).shuffle(docs)
+    # At least two row groups of val when the corpus allows, so two processes can both evaluate.
+    n_val = max(int(len(docs) * DEMO_VAL_FRACTION), min(2 * ROW_GROUP_SIZE, len(docs) // 4))
+    if n_val < 1:
+        raise UserError(f"only {len(docs)} demo documents from the Python stdlib: raise max_chars ({max_chars})")
+    train, val = docs[:-n_val], docs[-n_val:]
+    per_shard = DEMO_ROW_GROUPS_PER_SHARD * ROW_GROUP_SIZE
+    shards = [train[i:i + per_shard] for i in range(0, len(train), per_shard)] + [val]
+    # Build beside the target and rename the whole directory: concurrent builders (one per process) never see
+    # a half-written corpus, and the first to finish wins.
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{out_dir}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for i, shard in enumerate(shards):
+        _write_shard(os.path.join(tmp, shard_name(i)), shard)
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir, ignore_errors=True)  # an incomplete or broken earlier build
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:  # another process renamed its build first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description="Download pretraining shards, or build the offline demo corpus.")
+    parser.add_argument("-n", "--num-files", type=int, default=-1, help="shards 0..n-1 (-1 = all); val always")
+    parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
+    parser.add_argument("--source", default="fineweb-edu", choices=sorted(SOURCES))
+    parser.add_argument("--demo", action="store_true", help="build the stdlib demo corpus instead (no network)")
+    args = parser.parse_args(argv)
+    if args.demo:
+        out = build_demo_corpus()
+        sizes = {f: pq.ParquetFile(os.path.join(out, f)).metadata.num_rows for f in _parquet_files(out)}
+        print(f"demo corpus in {out}: {sizes} documents (last file = val)", flush=True)
+    else:
+        download(args.num_files, args.source, args.num_workers)
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])

@@ -1,0 +1,83 @@
+"""Train the BPE tokenizer with rustbpe on the train split (spec §7.1).
+
+    python -m jaxchat.tok_train                   # FineWeb-EDU, 2e9 chars, vocab 32768 -> $JAXCHAT_BASE_DIR/tokenizer
+    python -m jaxchat.tok_train --demo            # demo corpus, vocab 4096 -> $JAXCHAT_BASE_DIR/tokenizer_demo
+"""
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+
+import pyarrow.parquet as pq
+import rustbpe
+
+from jaxchat import dataset
+from jaxchat.common import UserError, run_main
+from jaxchat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, default_dir, encoding_from_ranks
+
+ROUND_TRIP_TEXT = """Hello world! This is a test.
+Numbers: 123, 4567, 89
+Contractions: I'm, you're, it's
+Special chars: @#$%^&*()
+Unicode: 你好世界 🌍"""
+
+
+def text_iterator(files: list[str], max_chars: int, doc_cap: int) -> Iterator[str]:
+    """Documents of `files`, row group by row group, each cut to doc_cap chars; stops after exceeding max_chars."""
+    nchars = 0
+    for path in files:
+        pf = pq.ParquetFile(path)
+        for rg in range(pf.num_row_groups):
+            for doc in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
+                doc = doc[:doc_cap]
+                nchars += len(doc)
+                yield doc
+                if nchars > max_chars:
+                    return
+
+
+def train_tokenizer(source: str, vocab_size: int, max_chars: int, doc_cap: int, out_dir: str) -> Tokenizer:
+    """Train on the train split of `source` (a source name or a shard directory), check, save to out_dir."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise UserError(f"--vocab-size {vocab_size} must be at least {256 + len(SPECIAL_TOKENS)}")
+    files = dataset.list_shards(source, "train")
+    t0 = time.perf_counter()
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator(text_iterator(files, max_chars, doc_cap), vocab_size - len(SPECIAL_TOKENS),
+                            pattern=SPLIT_PATTERN)
+    ranks = {bytes(k): v for k, v in bpe.get_mergeable_ranks()}
+    tok = Tokenizer(encoding_from_ranks(ranks, bpe.get_pattern()))
+    train_s = time.perf_counter() - t0
+    if tok.decode(tok.encode(ROUND_TRIP_TEXT)) != ROUND_TRIP_TEXT:
+        raise RuntimeError("tokenizer round trip failed")
+    tok.save(out_dir)
+    token_bytes = tok.get_token_bytes()
+    nonzero = token_bytes[token_bytes > 0]
+    print(f"Trained vocab {tok.vocab_size} (BOS {tok.bos_id}) on {len(files)} shard(s) in {train_s:.1f}s; "
+          f"token bytes min {nonzero.min()} max {nonzero.max()} mean {nonzero.mean():.2f}; saved to {out_dir}",
+          flush=True)
+    if tok.vocab_size < vocab_size:
+        print(f"note: the corpus only supported {tok.vocab_size} of the {vocab_size} tokens asked for", flush=True)
+    return tok
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description="Train the BPE tokenizer on the train split.")
+    parser.add_argument("--max-chars", type=float, default=2e9, help="characters to train on")
+    parser.add_argument("--doc-cap", type=int, default=10_000, help="characters kept per document")
+    parser.add_argument("--vocab-size", type=int, default=None, help="default 32768 (4096 with --demo)")
+    parser.add_argument("--source", default="fineweb-edu", choices=sorted(dataset.SOURCES))
+    parser.add_argument("--demo", action="store_true", help="train on the demo corpus (built if missing)")
+    parser.add_argument("--out-dir", default=None, help="default $JAXCHAT_BASE_DIR/tokenizer[_demo]")
+    args = parser.parse_args(argv)
+    source = "demo" if args.demo else args.source
+    if args.demo:
+        dataset.build_demo_corpus()
+    vocab_size = args.vocab_size or (4096 if args.demo else 32768)
+    train_tokenizer(source, vocab_size, int(args.max_chars), args.doc_cap, args.out_dir or default_dir(source))
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])
+
