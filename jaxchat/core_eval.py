@@ -372,6 +372,7 @@ class RowScorer:
             _SCORERS[key] = _Scorer(fn)
         self._scorer = _SCORERS[key]
         self.compilations = 0  # new batch shapes seen by this scorer's jitted function during this object's life
+        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "padded_tokens": 0}  # padding efficiency, for the bench
 
     def rows_per_batch(self, length: int) -> int:
         """Rows of a batch of padded length `length`: a fixed function of the length, so one shape per bucket."""
@@ -397,6 +398,10 @@ class RowScorer:
                 self.compilations += 1
             mean_b, match_b = self._scorer.fn(self.state, self._put(tokens), self._put(starts_b), self._put(ends_b))
             mean_b, match_b = np.asarray(mean_b), np.asarray(match_b)
+            self.stats["batches"] += 1
+            self.stats["rows"] += len(chunk)
+            self.stats["tokens"] += sum(len(rows[r]) for r in chunk)
+            self.stats["padded_tokens"] += tokens.size
             means[chunk], matches[chunk] = mean_b[: len(chunk)], match_b[: len(chunk)]
         return means, matches
 
@@ -434,7 +439,7 @@ def centered_accuracy(accuracy: float, random_baseline: float) -> float:
 
 def evaluate_core(model, tokenizer, bundle_dir: str | None = None, max_per_task: int = 500,
                   tokens_per_device: int | None = None) -> dict:
-    """CORE of a model: {"core", "tasks": {label: {"accuracy", "centered", "correct"}}, "compilations", "seconds"}."""
+    """CORE: {"core", "tasks": {label: {"accuracy", "centered", "correct"}}, "compilations", "seconds", "stats"}."""
     bundle = find_bundle(bundle_dir)
     tasks = load_tasks(bundle)
     encode = batch_encoder(tokenizer)
@@ -452,7 +457,8 @@ def evaluate_core(model, tokenizer, bundle_dir: str | None = None, max_per_task:
     core = sum(r["centered"] for r in results.values()) / len(results)
     seconds = time.time() - t_start
     print0(f"CORE: {core:.4f} | {len(tasks)} tasks in {seconds:.2f}s | {scorer.compilations} new compilations")
-    return {"core": core, "tasks": results, "compilations": scorer.compilations, "seconds": seconds}
+    return {"core": core, "tasks": results, "compilations": scorer.compilations, "seconds": seconds,
+            "stats": dict(scorer.stats)}
 
 
 def main(argv=None) -> None:
