@@ -1,0 +1,250 @@
+"""CORE evaluation against the reference's own results on a small bundle, prompt rendering, the bundle and the CLI."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import jax
+import pytest
+
+from jaxchat import core_eval
+from jaxchat.common import UserError
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "core_small"
+MARGIN_TOL = 1e-4  # decisions closer than this to a tie may flip between float32 implementations
+
+
+def fixture_dir() -> Path:
+    if not (FIXTURE / "expected.json").exists():
+        pytest.skip(f"CORE fixture {FIXTURE} not found: clone the repo beside its shared/ folder to run CORE tests")
+    return FIXTURE
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """(model, tokenizer, expected.json) of the fixture."""
+    from jaxchat.convert import read_reference_npz
+    from jaxchat.parity import model_from_reference
+    from jaxchat.tokenizer import Tokenizer
+
+    root = fixture_dir()
+    config, state, _ = read_reference_npz(str(root / "model.npz"))
+    tokenizer = Tokenizer.load(str(root / "tokenizer"))
+    return model_from_reference(config, state), tokenizer, json.loads((root / "expected.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def results(reference):
+    """evaluate_core for the fixture's runs ("-1": every example, "8": max_per_task 8), with backend compile counts."""
+    model, tokenizer, _ = reference
+    compiles = []
+
+    def listener(event, *args, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    core_eval._SCORERS.clear()  # count this model's compilations from scratch
+    out = {}
+    try:
+        with jax.default_matmul_precision("highest"):
+            for run in ("-1", "8"):
+                n_before = len(compiles)
+                out[run] = core_eval.evaluate_core(model, tokenizer, str(fixture_dir() / "eval_bundle"),
+                                                   max_per_task=int(run))
+                out[run]["backend_compiles"] = len(compiles) - n_before
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    print({run: (r["compilations"], r["backend_compiles"], r["stats"]) for run, r in out.items()})
+    return out
+
+
+@pytest.mark.parametrize("run", ["-1", "8"])
+def test_matches_reference_per_example(results, reference, run):
+    expected = reference[2]["runs"][run]
+    got = results[run]
+    assert list(got["tasks"]) == list(expected["tasks"])
+    near_ties, mismatches = 0, []
+    for label, exp in expected["tasks"].items():
+        correct = got["tasks"][label]["correct"]
+        assert len(correct) == len(exp["correct"]), label
+        for i, (a, b, margin) in enumerate(zip(correct, exp["correct"], exp["margins"])):
+            near_ties += margin < MARGIN_TOL
+            if a != b and margin >= MARGIN_TOL:
+                mismatches.append((label, i, margin))
+        if correct == exp["correct"]:
+            assert got["tasks"][label]["accuracy"] == pytest.approx(exp["accuracy"], abs=1e-12)
+            assert got["tasks"][label]["centered"] == pytest.approx(exp["centered"], abs=1e-12)
+    assert not mismatches, f"examples decided differently from the reference: {mismatches}"
+    assert near_ties == 0, "the fixture has near-tie examples: accuracies below may legitimately differ"
+    assert got["core"] == pytest.approx(expected["core"], abs=1e-12)
+
+
+def test_compilations_bounded(results):
+    first, second = results["-1"], results["8"]
+    used = {(r, t) for r, t in core_eval._SCORERS[next(iter(core_eval._SCORERS))].shapes}
+    assert 1 <= first["compilations"] == len(used) <= len(core_eval.length_buckets(10 * 128))
+    assert len({t for _, t in used}) == len(used)  # one row count per length: one shape per bucket
+    assert second["compilations"] == 0  # the jitted scorer is kept across calls (the training loop's CORE evals)
+    assert first["backend_compiles"] == first["compilations"]  # what XLA actually compiled
+    assert second["backend_compiles"] == 0
+
+
+def test_padding_and_batch_shape_do_not_change_results(reference):
+    """Right padding with BOS and the batch shape never change a row's losses (the model is causal)."""
+    model, tokenizer, _ = reference
+    bundle = str(fixture_dir() / "eval_bundle")
+    task = next(t for t in core_eval.load_tasks(bundle) if t.label == "arith")
+    examples = core_eval.prepare_task(task, core_eval.load_task_data(bundle, task, 8), core_eval.batch_encoder(tokenizer))
+    rows = [r for ex in examples for r in ex.rows]
+    starts = [s for ex in examples for s in ex.starts]
+    ends = [e for ex in examples for e in ex.ends]
+    with jax.default_matmul_precision("highest"):
+        small, _ = core_eval.RowScorer(model, tokenizer.bos_id, tokens_per_device=64).score(rows, starts, ends)
+        big, _ = core_eval.RowScorer(model, tokenizer.bos_id, tokens_per_device=4096).score(rows, starts, ends)
+    assert abs(small - big).max() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt rendering (spec §8.4)
+
+
+def test_render_mc_fewshot_answer_delimiter():
+    fewshot = [{"query": "Q1?", "choices": ["a1", "b1"], "gold": 1}, {"query": "Q2?", "choices": ["a2"], "gold": 0}]
+    item = {"query": "Q3?", "choices": ["x", "y"], "gold": 0}
+    assert core_eval.render_prompts_mc(item, "\nAnswer: ", fewshot) == [
+        "Q1?\nAnswer: b1\n\nQ2?\nAnswer: a2\n\nQ3?\nAnswer: x", "Q1?\nAnswer: b1\n\nQ2?\nAnswer: a2\n\nQ3?\nAnswer: y"]
+    assert core_eval.render_prompts_mc(item, " ", []) == ["Q3? x", "Q3? y"]
+
+
+def test_render_schema_fewshot_space_delimiter():
+    fewshot = [{"context_options": ["A did it", "B did it"], "continuation": "because.", "gold": 1}]
+    item = {"context_options": ["X ran", "Y ran"], "continuation": "away.", "gold": 0}
+    assert core_eval.render_prompts_schema(item, " ", fewshot) == [
+        "B did it because.\n\nX ran away.", "B did it because.\n\nY ran away."]
+    assert core_eval.render_prompts_schema(item, "\nAnswer: ", []) == ["X ran\nAnswer: away.", "Y ran\nAnswer: away."]
+
+
+def test_render_lm_trims_contexts_and_strips_prefix():
+    fewshot = [{"context": "  Count: one two \n", "continuation": "three"}]
+    item = {"context": "Count: five six ", "continuation": "seven"}
+    # A space delimiter: the prompt without the continuation loses its trailing space.
+    assert core_eval.render_prompts_lm(item, " ", fewshot) == [
+        "Count: one two three\n\nCount: five six", "Count: one two three\n\nCount: five six seven"]
+    # "\nAnswer: " ends in a space too; strip() removes it, and leading whitespace of the first few-shot context.
+    assert core_eval.render_prompts_lm(item, "\nAnswer: ", []) == [
+        "Count: five six\nAnswer:", "Count: five six\nAnswer: seven"]
+
+
+def test_default_delimiter_and_baselines_from_bundle():
+    tasks = {t.label: t for t in core_eval.load_tasks(str(fixture_dir() / "eval_bundle"))}
+    assert tasks["count"].continuation_delimiter == " "  # no continuation_delimiter in core.yaml
+    assert tasks["color_qa"].continuation_delimiter == "\nAnswer: "
+    assert tasks["arith"].num_fewshot == 3 and tasks["arith"].task_type == "multiple_choice"
+    assert tasks["pronoun"].random_baseline == 50.0 and tasks["pronoun"].task_type == "schema"
+
+
+def test_fewshot_sampling_and_common_lengths():
+    assert core_eval.fewshot_indices(3, 10, 0) == []
+    picked = core_eval.fewshot_indices(3, 10, 4)
+    assert picked == random.Random(1237).sample([0, 1, 2, 4, 5, 6, 7, 8, 9], 4) and 3 not in picked
+    assert core_eval.common_length([[1, 2, 3], [1, 2, 4, 5]], "left") == 2
+    assert core_eval.common_length([[9, 2, 3], [1, 7, 2, 3]], "right") == 2
+    assert core_eval.common_length([[1, 2], [1, 2, 3]], "left") == 2
+
+
+def test_shuffle_then_cut(tmp_path):
+    bundle = str(fixture_dir() / "eval_bundle")
+    task = core_eval.load_tasks(bundle)[0]
+    full = core_eval.load_task_data(bundle, task, -1)
+    assert core_eval.load_task_data(bundle, task, 5) == full[:5]
+    lines = (fixture_dir() / "eval_bundle" / "eval_data" / task.dataset_uri).read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    random.Random(1337).shuffle(rows)
+    assert full == rows
+
+
+def test_buckets():
+    assert core_eval.length_buckets(1280)[:8] == [64, 128, 192, 256, 384, 512, 768, 1024]
+    assert core_eval.length_buckets(1280)[-1] == 1280
+    assert core_eval.bucket_length(65, 1280) == 128 and core_eval.bucket_length(1100, 1280) == 1280
+    with pytest.raises(UserError):
+        core_eval.bucket_length(1281, 1280)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The bundle: download (from a local file:// URL, never the network), extraction, missing-bundle errors
+
+
+def test_download_extracts_atomically_once(tmp_path):
+    src = fixture_dir() / "eval_bundle"
+    archive = tmp_path / "src.zip"
+    with zipfile.ZipFile(archive, "w") as zf:  # the real archive holds a top-level eval_bundle/ folder
+        for path in src.rglob("*"):
+            zf.write(path, Path("eval_bundle") / path.relative_to(src))
+    dest = tmp_path / "base" / "eval_bundle"
+    assert core_eval.download_bundle(archive.as_uri(), str(dest)) == str(dest)
+    assert [t.label for t in core_eval.load_tasks(str(dest))] == [t.label for t in core_eval.load_tasks(str(src))]
+    assert not [p for p in (tmp_path / "base").iterdir() if p.name.startswith(".eval_bundle.") and p.is_dir()]
+    archive.unlink()  # already there: no second download
+    assert core_eval.download_bundle(archive.as_uri(), str(dest)) == str(dest)
+
+
+def test_download_failure_names_the_command(tmp_path):
+    with pytest.raises(UserError, match="python -m jaxchat.core_eval --download"):
+        core_eval.download_bundle((tmp_path / "missing.zip").as_uri(), str(tmp_path / "eval_bundle"))
+    assert not (tmp_path / "eval_bundle").exists()
+
+
+def test_missing_bundle_without_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(UserError, match="python -m jaxchat.core_eval --download"):
+        core_eval.find_bundle(None, download=False)
+    with pytest.raises(UserError, match="not a CORE eval bundle"):
+        core_eval.find_bundle(str(tmp_path / "nowhere"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line
+
+
+def _run_cli(args: list[str], base: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAXCHAT_BASE_DIR=str(base), JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one CPU device is enough, and starts faster
+    return subprocess.run([sys.executable, "-m", "jaxchat.base_eval", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_base_eval_json_end_to_end(tmp_path):
+    root = fixture_dir()
+    out = tmp_path / "core.json"
+    proc = _run_cli(["--nanochat-checkpoint", str(root / "model.npz"), "--tokenizer-dir", str(root / "tokenizer"),
+                     "--bundle", str(root / "eval_bundle"), "--eval", "core", "--max-per-task", "8",
+                     "--json", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got, expected = json.loads(out.read_text()), json.loads((root / "expected.json").read_text())["runs"]["8"]
+    assert got["core"] == pytest.approx(expected["core"], abs=1e-12)
+    assert {k: v["correct"] for k, v in got["tasks"].items()} == {k: v["correct"] for k, v in expected["tasks"].items()}
+    assert "Evaluating: arith (3-shot, type: multiple_choice)... accuracy: 0.6250 | centered: 0.5000" in proc.stdout
+    csv_text = (tmp_path / "base_eval" / "model.csv").read_text().splitlines()
+    assert csv_text[0].split(",")[0].strip() == "Task" and csv_text[-1].startswith("CORE")
+    assert len(csv_text) == 2 + len(expected["tasks"])
+
+
+def test_base_eval_missing_bundle_is_one_line(tmp_path):
+    root = fixture_dir()
+    proc = _run_cli(["--nanochat-checkpoint", str(root / "model.npz"), "--tokenizer-dir", str(root / "tokenizer"),
+                     "--bundle", str(tmp_path / "no_bundle")], tmp_path)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert "python -m jaxchat.core_eval --download" in proc.stderr
+
+
+def test_base_eval_model_tag_without_checkpoint_is_one_line(tmp_path):
+    proc = _run_cli(["--model-tag", "d4", "--bundle", str(fixture_dir() / "eval_bundle")], tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
