@@ -1,0 +1,265 @@
+"""BOS-aligned best-fit packing loader (spec §6.3–§6.4) on grain, with exact resume.
+
+Pipeline: _ChunkIterator (read this rank's row groups, tokenize 128-doc chunks) -> thread prefetch -> _PackIterator
+(document buffer, best-fit rows) -> thread prefetch -> DataLoader. Each prefetch stage records the state of the
+element it hands out, so get_state() always describes what the caller consumed, never what is prefetched.
+
+The state names documents by (file, row group, row) instead of storing tokens: a fresh loader re-reads and
+re-tokenizes the buffered documents and then continues bit for bit (the reference drops its buffer on resume).
+"""
+
+import copy
+import sys
+from dataclasses import dataclass
+
+import grain
+import numpy as np
+import pyarrow.parquet as pq
+from grain.experimental import ThreadPrefetchDatasetIterator
+
+from jaxchat.common import UserError
+
+CHUNK_PREFETCH = 16  # tokenized chunks read ahead; a refill takes up to ~8 of them at the start
+
+
+def read_texts(path: str, rg_idx: int) -> list[str]:
+    """The `text` column of one row group."""
+    return pq.ParquetFile(path).read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+
+
+class _Prefetch(ThreadPrefetchDatasetIterator):
+    """grain's thread prefetcher, minus the tracebacks its __del__ prints when collected at interpreter exit."""
+
+    def __del__(self):
+        if not sys.is_finalizing():
+            try:
+                self.close()
+            except Exception:
+                pass
+
+
+@dataclass
+class _Chunk:
+    tokens: list[np.ndarray]  # BOS-prefixed token ids per document
+    epoch: int
+    pq_idx: int
+    rg_idx: int
+    row: int  # row of the first document within its row group
+
+
+class _ChunkIterator(grain.DatasetIterator):
+    """Endless tokenized chunks of this rank's documents: row groups rank, rank+W, ... of each file, file by file."""
+
+    def __init__(self, files: list[str], tokenizer, rank: int, world_size: int, chunk_size: int, threads: int):
+        super().__init__()
+        self.files, self.tok, self.rank, self.world = files, tokenizer, rank, world_size
+        self.chunk_size, self.threads = chunk_size, threads
+        self._next = {"epoch": 1, "pq_idx": 0, "rg_idx": rank, "row": 0}
+        self._rows: dict[int, list[int]] = {}  # file index -> documents per row group (from the parquet footer)
+        self._cached: tuple[tuple[int, int], list[str]] | None = None
+
+    def _rg_rows(self, pq_idx: int) -> list[int]:
+        if pq_idx not in self._rows:
+            meta = pq.ParquetFile(self.files[pq_idx]).metadata
+            self._rows[pq_idx] = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        return self._rows[pq_idx]
+
+    def _advance(self, epoch: int, p: int, g: int, row: int) -> tuple[int, int, int, int]:
+        """First position at or after (epoch, p, g, row) that holds a document."""
+        wraps = 0
+        while True:
+            if p >= len(self.files):
+                epoch, p, g, row, wraps = epoch + 1, 0, self.rank, 0, wraps + 1
+                if wraps > 1:  # a whole pass without one document for this rank
+                    raise UserError(f"rank {self.rank} of {self.world} gets no row group of {len(self.files)} file(s) "
+                                    f"starting {self.files[0]}: use fewer processes or more/larger shards")
+            rows = self._rg_rows(p)
+            if g >= len(rows):
+                p, g, row = p + 1, self.rank, 0
+            elif row >= rows[g]:
+                g, row = g + self.world, 0
+            else:
+                return epoch, p, g, row
+
+    def __next__(self) -> _Chunk:
+        epoch, p, g, row = self._advance(*(self._next[k] for k in ("epoch", "pq_idx", "rg_idx", "row")))
+        if self._cached is None or self._cached[0] != (p, g):
+            self._cached = ((p, g), read_texts(self.files[p], g))
+        texts = self._cached[1][row:row + self.chunk_size]
+        ids = self.tok.encode(texts, prepend_bos=True, num_threads=self.threads)
+        self._next = {"epoch": epoch, "pq_idx": p, "rg_idx": g, "row": row + len(texts)}
+        return _Chunk([np.asarray(t, dtype=np.int32) for t in ids], epoch, p, g, row)
+
+    def get_state(self) -> dict:
+        return dict(self._next)
+
+    def set_state(self, state: dict) -> None:
+        self._next = {k: int(state[k]) for k in ("epoch", "pq_idx", "rg_idx", "row")}
+
+
+class _PackIterator(grain.DatasetIterator):
+    """(inputs, targets) batches packed best-fit from a buffer of whole BOS-prefixed documents (spec §6.4)."""
+
+    def __init__(self, files: list[str], tokenizer, B: int, T: int, rank: int, world_size: int, buffer_size: int,
+                 tokenizer_batch_size: int, tokenizer_threads: int):
+        if not files:
+            raise UserError("the data loader got no parquet files")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        chunks = _Prefetch(
+            _ChunkIterator(files, tokenizer, rank, world_size, tokenizer_batch_size, tokenizer_threads),
+            CHUNK_PREFETCH)
+        super().__init__(chunks)
+        self.files, self.tok, self.B, self.T = files, tokenizer, B, T
+        self.rank, self.world, self.buffer_size, self.threads = rank, world_size, buffer_size, tokenizer_threads
+        self._chunks = chunks
+        self._last = (0, 0, 1)  # (pq_idx, rg_idx, epoch) of the most recently read chunk, as the reference reports
+        self._reset_buffer()
+
+    # The buffer is a slot array in arrival order; a taken document leaves a hole (length 0) instead of shifting
+    # the list, and holes are compacted away when slots run out. Best fit is then two vectorised scans.
+    def _reset_buffer(self, capacity: int = 4096) -> None:
+        self._docs: list[np.ndarray | None] = [None] * capacity
+        self._lens = np.zeros(capacity, dtype=np.int64)
+        self._refs = np.zeros((capacity, 3), dtype=np.int64)  # (pq_idx, rg_idx, row) of each slot
+        self._n = 0  # slots used
+        self._live = 0  # documents in the buffer
+
+    def _append(self, docs: list[np.ndarray], refs: np.ndarray) -> None:
+        k = len(docs)
+        if self._n + k > len(self._lens):
+            keep = np.flatnonzero(self._lens[:self._n])
+            capacity = max(len(self._lens), 2 * (len(keep) + k))
+            docs_kept = [self._docs[i] for i in keep]
+            lens, ref_rows = self._lens[keep], self._refs[keep]
+            self._reset_buffer(capacity)
+            self._docs[:len(keep)] = docs_kept
+            self._lens[:len(keep)], self._refs[:len(keep)] = lens, ref_rows
+            self._n = self._live = len(keep)
+        n = self._n
+        self._docs[n:n + k] = docs
+        self._lens[n:n + k] = [len(d) for d in docs]
+        self._refs[n:n + k] = refs
+        self._n, self._live = n + k, self._live + k
+
+    def _take(self, i: int) -> np.ndarray:
+        doc = self._docs[i]
+        self._docs[i] = None
+        self._lens[i] = 0
+        self._live -= 1
+        return doc
+
+    def _refill(self) -> None:
+        chunk = next(self._chunks)
+        refs = np.array([(chunk.pq_idx, chunk.rg_idx, chunk.row + j) for j in range(len(chunk.tokens))], np.int64)
+        self._append(chunk.tokens, refs.reshape(-1, 3))
+        self._last = (chunk.pq_idx, chunk.rg_idx, chunk.epoch)
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        capacity = self.T + 1
+        rows = np.empty((self.B, capacity), dtype=np.int32)
+        for b in range(self.B):
+            pos = 0
+            while pos < capacity:
+                while self._live < self.buffer_size:
+                    self._refill()
+                remaining = capacity - pos
+                lens = self._lens[:self._n]
+                fits = np.where(lens <= remaining, lens, 0)
+                i = int(fits.argmax())  # longest that fits; argmax takes the first on ties, like the reference
+                if fits[i] > 0:
+                    doc = self._take(i)
+                    rows[b, pos:pos + len(doc)] = doc
+                    pos += len(doc)
+                else:  # nothing fits: crop the shortest document (first on ties) to fill the row
+                    i = int(np.where(lens > 0, lens, np.iinfo(np.int64).max).argmin())
+                    rows[b, pos:] = self._take(i)[:remaining]
+                    pos = capacity
+        return rows[:, :-1].copy(), rows[:, 1:].copy()
+
+    def get_state(self) -> dict:
+        live = self._refs[:self._n][self._lens[:self._n] > 0]
+        # Runs of consecutive documents from one row group: [pq_idx, rg_idx, [rows...]], in buffer order.
+        cut = np.flatnonzero(np.any(live[1:, :2] != live[:-1, :2], axis=1)) + 1
+        runs = [[int(r[0, 0]), int(r[0, 1]), r[:, 2].tolist()] for r in np.split(live, cut) if len(r)]
+        pq_idx, rg_idx, epoch = self._last
+        return {"pq_idx": pq_idx, "rg_idx": rg_idx, "epoch": epoch, "next": self._chunks.get_state(),
+                "buffer": runs, "rank": self.rank, "world_size": self.world}
+
+    def set_state(self, state: dict) -> None:
+        exact = "buffer" in state and state.get("rank") == self.rank and state.get("world_size") == self.world
+        pq_idx, rg_idx, epoch = int(state["pq_idx"]), int(state["rg_idx"]), int(state.get("epoch", 1))
+        self._reset_buffer()
+        self._last = (pq_idx, rg_idx, epoch)
+        if not exact:
+            # Reference semantics (spec §6.3): empty buffer, restart at the next round of row groups. Used for
+            # nanochat-style states and for a state saved by another rank or world size.
+            if "buffer" in state:
+                print(f"warning: data loader state of rank {state.get('rank')}/{state.get('world_size')} given to "
+                      f"rank {self.rank}/{self.world}: approximate resume (buffer dropped)", file=sys.stderr)
+            nxt = {"epoch": epoch, "pq_idx": pq_idx, "rg_idx": (rg_idx // self.world + 1) * self.world + self.rank,
+                   "row": 0}
+            self._chunks.set_state(nxt)
+            return
+        self._chunks.set_state(state["next"])
+        texts, refs, cache = [], [], {}
+        for p, g, rows in state["buffer"]:
+            if (p, g) not in cache:
+                cache[(p, g)] = read_texts(self.files[p], g)
+            texts += [cache[(p, g)][r] for r in rows]
+            refs += [(p, g, r) for r in rows]
+        if texts:
+            ids = self.tok.encode(texts, prepend_bos=True, num_threads=self.threads)
+            self._append([np.asarray(t, dtype=np.int32) for t in ids], np.array(refs, np.int64))
+
+
+class BestFitDataset(grain.IterDataset):
+    """grain dataset of this rank's packed (inputs, targets) batches; iter() gives a checkpointable iterator."""
+
+    def __init__(self, tokenizer, files: list[str], B: int, T: int, rank: int = 0, world_size: int = 1,
+                 buffer_size: int = 1000, tokenizer_batch_size: int = 128, tokenizer_threads: int = 4):
+        super().__init__()
+        self._args = (files, tokenizer, B, T, rank, world_size, buffer_size, tokenizer_batch_size, tokenizer_threads)
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _PackIterator(*self._args)
+
+
+class DataLoader(grain.DatasetIterator):
+    """Endless (inputs, targets) int32 (B, T) batches for this process, prefetched in background threads.
+
+    get_state() -> small JSON-able dict describing the batches consumed so far; set_state() on a fresh loader
+    (same files, B, T, rank, world size) continues with exactly the next batch.
+    """
+
+    def __init__(self, tokenizer, files: list[str], B: int, T: int, *, rank: int | None = None,
+                 world_size: int | None = None, buffer_size: int = 1000, tokenizer_batch_size: int = 128,
+                 tokenizer_threads: int = 4, prefetch: int = 2):
+        if rank is None or world_size is None:
+            import jax
+
+            rank = jax.process_index() if rank is None else rank
+            world_size = jax.process_count() if world_size is None else world_size
+        dataset = BestFitDataset(tokenizer, files, B, T, rank, world_size, buffer_size, tokenizer_batch_size,
+                                 tokenizer_threads)
+        self._it = _Prefetch(iter(dataset), prefetch)
+        super().__init__(self._it)
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return copy.deepcopy(self._it.get_state())
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(state)
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the most recently read chunk (starts at 1)."""
+        return int(self._it.get_state()["epoch"])
+
+
+def val_loader(tokenizer, files: list[str], B: int, T: int, **kwargs) -> DataLoader:
+    """A fresh loader over the val files: the same batches from the start every time (no state to keep)."""
+    return DataLoader(tokenizer, files, B, T, **kwargs)
