@@ -1,0 +1,85 @@
+"""Tokenizer: rustbpe training on a small demo corpus, special tokens, token_bytes, file format, errors."""
+
+import pickle
+
+import numpy as np
+import pytest
+from conftest import shared_fixture
+
+from jaxchat.common import UserError
+from jaxchat.dataset import build_demo_corpus
+from jaxchat.tok_train import train_tokenizer
+from jaxchat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXCHAT_BASE_DIR", str(root))
+        data = build_demo_corpus(str(root / "data"), max_chars=400_000)
+        tok = train_tokenizer(data, vocab_size=VOCAB, max_chars=300_000, doc_cap=2_000, out_dir=str(root / "out"))
+    return tok, root / "out"
+
+
+def test_round_trip_and_specials(trained):
+    tok, _ = trained
+    assert tok.vocab_size == VOCAB
+    assert tok.bos_id == VOCAB - len(SPECIAL_TOKENS)
+    assert [tok.enc.encode_single_token(s) for s in SPECIAL_TOKENS] == list(range(VOCAB - 9, VOCAB))
+    assert tok.enc._pat_str == SPLIT_PATTERN
+    text = "def f(x):\n    return x ** 2  # 12345 — naïve 你好 🌍\n\n<|bos|> is plain text here"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.bos_id not in ids  # special-token text in documents is ordinary text
+    assert tok.encode(text, prepend_bos=True) == [tok.bos_id] + ids
+    assert tok.encode([text, "abc"], prepend_bos=True) == [[tok.bos_id] + ids, tok.encode("abc", prepend_bos=True)]
+    assert len(ids) < len(text.encode()) * 0.8  # the merges compress
+
+
+def test_token_bytes_ref_rule(trained):
+    tok, _ = trained
+    tb = tok.get_token_bytes()
+    assert tb.dtype == np.int32 and tb.shape == (VOCAB,)
+    assert (tb[tok.bos_id:] == 0).all()
+    assert tb[ord("a")] == 1
+    assert tb[0x80] == 3  # a lone continuation byte decodes to U+FFFD: 3 bytes under the REF rule (spec §7.3)
+    for i in range(256, tok.bos_id):
+        assert tb[i] == len(tok.decode([i]).encode("utf-8"))
+
+
+def test_save_load(trained, tmp_path):
+    tok, out = trained
+    loaded = Tokenizer.load(str(out))
+    assert (out / "token_bytes.npy").exists()
+    np.testing.assert_array_equal(loaded.get_token_bytes(), tok.get_token_bytes())
+    with open(out / "tokenizer.pkl", "rb") as f:
+        assert pickle.load(f).n_vocab == VOCAB  # the file is a plain pickled tiktoken Encoding, like nanochat's
+    loaded.save(str(tmp_path))
+    again = Tokenizer.load(str(tmp_path))
+    assert again.encode("hello world") == tok.encode("hello world")
+
+
+@pytest.mark.parametrize("name,bos,vocab", [("loader_small", 291, 300), ("core_small", None, None)])
+def test_reference_tokenizer_files_load(name, bos, vocab):
+    tok = Tokenizer.load(str(shared_fixture(name) / "tokenizer"))
+    assert tok.bos_id == (bos if bos is not None else tok.vocab_size - 9)
+    assert vocab is None or tok.vocab_size == vocab
+    assert tok.get_token_bytes().shape == (tok.vocab_size,)
+    assert tok.decode(tok.encode("The quick brown fox.")) == "The quick brown fox."
+
+
+def test_missing_and_corrupt_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(UserError, match=r"tokenizer_demo/tokenizer.pkl: run `python -m jaxchat.tok_train --demo`"):
+        Tokenizer.load(str(tmp_path / "tokenizer_demo"))
+    bad = tmp_path / "tokenizer"
+    bad.mkdir()
+    (bad / "tokenizer.pkl").write_bytes(b"\x80\x04not a pickle at all")
+    with pytest.raises(UserError, match=r"tokenizer/tokenizer.pkl is corrupt.*`python -m jaxchat.tok_train`"):
+        Tokenizer.load(str(bad))
+    (bad / "tokenizer.pkl").write_bytes(pickle.dumps({"not": "an encoding"}))
+    with pytest.raises(UserError, match="is corrupt"):
+        Tokenizer.load(str(bad))
