@@ -1,0 +1,137 @@
+"""Shards: demo corpus, validation of files, split rules and their errors, downloads from a local HTTP server."""
+
+import http.server
+import os
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jaxchat import dataset
+from jaxchat.common import UserError
+
+
+@pytest.fixture(autouse=True)
+def base(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path / "base"))
+    return tmp_path / "base"
+
+
+def write_parquet(path, docs):
+    pq.write_table(pa.table({"text": docs}), str(path), row_group_size=1024)
+
+
+def test_demo_corpus_deterministic_and_readable(tmp_path):
+    a = dataset.build_demo_corpus(str(tmp_path / "a"), max_chars=1_500_000)
+    b = dataset.build_demo_corpus(str(tmp_path / "b"), max_chars=1_500_000)
+    names = sorted(os.listdir(a))
+    assert names == sorted(os.listdir(b)) and len(names) >= 2
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+        pf = pq.ParquetFile(os.path.join(a, name))
+        assert pf.schema_arrow.names == ["text"]
+        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+        assert all(n == 1024 for n in sizes[:-1]) and 0 < sizes[-1] <= 1024
+        assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
+    assert dataset.list_shards(a, "val") == [os.path.join(a, names[-1])]
+    assert dataset.list_shards(a, "train") == [os.path.join(a, n) for n in names[:-1]]
+    texts = pq.read_table(os.path.join(a, names[0])).column("text").to_pylist()
+    assert any("def " in t for t in texts) and len(set(texts)) > 0.9 * len(texts)
+    mtime = os.path.getmtime(os.path.join(a, names[0]))
+    assert dataset.build_demo_corpus(a, max_chars=1_500_000) == a  # idempotent: nothing rebuilt
+    assert os.path.getmtime(os.path.join(a, names[0])) == mtime
+
+
+def test_check_shard_detects_broken_files(tmp_path):
+    good = tmp_path / "good.parquet"
+    write_parquet(good, ["a doc", "another doc"] * 100)
+    dataset.check_shard(str(good))
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="not a readable parquet"):
+        dataset.check_shard(str(cut))
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"body": ["x"]}), str(other))
+    with pytest.raises(ValueError, match="no string column 'text'"):
+        dataset.check_shard(str(other))
+
+
+def test_missing_data_names_the_command(base):
+    with pytest.raises(UserError, match=r"python -m jaxchat.dataset -n 8`"):
+        dataset.list_shards("fineweb-edu", "train")
+    with pytest.raises(UserError, match=r"--source climbmix"):
+        dataset.list_shards("climbmix", "val")
+    with pytest.raises(UserError, match=r"python -m jaxchat.dataset --demo"):
+        dataset.list_shards("demo", "train")
+    d = base / "base_data"
+    d.mkdir(parents=True)
+    for i in (0, 1):
+        write_parquet(d / dataset.shard_name(i), ["x"])
+    with pytest.raises(UserError, match="validation shard shard_01822.parquet missing"):
+        dataset.list_shards("fineweb-edu", "val")
+    write_parquet(d / dataset.shard_name(1822), ["v"])
+    (d / "shard_00002.parquet.123.tmp").write_bytes(b"partial")
+    assert dataset.list_shards("fineweb-edu", "val") == [str(d / "shard_01822.parquet")]
+    assert dataset.list_shards("fineweb-edu", "train") == [str(d / dataset.shard_name(i)) for i in (0, 1)]
+
+
+class _FlakyHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves the test directory, failing the first request of every file (to exercise the retry)."""
+
+    seen: dict = {}
+
+    def do_GET(self):
+        count = self.seen.get(self.path, 0)
+        self.seen[self.path] = count + 1
+        if count == 0:
+            self.send_error(503, "try again")
+            return
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    root = tmp_path / "remote"
+    root.mkdir()
+    _FlakyHandler.seen = {}
+    handler = lambda *a, **kw: _FlakyHandler(*a, directory=str(root), **kw)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setitem(dataset.SOURCES, "fineweb-edu",
+                        dict(dataset.SOURCES["fineweb-edu"], url=f"http://127.0.0.1:{httpd.server_port}"))
+    monkeypatch.setattr(dataset, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(dataset, "TIMEOUT_S", 5.0)
+    yield root
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_retries_validates_and_skips(server, base):
+    for i in (0, 1, 1822):
+        write_parquet(server / dataset.shard_name(i), [f"document {i}.{j}" for j in range(10)])
+    out = dataset.download(2, "fineweb-edu", workers=2)
+    assert out == str(base / "base_data")
+    assert sorted(os.listdir(out)) == ["shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"]
+    for name in os.listdir(out):
+        assert (server / name).read_bytes() == (base / "base_data" / name).read_bytes()
+    assert _FlakyHandler.seen == {"/shard_00000.parquet": 2, "/shard_00001.parquet": 2, "/shard_01822.parquet": 2}
+
+    # a broken local file is fetched again; complete ones are not requested at all
+    (base / "base_data" / "shard_00001.parquet").write_bytes(b"PAR1 truncated")
+    _FlakyHandler.seen = {}
+    dataset.download(2, "fineweb-edu", workers=2)
+    assert _FlakyHandler.seen == {"/shard_00001.parquet": 2}
+    dataset.check_shard(str(base / "base_data" / "shard_00001.parquet"))
+
+    # a file that is not parquet on the server fails every attempt and leaves no temp file behind
+    (server / "shard_00002.parquet").write_bytes(b"<html>not parquet</html>")
+    with pytest.raises(RuntimeError, match="after 2 attempts"):
+        dataset.download_shard(2, "fineweb-edu", out, attempts=2)
+    assert sorted(os.listdir(out)) == ["shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"]
+    with pytest.raises(UserError, match="re-run"):
+        dataset.download(4, "fineweb-edu", workers=1)  # shard 3 does not exist there (404)
