@@ -50,13 +50,15 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
                                    process_id=process_id)
 
 
-def make_mesh(fsdp: int = 1) -> Mesh:
-    """A (data, fsdp) mesh over every device of every process; fsdp=1 is pure data parallel."""
-    n = jax.device_count()
+def make_mesh(fsdp: int = 1, devices: list | None = None) -> Mesh:
+    """A (data, fsdp) mesh over every device of every process (or the given ones); fsdp=1 is pure data parallel."""
+    devices = jax.devices() if devices is None else devices
+    n = len(devices)
     if fsdp <= 0 or n % fsdp:
         valid = [f for f in range(1, n + 1) if n % f == 0]
         raise UserError(f"--fsdp={fsdp} does not divide the {n} devices; use one of {valid}")
-    return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+    return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=devices)
 
 
 def _spec(logical: tuple, shape: tuple, rules: dict, mesh: Mesh) -> P:

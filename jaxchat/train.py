@@ -22,13 +22,16 @@ from jaxchat.checkpoint import Checkpointer, abstract_like, checkpoint_dir
 from jaxchat.common import UserError, base_dir, print0, run_main
 from jaxchat.config import parse_flags
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
-from jaxchat.model import GPT
+from jaxchat.model import GPT, GPTConfig
 from jaxchat.monitor import Monitor, peak_flops, step_line
 from jaxchat.plan import device_batch_warning, make_plan
 
 
-def make_train_step(graphdef, tx, param_sh, opt_sh, grad_sh, replicated):
-    """The jitted step: (params, opt_state, inputs (A, rows, T), targets, schedule) -> (params, opt_state, loss)."""
+def make_train_step(graphdef, tx, shardings: dict):
+    """The jitted step: (params, opt_state, inputs (A, rows, T), targets, schedule) -> (params, opt_state, loss).
+
+    The loss returned is the mean over all A micro-batches (the whole total batch), not only the last one.
+    """
 
     def train_step(params, opt_state, inputs_ART, targets_ART, schedule):
         def micro_step(grad_sum, batch):
@@ -39,13 +42,32 @@ def make_train_step(graphdef, tx, param_sh, opt_sh, grad_sh, replicated):
         grad_sum = jax.tree.map(jnp.zeros_like, params)
         grad_sum, losses = jax.lax.scan(micro_step, grad_sum, (inputs_ART, targets_ART))
         # Mean over micro-batches; the constraint makes the cross-device mean a reduce-scatter (ZeRO-2).
-        grads = jax.lax.with_sharding_constraint(jax.tree.map(lambda g: g / inputs_ART.shape[0], grad_sum), grad_sh)
+        grads = jax.tree.map(lambda g: g / inputs_ART.shape[0], grad_sum)
+        grads = jax.lax.with_sharding_constraint(grads, shardings["grads"])
         opt_state = optim.set_schedule(opt_state, schedule)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, losses[-1]
+        return params, opt_state, losses.mean()
 
-    return jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh, replicated))
+    return jax.jit(train_step, donate_argnums=(0, 1),
+                   out_shardings=(shardings["params"], shardings["opt_state"], shardings["replicated"]))
+
+
+def init_training(config: GPTConfig, tx, mesh, *, seed: int, compute_dtype: str):
+    """(graphdef, params, opt_state, train_step, restore targets): parameters and optimizer state are created
+    already sharded on the mesh (never a full copy on one device)."""
+    make_model = lambda: GPT(config, rngs=nnx.Rngs(seed), compute_dtype=compute_dtype)
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
+    abstract_params = nnx.to_pure_dict(abstract_state)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    shardings = dict(params=meshlib.param_shardings(abstract_params, mesh),
+                     opt_state=meshlib.optimizer_shardings(abstract_opt, mesh),
+                     grads=meshlib.optimizer_shardings(abstract_params, mesh),
+                     replicated=meshlib.replicated(mesh))
+    params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(make_model())[1]), out_shardings=shardings["params"])()
+    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    targets = (abstract_like(abstract_params, shardings["params"]), abstract_like(abstract_opt, shardings["opt_state"]))
+    return graphdef, params, opt_state, make_train_step(graphdef, tx, shardings), targets
 
 
 @dataclasses.dataclass
@@ -126,17 +148,8 @@ def train(argv: list[str]) -> None:
                               weight_decay=wd_scaled, batch_lr_scale=bls)
     print0(f"Batch LR scale {bls:.6f}; Muon weight decay {c.weight_decay} x (12/{c.depth})^2 = {wd_scaled:.6f}; "
            f"AdamW LR scale (n/768)^-0.5 = {(config.n_embd / 768) ** -0.5:.6f}")
-    make_model = lambda: GPT(config, rngs=nnx.Rngs(c.seed), compute_dtype=compute_dtype)
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
-    abstract_params = nnx.to_pure_dict(abstract_state)
-    param_sh = meshlib.param_shardings(abstract_params, mesh)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_sh = meshlib.optimizer_shardings(abstract_opt, mesh)
-    grad_sh = meshlib.optimizer_shardings(abstract_params, mesh)
-    replicated = meshlib.replicated(mesh)
-    init_params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(make_model())[1]), out_shardings=param_sh)
-    params = init_params()
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    graphdef, params, opt_state, train_step, restore_targets = init_training(config, tx, mesh, seed=c.seed,
+                                                                            compute_dtype=compute_dtype)
 
     checkpointer = Checkpointer(checkpoint_dir(model_tag))
     loop = LoopState()
@@ -144,8 +157,7 @@ def train(argv: list[str]) -> None:
     resume = str(c.resume_from_step)
     if resume != "-1":
         step = checkpointer.resolve_step(resume)
-        params, opt_state, meta = checkpointer.restore(step, abstract_like(abstract_params, param_sh),
-                                                       abstract_like(abstract_opt, opt_sh))
+        params, opt_state, meta = checkpointer.restore(step, *restore_targets)
         if meta["model_config"] != dataclasses.asdict(config):
             raise UserError(f"checkpoint step {step} of {model_tag} has model {meta['model_config']}, "
                             f"not {dataclasses.asdict(config)}: use the flags of the saving run")
@@ -155,7 +167,6 @@ def train(argv: list[str]) -> None:
     resume_step = loop.step
 
     batch_sh = meshlib.batch_sharding(mesh)
-    train_step = make_train_step(graphdef, tx, param_sh, opt_sh, grad_sh, replicated)
     bpb_step = make_bpb_step(graphdef)
     token_bytes = jnp.asarray(tok.get_token_bytes())
     eval_steps = max(1, c.eval_tokens // (c.device_batch_size * c.max_seq_len * jax.device_count()))

@@ -1,0 +1,84 @@
+"""The train step on 8 host devices: accumulation, device count and FSDP do not change the result."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxchat import mesh as meshlib
+from jaxchat import optim
+from jaxchat.model import GPTConfig
+from jaxchat.train import init_training
+
+CONFIG = GPTConfig(sequence_len=16, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+ROWS, STEPS = 32, 2  # 32 rows x 16 tokens per step
+
+
+def batches():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, CONFIG.vocab_size, (STEPS, ROWS, CONFIG.sequence_len + 1)).astype(np.int32)
+    return tokens[..., :-1], tokens[..., 1:]
+
+
+def run(mesh, accum_steps: int):
+    """Losses and final parameters of STEPS steps, each step's rows split into `accum_steps` micro-batches."""
+    tx = optim.make_optimizer(model_dim=CONFIG.n_embd, weight_decay=0.2, muon_dtype=jnp.float32)
+    _, params, opt_state, train_step, _ = init_training(CONFIG, tx, mesh, seed=0, compute_dtype="float32")
+    # Perturb the init as the reference fixtures do: with zero projections the lambdas' gradients are pure rounding
+    # noise (the output is scale-invariant in them) and Adam's first step would amplify that noise to +-lr.
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    start = jax.tree.map(np.asarray, params)
+    sharding = meshlib.batch_sharding(mesh)
+    losses = []
+    for step, (inputs, targets) in enumerate(zip(*batches())):
+        micro = lambda a: jax.device_put(a.reshape(accum_steps, ROWS // accum_steps, -1), sharding)
+        values = optim.schedule_values(step, num_iterations=10, warmup_ratio=0.0, warmdown_ratio=0.5,
+                                       final_lr_frac=0.0, weight_decay=0.2)
+        schedule = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
+        params, opt_state, loss = train_step(params, opt_state, micro(inputs), micro(targets), schedule)
+        losses.append(float(loss))
+    return np.array(losses), start, jax.tree.map(np.asarray, params)
+
+
+def assert_same(run_a, run_b):
+    """Same losses; every parameter within 1e-4 of the distance it moved (float32 reassociation only)."""
+    (losses_a, start, params_a), (losses_b, _, params_b) = run_a, run_b
+    np.testing.assert_allclose(losses_a, losses_b, rtol=1e-5)
+    moved = jax.tree.map(lambda a, b, s: np.linalg.norm(a - b) / np.linalg.norm(b - s), params_a, params_b, start)
+    assert max(jax.tree.leaves(moved)) < 1e-4, moved
+
+
+@pytest.fixture(scope="module")
+def reference_run():
+    return run(meshlib.make_mesh(fsdp=1), accum_steps=1)  # device batch 4 x 8 devices, 1 micro-batch
+
+
+@pytest.mark.parametrize("accum_steps", [2, 4])  # device batch 2 x 2 micro-batches, 1 x 4
+def test_accumulation_equals_one_big_batch(reference_run, accum_steps):
+    assert_same(run(meshlib.make_mesh(fsdp=1), accum_steps), reference_run)
+
+
+def test_eight_devices_equal_one(reference_run):
+    assert_same(run(meshlib.make_mesh(fsdp=1, devices=jax.devices()[:1]), accum_steps=1), reference_run)
+
+
+def test_fsdp_equals_data_parallel(reference_run):
+    assert_same(run(meshlib.make_mesh(fsdp=4), accum_steps=2), reference_run)  # 2 data x 4 fsdp
+
+
+def test_loss_falls_and_step_compiles_once():
+    mesh = meshlib.make_mesh(fsdp=2)
+    tx = optim.make_optimizer(model_dim=CONFIG.n_embd, weight_decay=0.2)
+    _, params, opt_state, train_step, _ = init_training(CONFIG, tx, mesh, seed=0, compute_dtype="float32")
+    inputs, targets = (jax.device_put(a[0][None], meshlib.batch_sharding(mesh)) for a in batches())
+    losses = []
+    for step in range(8):
+        values = optim.schedule_values(step, num_iterations=8, warmup_ratio=0.0, warmdown_ratio=0.5,
+                                       final_lr_frac=0.0, weight_decay=0.2)
+        schedule = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
+        params, opt_state, loss = train_step(params, opt_state, inputs, targets, schedule)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 1.0  # memorising one batch
+    assert train_step._cache_size() == 1
