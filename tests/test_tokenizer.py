@@ -83,3 +83,15 @@ def test_missing_and_corrupt_files(tmp_path, monkeypatch):
     (bad / "tokenizer.pkl").write_bytes(pickle.dumps({"not": "an encoding"}))
     with pytest.raises(UserError, match="is corrupt"):
         Tokenizer.load(str(bad))
+
+
+def test_tok_eval_runs_offline(trained, tmp_path, monkeypatch, capsys):
+    from jaxchat import tok_eval
+
+    _, out = trained
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
+    Tokenizer.load(str(out)).save(str(tmp_path / "tokenizer_demo"))
+    monkeypatch.setattr(tok_eval, "offline_encodings", lambda: ({}, ["gpt2", "cl100k_base"]))
+    tok_eval.main(["--demo"])
+    printed = capsys.readouterr().out
+    assert "ours alone" in printed and "korean" in printed and "demo train shard not present" in printed
