@@ -10,6 +10,7 @@ import ast
 import os
 import random
 import shutil
+import socket
 import sys
 import sysconfig
 import time
@@ -213,7 +214,7 @@ def _write_shard(path: str, docs: list[str]) -> None:
 def build_demo_corpus(out_dir: str | None = None, max_chars: int = DEMO_MAX_CHARS) -> str:
     """Build the stdlib demo corpus (train shards, then the val shard last) unless present; returns its dir."""
     out_dir = out_dir or data_dir("demo")
-    if _parquet_files(out_dir) and all(_shard_ok(os.path.join(out_dir, f)) for f in _parquet_files(out_dir)):
+    if _complete(out_dir):
         return out_dir
     files = _stdlib_files()
     random.Random(0).shuffle(files)  # a size cap then samples the whole stdlib, not its first letters
@@ -242,18 +243,24 @@ def build_demo_corpus(out_dir: str | None = None, max_chars: int = DEMO_MAX_CHAR
     # a half-written corpus, and the first to finish wins.
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = f"{out_dir}.{os.getpid()}.tmp"
+    tmp = f"{out_dir}.{socket.gethostname()}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     for i, shard in enumerate(shards):
         _write_shard(os.path.join(tmp, shard_name(i)), shard)
-    if os.path.isdir(out_dir):
-        shutil.rmtree(out_dir, ignore_errors=True)  # an incomplete or broken earlier build
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:  # another process renamed its build first
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not _complete(out_dir):
+        shutil.rmtree(out_dir, ignore_errors=True)  # a broken earlier build (never a finished one: others read it)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:  # another process renamed its build first
+            pass
+    shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _complete(directory: str) -> bool:
+    files = _parquet_files(directory)
+    return len(files) >= 2 and all(_shard_ok(os.path.join(directory, f)) for f in files)
 
 
 def main(argv: list[str]) -> None:

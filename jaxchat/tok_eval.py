@@ -68,8 +68,8 @@ def _offline():
         tiktoken.load.read_file = real
 
 
-def offline_encodings(names=("gpt2", "cl100k_base")) -> dict:
-    """The tiktoken encodings loadable from the local cache, and one line per missing one."""
+def offline_encodings(names: tuple[str, ...] = ("gpt2", "cl100k_base")) -> tuple[dict, list[str]]:
+    """The tiktoken encodings loadable from the local cache, and the names of those that are not."""
     found, missing = {}, []
     with _offline():
         for name in names:
@@ -80,7 +80,7 @@ def offline_encodings(names=("gpt2", "cl100k_base")) -> dict:
     return found, missing
 
 
-def _first_row_group(files: list[str]) -> str | None:
+def _first_row_group(files: list[str]) -> str:
     return "\n".join(pq.ParquetFile(files[0]).read_row_group(0, columns=["text"]).column("text").to_pylist())
 
 

@@ -140,6 +140,7 @@ def test_exact_resume(fx, w1):
         state = json.loads(json.dumps(states[k]))  # as stored in a checkpoint's meta json
         loader = make(fx)
         loader.set_state(state)
+        assert loader.get_state() == state
         resumed, _ = take(loader, 4)
         assert_same(resumed, batches[k + 1:k + 5])
 
