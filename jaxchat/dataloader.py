@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from grain.experimental import ThreadPrefetchDatasetIterator
 
 from jaxchat.common import UserError
+from jaxchat.tokenizer import Tokenizer
 
 CHUNK_PREFETCH = 16  # tokenized chunks read ahead; a refill takes up to ~8 of them at the start
 
@@ -27,8 +28,8 @@ def read_texts(path: str, rg_idx: int) -> list[str]:
     return pq.ParquetFile(path).read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
 
 
-class _Prefetch(ThreadPrefetchDatasetIterator):
-    """grain's thread prefetcher, minus the tracebacks its __del__ prints when collected at interpreter exit."""
+class _QuietClose:
+    """grain iterators close (stop their threads) when collected; skip that at interpreter exit, where it fails."""
 
     def __del__(self):
         if not sys.is_finalizing():
@@ -36,6 +37,10 @@ class _Prefetch(ThreadPrefetchDatasetIterator):
                 self.close()
             except Exception:
                 pass
+
+
+class _Prefetch(_QuietClose, ThreadPrefetchDatasetIterator):
+    """grain's thread prefetcher: the state it reports is that of the last element handed out."""
 
 
 @dataclass
@@ -50,7 +55,7 @@ class _Chunk:
 class _ChunkIterator(grain.DatasetIterator):
     """Endless tokenized chunks of this rank's documents: row groups rank, rank+W, ... of each file, file by file."""
 
-    def __init__(self, files: list[str], tokenizer, rank: int, world_size: int, chunk_size: int, threads: int):
+    def __init__(self, files: list[str], tokenizer: Tokenizer, rank: int, world_size: int, chunk_size: int, threads: int):
         super().__init__()
         self.files, self.tok, self.rank, self.world = files, tokenizer, rank, world_size
         self.chunk_size, self.threads = chunk_size, threads
@@ -100,7 +105,7 @@ class _ChunkIterator(grain.DatasetIterator):
 class _PackIterator(grain.DatasetIterator):
     """(inputs, targets) batches packed best-fit from a buffer of whole BOS-prefixed documents (spec §6.4)."""
 
-    def __init__(self, files: list[str], tokenizer, B: int, T: int, rank: int, world_size: int, buffer_size: int,
+    def __init__(self, files: list[str], tokenizer: Tokenizer, B: int, T: int, rank: int, world_size: int, buffer_size: int,
                  tokenizer_batch_size: int, tokenizer_threads: int):
         if not files:
             raise UserError("the data loader got no parquet files")
@@ -216,7 +221,7 @@ class _PackIterator(grain.DatasetIterator):
 class BestFitDataset(grain.IterDataset):
     """grain dataset of this rank's packed (inputs, targets) batches; iter() gives a checkpointable iterator."""
 
-    def __init__(self, tokenizer, files: list[str], B: int, T: int, rank: int = 0, world_size: int = 1,
+    def __init__(self, tokenizer: Tokenizer, files: list[str], B: int, T: int, rank: int = 0, world_size: int = 1,
                  buffer_size: int = 1000, tokenizer_batch_size: int = 128, tokenizer_threads: int = 4):
         super().__init__()
         self._args = (files, tokenizer, B, T, rank, world_size, buffer_size, tokenizer_batch_size, tokenizer_threads)
@@ -225,14 +230,14 @@ class BestFitDataset(grain.IterDataset):
         return _PackIterator(*self._args)
 
 
-class DataLoader(grain.DatasetIterator):
+class DataLoader(_QuietClose, grain.DatasetIterator):
     """Endless (inputs, targets) int32 (B, T) batches for this process, prefetched in background threads.
 
     get_state() -> small JSON-able dict describing the batches consumed so far; set_state() on a fresh loader
     (same files, B, T, rank, world size) continues with exactly the next batch.
     """
 
-    def __init__(self, tokenizer, files: list[str], B: int, T: int, *, rank: int | None = None,
+    def __init__(self, tokenizer: Tokenizer, files: list[str], B: int, T: int, *, rank: int | None = None,
                  world_size: int | None = None, buffer_size: int = 1000, tokenizer_batch_size: int = 128,
                  tokenizer_threads: int = 4, prefetch: int = 2):
         if rank is None or world_size is None:
@@ -260,6 +265,6 @@ class DataLoader(grain.DatasetIterator):
         return int(self._it.get_state()["epoch"])
 
 
-def val_loader(tokenizer, files: list[str], B: int, T: int, **kwargs) -> DataLoader:
+def val_loader(tokenizer: Tokenizer, files: list[str], B: int, T: int, **kwargs) -> DataLoader:
     """A fresh loader over the val files: the same batches from the start every time (no state to keep)."""
     return DataLoader(tokenizer, files, B, T, **kwargs)
