@@ -382,7 +382,7 @@ class RowScorer:
         """(mean span loss, all-greedy-match) per row, in the given order."""
         means, matches = np.full(len(rows), np.nan, np.float32), np.zeros(len(rows), bool)
         order = sorted(range(len(rows)), key=lambda r: len(rows[r]))  # similar lengths share a batch: less padding
-        i = 0
+        pending, i = [], 0
         while i < len(order):
             length = bucket_length(len(rows[order[i]]), self.max_len)
             n_rows = self.rows_per_batch(length)
@@ -396,13 +396,15 @@ class RowScorer:
             if (n_rows, length) not in self._scorer.shapes:
                 self._scorer.shapes.add((n_rows, length))
                 self.compilations += 1
-            mean_b, match_b = self._scorer.fn(self.state, self._put(tokens), self._put(starts_b), self._put(ends_b))
-            mean_b, match_b = np.asarray(mean_b), np.asarray(match_b)
+            # Dispatch only: the device runs this batch while the host builds the next one; results are read below.
+            pending.append((chunk, self._scorer.fn(self.state, self._put(tokens), self._put(starts_b),
+                                                   self._put(ends_b))))
             self.stats["batches"] += 1
             self.stats["rows"] += len(chunk)
             self.stats["tokens"] += sum(len(rows[r]) for r in chunk)
             self.stats["padded_tokens"] += tokens.size
-            means[chunk], matches[chunk] = mean_b[: len(chunk)], match_b[: len(chunk)]
+        for chunk, (mean_b, match_b) in pending:
+            means[chunk], matches[chunk] = np.asarray(mean_b)[: len(chunk)], np.asarray(match_b)[: len(chunk)]
         return means, matches
 
     def _put(self, host: np.ndarray) -> jax.Array:
