@@ -248,3 +248,52 @@ def test_base_eval_missing_bundle_is_one_line(tmp_path):
 def test_base_eval_model_tag_without_checkpoint_is_one_line(tmp_path):
     proc = _run_cli(["--model-tag", "d4", "--bundle", str(fixture_dir() / "eval_bundle")], tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two processes (2 CPU devices each): the batches are split over all 4 devices, every process gets every result
+
+_WORKER = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax
+try:  # cross-process collectives on CPU (the default in newer jax)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+except AttributeError:
+    pass
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+jax.config.update("jax_default_matmul_precision", "highest")
+from jaxchat.convert import read_reference_npz
+from jaxchat.core_eval import evaluate_core
+from jaxchat.parity import model_from_reference
+from jaxchat.tokenizer import Tokenizer
+root = sys.argv[3]
+config, state, _ = read_reference_npz(root + "/model.npz")
+r = evaluate_core(model_from_reference(config, state), Tokenizer.load(root + "/tokenizer"), root + "/eval_bundle",
+                  max_per_task=8)
+print("RESULT", json.dumps({"devices": jax.device_count(), "core": r["core"],
+                            "correct": {k: v["correct"] for k, v in r["tasks"].items()}}))
+"""
+
+
+def test_two_processes_agree_with_reference(tmp_path):
+    import socket
+
+    root = fixture_dir()
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        address = f"localhost:{s.getsockname()[1]}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXCHAT_BASE_DIR=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, address, str(i), str(root)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        if p.returncode and "gloo" in err.lower() and "RESULT" not in out:
+            pytest.skip(f"multi-process CPU collectives unavailable: {err.strip().splitlines()[-1]}")
+        assert p.returncode == 0, err[-2000:]
+    expected = json.loads((root / "expected.json").read_text())["runs"]["8"]
+    for out, _ in outputs:
+        got = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[len("RESULT "):])
+        assert got["devices"] == 4
+        assert got["core"] == pytest.approx(expected["core"], abs=1e-12)
+        assert got["correct"] == {k: v["correct"] for k, v in expected["tasks"].items()}
