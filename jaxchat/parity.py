@@ -3,17 +3,22 @@
     python -m jaxchat.parity FIXTURE.npz --out OUT.npz
 
 Reads `config/*`, `param/*`, `idx`, `targets` (format: shared/fixtures/README.md) and writes `loss`, `logits` and
-`grad/<name>` computed by jaxchat in float32 on the current backend.
+`grad/<name>` computed by jaxchat in float32 on the current backend. If the fixture has `opt/json`, it also runs
+its optimizer steps (batches `step{k}_idx`/`step{k}_targets`, fresh state, from `param/*`) and writes `step{k}_loss`
+and `step{k}/<name>` (parameters after step k).
 """
 
 import argparse
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
-from jaxchat.common import run_main
+from jaxchat import optim
+from jaxchat.common import UserError, run_main
 from jaxchat.convert import from_reference, load_params, read_reference_npz, to_reference
 from jaxchat.model import GPT, GPTConfig
 
@@ -40,6 +45,54 @@ def loss_and_grads(model: GPT, idx: np.ndarray, targets: np.ndarray) -> tuple[ja
     return loss, logits, nnx.to_pure_dict(grads)
 
 
+def optimizer_from_settings(settings: dict, model_dim: int) -> tuple[optax.GradientTransformation, dict]:
+    """MuonAdamW and the schedule values for a fixture's `opt/json`, checked against its param groups."""
+    groups = settings["groups"]
+    adam_betas = tuple(groups[0]["betas"])
+    kwargs = dict(model_dim=model_dim, embedding_lr=settings["embedding_lr"], unembedding_lr=settings["unembedding_lr"],
+                  matrix_lr=settings["matrix_lr"], scalar_lr=settings["scalar_lr"], adam_betas=adam_betas)
+    ours = optim.group_hyperparams(**kwargs)
+    lrm = float(settings["lr_multiplier"])
+    # The reference's group order: the AdamW groups, then one Muon group per distinct shape (same settings).
+    expected = [ours[name] for name in optim.ADAMW_GROUPS]
+    expected += [ours["muon"]] * (len(groups) - len(expected))
+    for i, (g, e) in enumerate(zip(groups, expected)):
+        same = (g["kind"] == e["kind"] and np.isclose(g["lr"], e["lr"] * lrm, rtol=1e-9, atol=0)
+                and (g["kind"] != "adamw" or np.allclose(g["betas"], e["betas"]) and g["weight_decay"] == 0)
+                and (g["kind"] != "muon" or np.isclose(g["beta2"], e["beta2"]) and g["ns_steps"] == optim.NS_STEPS
+                     and np.isclose(g["weight_decay"], settings["weight_decay"])
+                     and np.isclose(g["momentum"], settings["muon_momentum"])))
+        if not same:
+            raise UserError(f"opt/json group {i} {g} does not match jaxchat's group settings {e} (lr x {lrm})")
+    tx = optim.make_optimizer(**kwargs, weight_decay=settings["weight_decay"],
+                              muon_dtype=jnp.dtype(settings["muon_dtype"]))
+    values = {"lrm": lrm, "momentum": settings["muon_momentum"], "wd": settings["weight_decay"]}
+    return tx, values
+
+
+def run_optimizer_steps(model: GPT, settings: dict, batches: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
+    """From the model's weights with fresh optimizer state, one step per batch: [{loss, params after}] per step."""
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(state)
+    tx, values = optimizer_from_settings(settings, model.config.n_embd)
+
+    @jax.jit
+    def step(params, opt_state, idx, targets, values):
+        loss, grads = jax.value_and_grad(lambda p: nnx.merge(graphdef, p)(idx, targets))(params)
+        opt_state = optim.set_schedule(opt_state, values)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return loss, optax.apply_updates(params, updates), opt_state
+
+    opt_state = tx.init(params)
+    values = {k: np.float32(v) for k, v in values.items()}
+    results = []
+    for idx, targets in batches:
+        loss, params, opt_state = step(params, opt_state, jnp.asarray(idx, jnp.int32),
+                                       jnp.asarray(targets, jnp.int32), values)
+        results.append({"loss": loss, "params": jax.tree.map(np.asarray, params)})
+    return results
+
+
 def compute(fixture_path: str) -> dict[str, np.ndarray]:
     """Everything jaxchat computes for a fixture, keyed as in the fixture."""
     config, state, data = read_reference_npz(fixture_path)
@@ -47,6 +100,13 @@ def compute(fixture_path: str) -> dict[str, np.ndarray]:
     loss, logits, grads = loss_and_grads(model, data["idx"], data["targets"])
     out = {"loss": np.asarray(loss, np.float64), "logits": np.asarray(logits)}
     out.update({f"grad/{k}": v for k, v in to_reference(jax.tree.map(np.asarray, grads), config).items()})
+    if "opt/json" in data.files:
+        settings = json.loads(str(data["opt/json"]))
+        n_steps = sum(1 for k in data.files if k.startswith("step") and k.endswith("_idx"))
+        batches = [(data[f"step{k}_idx"], data[f"step{k}_targets"]) for k in range(1, n_steps + 1)]
+        for k, result in enumerate(run_optimizer_steps(model, settings, batches), start=1):
+            out[f"step{k}_loss"] = np.asarray(result["loss"], np.float64)
+            out.update({f"step{k}/{name}": v for name, v in to_reference(result["params"], config).items()})
     return out
 
 

@@ -1,0 +1,334 @@
+"""MuonAdamW (nanochat 348fbb3, spec §4) as an optax transformation, and the training schedules (spec §3.3, §5.1).
+
+    wd_scaled = depth_scaled_weight_decay(0.2, depth)
+    tx = make_optimizer(model_dim=n, weight_decay=wd_scaled, batch_lr_scale=batch_lr_scale(total_batch_size))
+    opt_state = tx.init(params)          # under `with jax.set_mesh(mesh):` (or with out_shardings) on a mesh
+    values = schedule_values(it, num_iterations=N, warmup_ratio=0.0, warmdown_ratio=0.5, final_lr_frac=0.0,
+                             weight_decay=wd_scaled)                          # {lrm, momentum, wd}: Python floats
+    # inside the jitted train step, `values` passed in as float32 arrays (Python floats are weak-typed: 2nd compile):
+    opt_state = set_schedule(opt_state, values)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+
+The per-step values live in the optimizer state (`ScheduleState.schedule`: float32 scalars `lrm` = LR multiplier of
+every group, `momentum` = Muon μ, `wd` = Muon weight decay), so a new value is new data, never a recompile.
+`tx.init` sets them to step 0 of a schedule without warmup (1.0, 0.85, weight_decay). The inner transforms
+(`adamw`, `muon`) take the same values as optax extra args instead, for use without the wrapper.
+
+Routing by top-level key of the parameter tree (jaxchat.model): lm_head, wte, value_embeds, resid_lambdas, x0_lambdas
+→ AdamW (each its own group, §4.1); everything under `blocks` → Muon. Block leaves are stacks of Flax kernels
+(..., fan_in, fan_out); Muon does its math per matrix on the transposed view, i.e. in the reference orientation
+(rows = fan_out, cols = fan_in), so the tall/wide branch, the NorMuon reduction axis and the LR scale follow §4.3
+literally. The leading (stack) axes are batch axes only: shard them, never the matrix axes.
+
+Optimizer state: ScheduleState(schedule, inner=optax.partition state); AdamW `count` (int32) with fp32 `mu`/`nu`
+per leaf; Muon fp32 `momentum` and NorMuon `second_moment`, both in the param layout: the second moment is
+(..., 1, fan_out) (one statistic per reference row) if fan_out >= fan_in, else (..., fan_in, 1).
+"""
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+ADAMW_EPS = 1e-10
+MUON_BETA2 = 0.95
+NS_STEPS = 5
+REFERENCE_BATCH_SIZE = 2**19
+# Polar Express coefficients (num_iters=5, safety 2e-2, cushion 2; arXiv 2505.16932), as in the reference.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+ADAMW_GROUPS = ("lm_head", "wte", "value_embeds", "resid_lambdas", "x0_lambdas")  # reference group order
+SCHEDULE_KEYS = ("lrm", "momentum", "wd")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedules (spec §3.3, §5.1)
+
+def lr_multiplier(it: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
+                  final_lr_frac: float) -> float:
+    """LR multiplier for 0-based step `it`: linear warmup, constant, linear warmdown to final_lr_frac."""
+    warmup = round(warmup_ratio * num_iterations)  # Python round (half to even), as the reference
+    warmdown = round(warmdown_ratio * num_iterations)
+    if it < warmup:
+        return (it + 1) / warmup
+    if it <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - it) / warmdown
+    return progress * 1.0 + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(it: int) -> float:
+    """Muon momentum: 0.85 → 0.95 linearly over the first 300 steps."""
+    frac = min(it / 300, 1)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def muon_weight_decay(it: int, num_iterations: int, wd_scaled: float) -> float:
+    """Muon weight decay: linear from wd_scaled to 0 over the run."""
+    return wd_scaled * (1 - it / num_iterations)
+
+
+def depth_scaled_weight_decay(weight_decay: float, depth: int) -> float:
+    """Depth-scaled Muon weight decay (tuned at d12, WD ∝ 1/width²)."""
+    return weight_decay * (12 / depth) ** 2
+
+
+def batch_lr_scale(total_batch_size: int) -> float:
+    """sqrt(total_batch_size / 2^19), applied to every learning rate; exactly 1.0 at the reference batch."""
+    if total_batch_size == REFERENCE_BATCH_SIZE:
+        return 1.0
+    return (total_batch_size / REFERENCE_BATCH_SIZE) ** 0.5
+
+
+def schedule_values(it: int, *, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
+                    final_lr_frac: float, weight_decay: float) -> dict[str, float]:
+    """The per-step values for step `it` (`weight_decay` is the depth-scaled Muon wd): {lrm, momentum, wd}."""
+    return {
+        "lrm": lr_multiplier(it, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac),
+        "momentum": muon_momentum(it),
+        "wd": muon_weight_decay(it, num_iterations, weight_decay),
+    }
+
+
+class ScheduleState(NamedTuple):
+    """Optimizer state of `make_optimizer`: this step's schedule values (float32 scalars) and the inner state."""
+
+    schedule: dict[str, jax.Array]
+    inner: Any
+
+
+def set_schedule(opt_state: ScheduleState, values: dict[str, Any]) -> ScheduleState:
+    """The state with this step's {lrm, momentum, wd}; call it inside the jitted step with the values as arguments."""
+    missing = [k for k in SCHEDULE_KEYS if k not in values]
+    if missing:
+        raise KeyError(f"set_schedule needs {list(SCHEDULE_KEYS)} (as schedule_values returns), missing {missing}")
+    # Explicit float32: weak-typed or float64 values would change the state's dtype and recompile the step.
+    return opt_state._replace(schedule={k: jnp.asarray(values[k], jnp.float32) for k in SCHEDULE_KEYS})
+
+
+def _schedule(extra_args: dict[str, Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(lrm, momentum, wd) from the extra args of `update`, as float32."""
+    missing = [k for k in SCHEDULE_KEYS if k not in extra_args]
+    if missing:
+        raise TypeError(f"the Muon/AdamW update needs the schedule values {missing} as keyword arguments "
+                        f"(make_optimizer's transformation passes them from its state)")
+    return tuple(jnp.asarray(extra_args[k], jnp.float32) for k in SCHEDULE_KEYS)
+
+
+def _lerp(start: jax.Array, end: jax.Array, weight: jax.Array) -> jax.Array:
+    """torch.lerp's formula (start + w·(end−start), or end − (1−w)·(end−start) for w ≥ 0.5), for bit-level parity."""
+    diff = end - start
+    return jnp.where(weight < 0.5, start + weight * diff, end - diff * (1 - weight))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AdamW (spec §4.2)
+
+class AdamWState(NamedTuple):
+    """Per-leaf step count and fp32 moments."""
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+
+
+def adamw(lr: float, b1: float, b2: float, eps: float = ADAMW_EPS) -> optax.GradientTransformationExtraArgs:
+    """The reference's bias-corrected Adam step (weight decay 0); the LR is `lr · lrm` with lrm an update extra arg."""
+
+    def init_fn(params):
+        zeros = lambda p: jnp.zeros(p.shape, jnp.float32)  # noqa: E731
+        return AdamWState(jnp.zeros((), jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params
+        lrm, _, _ = _schedule(extra_args)
+        count = state.count + 1
+        # The reference fills 0-d float32 tensors and does all scalar math in float32.
+        lr_t = jnp.float32(lr) * lrm
+        b1_t, b2_t = jnp.float32(b1), jnp.float32(b2)
+        step_t = count.astype(jnp.float32)
+        bias1, bias2 = 1 - b1_t ** step_t, 1 - b2_t ** step_t
+        step_size = lr_t / bias1
+        g = jax.tree.map(lambda x: x.astype(jnp.float32), updates)
+        mu = jax.tree.map(lambda m, g: _lerp(m, g, 1 - b1_t), state.mu, g)
+        nu = jax.tree.map(lambda v, g: _lerp(v, jnp.square(g), 1 - b2_t), state.nu, g)
+        new_updates = jax.tree.map(lambda m, v: -step_size * (m / (jnp.sqrt(v / bias2) + jnp.float32(eps))), mu, nu)
+        return new_updates, AdamWState(count, mu, nu)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Muon with Polar Express and NorMuon (spec §4.3)
+
+class MuonState(NamedTuple):
+    """fp32 momentum buffers (param layout) and NorMuon second moments (reference orientation)."""
+
+    momentum: Any
+    second_moment: Any
+
+
+def _ref_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, cols) = (fan_out, fan_in) of a stacked Flax kernel (..., fan_in, fan_out)."""
+    if len(shape) < 2:
+        raise ValueError(f"Muon needs matrices (..., fan_in, fan_out), got shape {shape}")
+    return shape[-1], shape[-2]
+
+
+def _second_moment_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One statistic per reference row (fan_out) if rows ≥ cols, else per column (fan_in); in param layout."""
+    rows, cols = _ref_shape(shape)
+    return (*shape[:-2], 1, rows) if rows >= cols else (*shape[:-2], cols, 1)
+
+
+def muon_lr_scale(shape: tuple[int, ...]) -> float:
+    """sqrt(max(1, fan_out / fan_in)): ×2 for c_fc (4n, n), ×1 for square and wide matrices."""
+    rows, cols = _ref_shape(shape)
+    return max(1.0, rows / cols) ** 0.5
+
+
+def polar_express(X_KRC: jax.Array, dtype=jnp.bfloat16, ns_steps: int = NS_STEPS) -> jax.Array:
+    """Approximate orthogonalisation of each matrix (..., rows, cols), computed in `dtype`, returned in `dtype`."""
+    f32 = jnp.float32
+    # float32 matmuls must not silently run as TF32/bf16 passes on GPU; bf16 ones accumulate in float32 anyway.
+    precision = jax.lax.Precision.HIGHEST if dtype == f32 else None
+
+    def mm(a, b):
+        return jnp.matmul(a, b, precision=precision, preferred_element_type=f32).astype(dtype)
+
+    X = X_KRC.astype(dtype)
+    norm = jnp.sqrt(jnp.sum(jnp.square(X.astype(f32)), axis=(-2, -1), keepdims=True))
+    # Elementwise chains are computed in float32 and rounded once, as torch.compile's fused kernels do.
+    X = (X.astype(f32) / (norm.astype(dtype).astype(f32) * 1.02 + 1e-6)).astype(dtype)
+    tall = X.shape[-2] > X.shape[-1]
+    for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
+        Xt = jnp.swapaxes(X, -1, -2)
+        A = mm(Xt, X) if tall else mm(X, Xt)  # the small Gram matrix: cols×cols if tall, rows×rows otherwise
+        B = (b * A.astype(f32) + c * mm(A, A).astype(f32)).astype(dtype)
+        BX = mm(X, B) if tall else mm(B, X)
+        X = (a * X.astype(f32) + BX.astype(f32)).astype(dtype)
+    return X
+
+
+def normuon(O_KRC: jax.Array, S: jax.Array, beta2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rescale rows (or columns) of O by the factored second moment, keeping ‖O‖_F; returns (O, new S)."""
+    f32 = jnp.float32
+    rows, cols = O_KRC.shape[-2:]
+    axis = -1 if rows >= cols else -2
+    n_red = O_KRC.shape[axis]
+    v_mean = jnp.mean(jnp.square(O_KRC.astype(f32)), axis=axis, keepdims=True)
+    v_norm = jnp.sqrt(jnp.sum(v_mean, axis=(-2, -1), keepdims=True) * n_red)
+    S = _lerp(S, v_mean, 1 - beta2)
+    step = jax.lax.rsqrt(jnp.maximum(S, 1e-10))
+    v_norm_new = jnp.sqrt(jnp.sum(v_mean * n_red * jnp.square(step), axis=(-2, -1), keepdims=True))
+    scale = step * (v_norm / jnp.maximum(v_norm_new, 1e-10))
+    O = (O_KRC.astype(f32) * scale.astype(O_KRC.dtype).astype(f32)).astype(O_KRC.dtype)
+    return O, S
+
+
+def muon_matrix_update(O_KRC: jax.Array, P_KRC: jax.Array, lr_eff: jax.Array, wd: jax.Array) -> jax.Array:
+    """−(lr_eff·O + lr_eff·wd·P·mask) with the cautious mask O⊙P ≥ 0 (lr_eff, wd already in O's dtype)."""
+    f32 = jnp.float32
+    mask = (O_KRC.astype(f32) * P_KRC) >= 0
+    lr_O = (lr_eff.astype(f32) * O_KRC.astype(f32)).astype(O_KRC.dtype).astype(f32)  # bf16 product in REF
+    decay = (lr_eff.astype(f32) * wd.astype(f32)).astype(O_KRC.dtype).astype(f32) * P_KRC * mask
+    return -(lr_O + decay)
+
+
+def muon(lr: float, beta2: float = MUON_BETA2, dtype=jnp.bfloat16,
+         ns_steps: int = NS_STEPS) -> optax.GradientTransformationExtraArgs:
+    """Muon over a tree of stacked Flax kernels; extra args lrm, momentum, wd (spec §4.3, precision quirks included)."""
+    dtype = jnp.dtype(dtype)
+
+    def init_fn(params):
+        return MuonState(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+                         jax.tree.map(lambda p: jnp.zeros(_second_moment_shape(p.shape), jnp.float32), params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("Muon needs params for its cautious weight decay: tx.update(grads, state, params, ...)")
+        lrm, momentum, wd = _schedule(extra_args)
+        # REF casts the 0-d hyperparameters to the update's dtype after Polar Express (bf16 rounding, spec §4.3).
+        beta2_t = jnp.float32(beta2).astype(dtype).astype(jnp.float32)
+        wd_t = wd.astype(dtype)
+
+        def one(g, M, S, p):
+            g = g.astype(jnp.float32)
+            M = _lerp(M, g, 1 - momentum)
+            U = _lerp(g, M, momentum)  # Nesterov: (1−μ)·g + μ·M
+            # Reference orientation (rows = fan_out, cols = fan_in): transpose the matrix axes only.
+            U_KRC, P_KRC = jnp.swapaxes(U, -1, -2), jnp.swapaxes(p.astype(jnp.float32), -1, -2)
+            O_KRC = polar_express(U_KRC, dtype, ns_steps)
+            O_KRC, S_ref = normuon(O_KRC, jnp.swapaxes(S, -1, -2), beta2_t)
+            lr_eff = (jnp.float32(lr * muon_lr_scale(p.shape)) * lrm).astype(dtype)
+            u_KRC = muon_matrix_update(O_KRC, P_KRC, lr_eff, wd_t)
+            return jnp.swapaxes(u_KRC, -1, -2).astype(p.dtype), M, jnp.swapaxes(S_ref, -1, -2)
+
+        out = jax.tree.map(one, updates, state.momentum, state.second_moment, params)
+        leaves_of = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)  # noqa: E731
+        return leaves_of(0), MuonState(leaves_of(1), leaves_of(2))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The combined optimizer (spec §4.1)
+
+def param_labels(params: dict) -> dict:
+    """Optimizer group of every leaf: its top-level key for the AdamW groups, 'muon' under `blocks`."""
+    unknown = set(params) - set(ADAMW_GROUPS) - {"blocks"}
+    if unknown:
+        raise ValueError(f"no optimizer group for parameters {sorted(unknown)}: "
+                         f"expected {list(ADAMW_GROUPS)} and blocks/* (jaxchat.model's parameter tree)")
+    return {k: jax.tree.map(lambda _, k=k: "muon" if k == "blocks" else k, v) for k, v in params.items()}
+
+
+def group_hyperparams(*, model_dim: int, embedding_lr: float = 0.3, unembedding_lr: float = 0.004,
+                      matrix_lr: float = 0.02, scalar_lr: float = 0.5, adam_betas: tuple[float, float] = (0.8, 0.95),
+                      batch_lr_scale: float = 1.0) -> dict[str, dict[str, Any]]:
+    """Base LR and betas of each group (before the LR multiplier), in the reference's group order."""
+    dmodel_lr_scale = (model_dim / 768) ** -0.5
+    adam = lambda lr, betas=tuple(adam_betas): {"kind": "adamw", "lr": lr, "betas": betas}  # noqa: E731
+    return {
+        "lm_head": adam(unembedding_lr * dmodel_lr_scale * batch_lr_scale),
+        "wte": adam(embedding_lr * dmodel_lr_scale * batch_lr_scale),
+        "value_embeds": adam(embedding_lr * dmodel_lr_scale * batch_lr_scale),
+        "resid_lambdas": adam(scalar_lr * 0.01 * batch_lr_scale),
+        "x0_lambdas": adam(scalar_lr * batch_lr_scale, (0.96, 0.95)),  # fixed betas in the reference
+        "muon": {"kind": "muon", "lr": matrix_lr * batch_lr_scale, "beta2": MUON_BETA2},
+    }
+
+
+def make_optimizer(*, model_dim: int, embedding_lr: float = 0.3, unembedding_lr: float = 0.004,
+                   matrix_lr: float = 0.02, scalar_lr: float = 0.5, adam_betas: tuple[float, float] = (0.8, 0.95),
+                   weight_decay: float = 0.0, batch_lr_scale: float = 1.0,
+                   muon_dtype=jnp.bfloat16) -> optax.GradientTransformationExtraArgs:
+    """MuonAdamW for jaxchat's parameter tree; per-step values via `set_schedule` (see the module docstring).
+
+    `weight_decay` is the depth-scaled Muon wd; it is only the initial `wd` of the state (step 0 of its schedule).
+    """
+    groups = group_hyperparams(model_dim=model_dim, embedding_lr=embedding_lr, unembedding_lr=unembedding_lr,
+                               matrix_lr=matrix_lr, scalar_lr=scalar_lr, adam_betas=adam_betas,
+                               batch_lr_scale=batch_lr_scale)
+    transforms = {name: adamw(g["lr"], *g["betas"]) for name, g in groups.items() if g["kind"] == "adamw"}
+    transforms["muon"] = muon(groups["muon"]["lr"], groups["muon"]["beta2"], muon_dtype)
+    inner = optax.partition(transforms, param_labels)
+    initial = {"lrm": 1.0, "momentum": muon_momentum(0), "wd": weight_decay}
+
+    def init_fn(params):
+        return ScheduleState({k: jnp.asarray(v, jnp.float32) for k, v in initial.items()}, inner.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # the schedule comes from the state
+        updates, inner_state = inner.update(updates, state.inner, params, **state.schedule)
+        return updates, ScheduleState(state.schedule, inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
