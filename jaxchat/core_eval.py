@@ -358,7 +358,7 @@ def _global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
 class RowScorer:
     """Scores token rows in fixed-shape padded batches on every device; counts the shapes it compiles."""
 
-    def __init__(self, model, pad_id: int, tokens_per_device: int | None = None):
+    def __init__(self, model: nnx.Module, pad_id: int, tokens_per_device: int | None = None):
         self.graphdef, self.state, self.mesh = _mesh_and_state(model)
         self.pad_id = pad_id
         self.max_len = 10 * model.config.sequence_len  # the model's rotary cache
@@ -439,7 +439,7 @@ def centered_accuracy(accuracy: float, random_baseline: float) -> float:
     return (accuracy - 0.01 * random_baseline) / (1.0 - 0.01 * random_baseline)
 
 
-def evaluate_core(model, tokenizer, bundle_dir: str | None = None, max_per_task: int = 500,
+def evaluate_core(model: nnx.Module, tokenizer, bundle_dir: str | None = None, max_per_task: int = 500,
                   tokens_per_device: int | None = None) -> dict:
     """CORE: {"core", "tasks": {label: {"accuracy", "centered", "correct"}}, "compilations", "seconds", "stats"}."""
     bundle = find_bundle(bundle_dir)
