@@ -3,7 +3,6 @@
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -156,7 +155,7 @@ def test_fewshot_sampling_and_common_lengths():
     assert core_eval.common_length([[1, 2], [1, 2, 3]], "left") == 2
 
 
-def test_shuffle_then_cut(tmp_path):
+def test_shuffle_then_cut():
     bundle = str(fixture_dir() / "eval_bundle")
     task = core_eval.load_tasks(bundle)[0]
     full = core_eval.load_task_data(bundle, task, -1)
