@@ -1,7 +1,6 @@
 """Monitoring: the per-step line, MFU against the peak-FLOPs table, WandB and TensorBoard (process 0 only)."""
 
 import math
-import os
 
 import jax
 
@@ -37,15 +36,14 @@ def step_line(step: int, num_iterations: int, loss: float, lrm: float, dt: float
 class Monitor:
     """WandB (project "nanochat", the reference's keys; off for run "dummy") and TensorBoard event files, on process 0."""
 
-    def __init__(self, run: str, config: dict, tensorboard_dir: str | None):
+    def __init__(self, run: str, config: dict, tensorboard_dir: str | None, wandb_dir: str):
         self.wandb_run = None
         self.tb = None
         if jax.process_index() != 0:
             return
         if run != "dummy":
             import wandb
-            self.wandb_run = wandb.init(project="nanochat", name=run, config=config,
-                                        dir=os.path.dirname(tensorboard_dir) if tensorboard_dir else None)
+            self.wandb_run = wandb.init(project="nanochat", name=run, config=config, dir=wandb_dir)
         if tensorboard_dir:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(tensorboard_dir)

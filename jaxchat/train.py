@@ -6,7 +6,9 @@ Muon + AdamW update with this step's schedule values passed in as traced scalars
 """
 
 import dataclasses
+import json
 import os
+import resource
 import sys
 import time
 
@@ -82,29 +84,36 @@ class LoopState:
 
 
 def prepare_data(c):
-    """(tokenizer, train loader factory, val loader factory), building the demo corpus and tokenizer when asked."""
+    """(tokenizer, train loader factory, val loader factory); the demo corpus and its tokenizer are built on first use."""
     from jaxchat import dataloader, dataset, tokenizer
 
+    tok_dir = tokenizer.default_dir(c.data)
     if c.data == "demo":
         dataset.build_demo_corpus()
-        tok_dir = os.path.join(base_dir(), "tokenizer_demo")
         if not os.path.exists(os.path.join(tok_dir, "tokenizer.pkl")) and jax.process_index() == 0:
             from jaxchat.tok_train import train_tokenizer
             train_tokenizer(source="demo", vocab_size=4096, max_chars=2_000_000_000, doc_cap=10_000, out_dir=tok_dir)
-    else:
-        tok_dir = os.path.join(base_dir(), "tokenizer")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("demo tokenizer ready")
+    train_files, val_files = dataset.list_shards(c.data, "train"), dataset.list_shards(c.data, "val")
     tok = tokenizer.Tokenizer.load(tok_dir)
     rows = c.device_batch_size * jax.local_device_count()
+    return (tok, lambda: dataloader.DataLoader(tok, train_files, rows, c.max_seq_len),
+            lambda: dataloader.val_loader(tok, val_files, rows, c.max_seq_len))
 
-    def train_loader():
-        return dataloader.DataLoader(tok, dataset.list_shards(c.data, "train"), rows, c.max_seq_len,
-                                     rank=jax.process_index(), world_size=jax.process_count())
 
-    def val_loader():
-        return dataloader.DataLoader(tok, dataset.list_shards(c.data, "val"), rows, c.max_seq_len,
-                                     rank=jax.process_index(), world_size=jax.process_count())
-
-    return tok, train_loader, val_loader
+def gather_json(obj) -> list:
+    """Every process's JSON-able object, in process order (a list of one without multi-process)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    size = int(np.max(multihost_utils.process_allgather(np.array([data.size]))))
+    padded = np.zeros(size, np.uint8)
+    padded[: data.size] = data
+    gathered = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row).rstrip(b"\0")) for row in gathered]
 
 
 def global_batch(local_ART: np.ndarray, sharding) -> jax.Array:
@@ -112,7 +121,8 @@ def global_batch(local_ART: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, local_ART)
 
 
-def train(argv: list[str]) -> None:
+def train(argv: list[str]) -> dict:
+    """Run training; returns {"losses": {step: loss}, "loop": LoopState} for tests and scripts."""
     c = parse_flags(argv)
     meshlib.init_distributed(c.coordinator_address or None, c.num_processes or None,
                              c.process_id if c.process_id >= 0 else None)
@@ -161,7 +171,11 @@ def train(argv: list[str]) -> None:
         if meta["model_config"] != dataclasses.asdict(config):
             raise UserError(f"checkpoint step {step} of {model_tag} has model {meta['model_config']}, "
                             f"not {dataclasses.asdict(config)}: use the flags of the saving run")
-        train_loader.set_state(meta["dataloader_state_dict"])
+        states = meta.get("dataloader_states") or [meta["dataloader_state_dict"]]
+        if len(states) != jax.process_count():
+            raise UserError(f"checkpoint step {step} was saved by {len(states)} process(es), this run has "
+                            f"{jax.process_count()}: resume with the same number of processes")
+        train_loader.set_state(states[jax.process_index()])
         loop = LoopState(step=step, val_bpb=meta["val_bpb"], **meta["loop_state"])
         print0(f"Resumed from step {step} of {checkpointer.directory}")
     resume_step = loop.step
@@ -170,15 +184,18 @@ def train(argv: list[str]) -> None:
     bpb_step = make_bpb_step(graphdef)
     token_bytes = jnp.asarray(tok.get_token_bytes())
     eval_steps = max(1, c.eval_tokens // (c.device_batch_size * c.max_seq_len * jax.device_count()))
-    monitor = Monitor(c.run, c.to_dict(), os.path.join(base_dir(), "tensorboard", model_tag) if c.tensorboard else None)
+    monitor = Monitor(c.run, c.to_dict(), os.path.join(base_dir(), "tensorboard", model_tag) if c.tensorboard else None,
+                      wandb_dir=base_dir())
     N = plan.num_iterations
     flops_per_step = plan.flops_per_token * c.total_batch_size
     peak = peak_flops(device_kind) * jax.device_count()
 
     def save(step: int) -> None:
+        loader_states = gather_json(train_loader.get_state())  # every process's own position, for exact resume
         meta = dict(step=step, val_bpb=loop.val_bpb, model_config=dataclasses.asdict(config), user_config=c.to_dict(),
                     device_batch_size=c.device_batch_size, max_seq_len=c.max_seq_len,
-                    total_batch_size=c.total_batch_size, dataloader_state_dict=train_loader.get_state(),
+                    total_batch_size=c.total_batch_size, dataloader_state_dict=loader_states[0],
+                    dataloader_states=loader_states,
                     loop_state=dict(min_val_bpb=loop.min_val_bpb, smooth_train_loss=loop.smooth_train_loss,
                                     total_training_time=loop.total_training_time))
         checkpointer.save(step, params, opt_state, meta)
@@ -194,6 +211,7 @@ def train(argv: list[str]) -> None:
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(meshlib.DATA_AXES, None))
         return tuple(global_batch(np.asarray(a, np.int32), sharding) for a in rows)
 
+    losses = {}
     step = loop.step
     while True:
         last = step == N
@@ -228,6 +246,7 @@ def train(argv: list[str]) -> None:
         params, opt_state, loss = train_step(params, opt_state, inputs, targets, schedule)
         loss = float(loss)  # waits for the step
         dt = time.perf_counter() - t0
+        losses[step] = loss
         if not np.isfinite(loss):
             checkpointer.wait()
             saved = checkpointer.steps()
@@ -252,10 +271,12 @@ def train(argv: list[str]) -> None:
 
     checkpointer.close()
     monitor.close()
-    stats = jax.devices()[0].memory_stats() or {}
-    print0(f"Peak memory usage: {stats.get('peak_bytes_in_use', 0) / 2**20:.2f}MiB")
+    stats = jax.devices()[0].memory_stats()
+    peak_mib = stats["peak_bytes_in_use"] / 2**20 if stats else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    print0(f"Peak memory usage: {peak_mib:.2f}MiB" + ("" if stats else " (host process; no device statistics)"))
     print0(f"Total training time: {loop.total_training_time / 60:.2f}m")
     print0(f"Minimum validation bpb: {loop.min_val_bpb:.6f}")
+    return {"losses": losses, "loop": loop}
 
 
 def main() -> None:

@@ -1,0 +1,90 @@
+"""`python -m jaxchat.train` end to end on the demo corpus: checkpoints, exact resume, logging, bad input."""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+TINY = ["--data=demo", "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64", "--device-batch-size=1",
+        "--total-batch-size=1024", "--num-iterations=6", "--eval-every=3", "--eval-tokens=1024",
+        "--core-metric-every=-1", "--sample-every=-1", "--save-every=3"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("jaxchat_base")
+    old = os.environ.get("JAXCHAT_BASE_DIR")
+    os.environ["JAXCHAT_BASE_DIR"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["JAXCHAT_BASE_DIR"]
+    else:
+        os.environ["JAXCHAT_BASE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(base_dir):
+    from jaxchat.train import train
+    return train(TINY + ["--model-tag=a", "--run=offline-test"])
+
+
+def restore(base_dir, tag, step):
+    with ocp.CheckpointManager(base_dir / "base_checkpoints" / tag) as mgr:
+        return mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
+                                                          opt_state=ocp.args.StandardRestore(),
+                                                          meta=ocp.args.JsonRestore()))
+
+
+def test_run_trains_logs_and_saves(base_dir, uninterrupted):
+    losses = uninterrupted["losses"]
+    assert sorted(losses) == list(range(6)) and all(np.isfinite(list(losses.values())))
+    assert uninterrupted["loop"].min_val_bpb < 20
+    assert sorted(int(p.name) for p in (base_dir / "base_checkpoints" / "a").iterdir() if p.name.isdigit()) == [3, 6]
+    meta = restore(base_dir, "a", 6)["meta"]
+    assert meta["step"] == 6 and meta["model_config"]["n_embd"] == 64 and meta["user_config"]["depth"] == 2
+    assert set(meta["loop_state"]) == {"min_val_bpb", "smooth_train_loss", "total_training_time"}
+    assert glob.glob(str(base_dir / "tensorboard" / "a" / "events.out.tfevents.*"))
+    assert glob.glob(str(base_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+
+
+def test_resume_is_bit_identical(base_dir, uninterrupted):
+    from jaxchat.train import train
+    ckpt = base_dir / "base_checkpoints"
+    shutil.copytree(ckpt / "a" / "3", ckpt / "b" / "3")  # the same 3 steps, then a fresh process picks up
+    resumed = train(TINY + ["--model-tag=b", "--resume-from-step=last"])
+    assert sorted(resumed["losses"]) == [3, 4, 5]
+    for step in (3, 4, 5):
+        assert resumed["losses"][step] == uninterrupted["losses"][step]
+    a, b = restore(base_dir, "a", 6), restore(base_dir, "b", 6)
+    for tree in ("params", "opt_state"):
+        for x, y in zip(*(ocp.tree.to_flat_dict(r[tree]).items() for r in (a, b))):
+            np.testing.assert_array_equal(x[1], y[1], err_msg=str(x[0]))
+
+
+def test_checkpoint_restores_onto_another_mesh(base_dir, uninterrupted):
+    from jaxchat.train import train
+    ckpt = base_dir / "base_checkpoints"
+    shutil.copytree(ckpt / "a" / "3", ckpt / "c" / "3")
+    resumed = train(TINY + ["--model-tag=c", "--resume-from-step=3", "--fsdp=4"])
+    np.testing.assert_allclose([resumed["losses"][s] for s in (3, 4, 5)],
+                               [uninterrupted["losses"][s] for s in (3, 4, 5)], rtol=1e-4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--depth=0"], "--depth=0 must be a positive integer"),
+    (["--device-batch-size=3"], "use --device-batch-size in"),
+    (["--bogus-flag=1"], "unrecognized arguments"),
+    (["--data=fineweb-edu"], "python -m jaxchat.dataset"),
+])
+def test_bad_input_exits_2_with_one_line(base_dir, argv, message):
+    env = dict(os.environ, JAXCHAT_BASE_DIR=str(base_dir / "empty"))
+    proc = subprocess.run([sys.executable, "-m", "jaxchat.train"] + TINY + argv, capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
