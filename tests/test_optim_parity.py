@@ -33,11 +33,22 @@ def fixture_path(name: str):
 
 @functools.lru_cache(maxsize=None)
 def run(path) -> tuple[dict, dict]:
-    """(reference arrays, jaxchat's parity output) for a fixture, computed once per test session."""
+    """(reference arrays, jaxchat's step{k}_loss and step{k}/<name>) for a fixture, computed once per session.
+
+    The optimizer part of `parity.compute` only (its forward/backward part is tested in test_model.py).
+    """
     from jaxchat import parity
+    from jaxchat.convert import read_reference_npz, to_reference
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity, as `python -m jaxchat.parity`
-    ref = np.load(path)
-    return {k: ref[k] for k in ref.files}, parity.compute(str(path))
+    config, state, data = read_reference_npz(str(path))
+    batches = [(data[f"step{k}_idx"], data[f"step{k}_targets"]) for k in (1, 2, 3)]
+    results = parity.run_optimizer_steps(parity.model_from_reference(config, state),
+                                         json.loads(str(data["opt/json"])), batches)
+    out = {}
+    for k, result in enumerate(results, start=1):
+        out[f"step{k}_loss"] = np.asarray(result["loss"])
+        out.update({f"step{k}/{n}": v for n, v in to_reference(result["params"], config).items()})
+    return {k: data[k] for k in data.files}, out
 
 
 def moved(ours: np.ndarray, ref: np.ndarray, start: np.ndarray, exclude: int = 0) -> float:
