@@ -58,6 +58,7 @@ def defaults() -> ConfigDict:
     c.data = "fineweb-edu"  # fineweb-edu | climbmix | demo
     c.fsdp = 1  # size of the FSDP mesh axis; 1 = pure data parallel
     c.compute_dtype = ""  # '' = bfloat16 on GPU, float32 on CPU
+    c.muon_dtype = ""  # Polar Express dtype; '' = bfloat16 on GPU (the reference), float32 on CPU (no fast bf16 there)
     c.seed = 42
     c.log_every = 1  # print a step line every N steps
     c.tensorboard = True
@@ -146,8 +147,9 @@ def validate(c: ConfigDict) -> None:
         raise UserError(f"--depth={c.depth} must be a positive integer (e.g. --depth=12)")
     if c.data not in ("fineweb-edu", "climbmix", "demo"):
         raise UserError(f"--data={c.data!r}: choose fineweb-edu, climbmix or demo")
-    if c.compute_dtype not in ("", "bfloat16", "float32"):
-        raise UserError(f"--compute-dtype={c.compute_dtype!r}: choose bfloat16 or float32")
+    for key in ("compute_dtype", "muon_dtype"):
+        if c[key] not in ("", "bfloat16", "float32"):
+            raise UserError(f"--{key.replace('_', '-')}={c[key]!r}: choose bfloat16 or float32")
     if str(c.resume_from_step) != "last" and not str(c.resume_from_step).lstrip("-").isdigit():
         raise UserError(f"--resume-from-step={c.resume_from_step!r}: give a step number or 'last'")
     for key in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):

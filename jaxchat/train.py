@@ -129,10 +129,12 @@ def train(argv: list[str]) -> dict:
     mesh = meshlib.make_mesh(c.fsdp)
     on_gpu = jax.default_backend() == "gpu"
     compute_dtype = c.compute_dtype or ("bfloat16" if on_gpu else "float32")
+    muon_dtype = c.muon_dtype or ("bfloat16" if on_gpu else "float32")
     model_tag = c.model_tag or f"d{c.depth}"
     device_kind = jax.devices()[0].device_kind
     print0(f"Devices: {jax.device_count()} x {device_kind} over {jax.process_count()} process(es); "
-           f"mesh {dict(mesh.shape)}; peak bf16 FLOP/s per device {peak_flops(device_kind):.3g}; compute {compute_dtype}")
+           f"mesh {dict(mesh.shape)}; peak bf16 FLOP/s per device {peak_flops(device_kind):.3g}; compute {compute_dtype}, "
+           f"Muon orthogonalisation {muon_dtype}")
 
     tok, train_loader_factory, val_loader_factory = prepare_data(c)
     plan = make_plan(depth=c.depth, aspect_ratio=c.aspect_ratio, head_dim=c.head_dim, max_seq_len=c.max_seq_len,
@@ -155,7 +157,7 @@ def train(argv: list[str]) -> dict:
     bls = optim.batch_lr_scale(c.total_batch_size)
     tx = optim.make_optimizer(model_dim=config.n_embd, embedding_lr=c.embedding_lr, unembedding_lr=c.unembedding_lr,
                               matrix_lr=c.matrix_lr, scalar_lr=c.scalar_lr, adam_betas=(c.adam_beta1, c.adam_beta2),
-                              weight_decay=wd_scaled, batch_lr_scale=bls)
+                              weight_decay=wd_scaled, batch_lr_scale=bls, muon_dtype=jnp.dtype(muon_dtype))
     print0(f"Batch LR scale {bls:.6f}; Muon weight decay {c.weight_decay} x (12/{c.depth})^2 = {wd_scaled:.6f}; "
            f"AdamW LR scale (n/768)^-0.5 = {(config.n_embd / 768) ** -0.5:.6f}")
     graphdef, params, opt_state, train_step, restore_targets = init_training(config, tx, mesh, seed=c.seed,
