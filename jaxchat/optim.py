@@ -124,7 +124,7 @@ def _schedule(extra_args: dict[str, Any]) -> tuple[jax.Array, jax.Array, jax.Arr
 
 
 def _lerp(start: jax.Array, end: jax.Array, weight: jax.Array) -> jax.Array:
-    """torch.lerp's formula (start + w·(end−start), or end − (1−w)·(end−start) for w ≥ 0.5), for bit-level parity."""
+    """torch.lerp's formula: start + w·(end−start), or end − (1−w)·(end−start) for w ≥ 0.5."""
     diff = end - start
     return jnp.where(weight < 0.5, start + weight * diff, end - diff * (1 - weight))
 
@@ -248,7 +248,7 @@ def muon_matrix_update(O_KRC: jax.Array, P_KRC: jax.Array, lr_eff: jax.Array, wd
 
 def muon(lr: float, beta2: float = MUON_BETA2, dtype=jnp.bfloat16,
          ns_steps: int = NS_STEPS) -> optax.GradientTransformationExtraArgs:
-    """Muon over a tree of stacked Flax kernels; extra args lrm, momentum, wd (spec §4.3, precision quirks included)."""
+    """Muon over a tree of stacked Flax kernels; extra args lrm, momentum, wd (spec §4.3, with the bf16 quirks)."""
     dtype = jnp.dtype(dtype)
 
     def init_fn(params):

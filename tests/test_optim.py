@@ -1,4 +1,4 @@
-"""MuonAdamW pieces (spec §4) against direct float64 transcriptions of the reference, and the schedules (spec §5.1)."""
+"""MuonAdamW pieces (spec §4) against float64 transcriptions of the reference, and the schedules (spec §5.1)."""
 
 import math
 
@@ -202,7 +202,9 @@ def test_schedule_changes_never_recompile():
         return optax.apply_updates(params, updates), state
 
     compiles, compiles_per_step = [], []
-    listener = lambda event, duration, **kw: compiles.append(event) if event == BACKEND_COMPILE_EVENT else None  # noqa: E731
+    def listener(event, duration, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(event)
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         grads = jax.tree.map(lambda p: 0.01 * jnp.cos(p), params)
