@@ -138,6 +138,33 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     return jnp.where(valid, logz - picked, 0.0)
 
 
+def softcapped_logits(x_BTn: jax.Array, lm_head_nV: jax.Array, vocab_size: int) -> jax.Array:
+    """float32 logits over the real vocabulary, squashed into (-SOFTCAP, SOFTCAP)."""
+    logits = _matmul(x_BTn, lm_head_nV)[..., :vocab_size].astype(jnp.float32)
+    return SOFTCAP * jnp.tanh(logits / SOFTCAP)
+
+
+def chunked_cross_entropy(x_BTn: jax.Array, lm_head_nV: jax.Array, targets_BT: jax.Array, vocab_size: int,
+                          chunk: int) -> jax.Array:
+    """Per-token losses (B, T) computed `chunk` positions at a time, rematerialised in the backward pass, so the
+    (B, T, V) float32 logits never exist at once: at most (B, chunk, V) does, forward and backward."""
+    B, T, n = x_BTn.shape
+    n_chunks = -(-T // chunk)
+    pad = n_chunks * chunk - T
+    if pad:  # padded positions get target -1, hence loss 0, and are cut off below
+        x_BTn = jnp.pad(x_BTn, ((0, 0), (0, pad), (0, 0)))
+        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)), constant_values=-1)
+    x_CBcn = x_BTn.reshape(B, n_chunks, chunk, n).swapaxes(0, 1)
+    targets_CBc = targets_BT.reshape(B, n_chunks, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint  # keep only each chunk's inputs; its logits are recomputed in the backward pass
+    def one_chunk(x_Bcn, targets_Bc):
+        return cross_entropy(softcapped_logits(x_Bcn, lm_head_nV, vocab_size), targets_Bc)
+
+    _, losses_CBc = jax.lax.scan(lambda carry, xs: (carry, one_chunk(*xs)), None, (x_CBcn, targets_CBc))
+    return losses_CBc.swapaxes(0, 1).reshape(B, n_chunks * chunk)[:, :T]
+
+
 def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x @ w in x's (compute) dtype; the float32 master weight is cast per use, like torch autocast."""
     return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
@@ -165,6 +192,21 @@ def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, ve_Vn, ve_gate,
     return x + _matmul(h * h, layer["mlp_proj"])
 
 
+# Rematerialisation policies per transformer layer (--remat): what the backward pass keeps instead of recomputing.
+REMAT_POLICIES = {
+    "none": None,  # no jax.checkpoint: every activation is kept
+    "block": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input; recompute the layer
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the matmul outputs, recompute the rest
+}
+
+
+def remat_layer(fn, remat: str):
+    """`fn` wrapped in jax.checkpoint with the named policy ('none' returns it unchanged)."""
+    if remat not in REMAT_POLICIES:
+        raise UserError(f"--remat={remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+    return fn if remat == "none" else jax.checkpoint(fn, policy=REMAT_POLICIES[remat])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The model
 
@@ -189,29 +231,41 @@ class Blocks(nnx.Module):
 class GPT(nnx.Module):
     """nanochat's GPT: untied embeddings, value embeddings, sliding windows, QK-norm, relu^2, softcapped logits."""
 
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, compute_dtype=jnp.float32, scan_layers: bool = True):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, compute_dtype=jnp.float32, scan_layers: bool = True,
+                 remat: str = "none", loss_chunk: int = 0, embed_dtype=jnp.float32):
+        """remat: per-layer policy (REMAT_POLICIES); loss_chunk > 0: chunked cross-entropy over that many positions;
+        embed_dtype: storage dtype of wte and value_embeds (bfloat16 like the reference on CUDA)."""
+        remat_layer(lambda: None, remat)  # validate the name now
+        if loss_chunk < 0:
+            raise UserError(f"--loss-chunk={loss_chunk} must be 0 (off) or a positive number of positions")
         self.config = config
         self.compute_dtype = jnp.dtype(compute_dtype)
         self.scan_layers = scan_layers
+        self.remat = remat
+        self.loss_chunk = loss_chunk
+        embed_dtype = jnp.dtype(embed_dtype)
         n, L, Vp = config.n_embd, config.n_layer, config.padded_vocab
         bound = math.sqrt(3) / math.sqrt(n)
-        self.wte = nnx.Param(jax.random.normal(rngs.params(), (Vp, n), jnp.float32))
+        self.wte = nnx.Param(jax.random.normal(rngs.params(), (Vp, n), jnp.float32).astype(embed_dtype))
         self.lm_head = nnx.Param(0.001 * jax.random.normal(rngs.params(), (n, Vp), jnp.float32))
         self.blocks = Blocks(config, rngs)
         self.resid_lambdas = nnx.Param(jnp.ones((L,), jnp.float32))
         self.x0_lambdas = nnx.Param(jnp.full((L,), 0.1, jnp.float32))
         kv_dim = config.n_kv_head * config.head_dim
         self.value_embeds = nnx.Param(
-            jax.random.uniform(rngs.params(), (len(config.ve_layers), Vp, kv_dim), jnp.float32, -bound, bound))
+            jax.random.uniform(rngs.params(), (len(config.ve_layers), Vp, kv_dim), jnp.float32, -bound,
+                               bound).astype(embed_dtype))
 
     def __call__(self, idx_BT: jax.Array, targets_BT: jax.Array | None = None, *, reduction: str = "mean"):
         """Softcapped float32 logits (B, T, vocab), or with targets the mean loss (reduction='none': per-token losses)."""
         x_BTn = self.hidden_states(idx_BT)
-        logits = _matmul(x_BTn, self.lm_head[...])[..., : self.config.vocab_size].astype(jnp.float32)
-        logits = SOFTCAP * jnp.tanh(logits / SOFTCAP)
         if targets_BT is None:
-            return logits
-        losses_BT = cross_entropy(logits, targets_BT)
+            return softcapped_logits(x_BTn, self.lm_head[...], self.config.vocab_size)
+        if self.loss_chunk:
+            losses_BT = chunked_cross_entropy(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size,
+                                              self.loss_chunk)
+        else:
+            losses_BT = cross_entropy(softcapped_logits(x_BTn, self.lm_head[...], self.config.vocab_size), targets_BT)
         if reduction == "none":
             return losses_BT
         return losses_BT.sum() / jnp.maximum((targets_BT >= 0).sum(), 1)
@@ -227,12 +281,19 @@ class GPT(nnx.Module):
         x0 = x
         layers = self._layer_arrays()
         ve_of_layer = {layer: j for j, layer in enumerate(cfg.ve_layers)}
-        run = functools.partial(block_forward, cos=cos, sin=sin, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head)
 
-        def layer_at(i, arrays, ve_index):
+        @functools.lru_cache(maxsize=None)  # one wrapped function per window size and VE presence
+        def layer_fn(window_left: int, has_ve: bool):
+            def one_layer(x, layer, ve_Vn, ve_gate):
+                return block_forward(x, x0, idx_BT, layer, attend=functools.partial(attention, window_left=window_left),
+                                     ve_Vn=ve_Vn if has_ve else None, ve_gate=ve_gate if has_ve else None, cos=cos,
+                                     sin=sin, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head)
+            return remat_layer(one_layer, self.remat)
+
+        def run(x, i, layer, arrays, ve_index):
             ve = None if ve_index is None else arrays["value_embeds"][ve_index]
             gate = None if ve_index is None else arrays["ve_gate"][ve_index]
-            return dict(attend=functools.partial(attention, window_left=cfg.window_sizes[i]), ve_Vn=ve, ve_gate=gate)
+            return layer_fn(cfg.window_sizes[i], ve_index is not None)(x, layer, ve, gate)
 
         # Layers [0, n_rep * P) are n_rep identical repeats of a period P (window pattern and VE parity): scan them.
         period = math.lcm(len(cfg.window_pattern), 2)
@@ -249,14 +310,14 @@ class GPT(nnx.Module):
                 for j in range(period):
                     layer = {k: v[j] for k, v in arrays.items() if k not in ("value_embeds", "ve_gate")}
                     ve_index = ve_of_layer.get(j)  # VE positions repeat with the period
-                    x = run(x, x0, idx_BT, layer, **layer_at(j, arrays, ve_index))
+                    x = run(x, j, layer, arrays, ve_index)
                 return x, None
 
             x, _ = jax.lax.scan(period_body, x, stacked)
         start = n_rep * period if n_rep >= 2 else 0
         for i in range(start, cfg.n_layer):
             layer = {k: v[i] for k, v in layers.items() if k not in ("value_embeds", "ve_gate")}
-            x = run(x, x0, idx_BT, layer, **layer_at(i, layers, ve_of_layer.get(i)))
+            x = run(x, i, layer, layers, ve_of_layer.get(i))
         return rmsnorm(x)
 
     def decode_step(self, token_B: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
