@@ -33,7 +33,7 @@ def defaults() -> ConfigDict:
     c.target_flops = -1.0
     c.target_param_data_ratio = 10.5
     # batch
-    c.device_batch_size = 32
+    c.device_batch_size = 32  # rows per device per micro-batch; 'auto' (stored as 0) = largest power of 2 <= 32 that fits
     c.total_batch_size = 524288
     # optimizer
     c.embedding_lr = 0.3
@@ -59,6 +59,10 @@ def defaults() -> ConfigDict:
     c.fsdp = 1  # size of the FSDP mesh axis; 1 = pure data parallel
     c.compute_dtype = ""  # '' = bfloat16 on GPU, float32 on CPU
     c.muon_dtype = ""  # Polar Express dtype; '' = bfloat16 on GPU (the reference), float32 on CPU (no fast bf16 there)
+    c.remat = "none"  # rematerialise each layer in the backward pass: none | block | dots (keep matmul outputs)
+    c.loss_chunk = 0  # > 0: cross-entropy over this many positions at a time (the full fp32 logits never exist)
+    c.embed_dtype = "float32"  # storage dtype of wte and value_embeds; bfloat16 like the reference on CUDA
+    c.memory_budget_gb = 0.0  # > 0: plan memory against this many GiB per device instead of the device's capacity
     c.seed = 42
     c.log_every = 1  # print a step line every N steps
     c.tensorboard = True
@@ -66,6 +70,13 @@ def defaults() -> ConfigDict:
     c.num_processes = 0
     c.process_id = -1
     return c
+
+
+def _parse_flag(key: str, value, like):
+    """A flag's value as the type of its default; --device-batch-size also takes 'auto' (stored as 0)."""
+    if key == "device_batch_size" and str(value).strip().lower() == "auto":
+        return 0
+    return _parse_value(value, like) if isinstance(value, str) else value
 
 
 def _parse_value(text: str, like):
@@ -121,12 +132,12 @@ def parse_flags(argv: list[str]) -> ConfigDict:
         for key, value in load_config_file(config_file).items():
             if key not in config:
                 raise UserError(f"--config={config_file} sets unknown key {key!r}; known keys: {sorted(config)}")
-            config[key] = value
+            config[key] = _parse_flag(key, value, config[key])
     for item in dotted:
         key, eq, text = item.partition("=")
         if key not in config or not eq:
             raise UserError(f"--config.{item}: unknown key or missing '=value'; known keys: {sorted(config)}")
-        config[key] = _parse_value(text, config[key])
+        config[key] = _parse_flag(key, text, config[key])
     parser = argparse.ArgumentParser(prog="python -m jaxchat.train", allow_abbrev=False, add_help=True,
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for key, value in config.items():
@@ -136,7 +147,7 @@ def parse_flags(argv: list[str]) -> ConfigDict:
     args = parser.parse_args(flags)
     for key, text in vars(args).items():
         if text is not None:
-            config[key] = _parse_value(text, config[key])
+            config[key] = _parse_flag(key, text, config[key])
     validate(config)
     return config
 
@@ -147,6 +158,14 @@ def validate(c: ConfigDict) -> None:
         raise UserError(f"--depth={c.depth} must be a positive integer (e.g. --depth=12)")
     if c.data not in ("fineweb-edu", "climbmix", "demo"):
         raise UserError(f"--data={c.data!r}: choose fineweb-edu, climbmix or demo")
+    if c.device_batch_size < 0:  # 0 = auto
+        raise UserError(f"--device-batch-size={c.device_batch_size} must be positive, or auto")
+    if c.remat not in ("none", "block", "dots"):
+        raise UserError(f"--remat={c.remat!r}: choose none, block (recompute each layer) or dots (keep matmul outputs)")
+    if c.loss_chunk < 0 or c.memory_budget_gb < 0:
+        raise UserError("--loss-chunk and --memory-budget-gb must be >= 0 (0 = off)")
+    if c.embed_dtype not in ("bfloat16", "float32"):
+        raise UserError(f"--embed-dtype={c.embed_dtype!r}: choose bfloat16 or float32")
     for key in ("compute_dtype", "muon_dtype"):
         if c[key] not in ("", "bfloat16", "float32"):
             raise UserError(f"--{key.replace('_', '-')}={c[key]!r}: choose bfloat16 or float32")

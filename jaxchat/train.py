@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat.checkpoint import Checkpointer, abstract_like, checkpoint_dir
@@ -55,10 +56,11 @@ def make_train_step(graphdef, tx, shardings: dict):
                    out_shardings=(shardings["params"], shardings["opt_state"], shardings["replicated"]))
 
 
-def init_training(config: GPTConfig, tx, mesh, *, seed: int, compute_dtype: str):
-    """(graphdef, params, opt_state, train_step, restore targets): parameters and optimizer state are created
-    already sharded on the mesh (never a full copy on one device)."""
-    make_model = lambda: GPT(config, rngs=nnx.Rngs(seed), compute_dtype=compute_dtype)
+def abstract_training(config: GPTConfig, tx, mesh, *, seed: int = 0, compute_dtype: str, **model_options):
+    """(graphdef, train_step, (abstract params, abstract opt_state) with shardings): shapes only, nothing allocated.
+
+    model_options: GPT's remat, loss_chunk, embed_dtype."""
+    make_model = lambda: GPT(config, rngs=nnx.Rngs(seed), compute_dtype=compute_dtype, **model_options)
     graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
     abstract_params = nnx.to_pure_dict(abstract_state)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -66,10 +68,20 @@ def init_training(config: GPTConfig, tx, mesh, *, seed: int, compute_dtype: str)
                      opt_state=meshlib.optimizer_shardings(abstract_opt, mesh),
                      grads=meshlib.optimizer_shardings(abstract_params, mesh),
                      replicated=meshlib.replicated(mesh))
-    params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(make_model())[1]), out_shardings=shardings["params"])()
-    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     targets = (abstract_like(abstract_params, shardings["params"]), abstract_like(abstract_opt, shardings["opt_state"]))
-    return graphdef, params, opt_state, make_train_step(graphdef, tx, shardings), targets
+    return graphdef, make_train_step(graphdef, tx, shardings), targets
+
+
+def init_training(config: GPTConfig, tx, mesh, *, seed: int, compute_dtype: str, **model_options):
+    """(graphdef, params, opt_state, train_step, restore targets): parameters and optimizer state are created
+    already sharded on the mesh (never a full copy on one device)."""
+    graphdef, train_step, targets = abstract_training(config, tx, mesh, seed=seed, compute_dtype=compute_dtype,
+                                                      **model_options)
+    make_model = lambda: GPT(config, rngs=nnx.Rngs(seed), compute_dtype=compute_dtype, **model_options)
+    params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(make_model())[1]),
+                     out_shardings=jax.tree.map(lambda t: t.sharding, targets[0]))()
+    opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda t: t.sharding, targets[1]))(params)
+    return graphdef, params, opt_state, train_step, targets
 
 
 @dataclasses.dataclass
@@ -140,12 +152,8 @@ def train(argv: list[str]) -> dict:
     plan = make_plan(depth=c.depth, aspect_ratio=c.aspect_ratio, head_dim=c.head_dim, max_seq_len=c.max_seq_len,
                      vocab_size=tok.vocab_size, window_pattern=c.window_pattern, num_iterations_flag=c.num_iterations,
                      target_flops=c.target_flops, target_param_data_ratio=c.target_param_data_ratio,
-                     total_batch_size=c.total_batch_size, device_batch_size=c.device_batch_size,
-                     data_parallel_size=jax.device_count())
-    if warning := device_batch_warning(c.device_batch_size):
-        print0(warning)
-    for line in plan.summary():
-        print0(line)
+                     total_batch_size=c.total_batch_size, device_batch_size=c.device_batch_size or 1,
+                     data_parallel_size=jax.device_count())  # device batch 0 (auto) is chosen after compiling
     core_bundle = None
     if c.core_metric_every > 0:
         from jaxchat import core_eval
@@ -160,8 +168,33 @@ def train(argv: list[str]) -> dict:
                               weight_decay=wd_scaled, batch_lr_scale=bls, muon_dtype=jnp.dtype(muon_dtype))
     print0(f"Batch LR scale {bls:.6f}; Muon weight decay {c.weight_decay} x (12/{c.depth})^2 = {wd_scaled:.6f}; "
            f"AdamW LR scale (n/768)^-0.5 = {(config.n_embd / 768) ** -0.5:.6f}")
-    graphdef, params, opt_state, train_step, restore_targets = init_training(config, tx, mesh, seed=c.seed,
-                                                                            compute_dtype=compute_dtype)
+    graphdef, params, opt_state, train_step, restore_targets = init_training(
+        config, tx, mesh, seed=c.seed, compute_dtype=compute_dtype, remat=c.remat, loss_chunk=c.loss_chunk,
+        embed_dtype=c.embed_dtype)
+
+    # Compile the step ahead of time: XLA's buffer assignment predicts the peak memory per device before the first
+    # step (and --device-batch-size=auto tries powers of two until one fits). The compiled executable is the one that
+    # trains, so this is the run's only compilation of the step.
+    step_memory = memory.plan_step(
+        lambda b, accum: memory.compile_step(train_step, *restore_targets, mesh, device_batch_size=b, grad_accum=accum,
+                                             seq_len=c.max_seq_len),
+        device_batch_size=c.device_batch_size, total_batch_size=c.total_batch_size, seq_len=c.max_seq_len,
+        data_parallel_size=jax.device_count(), budget_gb=c.memory_budget_gb)
+    train_step = step_memory.compiled
+    if c.device_batch_size == memory.AUTO:
+        c.device_batch_size = step_memory.device_batch_size
+        plan = dataclasses.replace(plan, device_batch_size=c.device_batch_size, grad_accum_steps=step_memory.grad_accum)
+        tok, train_loader_factory, val_loader_factory = prepare_data(c)  # loaders for the chosen batch
+        print0(f"--device-batch-size=auto: {c.device_batch_size} ({step_memory.grad_accum} accumulation steps for "
+               f"the total batch of {c.total_batch_size:,} tokens); predicted " + ", ".join(
+                   f"{b}: {memory.fmt_bytes(n)}" for b, n in step_memory.tried.items()))
+    print0(step_memory.summary())
+    if warning := memory.over_capacity_warning(step_memory):
+        print0(warning)
+    if warning := device_batch_warning(c.device_batch_size):
+        print0(warning)
+    for line in plan.summary():
+        print0(line)
 
     checkpointer = Checkpointer(checkpoint_dir(model_tag))
     loop = LoopState()
@@ -245,8 +278,15 @@ def train(argv: list[str]) -> dict:
                                        weight_decay=wd_scaled)
         schedule = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
         t0 = time.perf_counter()
-        params, opt_state, loss = train_step(params, opt_state, inputs, targets, schedule)
-        loss = float(loss)  # waits for the step
+        try:
+            params, opt_state, loss = train_step(params, opt_state, inputs, targets, schedule)
+            loss = float(loss)  # waits for the step
+        except Exception as e:
+            if not memory.is_oom(e):
+                raise
+            checkpointer.wait()  # let a save in flight finish; nothing is saved now (the donated state is gone)
+            saved = checkpointer.steps()
+            raise UserError(memory.oom_message(step_memory, step, saved[-1] if saved else None)) from None
         dt = time.perf_counter() - t0
         losses[step] = loss
         if not np.isfinite(loss):

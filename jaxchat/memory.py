@@ -1,0 +1,157 @@
+"""Memory planning: the train step compiled ahead of time, XLA's predicted peak memory per device against the
+device's capacity, `--device-batch-size=auto`, and the one-line out-of-memory message.
+
+The prediction is XLA's buffer assignment for the compiled step (arguments + temporaries + outputs not aliased to
+donated arguments), per device; nothing is allocated to get it. The executable compiled for the prediction is the
+one training runs, so planning costs no extra compilation.
+"""
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxchat import mesh as meshlib
+from jaxchat.common import UserError
+from jaxchat.plan import valid_device_batch_sizes
+
+SAFETY_MARGIN = 0.9  # a step must be predicted to use at most this fraction of the capacity (fragmentation, runtime)
+AUTO_MAX = 32  # --device-batch-size=auto tries powers of two from here down
+AUTO = 0  # how config stores --device-batch-size=auto
+GiB = 2**30
+
+
+def fmt_bytes(n: int) -> str:
+    """Bytes as GiB, or MiB below one GiB."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+def step_input_specs(mesh, device_batch_size: int, grad_accum: int, seq_len: int, schedule_keys=("lrm", "momentum", "wd")):
+    """Abstract (inputs, targets, schedule) of one train step: (accum, rows, T) int32 split over every device."""
+    rows = device_batch_size * mesh.size
+    tokens = jax.ShapeDtypeStruct((grad_accum, rows, seq_len), jnp.int32, sharding=meshlib.batch_sharding(mesh))
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
+    return tokens, tokens, {k: scalar for k in schedule_keys}
+
+
+def compile_step(train_step, params_like, opt_like, mesh, *, device_batch_size: int, grad_accum: int,
+                 seq_len: int) -> jax.stages.Compiled:
+    """The jitted step lowered and compiled for these shapes (ShapeDtypeStructs with shardings: nothing allocated)."""
+    return train_step.lower(params_like, opt_like, *step_input_specs(mesh, device_batch_size, grad_accum,
+                                                                     seq_len)).compile()
+
+
+def peak_bytes(compiled: jax.stages.Compiled) -> int:
+    """Predicted peak bytes per device: arguments + temporaries + outputs that do not reuse a donated argument."""
+    m = compiled.memory_analysis()
+    if m is None:  # a backend without buffer statistics
+        return 0
+    return (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.generated_code_size_in_bytes)
+
+
+def device_capacity(budget_gb: float = 0.0, device=None) -> tuple[int, str]:
+    """(bytes one device may use, where that number came from): --memory-budget-gb, the GPU's limit, or host RAM."""
+    if budget_gb > 0:
+        return int(budget_gb * GiB), "--memory-budget-gb"
+    device = device or jax.local_devices()[0]
+    stats = device.memory_stats()
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{device.device_kind} bytes_limit"
+    # CPU: no device limit; the host's RAM shared by the local (possibly virtual) devices.
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host // jax.local_device_count(), f"host RAM / {jax.local_device_count()} local devices (device capacity unknown)"
+
+
+@dataclasses.dataclass
+class StepMemory:
+    """The compiled step and its memory plan."""
+
+    compiled: jax.stages.Compiled
+    device_batch_size: int
+    grad_accum: int
+    predicted_bytes: int
+    capacity_bytes: int
+    capacity_source: str
+    compile_seconds: float
+    tried: dict[int, int]  # device batch size -> predicted bytes, for every size compiled
+
+    @property
+    def fits(self) -> bool:
+        return self.predicted_bytes <= SAFETY_MARGIN * self.capacity_bytes
+
+    def summary(self) -> str:
+        return (f"Predicted peak memory per device: {fmt_bytes(self.predicted_bytes)} of "
+                f"{fmt_bytes(self.capacity_bytes)} ({self.capacity_source}) at --device-batch-size="
+                f"{self.device_batch_size}, {self.grad_accum} accumulation step(s); step compiled in "
+                f"{self.compile_seconds:.1f}s")
+
+
+def plan_step(compile_for: Callable[[int, int], jax.stages.Compiled], *, device_batch_size: int,
+              total_batch_size: int, seq_len: int, data_parallel_size: int, budget_gb: float = 0.0) -> StepMemory:
+    """Compile the step (`compile_for(device_batch_size, grad_accum)`) and predict its memory; for AUTO, the largest
+    power of two <= AUTO_MAX that divides the total batch and fits within SAFETY_MARGIN of the capacity."""
+    capacity, source = device_capacity(budget_gb)
+    rows_per_device = total_batch_size // (seq_len * data_parallel_size)
+    if device_batch_size == AUTO:
+        valid = valid_device_batch_sizes(total_batch_size, seq_len, data_parallel_size)
+        candidates = [b for b in (32, 16, 8, 4, 2, 1) if b <= AUTO_MAX and b in valid]
+        if not candidates:
+            raise UserError(f"--device-batch-size=auto: --total-batch-size={total_batch_size} is not a multiple of "
+                            f"seq_len x devices = {seq_len * data_parallel_size}")
+    else:
+        candidates = [device_batch_size]
+    tried = {}
+    for b in candidates:
+        t0 = time.perf_counter()
+        compiled = compile_for(b, rows_per_device // b)
+        plan = StepMemory(compiled, b, rows_per_device // b, peak_bytes(compiled), capacity, source,
+                          time.perf_counter() - t0, tried)
+        tried[b] = plan.predicted_bytes
+        if plan.fits or device_batch_size != AUTO:
+            return plan
+    raise UserError(f"--device-batch-size=auto: even device batch {candidates[-1]} is predicted to need "
+                    f"{fmt_bytes(plan.predicted_bytes)} per device, over {SAFETY_MARGIN:.0%} of "
+                    f"{fmt_bytes(capacity)} ({source}); use --remat=block, --loss-chunk=256 or a larger --fsdp")
+
+
+def over_capacity_warning(plan: StepMemory) -> str | None:
+    """A warning line when a fixed device batch is predicted not to fit."""
+    if plan.fits:
+        return None
+    return (f"warning: --device-batch-size={plan.device_batch_size} is predicted to need "
+            f"{fmt_bytes(plan.predicted_bytes)} per device, over {SAFETY_MARGIN:.0%} of {fmt_bytes(plan.capacity_bytes)} "
+            f"({plan.capacity_source}); expect an out-of-memory error: try --device-batch-size="
+            f"{max(1, plan.device_batch_size // 2)} or auto")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether an exception is XLA running out of device memory."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower())
+
+
+def oom_message(plan: StepMemory, step: int, last_checkpoint: int | None) -> str:
+    """The one line a user sees instead of an out-of-memory traceback."""
+    smaller = max(1, plan.device_batch_size // 2)
+    saved = (f"the last checkpoint (step {last_checkpoint}) is intact: add --resume-from-step={last_checkpoint}"
+             if last_checkpoint is not None else "no checkpoint was saved yet")
+    return (f"out of device memory at step {step} with --device-batch-size={plan.device_batch_size} (predicted "
+            f"{fmt_bytes(plan.predicted_bytes)} per device, {fmt_bytes(plan.capacity_bytes)} available from "
+            f"{plan.capacity_source}): try --device-batch-size={smaller} or auto (the total batch stays the same); "
+            f"{saved}")
+
+
+def predict_step_memory(config, tx, mesh, device_batch_size: int, grad_accum: int, *, compute_dtype: str = "float32",
+                        **model_options) -> int:
+    """Predicted peak bytes per device of the train step for this model and batch; allocates nothing."""
+    from jaxchat.train import abstract_training  # train imports this module
+
+    _, train_step, (params_like, opt_like) = abstract_training(config, tx, mesh, compute_dtype=compute_dtype,
+                                                               **model_options)
+    return peak_bytes(compile_step(train_step, params_like, opt_like, mesh, device_batch_size=device_batch_size,
+                                   grad_accum=grad_accum, seq_len=config.sequence_len))
