@@ -8,9 +8,10 @@ import pytest
 from flax import nnx
 
 
+from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
-from jaxchat.common import UserError
+from jaxchat.common import UserError, run_main
 from jaxchat.model import GPT, GPTConfig
 
 # 5 layers of period 2 (pattern L, VE every other layer): 2 scanned repeats and 1 unrolled tail layer.
@@ -81,3 +82,85 @@ def test_bfloat16_tables_are_stored_bfloat16_and_train():
 def test_bad_remat_name_is_a_user_error():
     with pytest.raises(UserError, match="--remat"):
         GPT(TINY, rngs=nnx.Rngs(0), remat="everything")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Prediction, auto batch, out-of-memory message
+
+SMALL = GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+
+
+def compile_small(mesh):
+    tx = optim.make_optimizer(model_dim=SMALL.n_embd, weight_decay=0.2, muon_dtype=jnp.float32)
+    from jaxchat.train import abstract_training
+    _, step, (params_like, opt_like) = abstract_training(SMALL, tx, mesh, compute_dtype="float32")
+    return lambda b, accum: memory.compile_step(step, params_like, opt_like, mesh, device_batch_size=b,
+                                                grad_accum=accum, seq_len=SMALL.sequence_len)
+
+
+@pytest.fixture(scope="module")
+def one_device_mesh():
+    return meshlib.make_mesh(devices=jax.devices()[:1])
+
+
+def test_prediction_is_positive_and_grows_with_device_batch(one_device_mesh):
+    compile_for = compile_small(one_device_mesh)
+    predicted = [memory.peak_bytes(compile_for(b, 8 // b)) for b in (2, 8)]
+    assert 0 < predicted[0] < predicted[1], predicted
+
+
+def test_auto_picks_a_smaller_batch_under_a_tiny_budget_and_keeps_the_total(one_device_mesh):
+    compile_for = compile_small(one_device_mesh)
+    total = 8 * SMALL.sequence_len  # 8 rows on one device
+    roomy = memory.plan_step(compile_for, device_batch_size=memory.AUTO, total_batch_size=total,
+                             seq_len=SMALL.sequence_len, data_parallel_size=1)
+    assert (roomy.device_batch_size, roomy.grad_accum) == (8, 1) and roomy.fits
+    budget = memory.peak_bytes(compile_for(4, 2)) / memory.SAFETY_MARGIN + 4096  # 4 just fits, 8 does not
+    tight = memory.plan_step(compile_for, device_batch_size=memory.AUTO, total_batch_size=total,
+                             seq_len=SMALL.sequence_len, data_parallel_size=1, budget_gb=budget / memory.GiB)
+    assert (tight.device_batch_size, tight.grad_accum) == (4, 2) and sorted(tight.tried) == [4, 8]
+    assert tight.capacity_source == "--memory-budget-gb"
+    with pytest.raises(UserError, match="even device batch 1"):
+        memory.plan_step(compile_for, device_batch_size=memory.AUTO, total_batch_size=total,
+                         seq_len=SMALL.sequence_len, data_parallel_size=1, budget_gb=1e-6)
+    fixed = memory.plan_step(compile_for, device_batch_size=8, total_batch_size=total, seq_len=SMALL.sequence_len,
+                             data_parallel_size=1, budget_gb=1e-6)  # a fixed batch is only warned about
+    assert "predicted to need" in memory.over_capacity_warning(fixed)
+
+
+def test_out_of_memory_is_one_line_exit_2_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    from jax.errors import JaxRuntimeError
+
+    from jaxchat.checkpoint import Checkpointer, checkpoint_dir
+    from jaxchat.train import train
+
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
+    real_plan_step, calls = memory.plan_step, []
+
+    def plan_that_runs_out(*args, **kwargs):  # the compiled step fails like XLA does on its third call
+        plan = real_plan_step(*args, **kwargs)
+        compiled = plan.compiled
+
+        def step(*step_args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8589934592 bytes.")
+            return compiled(*step_args)
+        plan.compiled = step
+        return plan
+
+    monkeypatch.setattr(memory, "plan_step", plan_that_runs_out)
+    argv = ["--data=demo", "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64",
+            "--device-batch-size=auto", "--total-batch-size=2048", "--num-iterations=6", "--eval-every=100",
+            "--eval-tokens=512", "--core-metric-every=-1", "--sample-every=-1", "--save-every=2", "--model-tag=oom",
+            "--tensorboard=false"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(train, argv)
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert "--device-batch-size=auto: 4 (1 accumulation steps" in out  # 8 devices x 4 rows x 64 = 2048 tokens
+    assert "Predicted peak memory per device" in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: out of device memory at step 2 with --device-batch-size=4")
+    assert "try --device-batch-size=2 or auto" in lines[0] and "--resume-from-step=2" in lines[0]
+    assert Checkpointer(checkpoint_dir("oom"), async_save=False).steps() == [2]  # nothing saved after the failure
