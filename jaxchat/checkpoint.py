@@ -82,7 +82,7 @@ def abstract_like(tree, shardings):
 
 
 def load_model_for_eval(model_tag: str, step: int | str = "last", compute_dtype=None) -> tuple[GPT, dict]:
-    """(model, meta) of a saved jaxchat checkpoint, parameters on the default device."""
+    """(model, meta) of a saved jaxchat checkpoint, parameters on this process's first device."""
     ckpt = Checkpointer(checkpoint_dir(model_tag), async_save=False)
     step = ckpt.resolve_step(step)
     meta = ckpt.read_meta(step)
@@ -90,7 +90,7 @@ def load_model_for_eval(model_tag: str, step: int | str = "last", compute_dtype=
     kwargs = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
     model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), **kwargs))
     graphdef, abstract = nnx.split(model)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # jax.devices()[0] is process 0's
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(abstract))
     params, _, meta = ckpt.restore(step, target)
     ckpt.close()

@@ -24,9 +24,27 @@ def print0(*args, **kwargs) -> None:
 
 
 def run_main(main, *args) -> None:
-    """Run an entry point; a UserError becomes one line on stderr and exit code 2 (no traceback)."""
+    """Run an entry point; a UserError becomes one line on stderr and exit code 2 (no traceback).
+
+    In a multi-process run a failing process also tells the others, which exit at once rather than wait in a
+    collective for it; its line starts with 'process P of N:'.
+    """
+    from jaxchat import watchdog
+
     try:
         main(*args)
     except UserError as e:
+        if watchdog.active():
+            watchdog.abort(f"error: {watchdog.prefix()}{e}", 2)
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except (Exception, KeyboardInterrupt) as e:
+        if watchdog.active():
+            import traceback
+
+            if type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError"):  # e.g. gloo: "Connection reset by peer"
+                watchdog.await_verdict()  # a dead peer is named by the watchdog's line, not this exception
+            traceback.print_exc()
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            watchdog.abort(f"error: {watchdog.prefix()}{type(e).__name__}: {first}", 1)
+        raise

@@ -69,6 +69,9 @@ def defaults() -> ConfigDict:
     c.coordinator_address = ""  # multi-process: host:port of process 0 ('' = single process, or SLURM / JAX env vars)
     c.num_processes = 0
     c.process_id = -1
+    c.data_shards = 0  # data loader shards (ranks of spec §6.3) over all processes; 0 = one per process
+    c.init_timeout = 300  # seconds to wait for every process to join the coordinator
+    c.peer_timeout = 20  # seconds without a sign of life from another process before this one exits
     return c
 
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 SAMPLE_PROMPTS = (
     "The capital of France is",
@@ -44,21 +45,29 @@ def evaluate_bpb(bpb_step: Callable, params, batches: Iterator, steps: int, toke
 
 def greedy_generate(graphdef, params, prompts: list[list[int]], max_tokens: int, stop_ids: set[int],
                     bucket: int = 64) -> list[list[int]]:
-    """Greedy continuation of each prompt with the KV-cache decoder (fixed shapes: one compilation for all)."""
+    """Greedy continuation of each prompt with the KV-cache decoder (fixed shapes: one compilation for all).
+
+    Parameters may be sharded over the devices of several processes: every process then runs this same loop, tokens
+    go in as host values (replicated) and logits come back replicated, so each process reads them locally.
+    """
     max_len = math.ceil((max(len(p) for p in prompts) + max_tokens) / bucket) * bucket
     model = nnx.merge(graphdef, params)
-    step = jax.jit(lambda params, token, pos, cache: nnx.merge(graphdef, params).decode_step(token, pos, cache))
+    sharding = jax.tree.leaves(params)[0].sharding
+    out = NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) else sharding
+    step = jax.jit(lambda params, token, pos, cache: nnx.merge(graphdef, params).decode_step(token, pos, cache),
+                   out_shardings=out)
+    new_cache = jax.jit(lambda: model.init_cache(1, max_len), out_shardings=out)
     outputs = []
     for prompt in prompts:
-        cache = model.init_cache(1, max_len)
+        cache = new_cache()
         for pos, token in enumerate(prompt):  # prefill, one token at a time through the same compiled step
-            logits, cache = step(params, jnp.asarray([token], jnp.int32), jnp.int32(pos), cache)
+            logits, cache = step(params, np.array([token], np.int32), np.int32(pos), cache)
         generated = []
         for pos in range(len(prompt), len(prompt) + max_tokens):
-            next_id = int(jnp.argmax(logits[0]))
+            next_id = int(np.argmax(np.asarray(logits)[0]))
             if next_id in stop_ids:
                 break
             generated.append(next_id)
-            logits, cache = step(params, jnp.asarray([next_id], jnp.int32), jnp.int32(pos), cache)
+            logits, cache = step(params, np.array([next_id], np.int32), np.int32(pos), cache)
         outputs.append(generated)
     return outputs

@@ -111,8 +111,48 @@ def prepare_data(c):
     train_files, val_files = dataset.list_shards(c.data, "train"), dataset.list_shards(c.data, "val")
     tok = tokenizer.Tokenizer.load(tok_dir)
     rows = c.device_batch_size * jax.local_device_count()
-    return (tok, lambda: dataloader.DataLoader(tok, train_files, rows, c.max_seq_len),
-            lambda: dataloader.val_loader(tok, val_files, rows, c.max_seq_len))
+    shards = c.data_shards or jax.process_count()
+    per_process = shards // jax.process_count()
+    if shards % jax.process_count() or rows % per_process:
+        raise UserError(f"--data-shards={shards} must be a multiple of the {jax.process_count()} processes and split "
+                        f"each process's {rows} rows evenly")
+    first = jax.process_index() * per_process
+    return (tok, lambda: ShardLoaders([dataloader.DataLoader(tok, train_files, rows // per_process, c.max_seq_len,
+                                                             rank=first + j, world_size=shards)
+                                       for j in range(per_process)]),
+            lambda: ShardLoaders([dataloader.val_loader(tok, val_files, rows // per_process, c.max_seq_len,
+                                                        rank=first + j, world_size=shards)
+                                  for j in range(per_process)]))
+
+
+class ShardLoaders:
+    """This process's data shards (consecutive loader ranks), their rows concatenated into one local batch.
+
+    With one shard per process this is the plain per-process loader. Fixing --data-shards makes the global batch
+    independent of the number of processes: 1 process reading shards 0 and 1 sees the same rows, in the same
+    order, as 2 processes reading one each (the multi-process test relies on it; so can a resume on fewer hosts).
+    """
+
+    def __init__(self, loaders: list):
+        self.loaders = loaders
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        parts = [next(loader) for loader in self.loaders]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def get_state(self) -> list[dict]:
+        return [loader.get_state() for loader in self.loaders]
+
+    def set_state(self, states: list[dict]) -> None:
+        for loader, state in zip(self.loaders, states, strict=True):
+            loader.set_state(state)
+
+    @property
+    def epoch(self) -> int:
+        return min(loader.epoch for loader in self.loaders)
 
 
 def gather_json(obj) -> list:
@@ -137,7 +177,8 @@ def train(argv: list[str]) -> dict:
     """Run training; returns {"losses": {step: loss}, "loop": LoopState} for tests and scripts."""
     c = parse_flags(argv)
     meshlib.init_distributed(c.coordinator_address or None, c.num_processes or None,
-                             c.process_id if c.process_id >= 0 else None)
+                             c.process_id if c.process_id >= 0 else None, init_timeout=c.init_timeout,
+                             peer_timeout=c.peer_timeout)
     mesh = meshlib.make_mesh(c.fsdp)
     on_gpu = jax.default_backend() == "gpu"
     compute_dtype = c.compute_dtype or ("bfloat16" if on_gpu else "float32")
@@ -206,11 +247,13 @@ def train(argv: list[str]) -> dict:
         if meta["model_config"] != dataclasses.asdict(config):
             raise UserError(f"checkpoint step {step} of {model_tag} has model {meta['model_config']}, "
                             f"not {dataclasses.asdict(config)}: use the flags of the saving run")
-        states = meta.get("dataloader_states") or [meta["dataloader_state_dict"]]
-        if len(states) != jax.process_count():
-            raise UserError(f"checkpoint step {step} was saved by {len(states)} process(es), this run has "
-                            f"{jax.process_count()}: resume with the same number of processes")
-        train_loader.set_state(states[jax.process_index()])
+        states = meta.get("dataloader_states") or [meta["dataloader_state_dict"]]  # one per data shard
+        shards = c.data_shards or jax.process_count()
+        if len(states) != shards:
+            raise UserError(f"checkpoint step {step} was saved with {len(states)} data shard(s), this run reads "
+                            f"{shards}: resume with --data-shards={len(states)} (a multiple of the process count)")
+        per_process = shards // jax.process_count()
+        train_loader.set_state(states[jax.process_index() * per_process:][:per_process])
         loop = LoopState(step=step, val_bpb=meta["val_bpb"], **meta["loop_state"])
         print0(f"Resumed from step {step} of {checkpointer.directory}")
     resume_step = loop.step
@@ -226,7 +269,8 @@ def train(argv: list[str]) -> dict:
     peak = peak_flops(device_kind) * jax.device_count()
 
     def save(step: int) -> None:
-        loader_states = gather_json(train_loader.get_state())  # every process's own position, for exact resume
+        # Every data shard's own position, in rank order, for exact resume.
+        loader_states = [state for states in gather_json(train_loader.get_state()) for state in states]
         meta = dict(step=step, val_bpb=loop.val_bpb, model_config=dataclasses.asdict(config), user_config=c.to_dict(),
                     device_batch_size=c.device_batch_size, max_seq_len=c.max_seq_len,
                     total_batch_size=c.total_batch_size, dataloader_state_dict=loader_states[0],
@@ -272,6 +316,9 @@ def train(argv: list[str]) -> dict:
         if last:
             break
 
+        if os.environ.get("JAXCHAT_TEST_DIE_AT_STEP") == str(step):  # test hook: a sudden death (OOM killer, node loss)
+            checkpointer.wait()  # so the test knows which checkpoint must survive
+            os.kill(os.getpid(), signal.SIGKILL)
         inputs, targets = next_batch()
         values = optim.schedule_values(step, num_iterations=N, warmup_ratio=c.warmup_ratio,
                                        warmdown_ratio=c.warmdown_ratio, final_lr_frac=c.final_lr_frac,
@@ -313,7 +360,7 @@ def train(argv: list[str]) -> dict:
 
     checkpointer.close()
     monitor.close()
-    stats = jax.devices()[0].memory_stats()
+    stats = jax.local_devices()[0].memory_stats()  # jax.devices()[0] belongs to process 0
     peak_mib = stats["peak_bytes_in_use"] / 2**20 if stats else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print0(f"Peak memory usage: {peak_mib:.2f}MiB" + ("" if stats else " (host process; no device statistics)"))
     print0(f"Total training time: {loop.total_training_time / 60:.2f}m")
