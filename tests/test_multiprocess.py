@@ -147,8 +147,9 @@ def two_dp(base, single):
     with Launch(base, 2, "dp", []) as run:
         out = run.check()
         assert "8 x cpu over 2 process(es)" in out
-        # Only process 0 prints (gloo's own C++ connection lines aside).
-        assert [line for line in run.out(1).splitlines() if not line.startswith("[Gloo]")] == []
+        # Only process 0 prints the run's lines (process 1's stdout holds only gloo's C++ connection lines, which
+        # its threads may interleave mid-line).
+        assert not re.search(r"^(step |Step |Devices:|Saved|Minimum)", run.out(1), re.M), run.out(1)[-2000:]
         return out
 
 
