@@ -1,0 +1,99 @@
+"""Throughput of the real train step on synthetic tokens: tokens/s, MFU (spec §10), median step time, compile time
+and peak memory, printed as one JSON line.
+
+    python bench/throughput.py --depth=24 --device-batch-size=16            # real shapes: T 2048, vocab 32768
+    python bench/throughput.py --depth=2 --aspect-ratio=32 --head-dim=32 --seq-len=64 --vocab-size=256 \\
+        --device-batch-size=2 --steps=3 --warmup=1                          # CI-sized, seconds on CPU
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxchat import memory
+from jaxchat import mesh as meshlib
+from jaxchat import optim
+from jaxchat.model import config_for_depth, estimate_flops
+from jaxchat.monitor import peak_flops
+from jaxchat.train import init_training
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", type=int, default=12)
+    parser.add_argument("--aspect-ratio", type=int, default=64)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--vocab-size", type=int, default=32768)
+    parser.add_argument("--window-pattern", default="SSSL")
+    parser.add_argument("--device-batch-size", type=int, default=16)
+    parser.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step")
+    parser.add_argument("--fsdp", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compute-dtype", default=None, help="default: bfloat16 on GPU, float32 elsewhere")
+    parser.add_argument("--muon-dtype", default=None, help="default: bfloat16 on GPU, float32 elsewhere")
+    parser.add_argument("--remat", default="none")
+    parser.add_argument("--loss-chunk", type=int, default=0)
+    parser.add_argument("--embed-dtype", default="float32")
+    args = parser.parse_args(argv)
+
+    on_gpu = jax.default_backend() == "gpu"
+    compute_dtype = args.compute_dtype or ("bfloat16" if on_gpu else "float32")
+    muon_dtype = args.muon_dtype or ("bfloat16" if on_gpu else "float32")
+    config = config_for_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+                              max_seq_len=args.seq_len, vocab_size=args.vocab_size, window_pattern=args.window_pattern)
+    mesh = meshlib.make_mesh(args.fsdp)
+    tx = optim.make_optimizer(model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(muon_dtype))
+    _, params, opt_state, train_step, (params_like, opt_like) = init_training(
+        config, tx, mesh, seed=0, compute_dtype=compute_dtype, remat=args.remat, loss_chunk=args.loss_chunk,
+        embed_dtype=args.embed_dtype)
+    t0 = time.perf_counter()
+    compiled = memory.compile_step(train_step, params_like, opt_like, mesh, device_batch_size=args.device_batch_size,
+                                   grad_accum=args.grad_accum, seq_len=args.seq_len)
+    compile_s = time.perf_counter() - t0
+
+    rows = args.device_batch_size * mesh.size
+    tokens = np.random.default_rng(0).integers(0, args.vocab_size, (args.grad_accum, rows, args.seq_len + 1),
+                                               dtype=np.int32)
+    inputs, targets = (jax.device_put(a, meshlib.batch_sharding(mesh)) for a in (tokens[..., :-1], tokens[..., 1:]))
+    values = optim.schedule_values(0, num_iterations=1000, warmup_ratio=0.0, warmdown_ratio=0.5, final_lr_frac=0.0,
+                                   weight_decay=0.2)
+    schedule = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        params, opt_state, metrics = compiled(params, opt_state, inputs, targets, schedule)
+        jax.block_until_ready(metrics)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+
+    dt = statistics.median(times)
+    tokens_per_step = args.grad_accum * rows * args.seq_len
+    flops_per_token = estimate_flops(config)
+    device = jax.devices()[0]
+    peak = peak_flops(device.device_kind) * jax.device_count()
+    stats = device.memory_stats()
+    result = dict(
+        depth=args.depth, n_embd=config.n_embd, seq_len=args.seq_len, vocab_size=args.vocab_size,
+        device_batch_size=args.device_batch_size, grad_accum=args.grad_accum, mesh=dict(mesh.shape),
+        device=device.device_kind, backend=jax.default_backend(), jax=jax.__version__, compute_dtype=compute_dtype,
+        remat=args.remat, loss_chunk=args.loss_chunk, embed_dtype=args.embed_dtype,
+        tokens_per_step=tokens_per_step, step_time_s=dt, step_times_s=times, tokens_per_s=tokens_per_step / dt,
+        mfu=100 * flops_per_token * tokens_per_step / dt / peak, compile_s=compile_s,
+        predicted_peak_bytes=memory.peak_bytes(compiled),
+        peak_bytes=stats["peak_bytes_in_use"] if stats else None,
+        host_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        loss=float(metrics["loss"]) if isinstance(metrics, dict) else float(metrics))
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
