@@ -8,7 +8,6 @@ half-written one is never listed.
 import os
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -60,9 +59,18 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, OSError, TypeError) as e:
-            raise UserError(f"checkpoint {self.directory}/{step} cannot be restored ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]}); resume from an earlier step") from None
+            others = [s for s in self.steps() if s != step]
+            self.close()  # stop orbax's background threads before the process exits
+            raise UserError(f"checkpoint {self.directory}/{step} is corrupt or incomplete ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:100]}...); resume from an earlier one with "
+                            f"--resume-from-step=N, N in {others[-5:]}, or delete it") from None
         return restored["params"], restored.get("opt_state") if abstract_opt_state is not None else None, restored["meta"]
+
+    def prune(self, keep_temporary: int) -> None:
+        """Delete all but the newest `keep_temporary` timer/preemption checkpoints; step-based and final ones stay."""
+        temporary = [s for s in self.steps() if self.read_meta(s).get("kind") in ("time", "preempt")]
+        for step in temporary[: max(0, len(temporary) - keep_temporary)]:
+            self.manager.delete(step)
 
     def read_meta(self, step: int) -> dict:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -97,6 +105,3 @@ def load_model_for_eval(model_tag: str, step: int | str = "last", compute_dtype=
     return nnx.merge(graphdef, params), meta
 
 
-def to_numpy(tree):
-    """Host copy of a tree of (possibly sharded) arrays."""
-    return jax.tree.map(np.asarray, tree)

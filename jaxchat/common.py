@@ -37,7 +37,10 @@ def run_main(main, *args) -> None:
         if watchdog.active():
             watchdog.abort(f"error: {watchdog.prefix()}{e}", 2)
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.stdout.flush()
+        # Exit now: library threads (orbax, tensorstore) may still hold work that would print tracebacks
+        # during interpreter shutdown and bury the one line that matters.
+        os._exit(2)
     except (Exception, KeyboardInterrupt) as e:
         if watchdog.active():
             import traceback

@@ -24,6 +24,7 @@ def defaults() -> ConfigDict:
     c.device_type = ""  # '' autodetects (gpu > cpu)
     # model
     c.depth = 20
+    c.allow_odd_depth = False  # odd depths get a width nudge (+64), which nanochat does not recommend
     c.aspect_ratio = 64
     c.head_dim = 128
     c.max_seq_len = 2048
@@ -54,6 +55,8 @@ def defaults() -> ConfigDict:
     c.core_metric_max_per_task = 500
     c.sample_every = 2000
     c.save_every = -1
+    c.save_every_minutes = -1.0  # also save on a timer (these rotate; --save-every and final saves are kept)
+    c.keep_last = 2  # timer and preemption checkpoints kept (older ones are deleted once superseded)
     # jaxchat
     c.data = "fineweb-edu"  # fineweb-edu | climbmix | demo
     c.fsdp = 1  # size of the FSDP mesh axis; 1 = pure data parallel
@@ -159,10 +162,14 @@ def validate(c: ConfigDict) -> None:
     """Contradictions and impossible values, each as one line that says what to do."""
     if c.depth <= 0:
         raise UserError(f"--depth={c.depth} must be a positive integer (e.g. --depth=12)")
+    if c.depth % 2 and not c.allow_odd_depth:
+        raise UserError(f"--depth={c.depth} is odd: its width gets nudged up to the next multiple of --head-dim, which "
+                        f"nanochat does not recommend; use an even depth, or add --allow-odd-depth=true")
+    for key in ("device_batch_size", "total_batch_size", "max_seq_len", "aspect_ratio", "head_dim", "eval_tokens"):
+        if c[key] < 0 or (c[key] == 0 and key != "device_batch_size"):  # device batch 0 = auto
+            raise UserError(f"--{key.replace('_', '-')}={c[key]} must be positive")
     if c.data not in ("fineweb-edu", "climbmix", "demo"):
         raise UserError(f"--data={c.data!r}: choose fineweb-edu, climbmix or demo")
-    if c.device_batch_size < 0:  # 0 = auto
-        raise UserError(f"--device-batch-size={c.device_batch_size} must be positive, or auto")
     if c.remat not in ("none", "block", "dots"):
         raise UserError(f"--remat={c.remat!r}: choose none, block (recompute each layer) or dots (keep matmul outputs)")
     if c.loss_chunk < 0 or c.memory_budget_gb < 0:

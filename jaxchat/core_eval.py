@@ -138,9 +138,6 @@ def find_bundle(path: str | None = None, download: bool = True) -> str:
     return download_bundle(dest=path)
 
 
-bundle_dir = find_bundle  # the name the training loop uses to check for the bundle before it starts
-
-
 @dataclass
 class Task:
     """One entry of core.yaml with its random baseline (percent) from eval_meta_data.csv."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import grain
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from grain.experimental import ThreadPrefetchDatasetIterator
 
@@ -24,8 +25,12 @@ CHUNK_PREFETCH = 16  # tokenized chunks read ahead; a refill takes up to ~8 of t
 
 
 def read_texts(path: str, rg_idx: int) -> list[str]:
-    """The `text` column of one row group."""
-    return pq.ParquetFile(path).read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+    """The `text` column of one row group; an unreadable shard is a UserError naming the file."""
+    try:
+        return pq.ParquetFile(path).read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+    except (OSError, pa.ArrowException, KeyError) as e:
+        raise UserError(f"cannot read row group {rg_idx} of shard {path} ({type(e).__name__}: {str(e)[:120]}); "
+                        f"delete it and re-run the command that fetched it (python -m jaxchat.dataset ...)") from None
 
 
 class _QuietClose:

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import resource
+import signal
 import sys
 import time
 
@@ -24,6 +25,7 @@ from jaxchat import optim
 from jaxchat.checkpoint import Checkpointer, abstract_like, checkpoint_dir
 from jaxchat.common import UserError, base_dir, print0, run_main
 from jaxchat.config import parse_flags
+from jaxchat.faults import SaveTimer, StopRequest
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
 from jaxchat.model import GPT, GPTConfig
 from jaxchat.monitor import Monitor, peak_flops, step_line
@@ -31,9 +33,10 @@ from jaxchat.plan import device_batch_warning, make_plan
 
 
 def make_train_step(graphdef, tx, shardings: dict):
-    """The jitted step: (params, opt_state, inputs (A, rows, T), targets, schedule) -> (params, opt_state, loss).
+    """The jitted step: (params, opt_state, inputs (A, rows, T), targets, schedule) -> (params, opt_state, metrics).
 
-    The loss returned is the mean over all A micro-batches (the whole total batch), not only the last one.
+    metrics: "loss", the mean over all A micro-batches (the whole total batch, not only the last micro-batch), and
+    "grad_norm", the global norm of the averaged gradient (checked for non-finite values on the host).
     """
 
     def train_step(params, opt_state, inputs_ART, targets_ART, schedule):
@@ -50,7 +53,7 @@ def make_train_step(graphdef, tx, shardings: dict):
         opt_state = optim.set_schedule(opt_state, schedule)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, losses.mean()
+        return params, opt_state, {"loss": losses.mean(), "grad_norm": optax.global_norm(grads)}
 
     return jax.jit(train_step, donate_argnums=(0, 1),
                    out_shardings=(shardings["params"], shardings["opt_state"], shardings["replicated"]))
@@ -155,6 +158,18 @@ class ShardLoaders:
         return min(loader.epoch for loader in self.loaders)
 
 
+def stop_on_non_finite(step: int, loss: float, grad_norm: float, checkpointer: Checkpointer) -> None:
+    """Stop before anything poisoned is saved, naming the last good checkpoint."""
+    what = "loss" if not np.isfinite(loss) else "gradient norm"
+    checkpointer.wait()
+    saved = checkpointer.steps()
+    checkpointer.close()
+    where = (f"the last good checkpoint is step {saved[-1]} in {checkpointer.directory}: resume with "
+             f"--resume-from-step={saved[-1]} and lower learning rates") if saved else "no checkpoint was saved yet"
+    raise UserError(f"step {step}: non-finite {what} (loss {loss}, gradient norm {grad_norm}); stopped without "
+                    f"saving; {where}")
+
+
 def gather_json(obj) -> list:
     """Every process's JSON-able object, in process order (a list of one without multi-process)."""
     if jax.process_count() == 1:
@@ -198,7 +213,7 @@ def train(argv: list[str]) -> dict:
     core_bundle = None
     if c.core_metric_every > 0:
         from jaxchat import core_eval
-        core_bundle = core_eval.bundle_dir()  # fails now, with the download command, rather than hours in
+        core_bundle = core_eval.find_bundle(download=False)  # fails now, with the download command, not hours in
 
     # Model and optimizer state, created directly with their shardings (no full copy on one device).
     config = plan.model
@@ -241,10 +256,14 @@ def train(argv: list[str]) -> dict:
     loop = LoopState()
     train_loader = train_loader_factory()
     resume = str(c.resume_from_step)
+    if resume == "last" and not checkpointer.steps():
+        print0(f"No checkpoint in {checkpointer.directory} yet: starting from step 0")
+        resume = "-1"
     if resume != "-1":
         step = checkpointer.resolve_step(resume)
         params, opt_state, meta = checkpointer.restore(step, *restore_targets)
         if meta["model_config"] != dataclasses.asdict(config):
+            checkpointer.close()
             raise UserError(f"checkpoint step {step} of {model_tag} has model {meta['model_config']}, "
                             f"not {dataclasses.asdict(config)}: use the flags of the saving run")
         states = meta.get("dataloader_states") or [meta["dataloader_state_dict"]]  # one per data shard
@@ -268,7 +287,10 @@ def train(argv: list[str]) -> dict:
     flops_per_step = plan.flops_per_token * c.total_batch_size
     peak = peak_flops(device_kind) * jax.device_count()
 
-    def save(step: int) -> None:
+    last_saved = None
+
+    def save(step: int, kind: str) -> None:
+        nonlocal last_saved
         # Every data shard's own position, in rank order, for exact resume.
         loader_states = [state for states in gather_json(train_loader.get_state()) for state in states]
         meta = dict(step=step, val_bpb=loop.val_bpb, model_config=dataclasses.asdict(config), user_config=c.to_dict(),
@@ -276,8 +298,10 @@ def train(argv: list[str]) -> dict:
                     total_batch_size=c.total_batch_size, dataloader_state_dict=loader_states[0],
                     dataloader_states=loader_states,
                     loop_state=dict(min_val_bpb=loop.min_val_bpb, smooth_train_loss=loop.smooth_train_loss,
-                                    total_training_time=loop.total_training_time))
+                                    total_training_time=loop.total_training_time), kind=kind)
         checkpointer.save(step, params, opt_state, meta)
+        save_timer.reset()
+        last_saved = step
         print0(f"Saved checkpoint step {step} to {checkpointer.directory}")
 
     def next_batch():
@@ -291,10 +315,11 @@ def train(argv: list[str]) -> dict:
         return tuple(global_batch(np.asarray(a, np.int32), sharding) for a in rows)
 
     losses = {}
+    stop_request, save_timer = StopRequest(), SaveTimer(c.save_every_minutes)
     step = loop.step
     while True:
         last = step == N
-        if last or step % c.eval_every == 0:
+        if last or (c.eval_every > 0 and step % c.eval_every == 0):
             val_batches = (to_device(b) for b in val_loader_factory())
             loop.val_bpb = evaluate_bpb(bpb_step, params, val_batches, eval_steps, token_bytes)
             loop.min_val_bpb = min(loop.min_val_bpb, loop.val_bpb)
@@ -311,8 +336,8 @@ def train(argv: list[str]) -> dict:
             prompts = [tok.encode(p, prepend_bos=True) for p in SAMPLE_PROMPTS]
             for prompt, out in zip(prompts, greedy_generate(graphdef, params, prompts, 16, {tok.bos_id})):
                 print0(tok.decode(prompt + out))
-        if last or (c.save_every > 0 and step > 0 and step != resume_step and step % c.save_every == 0):
-            save(step)
+        if step not in (resume_step, last_saved) and (last or (c.save_every > 0 and step % c.save_every == 0)):
+            save(step, kind="final" if last else "step")
         if last:
             break
 
@@ -326,8 +351,8 @@ def train(argv: list[str]) -> dict:
         schedule = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
         t0 = time.perf_counter()
         try:
-            params, opt_state, loss = train_step(params, opt_state, inputs, targets, schedule)
-            loss = float(loss)  # waits for the step
+            params, opt_state, metrics = train_step(params, opt_state, inputs, targets, schedule)
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])  # waits for the step
         except Exception as e:
             if not memory.is_oom(e):
                 raise
@@ -336,11 +361,8 @@ def train(argv: list[str]) -> dict:
             raise UserError(memory.oom_message(step_memory, step, saved[-1] if saved else None)) from None
         dt = time.perf_counter() - t0
         losses[step] = loss
-        if not np.isfinite(loss):
-            checkpointer.wait()
-            saved = checkpointer.steps()
-            raise UserError(f"step {step}: the training loss is {loss}; the last good checkpoint is "
-                            f"{saved[-1] if saved else 'none'}; lower the learning rates or resume from it")
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            stop_on_non_finite(step, loss, grad_norm, checkpointer)
         loop.smooth_train_loss = 0.9 * loop.smooth_train_loss + 0.1 * loss
         debiased = loop.smooth_train_loss / (1 - 0.9 ** (step + 1))
         if step > 10:
@@ -357,9 +379,19 @@ def train(argv: list[str]) -> dict:
                          "train/mfu": mfu, "train/epoch": train_loader.epoch}, step)
         step += 1
         loop.step = step
+        stop = stop_request.requested()
+        if step < N and (stop or save_timer.due()):
+            save(step, kind="preempt" if stop else "time")
+            checkpointer.prune(keep_temporary=c.keep_last)
+        if stop and step < N:
+            checkpointer.close()
+            print0(f"Stopped by {signal.Signals(stop_request.signum or signal.SIGTERM).name} after step {step - 1}: "
+                   f"checkpoint {step} saved in {checkpointer.directory}; continue with --resume-from-step=last")
+            sys.exit(stop_request.exit_code)
 
     checkpointer.close()
     monitor.close()
+    stop_request.restore_handlers()
     stats = jax.local_devices()[0].memory_stats()  # jax.devices()[0] belongs to process 0
     peak_mib = stats["peak_bytes_in_use"] / 2**20 if stats else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print0(f"Peak memory usage: {peak_mib:.2f}MiB" + ("" if stats else " (host process; no device statistics)"))

@@ -37,8 +37,8 @@ def run(mesh, accum_steps: int):
         values = optim.schedule_values(step, num_iterations=10, warmup_ratio=0.0, warmdown_ratio=0.5,
                                        final_lr_frac=0.0, weight_decay=0.2)
         schedule = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
-        params, opt_state, loss = train_step(params, opt_state, micro(inputs), micro(targets), schedule)
-        losses.append(float(loss))
+        params, opt_state, metrics = train_step(params, opt_state, micro(inputs), micro(targets), schedule)
+        losses.append(float(metrics["loss"]))
     return np.array(losses), start, jax.tree.map(np.asarray, params)
 
 
@@ -78,7 +78,7 @@ def test_loss_falls_and_step_compiles_once():
         values = optim.schedule_values(step, num_iterations=8, warmup_ratio=0.0, warmdown_ratio=0.5,
                                        final_lr_frac=0.0, weight_decay=0.2)
         schedule = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
-        params, opt_state, loss = train_step(params, opt_state, inputs, targets, schedule)
-        losses.append(float(loss))
+        params, opt_state, metrics = train_step(params, opt_state, inputs, targets, schedule)
+        losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0] - 1.0  # memorising one batch
     assert train_step._cache_size() == 1

@@ -1,0 +1,77 @@
+"""Crash safety: SIGKILL and SIGTERM mid-run (also mid-save), resume, and get exactly the uninterrupted result."""
+
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from crash_harness import STEPS, final_state, interrupted_run, losses, prepare, run
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("crash")
+    prepare(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(base_dir):
+    code, output = run(base_dir, "straight", resume=False)
+    assert code == 0, output[-3000:]
+    return losses([output]), final_state(base_dir, "straight")
+
+
+def assert_identical(base_dir, tag, outputs, uninterrupted):
+    ref_losses, ref_state = uninterrupted
+    assert losses(outputs) == ref_losses
+    state = final_state(base_dir, tag)
+    assert sorted(state) == sorted(ref_state)
+    for key in ref_state:
+        np.testing.assert_array_equal(state[key], ref_state[key], err_msg=key)
+
+
+def test_sigkill_and_sigterm_then_resume_is_identical(base_dir, uninterrupted):
+    outputs = interrupted_run(base_dir, "interrupted", [(3, signal.SIGKILL, 0.0), (6, signal.SIGTERM, 0.0)])
+    assert any("Stopped by SIGTERM" in o and "--resume-from-step=last" in o for o in outputs)
+    assert_identical(base_dir, "interrupted", outputs, uninterrupted)
+
+
+def test_half_written_checkpoint_is_ignored(base_dir, uninterrupted):
+    ckpt = base_dir / "base_checkpoints"
+    shutil.copytree(ckpt / "straight", ckpt / "partial")
+    # What a kill during the save of step 11 leaves behind: an unfinished temporary directory.
+    shutil.copytree(ckpt / "partial" / str(STEPS), ckpt / "partial" / f"{STEPS + 1}.orbax-checkpoint-tmp-1234")
+    for path in (ckpt / "partial" / f"{STEPS + 1}.orbax-checkpoint-tmp-1234" / "params").rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[:5])
+    from jaxchat.checkpoint import Checkpointer
+    assert Checkpointer(str(ckpt / "partial")).resolve_step("last") == STEPS
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(base_dir, uninterrupted):
+    ckpt = base_dir / "base_checkpoints"
+    shutil.copytree(ckpt / "straight", ckpt / "corrupt")
+    for path in (ckpt / "corrupt" / str(STEPS)).rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 3)])
+    code, output = run(base_dir, "corrupt", resume=True)
+    assert code == 2, output[-3000:]
+    error = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and f"{STEPS}" in error[0] and "Traceback" not in output
+
+
+def test_non_finite_loss_stops_without_saving(base_dir):
+    env_cmd = [sys.executable, "-m", "jaxchat.train", "--data=demo", "--depth=2", "--aspect-ratio=32",
+               "--head-dim=32", "--max-seq-len=64", "--device-batch-size=1", "--total-batch-size=1024",
+               "--num-iterations=6", "--eval-every=-1", "--eval-tokens=1024", "--core-metric-every=-1", "--sample-every=-1",
+               "--save-every=2", "--scalar-lr=1e38", "--model-tag=nan"]
+    import os
+    env = dict(os.environ, JAXCHAT_BASE_DIR=str(base_dir), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run(env_cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "non-finite" in proc.stderr and "stopped without saving" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
