@@ -261,11 +261,14 @@ def train(argv: list[str]) -> dict:
         resume = "-1"
     if resume != "-1":
         step = checkpointer.resolve_step(resume)
-        params, opt_state, meta = checkpointer.restore(step, *restore_targets)
-        if meta["model_config"] != dataclasses.asdict(config):
+        saved_model = checkpointer.read_meta(step)["model_config"]
+        if saved_model != dataclasses.asdict(config):  # before restoring: shapes would not fit
             checkpointer.close()
-            raise UserError(f"checkpoint step {step} of {model_tag} has model {meta['model_config']}, "
-                            f"not {dataclasses.asdict(config)}: use the flags of the saving run")
+            differ = {k: (v, saved_model.get(k)) for k, v in dataclasses.asdict(config).items() if saved_model.get(k) != v}
+            raise UserError(f"checkpoint step {step} of {model_tag} was saved with another model "
+                            f"({', '.join(f'{k}: saved {b}, now {a}' for k, (a, b) in differ.items())}; vocab_size comes "
+                            f"from the tokenizer): use the flags and tokenizer of the saving run")
+        params, opt_state, meta = checkpointer.restore(step, *restore_targets)
         states = meta.get("dataloader_states") or [meta["dataloader_state_dict"]]  # one per data shard
         shards = c.data_shards or jax.process_count()
         if len(states) != shards:
