@@ -10,4 +10,4 @@ def get_config() -> ConfigDict:
         device_batch_size=16, total_batch_size=4096, num_iterations=300,
         embedding_lr=0.1, warmdown_ratio=0.4,
         eval_every=100, eval_tokens=16 * 256 * 8, core_metric_every=-1, sample_every=150, save_every=100,
-        log_every=10, model_tag="demo"))
+        log_every=10, model_tag="demo", run="demo"))  # WandB offline unless you are logged in

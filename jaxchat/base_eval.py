@@ -51,15 +51,12 @@ def largest_model_tag() -> str:
 
 
 def load_jaxchat_checkpoint(model_tag: str, step: int | None, compute_dtype=jnp.float32) -> tuple:
-    """(model, step) of a jaxchat training checkpoint, through jaxchat.checkpoint.load_model_for_eval."""
+    """(model, step, data source it was trained on) of a jaxchat training checkpoint."""
     from jaxchat import checkpoint  # imported lazily: orbax is slow to import and not needed for .npz models
 
-    load = getattr(checkpoint, "load_model_for_eval", None)
-    if load is None:
-        raise UserError("loading jaxchat checkpoints is unavailable (jaxchat.checkpoint.load_model_for_eval is "
-                        "missing); use --nanochat-checkpoint FILE")
-    model, meta = load(model_tag, "last" if step is None else step, compute_dtype=compute_dtype)
-    return model, int(meta["step"])
+    model, meta = checkpoint.load_model_for_eval(model_tag, "last" if step is None else step,
+                                                 compute_dtype=compute_dtype)
+    return model, int(meta["step"]), meta["user_config"].get("data", "fineweb-edu")
 
 
 def write_csv(path: str, results: dict) -> str:
@@ -121,12 +118,12 @@ def load_model(args: argparse.Namespace) -> tuple:
     compute_dtype = DTYPES[args.dtype]
     if args.nanochat_checkpoint:
         model, step = load_nanochat_checkpoint(args.nanochat_checkpoint, compute_dtype)
-        name = os.path.basename(args.nanochat_checkpoint)
+        name, source = os.path.basename(args.nanochat_checkpoint), "fineweb-edu"
     else:
         model_tag = args.model_tag or largest_model_tag()
-        model, step = load_jaxchat_checkpoint(model_tag, args.step, compute_dtype)
+        model, step, source = load_jaxchat_checkpoint(model_tag, args.step, compute_dtype)
         name = f"base_model (step {step})"
-    tokenizer = Tokenizer.load(args.tokenizer_dir or default_dir())
+    tokenizer = Tokenizer.load(args.tokenizer_dir or default_dir(source))  # the demo model uses the demo tokenizer
     if tokenizer.vocab_size != model.config.vocab_size:
         raise UserError(f"tokenizer vocabulary {tokenizer.vocab_size} != model vocabulary {model.config.vocab_size}: "
                         f"pass the model's --tokenizer-dir")

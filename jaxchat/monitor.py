@@ -1,6 +1,7 @@
 """Monitoring: the per-step line, MFU against the peak-FLOPs table, WandB and TensorBoard (process 0 only)."""
 
 import math
+import os
 
 import jax
 
@@ -33,6 +34,12 @@ def step_line(step: int, num_iterations: int, loss: float, lrm: float, dt: float
     return line + (f" | eta: {eta / 60:.1f}m" if eta is not None else "")
 
 
+def _wandb_logged_in() -> bool:
+    """Whether WandB has credentials (env or `wandb login`'s .netrc entry): online mode would otherwise fail."""
+    netrc = os.path.join(os.path.expanduser("~"), ".netrc")
+    return bool(os.environ.get("WANDB_API_KEY")) or (os.path.exists(netrc) and "wandb" in open(netrc).read())
+
+
 class Monitor:
     """WandB (project "nanochat", the reference's keys; off for run "dummy") and TensorBoard event files, on process 0."""
 
@@ -43,7 +50,10 @@ class Monitor:
             return
         if run != "dummy":
             import wandb
-            self.wandb_run = wandb.init(project="nanochat", name=run, config=config, dir=wandb_dir)
+            mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
+            self.wandb_run = wandb.init(project="nanochat", name=run, config=config, dir=wandb_dir, mode=mode)
+            if mode == "offline":
+                print0(f"WandB offline (no API key): `wandb sync {self.wandb_run.dir}/..` uploads the run later")
         if tensorboard_dir:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(tensorboard_dir)

@@ -88,3 +88,15 @@ def test_bad_input_exits_2_with_one_line(base_dir, argv, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_base_eval_on_a_trained_checkpoint(base_dir, uninterrupted, capsys):
+    from conftest import shared_fixture
+    from jaxchat import base_eval
+    bundle = shared_fixture("core_small/eval_bundle")
+    base_eval.main(["--model-tag=a", "--eval=core,sample", f"--bundle={bundle}", "--max-per-task=4"])
+    out = capsys.readouterr().out
+    assert "<|bos|>The capital of France is" in out  # samples decoded with the demo tokenizer the model trained on
+    csv = (base_dir / "base_eval" / "base_model_000006.csv").read_text().splitlines()
+    assert csv[0].replace(" ", "") == "Task,Accuracy,Centered" and csv[-1].startswith("CORE")
+    assert len(csv) == 2 + 5  # header, five tasks of the fixture bundle, CORE
