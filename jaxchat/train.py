@@ -53,7 +53,7 @@ def make_train_step(graphdef, tx, shardings: dict):
         opt_state = optim.set_schedule(opt_state, schedule)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": losses.mean(), "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(train_step, donate_argnums=(0, 1),
                    out_shardings=(shardings["params"], shardings["opt_state"], shardings["replicated"]))
