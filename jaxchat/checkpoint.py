@@ -5,7 +5,11 @@ a temporary directory and renames it when complete, so a crash during a save lea
 half-written one is never listed.
 """
 
+import contextlib
 import os
+import sys
+import tempfile
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -57,10 +61,10 @@ class Checkpointer:
         if abstract_opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            with _quiet_on_failure():
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, OSError, TypeError) as e:
             others = [s for s in self.steps() if s != step]
-            self.close()  # stop orbax's background threads before the process exits
             raise UserError(f"checkpoint {self.directory}/{step} is corrupt or incomplete ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:100]}...); resume from an earlier one with "
                             f"--resume-from-step=N, N in {others[-5:]}, or delete it") from None
@@ -82,6 +86,33 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_on_failure():
+    """Hold what is written to stderr (fd 2) meanwhile; pass it on unless the block fails.
+
+    A failed restore makes tensorstore's pending callbacks print screenfuls of asyncio tracebacks that would bury
+    the one-line error; on success nothing is lost.
+    """
+    sys.stderr.flush()
+    saved, held = os.dup(2), tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        if failed:
+            time.sleep(0.5)  # the failing callbacks finish asynchronously: let them print into `held`
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if not failed:
+            held.seek(0)
+            if data := held.read():
+                os.write(2, data)
+        held.close()
 
 
 def abstract_like(tree, shardings):

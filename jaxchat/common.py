@@ -37,10 +37,10 @@ def run_main(main, *args) -> None:
         if watchdog.active():
             watchdog.abort(f"error: {watchdog.prefix()}{e}", 2)
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # Exit now: library threads (orbax, tensorstore) may still hold work that would print tracebacks
-        # during interpreter shutdown and bury the one line that matters.
-        os._exit(2)
+        # Library threads (orbax, tensorstore) interrupted by the early exit print tracebacks during interpreter
+        # shutdown that would bury the one line that matters: nothing after it goes to stderr.
+        sys.stderr = open(os.devnull, "w")
+        sys.exit(2)
     except (Exception, KeyboardInterrupt) as e:
         if watchdog.active():
             import traceback
