@@ -24,13 +24,25 @@ from jaxchat.tokenizer import Tokenizer
 CHUNK_PREFETCH = 16  # tokenized chunks read ahead; a refill takes up to ~8 of them at the start
 
 
-def read_texts(path: str, rg_idx: int) -> list[str]:
-    """The `text` column of one row group; an unreadable shard is a UserError naming the file."""
+def open_shard(path: str) -> pq.ParquetFile:
+    """A shard's parquet file; an unreadable one is a UserError naming the file and the fix."""
     try:
-        return pq.ParquetFile(path).read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise _unreadable(path, e) from None
+
+
+def read_texts(path: str, rg_idx: int) -> list[str]:
+    """The `text` column of one row group."""
+    try:
+        return open_shard(path).read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
     except (OSError, pa.ArrowException, KeyError) as e:
-        raise UserError(f"cannot read row group {rg_idx} of shard {path} ({type(e).__name__}: {str(e)[:120]}); "
-                        f"delete it and re-run the command that fetched it (python -m jaxchat.dataset ...)") from None
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: str, e: Exception) -> UserError:
+    return UserError(f"cannot read shard {path} ({type(e).__name__}: {str(e)[:100]}); delete it and re-run the "
+                     f"command that fetched it (python -m jaxchat.dataset ...)")
 
 
 class _QuietClose:
@@ -70,7 +82,7 @@ class _ChunkIterator(grain.DatasetIterator):
 
     def _rg_rows(self, pq_idx: int) -> list[int]:
         if pq_idx not in self._rows:
-            meta = pq.ParquetFile(self.files[pq_idx]).metadata
+            meta = open_shard(self.files[pq_idx]).metadata
             self._rows[pq_idx] = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         return self._rows[pq_idx]
 

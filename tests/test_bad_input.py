@@ -94,3 +94,25 @@ def test_command_line_exit_code_and_no_traceback(base_dir, argv):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_corrupt_shard_names_the_file(base_dir, tmp_path, monkeypatch):
+    from jaxchat.train import train
+    shutil.copytree(base_dir / "base_data", tmp_path / "base_data")  # fineweb-edu layout (the demo would rebuild)
+    shutil.copytree(base_dir / "tokenizer_demo", tmp_path / "tokenizer")
+    shard = sorted((tmp_path / "base_data").iterdir())[0]
+    shard.write_bytes(shard.read_bytes()[:1000])  # a download cut short
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(UserError) as e:
+        train(TINY + ["--data=fineweb-edu", "--model-tag=shard"])
+    assert shard.name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_corrupt_tokenizer_names_the_file(base_dir, tmp_path, monkeypatch):
+    from jaxchat.train import train
+    shutil.copytree(base_dir / "base_data_demo", tmp_path / "base_data_demo")
+    (tmp_path / "tokenizer_demo").mkdir()
+    (tmp_path / "tokenizer_demo" / "tokenizer.pkl").write_bytes(b"\x80\x04garbage")
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(UserError, match=r"tokenizer\.pkl.*python -m jaxchat\.tok_train --demo"):
+        train(TINY + ["--model-tag=tok"])
