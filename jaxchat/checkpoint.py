@@ -44,6 +44,12 @@ class Checkpointer:
         self.manager.reload()
         return sorted(self.manager.all_steps())
 
+    def last_complete(self) -> int | None:
+        """The newest checkpoint once any save in flight is on disk (None if there is none)."""
+        self.wait()
+        steps = self.steps()
+        return steps[-1] if steps else None
+
     def resolve_step(self, step: int | str) -> int:
         """A step number, or 'last' for the newest complete checkpoint."""
         steps = self.steps()

@@ -161,11 +161,10 @@ class ShardLoaders:
 def stop_on_non_finite(step: int, loss: float, grad_norm: float, checkpointer: Checkpointer) -> None:
     """Stop before anything poisoned is saved, naming the last good checkpoint."""
     what = "loss" if not np.isfinite(loss) else "gradient norm"
-    checkpointer.wait()
-    saved = checkpointer.steps()
+    last = checkpointer.last_complete()
     checkpointer.close()
-    where = (f"the last good checkpoint is step {saved[-1]} in {checkpointer.directory}: resume with "
-             f"--resume-from-step={saved[-1]} and lower learning rates") if saved else "no checkpoint was saved yet"
+    where = (f"the last good checkpoint is step {last} in {checkpointer.directory}: resume with "
+             f"--resume-from-step={last} and lower learning rates") if last is not None else "no checkpoint was saved yet"
     raise UserError(f"step {step}: non-finite {what} (loss {loss}, gradient norm {grad_norm}); stopped without "
                     f"saving; {where}")
 
@@ -359,9 +358,8 @@ def train(argv: list[str]) -> dict:
         except Exception as e:
             if not memory.is_oom(e):
                 raise
-            checkpointer.wait()  # let a save in flight finish; nothing is saved now (the donated state is gone)
-            saved = checkpointer.steps()
-            raise UserError(memory.oom_message(step_memory, step, saved[-1] if saved else None)) from None
+            # A save in flight finishes; nothing new is saved (the donated state is gone).
+            raise UserError(memory.oom_message(step_memory, step, checkpointer.last_complete())) from None
         dt = time.perf_counter() - t0
         losses[step] = loss
         if not (np.isfinite(loss) and np.isfinite(grad_norm)):
