@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxchat import mesh as meshlib
+from jaxchat import optim
 from jaxchat.common import UserError
 from jaxchat.plan import valid_device_batch_sizes
 
@@ -30,7 +31,8 @@ def fmt_bytes(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
-def step_input_specs(mesh, device_batch_size: int, grad_accum: int, seq_len: int, schedule_keys=("lrm", "momentum", "wd")):
+def step_input_specs(mesh, device_batch_size: int, grad_accum: int, seq_len: int,
+                     schedule_keys=optim.SCHEDULE_KEYS):
     """Abstract (inputs, targets, schedule) of one train step: (accum, rows, T) int32 split over every device."""
     rows = device_batch_size * mesh.size
     tokens = jax.ShapeDtypeStruct((grad_accum, rows, seq_len), jnp.int32, sharding=meshlib.batch_sharding(mesh))

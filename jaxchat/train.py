@@ -59,12 +59,16 @@ def make_train_step(graphdef, tx, shardings: dict):
                    out_shardings=(shardings["params"], shardings["opt_state"], shardings["replicated"]))
 
 
+def model_factory(config: GPTConfig, seed: int, compute_dtype: str, model_options: dict):
+    """A function that builds the model (called under eval_shape for shapes, under jit for sharded parameters)."""
+    return lambda: GPT(config, rngs=nnx.Rngs(seed), compute_dtype=compute_dtype, **model_options)
+
+
 def abstract_training(config: GPTConfig, tx, mesh, *, seed: int = 0, compute_dtype: str, **model_options):
     """(graphdef, train_step, (abstract params, abstract opt_state) with shardings): shapes only, nothing allocated.
 
     model_options: GPT's remat, loss_chunk, embed_dtype."""
-    make_model = lambda: GPT(config, rngs=nnx.Rngs(seed), compute_dtype=compute_dtype, **model_options)
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(model_factory(config, seed, compute_dtype, model_options)))
     abstract_params = nnx.to_pure_dict(abstract_state)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     shardings = dict(params=meshlib.param_shardings(abstract_params, mesh),
@@ -80,7 +84,7 @@ def init_training(config: GPTConfig, tx, mesh, *, seed: int, compute_dtype: str,
     already sharded on the mesh (never a full copy on one device)."""
     graphdef, train_step, targets = abstract_training(config, tx, mesh, seed=seed, compute_dtype=compute_dtype,
                                                       **model_options)
-    make_model = lambda: GPT(config, rngs=nnx.Rngs(seed), compute_dtype=compute_dtype, **model_options)
+    make_model = model_factory(config, seed, compute_dtype, model_options)
     params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(make_model())[1]),
                      out_shardings=jax.tree.map(lambda t: t.sharding, targets[0]))()
     opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda t: t.sharding, targets[1]))(params)

@@ -14,6 +14,11 @@ SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+# A tiny training run on the demo corpus (seconds on a CPU); tests append their horizon and overrides (last flag wins).
+TINY_RUN = ["--data=demo", "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64", "--device-batch-size=1",
+            "--total-batch-size=1024", "--eval-tokens=1024", "--core-metric-every=-1", "--sample-every=-1"]
+
+
 def shared_fixture(name: str) -> Path:
     """Path of a file in ../shared/fixtures, or skip the test with the reason."""
     path = SHARED_FIXTURES / name

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from conftest import TINY_RUN
+
 STEPS = 10
-TINY = ["--data=demo", "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64", "--device-batch-size=1",
-        "--total-batch-size=1024", f"--num-iterations={STEPS}", "--eval-every=-1", "--eval-tokens=1024", "--core-metric-every=-1",
-        "--sample-every=-1", "--save-every=1", "--tensorboard=false"]
+TINY = TINY_RUN + [f"--num-iterations={STEPS}", "--eval-every=-1", "--save-every=1", "--tensorboard=false"]
 STEP_LINE = re.compile(r"^step (\d+)/\d+ .*\| loss: ([0-9.]+) \|")
 
 

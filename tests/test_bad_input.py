@@ -7,11 +7,10 @@ import sys
 
 import pytest
 
+from conftest import TINY_RUN
 from jaxchat.common import UserError
 
-TINY = ["--data=demo", "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64", "--device-batch-size=1",
-        "--total-batch-size=1024", "--num-iterations=2", "--eval-every=-1", "--eval-tokens=1024",
-        "--core-metric-every=-1", "--sample-every=-1"]
+TINY = TINY_RUN + ["--num-iterations=2", "--eval-every=-1"]
 
 
 @pytest.fixture(scope="module")

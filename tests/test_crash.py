@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import TINY_RUN
 from crash_harness import STEPS, final_state, interrupted_run, losses, prepare, run
 
 
@@ -65,9 +66,7 @@ def test_corrupt_checkpoint_is_a_one_line_error(base_dir, uninterrupted):
 
 
 def test_non_finite_loss_stops_without_saving(base_dir):
-    env_cmd = [sys.executable, "-m", "jaxchat.train", "--data=demo", "--depth=2", "--aspect-ratio=32",
-               "--head-dim=32", "--max-seq-len=64", "--device-batch-size=1", "--total-batch-size=1024",
-               "--num-iterations=6", "--eval-every=-1", "--eval-tokens=1024", "--core-metric-every=-1", "--sample-every=-1",
+    env_cmd = [sys.executable, "-m", "jaxchat.train", *TINY_RUN, "--num-iterations=6", "--eval-every=-1",
                "--save-every=2", "--scalar-lr=1e38", "--model-tag=nan"]
     import os
     env = dict(os.environ, JAXCHAT_BASE_DIR=str(base_dir), XLA_FLAGS="--xla_force_host_platform_device_count=1")

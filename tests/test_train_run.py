@@ -10,9 +10,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-TINY = ["--data=demo", "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64", "--device-batch-size=1",
-        "--total-batch-size=1024", "--num-iterations=6", "--eval-every=3", "--eval-tokens=1024",
-        "--core-metric-every=-1", "--sample-every=-1", "--save-every=3"]
+from conftest import TINY_RUN
+
+TINY = TINY_RUN + ["--num-iterations=6", "--eval-every=3", "--save-every=3"]
 
 
 @pytest.fixture(scope="module")
