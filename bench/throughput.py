@@ -8,6 +8,7 @@ and peak memory, printed as one JSON line.
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
@@ -19,6 +20,7 @@ import numpy as np
 from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
+from jaxchat import xla_flags
 from jaxchat.model import config_for_depth, estimate_flops
 from jaxchat.monitor import peak_flops
 from jaxchat.train import init_training
@@ -42,7 +44,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--remat", default="none")
     parser.add_argument("--loss-chunk", type=int, default=0)
     parser.add_argument("--embed-dtype", default="float32")
+    parser.add_argument("--no-xla-flags", action="store_true", help="without jaxchat's GPU XLA flags (baseline)")
     args = parser.parse_args(argv)
+    if not args.no_xla_flags:
+        xla_flags.apply()  # before the backend starts, as `python -m jaxchat.train` does
 
     on_gpu = jax.default_backend() == "gpu"
     compute_dtype = args.compute_dtype or ("bfloat16" if on_gpu else "float32")
@@ -85,7 +90,8 @@ def main(argv=None) -> dict:
         device_batch_size=args.device_batch_size, grad_accum=args.grad_accum, mesh=dict(mesh.shape),
         device=device.device_kind, backend=jax.default_backend(), jax=jax.__version__, compute_dtype=compute_dtype,
         remat=args.remat, loss_chunk=args.loss_chunk, embed_dtype=args.embed_dtype,
-        tokens_per_step=tokens_per_step, step_time_s=dt, step_times_s=times, tokens_per_s=tokens_per_step / dt,
+        xla_flags=os.environ.get("XLA_FLAGS", ""), tokens_per_step=tokens_per_step, step_time_s=dt,
+        step_times_s=times, tokens_per_s=tokens_per_step / dt,
         mfu=100 * flops_per_token * tokens_per_step / dt / peak, compile_s=compile_s,
         predicted_peak_bytes=memory.peak_bytes(compiled),
         peak_bytes=stats["peak_bytes_in_use"] if stats else None,

@@ -22,6 +22,7 @@ from flax import nnx
 from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
+from jaxchat import xla_flags
 from jaxchat.checkpoint import Checkpointer, abstract_like, checkpoint_dir
 from jaxchat.common import UserError, base_dir, print0, run_main
 from jaxchat.config import parse_flags
@@ -298,7 +299,7 @@ def train(argv: list[str]) -> dict:
     def save(step: int, kind: str) -> None:
         nonlocal last_saved
         # Every data shard's own position, in rank order, for exact resume.
-        loader_states = [state for states in gather_json(train_loader.get_state()) for state in states]
+        loader_states = [state for states in gather_json(consumed_loader_state) for state in states]
         meta = dict(step=step, val_bpb=loop.val_bpb, model_config=dataclasses.asdict(config), user_config=c.to_dict(),
                     device_batch_size=c.device_batch_size, max_seq_len=c.max_seq_len,
                     total_batch_size=c.total_batch_size, dataloader_state_dict=loader_states[0],
@@ -310,17 +311,21 @@ def train(argv: list[str]) -> dict:
         last_saved = step
         print0(f"Saved checkpoint step {step} to {checkpointer.directory}")
 
-    def next_batch():
+    def next_batch() -> tuple[tuple[jax.Array, jax.Array], list[dict]]:
+        """One step's (inputs, targets) on the devices, and the loader state once they are consumed."""
         micro = [next(train_loader) for _ in range(plan.grad_accum_steps)]
         inputs = np.stack([m[0] for m in micro]).astype(np.int32)
         targets = np.stack([m[1] for m in micro]).astype(np.int32)
-        return global_batch(inputs, batch_sh), global_batch(targets, batch_sh)
+        return (global_batch(inputs, batch_sh), global_batch(targets, batch_sh)), train_loader.get_state()
 
     def to_device(rows):
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(meshlib.DATA_AXES, None))
         return tuple(global_batch(np.asarray(a, np.int32), sharding) for a in rows)
 
     losses = {}
+    # The next step's batch is read while this step runs on the devices (dispatch is asynchronous), so a checkpoint
+    # records the loader state of the batches trained on, not of the one read ahead.
+    consumed_loader_state, next_step_batch = train_loader.get_state(), None
     stop_request, save_timer = StopRequest(), SaveTimer(c.save_every_minutes)
     step = loop.step
     while True:
@@ -350,7 +355,7 @@ def train(argv: list[str]) -> dict:
         if os.environ.get("JAXCHAT_TEST_DIE_AT_STEP") == str(step):  # test hook: a sudden death (OOM killer, node loss)
             checkpointer.wait()  # so the test knows which checkpoint must survive
             os.kill(os.getpid(), signal.SIGKILL)
-        inputs, targets = next_batch()
+        (inputs, targets), loader_state = next_step_batch or next_batch()
         values = optim.schedule_values(step, num_iterations=N, warmup_ratio=c.warmup_ratio,
                                        warmdown_ratio=c.warmdown_ratio, final_lr_frac=c.final_lr_frac,
                                        weight_decay=wd_scaled)
@@ -358,6 +363,7 @@ def train(argv: list[str]) -> dict:
         t0 = time.perf_counter()
         try:
             params, opt_state, metrics = train_step(params, opt_state, inputs, targets, schedule)
+            next_step_batch = next_batch() if step + 1 < N else None  # host work while the step runs
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])  # waits for the step
         except Exception as e:
             if not memory.is_oom(e):
@@ -365,6 +371,7 @@ def train(argv: list[str]) -> dict:
             # A save in flight finishes; nothing new is saved (the donated state is gone).
             raise UserError(memory.oom_message(step_memory, step, checkpointer.last_complete())) from None
         dt = time.perf_counter() - t0
+        consumed_loader_state = loader_state
         losses[step] = loss
         if not (np.isfinite(loss) and np.isfinite(grad_norm)):
             stop_on_non_finite(step, loss, grad_norm, checkpointer)
@@ -406,6 +413,7 @@ def train(argv: list[str]) -> dict:
 
 
 def main() -> None:
+    xla_flags.apply()  # before the backend starts
     run_main(train, sys.argv[1:])
 
 

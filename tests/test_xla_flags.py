@@ -1,0 +1,39 @@
+"""The recommended GPU XLA flags: merged under the user's own, and known to the installed jaxlib."""
+
+import os
+import subprocess
+import sys
+
+from jaxchat import xla_flags
+
+
+def test_user_flags_win_and_defaults_fill_in():
+    user = "--xla_force_host_platform_device_count=8 --xla_gpu_enable_triton_gemm=true"
+    flags = xla_flags.merged(user).split()
+    assert flags[:2] == user.split()  # kept first and unchanged
+    assert "--xla_gpu_enable_triton_gemm=false" not in flags
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in flags
+    assert len(flags) == 2 + len(xla_flags.GPU_FLAGS) - 1
+    assert xla_flags.merged("").split() == [f"--{k}={v}" for k, v in xla_flags.GPU_FLAGS.items()]
+
+
+def start_backend(env: dict) -> subprocess.CompletedProcess:
+    code = ("import os; from jaxchat import xla_flags; xla_flags.apply(); import jax; "
+            "jax.numpy.zeros(1).block_until_ready(); print(os.environ['XLA_FLAGS'])")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_installed_jaxlib_knows_every_flag():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    done = start_backend(env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == xla_flags.merged("").split()
+    # The check can fail: XLA aborts on a flag it does not know.
+    bogus = start_backend(dict(env, XLA_FLAGS="--xla_gpu_no_such_flag_in_any_version=true"))
+    assert bogus.returncode != 0 and "no_such_flag" in bogus.stderr
+
+
+def test_opt_out():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAXCHAT_XLA_FLAGS="0")
+    done = start_backend(env)
+    assert done.returncode == 0 and done.stdout.strip() == ""
