@@ -1,0 +1,96 @@
+"""Does reading the next batch hide behind the step? The real loader and the real compiled train step, two ways in
+the same run: serial (read, then step, then wait: the baseline) and read-ahead (dispatch the step, read the next
+batch while it runs, then wait: what `jaxchat.train` does). One JSON line.
+
+    python bench/input_pipeline.py                       # demo corpus and model (CPU: a minute)
+    python bench/input_pipeline.py --config.depth=12 --config.max_seq_len=2048 --config.device_batch_size=16 \\
+        --config.total_batch_size=65536                  # GPU-sized step, still on the demo corpus
+"""
+
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxchat import memory
+from jaxchat import mesh as meshlib
+from jaxchat import optim
+from jaxchat import xla_flags
+from jaxchat.config import parse_flags
+from jaxchat.plan import make_plan
+from jaxchat.train import global_batch, init_training, prepare_data
+
+
+def main(argv: list[str]) -> dict:
+    steps = 10
+    c = parse_flags(["--config=configs/demo.py", *argv])
+    mesh = meshlib.make_mesh(c.fsdp)
+    tok, train_loader_factory, _ = prepare_data(c)
+    plan = make_plan(depth=c.depth, aspect_ratio=c.aspect_ratio, head_dim=c.head_dim, max_seq_len=c.max_seq_len,
+                     vocab_size=tok.vocab_size, window_pattern=c.window_pattern, num_iterations_flag=steps,
+                     target_flops=-1, target_param_data_ratio=c.target_param_data_ratio,
+                     total_batch_size=c.total_batch_size, device_batch_size=c.device_batch_size,
+                     data_parallel_size=jax.device_count())
+    on_gpu = jax.default_backend() == "gpu"
+    compute_dtype = "bfloat16" if on_gpu else "float32"
+    tx = optim.make_optimizer(model_dim=plan.model.n_embd, weight_decay=0.2,
+                              muon_dtype=jnp.bfloat16 if on_gpu else jnp.float32)
+    _, params, opt_state, train_step, targets = init_training(plan.model, tx, mesh, seed=0,
+                                                              compute_dtype=compute_dtype)
+    step = memory.compile_step(train_step, *targets, mesh, device_batch_size=c.device_batch_size,
+                               grad_accum=plan.grad_accum_steps, seq_len=c.max_seq_len)
+    values = optim.schedule_values(0, num_iterations=1000, warmup_ratio=0.0, warmdown_ratio=0.5, final_lr_frac=0.0,
+                                   weight_decay=0.2)
+    schedule = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
+    loader, batch_sh = train_loader_factory(), meshlib.batch_sharding(mesh)
+    read_times = []
+
+    def next_batch():
+        t0 = time.perf_counter()
+        micro = [next(loader) for _ in range(plan.grad_accum_steps)]
+        batch = tuple(global_batch(np.stack([m[i] for m in micro]).astype(np.int32), batch_sh) for i in (0, 1))
+        read_times.append(time.perf_counter() - t0)
+        return batch
+
+    def serial():
+        nonlocal params, opt_state
+        batch = next_batch()
+        params, opt_state, metrics = step(params, opt_state, *batch, schedule)
+        float(metrics["loss"])
+
+    ahead = None
+
+    def read_ahead():
+        nonlocal params, opt_state, ahead
+        batch = ahead or next_batch()
+        params, opt_state, metrics = step(params, opt_state, *batch, schedule)
+        ahead = next_batch()
+        float(metrics["loss"])
+
+    def timed(fn) -> float:
+        for _ in range(2):  # warm-up (and the loader's first buffer fill)
+            fn()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    serial_s, ahead_s = timed(serial), timed(read_ahead)
+    result = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
+                  depth=c.depth, seq_len=c.max_seq_len, device_batch_size=c.device_batch_size,
+                  grad_accum=plan.grad_accum_steps, tokens_per_step=c.total_batch_size,
+                  read_s=statistics.median(read_times), serial_step_s=serial_s, read_ahead_step_s=ahead_s,
+                  speedup=serial_s / ahead_s)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    xla_flags.apply()
+    main(sys.argv[1:])
