@@ -49,7 +49,8 @@ def main(argv=None) -> None:
     print("|---|---|" + "---|" * len(options) + "---|", flush=True)
     for depth in args.depths:
         config = config_for_depth(depth, max_seq_len=args.seq_len, vocab_size=args.vocab_size)
-        tx = optim.make_optimizer(model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.bfloat16)
+        tx = optim.make_optimizer(model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.bfloat16,
+                                  muon_stack_sharding=meshlib.muon_stack_sharding(mesh))
         for b in args.batches:
             cells, t0 = [], time.perf_counter()
             for name in options:

@@ -55,7 +55,8 @@ def main(argv=None) -> dict:
     config = config_for_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
                               max_seq_len=args.seq_len, vocab_size=args.vocab_size, window_pattern=args.window_pattern)
     mesh = meshlib.make_mesh(args.fsdp)
-    tx = optim.make_optimizer(model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(muon_dtype))
+    tx = optim.make_optimizer(model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(muon_dtype),
+                              muon_stack_sharding=meshlib.muon_stack_sharding(mesh))
     _, params, opt_state, train_step, (params_like, opt_like) = init_training(
         config, tx, mesh, seed=0, compute_dtype=compute_dtype, remat=args.remat, loss_chunk=args.loss_chunk,
         embed_dtype=args.embed_dtype)

@@ -3,7 +3,7 @@
 Mesh axes: `data` (pure data parallel) x `fsdp` (data parallel with parameters sharded over it). The batch is split
 over both. Parameters are replicated over `data` and sharded over `fsdp`; optimizer state is additionally sharded over
 `data` (ZeRO-2, like the reference's DistMuonAdamW), along the stack axis for Muon matrices so that every matrix is
-orthogonalised whole on one device.
+orthogonalised whole on one device; Muon zero-pads a stack that does not divide the devices (muon_stack_sharding).
 """
 
 import os
@@ -174,6 +174,11 @@ def param_shardings(params, mesh: Mesh):
 def optimizer_shardings(opt_state, mesh: Mesh):
     """How optimizer state (and gradients entering the update) live: ZeRO-2 over every device."""
     return _shardings(opt_state, OPTIMIZER_RULES, mesh)
+
+
+def muon_stack_sharding(mesh: Mesh) -> NamedSharding | None:
+    """Where Muon orthogonalises: its (zero-padded) stacks of whole matrices split over every device; None on one."""
+    return NamedSharding(mesh, P(DATA_AXES)) if mesh.size > 1 else None
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

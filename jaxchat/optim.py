@@ -246,9 +246,24 @@ def muon_matrix_update(O_KRC: jax.Array, P_KRC: jax.Array, lr_eff: jax.Array, wd
     return -(lr_O + decay)
 
 
-def muon(lr: float, beta2: float = MUON_BETA2, dtype=jnp.bfloat16,
-         ns_steps: int = NS_STEPS) -> optax.GradientTransformationExtraArgs:
-    """Muon over a tree of stacked Flax kernels; extra args lrm, momentum, wd (spec §4.3, with the bf16 quirks)."""
+def spread_stacks(arrays: tuple[jax.Array, ...], sharding) -> tuple[jax.Array, ...]:
+    """Zero-pad the leading (stack) axis to a multiple of `sharding`'s shards and split it over them, so every device
+    orthogonalises whole matrices whatever the depth (the reference pads its stacks the same way, spec §4.4).
+    Zero matrices stay zero through Polar Express and NorMuon; callers cut the padding off the results."""
+    if sharding is None or arrays[0].ndim < 3:
+        return arrays
+    axes = sharding.spec[0] if isinstance(sharding.spec[0], tuple) else (sharding.spec[0],)
+    pad = -arrays[0].shape[0] % math.prod(sharding.mesh.shape[a] for a in axes)
+    return tuple(jax.lax.with_sharding_constraint(jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)), sharding)
+                 for a in arrays)
+
+
+def muon(lr: float, beta2: float = MUON_BETA2, dtype=jnp.bfloat16, ns_steps: int = NS_STEPS,
+         stack_sharding=None) -> optax.GradientTransformationExtraArgs:
+    """Muon over a tree of stacked Flax kernels; extra args lrm, momentum, wd (spec §4.3, with the bf16 quirks).
+
+    stack_sharding (mesh.muon_stack_sharding): where the orthogonalisation runs; None: wherever the inputs live.
+    """
     dtype = jnp.dtype(dtype)
 
     def init_fn(params):
@@ -268,12 +283,14 @@ def muon(lr: float, beta2: float = MUON_BETA2, dtype=jnp.bfloat16,
             M = _lerp(M, g, 1 - momentum)
             U = _lerp(g, M, momentum)  # Nesterov: (1−μ)·g + μ·M
             # Reference orientation (rows = fan_out, cols = fan_in): transpose the matrix axes only.
-            U_KRC, P_KRC = jnp.swapaxes(U, -1, -2), jnp.swapaxes(p.astype(jnp.float32), -1, -2)
+            K = U.shape[0] if U.ndim >= 3 else None
+            U_KRC, P_KRC, S_KRC = spread_stacks((jnp.swapaxes(U, -1, -2), jnp.swapaxes(p.astype(jnp.float32), -1, -2),
+                                                 jnp.swapaxes(S, -1, -2)), stack_sharding)
             O_KRC = polar_express(U_KRC, dtype, ns_steps)
-            O_KRC, S_ref = normuon(O_KRC, jnp.swapaxes(S, -1, -2), beta2_t)
+            O_KRC, S_KRC = normuon(O_KRC, S_KRC, beta2_t)
             lr_eff = (jnp.float32(lr * muon_lr_scale(p.shape)) * lrm).astype(dtype)
-            u_KRC = muon_matrix_update(O_KRC, P_KRC, lr_eff, wd_t)
-            return jnp.swapaxes(u_KRC, -1, -2).astype(p.dtype), M, jnp.swapaxes(S_ref, -1, -2)
+            u_KRC = muon_matrix_update(O_KRC, P_KRC, lr_eff, wd_t)[:K]
+            return jnp.swapaxes(u_KRC, -1, -2).astype(p.dtype), M, jnp.swapaxes(S_KRC[:K], -1, -2)
 
         out = jax.tree.map(one, updates, state.momentum, state.second_moment, params)
         leaves_of = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)  # noqa: E731
@@ -312,17 +329,19 @@ def group_hyperparams(*, model_dim: int, embedding_lr: float = 0.3, unembedding_
 
 def make_optimizer(*, model_dim: int, embedding_lr: float = 0.3, unembedding_lr: float = 0.004,
                    matrix_lr: float = 0.02, scalar_lr: float = 0.5, adam_betas: tuple[float, float] = (0.8, 0.95),
-                   weight_decay: float = 0.0, batch_lr_scale: float = 1.0,
-                   muon_dtype=jnp.bfloat16) -> optax.GradientTransformationExtraArgs:
+                   weight_decay: float = 0.0, batch_lr_scale: float = 1.0, muon_dtype=jnp.bfloat16,
+                   muon_stack_sharding=None) -> optax.GradientTransformationExtraArgs:
     """MuonAdamW for jaxchat's parameter tree; per-step values via `set_schedule` (see the module docstring).
 
     `weight_decay` is the depth-scaled Muon wd; it is only the initial `wd` of the state (step 0 of its schedule).
+    `muon_stack_sharding`: mesh.muon_stack_sharding(mesh) on a mesh, so Muon's work is split, never repeated.
     """
     groups = group_hyperparams(model_dim=model_dim, embedding_lr=embedding_lr, unembedding_lr=unembedding_lr,
                                matrix_lr=matrix_lr, scalar_lr=scalar_lr, adam_betas=adam_betas,
                                batch_lr_scale=batch_lr_scale)
     transforms = {name: adamw(g["lr"], *g["betas"]) for name, g in groups.items() if g["kind"] == "adamw"}
-    transforms["muon"] = muon(groups["muon"]["lr"], groups["muon"]["beta2"], muon_dtype)
+    transforms["muon"] = muon(groups["muon"]["lr"], groups["muon"]["beta2"], muon_dtype,
+                              stack_sharding=muon_stack_sharding)
     inner = optax.partition(transforms, param_labels)
     initial = {"lrm": 1.0, "momentum": muon_momentum(0), "wd": weight_decay}
 

@@ -225,7 +225,8 @@ def train(argv: list[str]) -> dict:
     bls = optim.batch_lr_scale(c.total_batch_size)
     tx = optim.make_optimizer(model_dim=config.n_embd, embedding_lr=c.embedding_lr, unembedding_lr=c.unembedding_lr,
                               matrix_lr=c.matrix_lr, scalar_lr=c.scalar_lr, adam_betas=(c.adam_beta1, c.adam_beta2),
-                              weight_decay=wd_scaled, batch_lr_scale=bls, muon_dtype=jnp.dtype(muon_dtype))
+                              weight_decay=wd_scaled, batch_lr_scale=bls, muon_dtype=jnp.dtype(muon_dtype),
+                              muon_stack_sharding=meshlib.muon_stack_sharding(mesh))
     print0(f"Batch LR scale {bls:.6f}; Muon weight decay {c.weight_decay} x (12/{c.depth})^2 = {wd_scaled:.6f}; "
            f"AdamW LR scale (n/768)^-0.5 = {(config.n_embd / 768) ** -0.5:.6f}")
     graphdef, params, opt_state, train_step, restore_targets = init_training(
