@@ -1,5 +1,5 @@
 """Throughput of the real train step on synthetic tokens: tokens/s, MFU (spec §10), median step time, compile time
-and peak memory, printed as one JSON line.
+and peak memory, printed as one JSON line, then as the README performance table's row.
 
     python bench/throughput.py --depth=24 --device-batch-size=16            # real shapes: T 2048, vocab 32768
     python bench/throughput.py --depth=2 --aspect-ratio=32 --head-dim=32 --seq-len=64 --vocab-size=256 \\
@@ -11,6 +11,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import time
 
 import jax
@@ -99,7 +100,18 @@ def main(argv=None) -> dict:
         host_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         loss=float(metrics["loss"]) if isinstance(metrics, dict) else float(metrics))
     print(json.dumps(result), flush=True)
+    print(readme_row(result), flush=True)
     return result
+
+
+def readme_row(r: dict) -> str:
+    """The README performance table's row for this measurement (GPU, jax, commit, depth, batch, figures)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "-"
+    peak = f"{r['peak_bytes'] / 2**30:.1f} GiB" if r["peak_bytes"] else "-"
+    return (f"| {r['device']} | {r['jax']} | {commit} | {r['depth']} | {r['device_batch_size']} | "
+            f"{r['tokens_per_s']:,.0f} | {r['mfu']:.1f}% | {r['step_time_s'] * 1000:.0f} ms | {r['compile_s']:.0f} s | "
+            f"{peak} |")
 
 
 if __name__ == "__main__":
