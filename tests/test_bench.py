@@ -1,4 +1,4 @@
-"""bench/throughput.py and bench/compile.py in CI size."""
+"""bench/throughput.py, bench/compile.py and bench/muon_split.py in CI size."""
 
 import json
 import os
@@ -39,3 +39,14 @@ def test_layer_scan_keeps_the_compiled_step_flat_in_depth():
     assert unrolled10 - unrolled6 >= 4 * 500, (unrolled6, unrolled10)  # 4 more layers, hundreds of ops each
     assert scan10 < unrolled10
     assert "| 10 | 64 |" in out  # the markdown table
+
+
+def test_split_muon_stacks_cut_the_optimizer_flops_per_device():
+    """6 layers on 8 host devices: padded to 8 and split, each device orthogonalises 1 matrix per stack, not 6."""
+    cmd = [sys.executable, str(ROOT / "bench" / "muon_split.py"), "--devices=8", "--depths=6", "--aspect-ratio=16",
+           "--head-dim=32"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["devices"] == 8 and result["n_embd"] == 96
+    assert result["flops_whole"] > 4 * result["flops_split"], result

@@ -79,7 +79,7 @@ def test_muon_orthogonalises_each_matrix_on_one_device():
 
 def test_muon_splits_stacks_that_do_not_divide_the_devices():
     """6 layers on 8 devices: without padding every device orthogonalises all 6 matrices of each stack; padded to 8
-    and split, each does one. Same updates either way; several times fewer FLOPs per device."""
+    and split, each does one, with the same updates (the FLOPs saved: bench/muon_split.py, tests/test_bench.py)."""
     import dataclasses
 
     import jax.numpy as jnp
@@ -108,6 +108,3 @@ def test_muon_splits_stacks_that_do_not_divide_the_devices():
     (repeated, args), (split, _) = compiled(None), compiled(meshlib.muon_stack_sharding(mesh))
     for ours, want in zip(jax.tree.leaves(split(*args)), jax.tree.leaves(repeated(*args))):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(want), rtol=1e-4, atol=1e-7)  # float32 matmul order
-    flops = [c.cost_analysis() for c in (repeated, split)]
-    flops = [f[0]["flops"] if isinstance(f, list) else f["flops"] for f in flops]
-    assert flops[0] > 3 * flops[1], flops
