@@ -10,6 +10,15 @@ import json
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxchat import mesh as meshlib
+from jaxchat import optim
+from jaxchat.checkpoint import abstract_like
+from jaxchat.model import GPT, config_for_depth
+
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -20,15 +29,6 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}")  # before the backend starts
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from jaxchat import mesh as meshlib
-    from jaxchat import optim
-    from jaxchat.checkpoint import abstract_like
-    from jaxchat.model import GPT, config_for_depth
-
     mesh = meshlib.make_mesh(1)
     for depth in (int(d) for d in args.depths.split(",")):
         config = config_for_depth(depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim)
