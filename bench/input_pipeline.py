@@ -14,7 +14,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxchat import memory
 from jaxchat import mesh as meshlib
@@ -22,7 +21,7 @@ from jaxchat import optim
 from jaxchat import xla_flags
 from jaxchat.config import parse_flags
 from jaxchat.plan import make_plan
-from jaxchat.train import global_batch, init_training, prepare_data
+from jaxchat.train import default_dtype, init_training, prepare_data, step_batch
 
 
 def main(argv: list[str]) -> dict:
@@ -35,12 +34,10 @@ def main(argv: list[str]) -> dict:
                      target_flops=-1, target_param_data_ratio=c.target_param_data_ratio,
                      total_batch_size=c.total_batch_size, device_batch_size=c.device_batch_size,
                      data_parallel_size=jax.device_count())
-    on_gpu = jax.default_backend() == "gpu"
-    compute_dtype = "bfloat16" if on_gpu else "float32"
-    tx = optim.make_optimizer(model_dim=plan.model.n_embd, weight_decay=0.2,
-                              muon_dtype=jnp.bfloat16 if on_gpu else jnp.float32)
+    tx = optim.make_optimizer(model_dim=plan.model.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(default_dtype(None)),
+                              muon_stack_sharding=meshlib.muon_stack_sharding(mesh))
     _, params, opt_state, train_step, targets = init_training(plan.model, tx, mesh, seed=0,
-                                                              compute_dtype=compute_dtype)
+                                                              compute_dtype=default_dtype(None))
     step = memory.compile_step(train_step, *targets, mesh, device_batch_size=c.device_batch_size,
                                grad_accum=plan.grad_accum_steps, seq_len=c.max_seq_len)
     values = optim.schedule_values(0, num_iterations=1000, warmup_ratio=0.0, warmdown_ratio=0.5, final_lr_frac=0.0,
@@ -51,8 +48,7 @@ def main(argv: list[str]) -> dict:
 
     def next_batch():
         t0 = time.perf_counter()
-        micro = [next(loader) for _ in range(plan.grad_accum_steps)]
-        batch = tuple(global_batch(np.stack([m[i] for m in micro]).astype(np.int32), batch_sh) for i in (0, 1))
+        batch = step_batch(loader, plan.grad_accum_steps, batch_sh)
         read_times.append(time.perf_counter() - t0)
         return batch
 

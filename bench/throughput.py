@@ -24,7 +24,7 @@ from jaxchat import optim
 from jaxchat import xla_flags
 from jaxchat.model import config_for_depth, estimate_flops
 from jaxchat.monitor import peak_flops
-from jaxchat.train import init_training
+from jaxchat.train import default_dtype, init_training
 
 
 def main(argv=None) -> dict:
@@ -50,9 +50,7 @@ def main(argv=None) -> dict:
     if not args.no_xla_flags:
         xla_flags.apply()  # before the backend starts, as `python -m jaxchat.train` does
 
-    on_gpu = jax.default_backend() == "gpu"
-    compute_dtype = args.compute_dtype or ("bfloat16" if on_gpu else "float32")
-    muon_dtype = args.muon_dtype or ("bfloat16" if on_gpu else "float32")
+    compute_dtype, muon_dtype = default_dtype(args.compute_dtype), default_dtype(args.muon_dtype)
     config = config_for_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
                               max_seq_len=args.seq_len, vocab_size=args.vocab_size, window_pattern=args.window_pattern)
     mesh = meshlib.make_mesh(args.fsdp)

@@ -283,9 +283,9 @@ def muon(lr: float, beta2: float = MUON_BETA2, dtype=jnp.bfloat16, ns_steps: int
             M = _lerp(M, g, 1 - momentum)
             U = _lerp(g, M, momentum)  # Nesterov: (1−μ)·g + μ·M
             # Reference orientation (rows = fan_out, cols = fan_in): transpose the matrix axes only.
-            K = U.shape[0] if U.ndim >= 3 else None
-            U_KRC, P_KRC, S_KRC = spread_stacks((jnp.swapaxes(U, -1, -2), jnp.swapaxes(p.astype(jnp.float32), -1, -2),
-                                                 jnp.swapaxes(S, -1, -2)), stack_sharding)
+            U_KRC, P_KRC, S_KRC = (jnp.swapaxes(x, -1, -2) for x in (U, p.astype(jnp.float32), S))
+            K = U_KRC.shape[0]  # before padding: results are cut back to it
+            U_KRC, P_KRC, S_KRC = spread_stacks((U_KRC, P_KRC, S_KRC), stack_sharding)
             O_KRC = polar_express(U_KRC, dtype, ns_steps)
             O_KRC, S_KRC = normuon(O_KRC, S_KRC, beta2_t)
             lr_eff = (jnp.float32(lr * muon_lr_scale(p.shape)) * lrm).astype(dtype)

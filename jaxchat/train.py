@@ -192,6 +192,17 @@ def global_batch(local_ART: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, local_ART)
 
 
+def step_batch(loader, grad_accum: int, sharding) -> tuple[jax.Array, jax.Array]:
+    """One step's (inputs, targets): `grad_accum` micro-batches from the loader stacked (A, rows, T), on the devices."""
+    micro = [next(loader) for _ in range(grad_accum)]
+    return tuple(global_batch(np.stack([m[i] for m in micro]).astype(np.int32), sharding) for i in (0, 1))
+
+
+def default_dtype(flag: str | None) -> str:
+    """A dtype flag's value, else the backend's default: bfloat16 on GPU (the reference on CUDA), float32 elsewhere."""
+    return flag or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
+
+
 def train(argv: list[str]) -> dict:
     """Run training; returns {"losses": {step: loss}, "loop": LoopState} for tests and scripts."""
     c = parse_flags(argv)
@@ -199,9 +210,7 @@ def train(argv: list[str]) -> dict:
                              c.process_id if c.process_id >= 0 else None, init_timeout=c.init_timeout,
                              peer_timeout=c.peer_timeout)
     mesh = meshlib.make_mesh(c.fsdp)
-    on_gpu = jax.default_backend() == "gpu"
-    compute_dtype = c.compute_dtype or ("bfloat16" if on_gpu else "float32")
-    muon_dtype = c.muon_dtype or ("bfloat16" if on_gpu else "float32")
+    compute_dtype, muon_dtype = default_dtype(c.compute_dtype), default_dtype(c.muon_dtype)
     model_tag = c.model_tag or f"d{c.depth}"
     device_kind = jax.devices()[0].device_kind
     print0(f"Devices: {jax.device_count()} x {device_kind} over {jax.process_count()} process(es); "
@@ -314,10 +323,7 @@ def train(argv: list[str]) -> dict:
 
     def next_batch() -> tuple[tuple[jax.Array, jax.Array], list[dict]]:
         """One step's (inputs, targets) on the devices, and the loader state once they are consumed."""
-        micro = [next(train_loader) for _ in range(plan.grad_accum_steps)]
-        inputs = np.stack([m[0] for m in micro]).astype(np.int32)
-        targets = np.stack([m[1] for m in micro]).astype(np.int32)
-        return (global_batch(inputs, batch_sh), global_batch(targets, batch_sh)), train_loader.get_state()
+        return step_batch(train_loader, plan.grad_accum_steps, batch_sh), train_loader.get_state()
 
     def to_device(rows):
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(meshlib.DATA_AXES, None))
