@@ -186,5 +186,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(None, DATA_AXES, None))
 
 
+def row_sharding(mesh: Mesh) -> NamedSharding:
+    """Token rows (rows, T), e.g. validation batches: split over every device."""
+    return NamedSharding(mesh, P(DATA_AXES, None))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())

@@ -294,7 +294,7 @@ def train(argv: list[str]) -> dict:
         print0(f"Resumed from step {step} of {checkpointer.directory}")
     resume_step = loop.step
 
-    batch_sh = meshlib.batch_sharding(mesh)
+    batch_sh, row_sh = meshlib.batch_sharding(mesh), meshlib.row_sharding(mesh)
     bpb_step = make_bpb_step(graphdef)
     token_bytes = jnp.asarray(tok.get_token_bytes())
     eval_steps = max(1, c.eval_tokens // (c.device_batch_size * c.max_seq_len * jax.device_count()))
@@ -326,8 +326,7 @@ def train(argv: list[str]) -> dict:
         return step_batch(train_loader, plan.grad_accum_steps, batch_sh), train_loader.get_state()
 
     def to_device(rows):
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(meshlib.DATA_AXES, None))
-        return tuple(global_batch(np.asarray(a, np.int32), sharding) for a in rows)
+        return tuple(global_batch(np.asarray(a, np.int32), row_sh) for a in rows)
 
     losses = {}
     # The next step's batch is read while this step runs on the devices (dispatch is asynchronous), so a checkpoint
