@@ -27,7 +27,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def load_nanochat_checkpoint(path: str, compute_dtype=jnp.float32) -> tuple:
     """(model, step or None) from a parity-format .npz or a nanochat .pt checkpoint."""
     from jaxchat.convert import read_reference_npz, read_reference_pt
-    from jaxchat.parity import model_from_reference
+    from jaxchat.convert import model_from_reference
 
     if not os.path.exists(path):
         raise UserError(f"--nanochat-checkpoint {path} does not exist")

@@ -86,6 +86,13 @@ def load_params(model: GPT, params: dict) -> None:
     nnx.update(model, state)
 
 
+def model_from_reference(config: GPTConfig, state: dict[str, np.ndarray], compute_dtype=jnp.float32) -> GPT:
+    """A jaxchat GPT holding the reference's weights."""
+    model = GPT(config, rngs=nnx.Rngs(0), compute_dtype=compute_dtype)
+    load_params(model, from_reference(state, config))
+    return model
+
+
 def _flatten(tree: dict, prefix: str = ""):
     for k, v in tree.items():
         if isinstance(v, dict):

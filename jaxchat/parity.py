@@ -19,15 +19,8 @@ from flax import nnx
 
 from jaxchat import optim
 from jaxchat.common import UserError, run_main
-from jaxchat.convert import from_reference, load_params, read_reference_npz, to_reference
-from jaxchat.model import GPT, GPTConfig
-
-
-def model_from_reference(config: GPTConfig, state: dict[str, np.ndarray], compute_dtype=jnp.float32) -> GPT:
-    """A jaxchat GPT holding the reference's weights."""
-    model = GPT(config, rngs=nnx.Rngs(0), compute_dtype=compute_dtype)
-    load_params(model, from_reference(state, config))
-    return model
+from jaxchat.convert import model_from_reference, read_reference_npz, to_reference
+from jaxchat.model import GPT
 
 
 def loss_and_grads(model: GPT, idx: np.ndarray, targets: np.ndarray) -> tuple[jax.Array, jax.Array, dict]:

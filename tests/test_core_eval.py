@@ -28,7 +28,7 @@ def fixture_dir() -> Path:
 def reference():
     """(model, tokenizer, expected.json) of the fixture."""
     from jaxchat.convert import read_reference_npz
-    from jaxchat.parity import model_from_reference
+    from jaxchat.convert import model_from_reference
     from jaxchat.tokenizer import Tokenizer
 
     root = fixture_dir()
@@ -261,7 +261,7 @@ except AttributeError:
 jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
 from jaxchat.convert import read_reference_npz
 from jaxchat.core_eval import evaluate_core
-from jaxchat.parity import model_from_reference
+from jaxchat.convert import model_from_reference
 from jaxchat.tokenizer import Tokenizer
 root = sys.argv[3]
 config, state, _ = read_reference_npz(root + "/model.npz")

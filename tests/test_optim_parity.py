@@ -38,11 +38,11 @@ def run(path) -> tuple[dict, dict]:
     The optimizer part of `parity.compute` only (its forward/backward part is tested in test_model.py).
     """
     from jaxchat import parity
-    from jaxchat.convert import read_reference_npz, to_reference
+    from jaxchat.convert import model_from_reference, read_reference_npz, to_reference
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity, as `python -m jaxchat.parity`
     config, state, data = read_reference_npz(str(path))
     batches = [(data[f"step{k}_idx"], data[f"step{k}_targets"]) for k in (1, 2, 3)]
-    results = parity.run_optimizer_steps(parity.model_from_reference(config, state),
+    results = parity.run_optimizer_steps(model_from_reference(config, state),
                                          json.loads(str(data["opt/json"])), batches)
     out = {}
     for k, result in enumerate(results, start=1):
