@@ -5,7 +5,8 @@
 Reads `config/*`, `param/*`, `idx`, `targets` (format: shared/fixtures/README.md) and writes `loss`, `logits` and
 `grad/<name>` computed by jaxchat in float32 on the current backend. If the fixture has `opt/json`, it also runs
 its optimizer steps (batches `step{k}_idx`/`step{k}_targets`, fresh state, from `param/*`) and writes `step{k}_loss`
-and `step{k}/<name>` (parameters after step k).
+and `step{k}/<name>` (parameters after step k). An fp8 unit fixture (`x`, `w`, `go`) gets jaxchat's fp8 matmul
+instead: `q_x`, `q_w`, `q_go`, `inv_*`, `y`, `grad_x`, `grad_w` (jaxchat.fp8.unit_fixture_outputs).
 """
 
 import argparse
@@ -17,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxchat import optim
+from jaxchat import fp8, optim
 from jaxchat.common import UserError, run_main
 from jaxchat.convert import model_from_reference, read_reference_npz, to_reference
 from jaxchat.model import GPT
@@ -88,6 +89,9 @@ def run_optimizer_steps(model: GPT, settings: dict, batches: list[tuple[np.ndarr
 
 def compute(fixture_path: str) -> dict[str, np.ndarray]:
     """Everything jaxchat computes for a fixture, keyed as in the fixture."""
+    with np.load(fixture_path) as data:
+        if {"x", "w", "go"} <= set(data.files):
+            return fp8.unit_fixture_outputs(data["x"], data["w"], data["go"])
     config, state, data = read_reference_npz(fixture_path)
     model = model_from_reference(config, state)
     loss, logits, grads = loss_and_grads(model, data["idx"], data["targets"])
@@ -111,7 +115,7 @@ def main(argv=None) -> None:
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity, no TF32/bf16 passes
     out = compute(args.fixture)
     np.savez(args.out, **out)
-    print(f"wrote {len(out)} arrays to {args.out} (loss {float(out['loss']):.6f})")
+    print(f"wrote {len(out)} arrays to {args.out}" + (f" (loss {float(out['loss']):.6f})" if "loss" in out else ""))
 
 
 if __name__ == "__main__":

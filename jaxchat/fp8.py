@@ -1,0 +1,163 @@
+"""Tensorwise dynamic-scaled fp8 matmuls for training (`--fp8`), as nanochat/fp8.py at 92d63d4 computes them.
+
+Per operand and per call: amax = max |x| in float32, scale = FP8_MAX / max(amax, 1e-12), q = fp8(clip(x * scale)),
+inverse scale 1 / scale. Forward: the input (compute dtype) and the float32 master weight go to e4m3; backward: the
+output gradient goes to e5m2, and grad_input and grad_weight are computed from the fp8 operands saved by the forward.
+
+Each matmul is written as XLA's GPU GEMM rewriter expects an fp8 GEMM: dot(convert(q_a) * inv_a, convert(q_b) * inv_b)
+with scalar inverse scales. On CUDA devices of compute capability >= 8.9 it becomes a cuBLASLt fp8 GEMM (the forward
+at Precision.DEFAULT, i.e. with fast accumulation like `_scaled_mm(use_fast_accum=True)`; the backward at HIGHEST,
+without); elsewhere the same quantised numbers are multiplied in float32, which gives the same results and no speed-up.
+
+Scales are per data-parallel shard, like each nanochat rank's (no cross-device amax): under a mesh context whose data
+axes split the batch, the activation and gradient quantisation run inside a shard_map over those axes. The weight's
+amax is over the whole weight (with FSDP, GSPMD reduces it over the shards).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jaxchat.mesh import DATA_AXES
+
+E4M3 = jnp.float8_e4m3fn  # input and weight: more mantissa, max 448
+E5M2 = jnp.float8_e5m2  # output gradient: more range, max 57344
+EPS = 1e-12  # nanochat/fp8.py EPS: the amax floor (an all-zero tensor)
+
+
+def qualifies(n_in: int, n_out: int) -> bool:
+    """Whether a dense layer runs in fp8: both sizes multiples of 16, the smaller >= 128 (nanochat base_train.py
+    fp8_module_filter), so q, k, v, both projections, c_fc and lm_head do, the VE and smear gates do not."""
+    return n_in % 16 == 0 and n_out % 16 == 0 and min(n_in, n_out) >= 128
+
+
+@functools.lru_cache(maxsize=None)
+def _scale_constants(fp8_dtype) -> tuple[float, np.float32, np.float32]:
+    """(FP8_MAX, the smallest float32 amax that is >= EPS, the scale of an amax below it).
+
+    nanochat computes float32(FP8_MAX / float64(amax).clamp(min=1e-12)). For a float32 amax >= 1e-12 that equals the
+    float32 division FP8_MAX / amax (a quotient of two short floats is never within a float64 rounding of a float32
+    rounding boundary unless exactly on it), so only the floor needs float64, here on the host.
+    """
+    fp8_max = float(ml_dtypes.finfo(fp8_dtype).max)
+    floor = np.float32(EPS)
+    if float(floor) < EPS:
+        floor = np.nextafter(floor, np.float32(np.inf))
+    return fp8_max, floor, np.float32(fp8_max / EPS)
+
+
+def quantise(x: jax.Array, fp8_dtype) -> tuple[jax.Array, jax.Array]:
+    """(q, inverse scale): x in fp8 with one dynamic scale for the whole tensor (nanochat/fp8.py `_to_fp8`)."""
+    fp8_max, floor, scale_at_floor = _scale_constants(fp8_dtype)
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32))
+    # amax < floor, not >=: a NaN amax gives a NaN scale, as torch's clamp propagates it
+    scale = jnp.where(amax < floor, scale_at_floor, jnp.float32(fp8_max) / amax)
+    q = jnp.clip(x32 * scale, -fp8_max, fp8_max).astype(fp8_dtype)  # saturate, then round to nearest even
+    return q, (1.0 / scale).astype(jnp.float32)
+
+
+def _dequantised(q: jax.Array, inv: jax.Array) -> jax.Array:
+    """convert(q) * inv: the operand pattern the GEMM rewriter folds into an fp8 GEMM's scale."""
+    return q.astype(jnp.float32) * inv
+
+
+def _dot(a, b, contract: tuple[int, int], out_dtype, precision) -> jax.Array:
+    return jax.lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())), precision=precision,
+                               preferred_element_type=out_dtype)
+
+
+def _forward_local(x_Ri, q_w, inv_w):
+    """One shard's forward: (y (R, o) in x's dtype, q_x, inverse scale of x as shape (1,))."""
+    q_x, inv_x = quantise(x_Ri, E4M3)
+    y = _dot(_dequantised(q_x, inv_x), _dequantised(q_w, inv_w), (1, 0), x_Ri.dtype, jax.lax.Precision.DEFAULT)
+    return y, q_x, inv_x[None]
+
+
+def _backward_local(g_Ro, q_x, inv_x, q_w, inv_w):
+    """One shard's backward: (grad_x (R, i) in g's dtype, this shard's grad_w (1, i, o) in float32)."""
+    q_g, inv_g = quantise(g_Ro, E5M2)
+    g = _dequantised(q_g, inv_g)
+    highest = jax.lax.Precision.HIGHEST  # no fast accumulation in the backward GEMMs
+    grad_x = _dot(g, _dequantised(q_w, inv_w), (1, 1), g_Ro.dtype, highest)
+    grad_w = _dot(_dequantised(q_x, inv_x[0]), g, (0, 0), g_Ro.dtype, highest)  # bf16 like _scaled_mm's out_dtype
+    return grad_x, grad_w.astype(jnp.float32)[None]
+
+
+def data_shard_axes() -> tuple[str, ...]:
+    """The ambient mesh's axes that split the batch (none without a mesh context or on one device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    return tuple(a for a in DATA_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def _per_shard(fn, in_specs: tuple, out_specs: tuple):
+    """fn run once per data-parallel shard: 'rows' marks arrays split over the data axes on their first dimension
+    (per-shard scalars travel as shape (1,)), 'whole' arrays every shard sees entirely."""
+    axes = data_shard_axes()
+    if not axes:
+        return fn
+    spec = {"rows": P(axes), "whole": P()}
+    return jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=tuple(spec[s] for s in in_specs),
+                         out_specs=tuple(spec[s] for s in out_specs))
+
+
+def _fp8_matmul_fwd(x, w_io):
+    q_w, inv_w = quantise(w_io, E4M3)  # the float32 master weight, amax over all of it
+    x_Ri = x.reshape(-1, x.shape[-1])
+    y, q_x, inv_x = _per_shard(_forward_local, ("rows", "whole", "whole"), ("rows", "rows", "rows"))(x_Ri, q_w, inv_w)
+    return y.reshape(*x.shape[:-1], w_io.shape[1]), (q_x, inv_x, q_w, inv_w)
+
+
+def _fp8_matmul_bwd(residuals, g):
+    q_x, inv_x, q_w, inv_w = residuals
+    g_Ro = g.reshape(-1, g.shape[-1])
+    grad_x, grad_w_Sio = _per_shard(_backward_local, ("rows",) * 3 + ("whole",) * 2, ("rows", "rows"))(
+        g_Ro, q_x, inv_x, q_w, inv_w)
+    return grad_x.reshape(*g.shape[:-1], q_w.shape[0]), grad_w_Sio.sum(axis=0)  # shards' weight gradients summed
+
+
+@jax.custom_vjp
+def matmul(x: jax.Array, w_io: jax.Array) -> jax.Array:
+    """x @ w_io in fp8, output in x's (compute) dtype; w_io is the float32 master weight in (in, out) layout."""
+    return _fp8_matmul_fwd(x, w_io)[0]
+
+
+matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
+
+
+def has_fp8_matmuls(device) -> bool:
+    """Whether XLA turns the fp8 pattern into fp8 GEMMs on this device (CUDA compute capability >= 8.9)."""
+    capability = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or not capability:
+        return False
+    major, minor = (int(v) for v in str(capability).split(".")[:2])
+    return (major, minor) >= (8, 9)
+
+
+def no_speedup_note(device) -> str | None:
+    """One line for a run with --fp8 on a device without fp8 matmuls; None where it has them."""
+    if has_fp8_matmuls(device):
+        return None
+    return (f"--fp8: {device.device_kind} ({device.platform}) has no fp8 matmuls; the same fp8 quantisation runs, "
+            f"multiplied in float32, so it gives no speed-up here")
+
+
+def unit_fixture_outputs(x_Ni: np.ndarray, w_oi: np.ndarray, go_No: np.ndarray) -> dict[str, np.ndarray]:
+    """What nanochat's fp8 unit fixture records, computed by jaxchat: x and go in bfloat16, w the float32 weight in
+    torch's (out, in) layout; quantised operands as uint8 bit patterns, in the fixture's layouts."""
+    x, go = jnp.asarray(x_Ni, jnp.bfloat16), jnp.asarray(go_No, jnp.bfloat16)
+    w_io = jnp.asarray(w_oi, jnp.float32).T
+    y, vjp = jax.vjp(matmul, x, w_io)
+    grad_x, grad_w_io = vjp(go)
+    _, (q_x, inv_x, q_w_io, inv_w) = _fp8_matmul_fwd(x, w_io)  # the operands the matmul saved for its backward
+    q_go, inv_go = quantise(go, E5M2)  # as its backward quantises the output gradient
+    bits = lambda q: np.asarray(q).view(np.uint8)
+    f32 = lambda a: np.asarray(a, np.float32)
+    return dict(q_x=bits(q_x), q_w=bits(q_w_io.T), q_go=bits(q_go), inv_x=f32(inv_x[0]), inv_w=f32(inv_w),
+                inv_go=f32(inv_go), y=f32(y), grad_x=f32(grad_x), grad_w=f32(grad_w_io.T))

@@ -1,0 +1,134 @@
+"""fp8 matmuls (`--fp8`): parity with nanochat's fp8.py on its unit fixture, exact quantisation, per-shard scales."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from conftest import shared_fixture
+from jaxchat import fp8, parity
+from jaxchat import mesh as meshlib
+
+
+def test_unit_fixture_parity(tmp_path):
+    """Quantised operands bit-identical, inverse scales identical, y and both gradients within 1% of their largest
+    magnitude, through the parity CLI."""
+    fixture = shared_fixture("nanochat_fp8_unit.npz")
+    out_path = tmp_path / "fp8_out.npz"
+    parity.main([str(fixture), "--out", str(out_path)])
+    ref, ours = np.load(fixture), np.load(out_path)
+    for name in ("q_x", "q_w", "q_go"):
+        assert ours[name].dtype == np.uint8 and ours[name].shape == ref[name].shape
+        assert np.array_equal(ours[name], ref[name]), f"{name}: {np.sum(ours[name] != ref[name])} bytes differ"
+    for name in ("inv_x", "inv_w", "inv_go"):
+        assert ours[name].dtype == np.float32 and ours[name] == ref[name], (name, ours[name], ref[name])
+    for name in ("y", "grad_x", "grad_w"):
+        error = np.abs(ours[name] - ref[name]).max() / np.abs(ref[name]).max()
+        print(f"{name}: max |jaxchat - nanochat| / max |nanochat| = {error:.3g}")
+        assert error <= 0.01, (name, error)
+
+
+def reference_quantise(x: np.ndarray, fp8_dtype) -> tuple[np.ndarray, np.float32]:
+    """nanochat/fp8.py `_to_fp8` in numpy: the scale's division in float64, then float32; saturate; round to even."""
+    fp8_max = float(ml_dtypes.finfo(fp8_dtype).max)
+    amax = np.abs(x.astype(np.float32)).max()
+    scale = np.float32(fp8_max / max(np.float64(amax), 1e-12))
+    q = np.clip(x.astype(np.float32) * scale, -fp8_max, fp8_max).astype(fp8_dtype)
+    return q.view(np.uint8), np.float32(1) / scale
+
+
+@pytest.mark.parametrize("fp8_dtype", [fp8.E4M3, fp8.E5M2])
+def test_quantise_matches_reference_math(fp8_dtype):
+    """Scales and roundings equal nanochat's float64-division math over amaxes from 1e-14 to 1e6, values on and next to
+    the fp8 rounding midpoints, and an all-zero tensor."""
+    rng = np.random.default_rng(0)
+    grid = np.unique(np.arange(256, dtype=np.uint8).view(fp8_dtype).astype(np.float32))
+    grid = grid[np.isfinite(grid)]
+    mids = ((grid[:-1].astype(np.float64) + grid[1:]) / 2).astype(np.float32)
+    cases = [np.zeros(16, np.float32)]
+    for amax in 10.0 ** rng.uniform(-14, 6, 300):
+        x = (rng.standard_normal(256) * amax).astype(np.float32)
+        cases.append(x)
+    # midpoints of the fp8 grid, reached exactly once the scale is 1 (amax = FP8_MAX)
+    fp8_max = np.float32(ml_dtypes.finfo(fp8_dtype).max)
+    cases.append(np.concatenate([[fp8_max], mids, np.nextafter(mids, np.float32(np.inf)), -mids]))
+    quantise = jax.jit(lambda x: fp8.quantise(x, fp8_dtype))
+    for x in cases:
+        q, inv = quantise(x)
+        ref_q, ref_inv = reference_quantise(x, fp8_dtype)
+        assert np.array_equal(np.asarray(q).view(np.uint8), ref_q), np.abs(x).max()
+        assert np.float32(inv) == ref_inv, (np.abs(x).max(), float(inv), ref_inv)
+
+
+def test_qualifying_layers():
+    """nanochat's filter: multiples of 16, the smaller side >= 128; gates are excluded."""
+    assert fp8.qualifies(768, 768) and fp8.qualifies(768, 3072) and fp8.qualifies(128, 32768)
+    assert not fp8.qualifies(32, 6)  # VE gate
+    assert not fp8.qualifies(24, 1)  # smear gate
+    assert not fp8.qualifies(64, 256) and not fp8.qualifies(136, 200)
+
+
+def dot_operands_are_scaled_fp8(hlo: str) -> list[bool]:
+    """For each dot of an HLO module: whether both operands are multiply(convert(an fp8 value), broadcast(scalar))."""
+    defs = dict(re.findall(r"^\s*(\S+) = (.*)$", hlo, re.M))
+    def scaled_fp8(name):
+        m = re.match(r"\S+ multiply\(([^,]+), ([^)]+)\)", defs.get(name, ""))
+        if not m:
+            return False
+        a, b = (defs.get(n, "") for n in m.groups())
+        conv, bcast = (a, b) if " convert(" in a else (b, a)
+        src = re.search(r" convert\(([^)]+)\)", conv)
+        return bool(src) and defs.get(src.group(1), "").startswith("f8") and " broadcast(" in bcast and \
+            "dimensions={}" in bcast
+    dots = re.findall(r" dot\(([^,]+), ([^)]+)\)", hlo)
+    return [scaled_fp8(a) and scaled_fp8(b) for a, b in dots]
+
+
+def test_matmul_is_the_gemm_rewriter_pattern():
+    """Forward and both backward dots take dequantised fp8 operands with scalar scales: the pattern XLA's GPU GEMM
+    rewriter turns into cuBLASLt fp8 GEMMs (the GPU HLO itself needs a GPU: not checked here)."""
+    x, w = jnp.ones((8, 128), jnp.bfloat16), jnp.ones((128, 256), jnp.float32)
+    step = jax.jit(jax.value_and_grad(lambda x, w: fp8.matmul(x, w).astype(jnp.float32).sum(), argnums=(0, 1)))
+    flags = dot_operands_are_scaled_fp8(step.lower(x, w).as_text(dialect="hlo"))
+    assert flags == [True, True, True]
+
+
+def per_shard_reference(x, w, g, shards: int):
+    """y, grad_x (rows concatenated) and grad_w (summed) with each shard's rows through the one-device matmul."""
+    ys, gxs, gw = [], [], 0.0
+    for xs, gs in zip(np.split(x, shards), np.split(g, shards)):
+        y, vjp = jax.vjp(fp8.matmul, jnp.asarray(xs), jnp.asarray(w))
+        gx, gws = vjp(jnp.asarray(gs))
+        ys.append(np.asarray(y))
+        gxs.append(np.asarray(gx))
+        gw = gw + np.asarray(gws, np.float64)
+    return np.concatenate(ys), np.concatenate(gxs), gw
+
+
+@pytest.mark.parametrize("fsdp", [1, 4])
+def test_scales_per_data_parallel_shard(fsdp):
+    """On 8 devices each data-parallel shard quantises its own rows (as each nanochat rank does), the weight is
+    quantised whole even when FSDP shards it, and the shards' weight gradients are summed; a global amax would differ."""
+    mesh = meshlib.make_mesh(fsdp)
+    rng = np.random.default_rng(0)
+    magnitudes = np.repeat(10.0 ** rng.uniform(-2, 2, 8), 2)[:, None, None]  # each shard its own range
+    x = (rng.standard_normal((16, 4, 128)) * magnitudes).astype(np.float32)
+    w = (rng.standard_normal((128, 256)) * 0.05).astype(np.float32)
+    g = (rng.standard_normal((16, 4, 256)) * magnitudes).astype(np.float32)
+
+    def loss(x, w):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            y = fp8.matmul(x, w)
+        return jnp.sum(y * g), y
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True),
+                   in_shardings=(NamedSharding(mesh, P(meshlib.DATA_AXES)), NamedSharding(mesh, P("fsdp", None))))
+    (_, y), (grad_x, grad_w) = step(x, w)
+    ref_y, ref_gx, ref_gw = per_shard_reference(x, w, g, 8)
+    assert np.array_equal(np.asarray(y), ref_y) and np.array_equal(np.asarray(grad_x), ref_gx)
+    np.testing.assert_allclose(np.asarray(grad_w), ref_gw, rtol=1e-5, atol=1e-6 * np.abs(ref_gw).max())
+    assert not np.allclose(np.asarray(fp8.matmul(jnp.asarray(x), jnp.asarray(w))), ref_y)  # one global scale differs
