@@ -1,5 +1,6 @@
-"""Small shared helpers: the base directory, user-facing errors, rank-0 printing."""
+"""Small shared helpers: the base directory, user-facing errors, rank-0 printing, command-line help."""
 
+import argparse
 import os
 import sys
 
@@ -21,6 +22,18 @@ def print0(*args, **kwargs) -> None:
     """Print on process 0 only."""
     if jax.process_index() == 0:
         print(*args, **kwargs, flush=True)
+
+
+JAXCHAT_ONLY = "[jaxchat] "  # prefixes the help of flags that nanochat's command does not have
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help output: the description as written (module docstrings), each option's default after its help."""
+
+
+def cli_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser whose --help shows the description verbatim and every option's default."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
 def run_main(main, *args) -> None:

@@ -1,11 +1,15 @@
-"""BOS-aligned best-fit packing loader (spec §6.3–§6.4) on grain, with exact resume.
+"""BOS-aligned best-fit packing loader on grain, with exact resume.
+
+As nanochat/dataloader.py tokenizing_distributed_data_loader_with_state_bos_bestfit: documents of this rank's row
+groups, each prefixed with BOS, packed best-fit into rows of T+1 tokens; a row that nothing fits is filled by
+cropping the shortest document.
 
 Pipeline: _ChunkIterator (read this rank's row groups, tokenize 128-doc chunks) -> thread prefetch -> _PackIterator
 (document buffer, best-fit rows) -> thread prefetch -> DataLoader. Each prefetch stage records the state of the
 element it hands out, so get_state() always describes what the caller consumed, never what is prefetched.
 
 The state names documents by (file, row group, row) instead of storing tokens: a fresh loader re-reads and
-re-tokenizes the buffered documents and then continues bit for bit (the reference drops its buffer on resume).
+re-tokenizes the buffered documents and then continues bit for bit (nanochat drops its buffer on resume).
 """
 
 import copy
@@ -14,35 +18,13 @@ from dataclasses import dataclass
 
 import grain
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from grain.experimental import ThreadPrefetchDatasetIterator
 
 from jaxchat.common import UserError
+from jaxchat.dataset import open_shard, read_texts
 from jaxchat.tokenizer import Tokenizer
 
 CHUNK_PREFETCH = 16  # tokenized chunks read ahead; a refill takes up to ~8 of them at the start
-
-
-def open_shard(path: str) -> pq.ParquetFile:
-    """A shard's parquet file; an unreadable one is a UserError naming the file and the fix."""
-    try:
-        return pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as e:
-        raise _unreadable(path, e) from None
-
-
-def read_texts(path: str, rg_idx: int) -> list[str]:
-    """The `text` column of one row group."""
-    try:
-        return open_shard(path).read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
-    except (OSError, pa.ArrowException, KeyError) as e:
-        raise _unreadable(path, e) from None
-
-
-def _unreadable(path: str, e: Exception) -> UserError:
-    return UserError(f"cannot read shard {path} ({type(e).__name__}: {str(e)[:100]}); delete it and re-run the "
-                     f"command that fetched it (python -m jaxchat.dataset ...)")
 
 
 class _QuietClose:
@@ -120,7 +102,8 @@ class _ChunkIterator(grain.DatasetIterator):
 
 
 class _PackIterator(grain.DatasetIterator):
-    """(inputs, targets) batches packed best-fit from a buffer of whole BOS-prefixed documents (spec §6.4)."""
+    """(inputs, targets) batches packed best-fit from a buffer of whole BOS-prefixed documents (nanochat/dataloader.py
+    tokenizing_distributed_data_loader_with_state_bos_bestfit)."""
 
     def __init__(self, files: list[str], tokenizer: Tokenizer, B: int, T: int, rank: int, world_size: int, buffer_size: int,
                  tokenizer_batch_size: int, tokenizer_threads: int):
@@ -135,7 +118,7 @@ class _PackIterator(grain.DatasetIterator):
         self.files, self.tok, self.B, self.T = files, tokenizer, B, T
         self.rank, self.world, self.buffer_size, self.threads = rank, world_size, buffer_size, tokenizer_threads
         self._chunks = chunks
-        self._last = (0, 0, 1)  # (pq_idx, rg_idx, epoch) of the most recently read chunk, as the reference reports
+        self._last = (0, 0, 1)  # (pq_idx, rg_idx, epoch) of the most recently read chunk, as nanochat reports
         self._reset_buffer()
 
     # The buffer is a slot array in arrival order; a taken document leaves a hole (length 0) instead of shifting
@@ -188,7 +171,7 @@ class _PackIterator(grain.DatasetIterator):
                 remaining = capacity - pos
                 lens = self._lens[:self._n]
                 fits = np.where(lens <= remaining, lens, 0)
-                i = int(fits.argmax())  # longest that fits; argmax takes the first on ties, like the reference
+                i = int(fits.argmax())  # longest that fits; argmax takes the first on ties, like nanochat
                 if fits[i] > 0:
                     doc = self._take(i)
                     rows[b, pos:pos + len(doc)] = doc
@@ -214,8 +197,8 @@ class _PackIterator(grain.DatasetIterator):
         self._reset_buffer()
         self._last = (pq_idx, rg_idx, epoch)
         if not exact:
-            # Reference semantics (spec §6.3): empty buffer, restart at the next round of row groups. Used for
-            # nanochat-style states and for a state saved by another rank or world size.
+            # nanochat/dataloader.py _document_batches' resume: empty buffer, restart at the next round of row
+            # groups. Used for nanochat's states and for a state saved by another rank or world size.
             if "buffer" in state:
                 print(f"warning: data loader state of rank {state.get('rank')}/{state.get('world_size')} given to "
                       f"rank {self.rank}/{self.world}: approximate resume (buffer dropped)", file=sys.stderr)

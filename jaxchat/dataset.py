@@ -1,4 +1,4 @@
-"""Pretraining shards: download (FineWeb-EDU / ClimbMix), list train/val files, build the offline demo corpus.
+"""Pretraining shards: download (FineWeb-EDU / ClimbMix), list train/val files, read them, build the demo corpus.
 
     python -m jaxchat.dataset -n 370                 # FineWeb-EDU shards 0..369 plus the pinned val shard 01822
     python -m jaxchat.dataset -n 170 --source climbmix
@@ -9,21 +9,20 @@ import argparse
 import ast
 import os
 import random
-import shutil
-import socket
 import sys
 import sysconfig
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jaxchat.common import UserError, base_dir, run_main
+from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, cli_parser, run_main
+from jaxchat.download import build_directory, fetch
 
-# Spec §6.2. The last shard of each source is its validation shard; pinning it (instead of "whichever file sorts
-# last locally") keeps the split independent of how many shards were downloaded (spec §13.1).
+# nanochat/dataset.py BASE_URL and MAX_SHARD. The last shard of each source is its validation shard; pinning it
+# (instead of nanochat's "whichever file sorts last locally", list_parquet_files) keeps the split independent of how
+# many shards were downloaded.
 SOURCES = {
     "fineweb-edu": dict(url="https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main",
                         subdir="base_data", max_index=1822),
@@ -31,14 +30,14 @@ SOURCES = {
                      subdir="base_data_climbmix", max_index=6542),
 }
 DEMO_SUBDIR = "base_data_demo"
-ROW_GROUP_SIZE = 1024  # spec §6.1
+ROW_GROUP_SIZE = 1024  # nanochat's dev/repackage_data_reference.py row_group_size
 ATTEMPTS = 5
-BACKOFF_S = 1.0  # wait BACKOFF_S * 2**attempt after a failed attempt (reference: 2**attempt s)
+BACKOFF_S = 1.0  # wait BACKOFF_S * 2**attempt after a failed attempt (nanochat/dataset.py download_single_file)
 TIMEOUT_S = 60.0
 
 
 def shard_name(index: int) -> str:
-    """File name of shard `index` (spec §6.1)."""
+    """File name of shard `index` (nanochat/dataset.py index_to_filename)."""
     return f"shard_{index:05d}.parquet"
 
 
@@ -64,7 +63,7 @@ def download_command(source: str) -> str:
 
 
 def _parquet_files(directory: str) -> list[str]:
-    # `.tmp` files are unfinished downloads; sorted like the reference's sorted(os.listdir).
+    # `.tmp` files are unfinished downloads; sorted like nanochat/dataset.py list_parquet_files.
     if not os.path.isdir(directory):
         return []
     return sorted(f for f in os.listdir(directory) if f.endswith(".parquet"))
@@ -85,7 +84,7 @@ def list_shards(source_or_dir: str, split: str) -> list[str]:
         if val not in files:
             raise UserError(f"validation shard {val} missing from {directory}{hint}")
         chosen = [val] if split == "val" else [f for f in files if f != val]
-    else:  # demo corpus or a bare directory: the last file is the val split, as in the reference
+    else:  # demo corpus or a bare directory: the last file is the val split, as in nanochat
         chosen = files[-1:] if split == "val" else files[:-1]
     if not chosen:
         raise UserError(f"no {split} shards in {directory} (found only {files}){hint}")
@@ -110,25 +109,39 @@ def _shard_ok(path: str) -> bool:
         return False
 
 
+def open_shard(path: str) -> pq.ParquetFile:
+    """A shard's parquet file; an unreadable one is a UserError naming the file and the fix."""
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise _unreadable(path, e) from None
+
+
+def read_texts(path: str, rg_idx: int) -> list[str]:
+    """The `text` column of one row group (nanochat/dataset.py parquets_iter_batched reads shards this way)."""
+    try:
+        return open_shard(path).read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+    except (OSError, pa.ArrowException, KeyError) as e:
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: str, e: Exception) -> UserError:
+    return UserError(f"cannot read shard {path} ({type(e).__name__}: {str(e)[:100]}); delete it and re-run the "
+                     f"command that fetched it (python -m jaxchat.dataset ...)")
+
+
 def download_shard(index: int, source: str, out_dir: str, attempts: int = ATTEMPTS) -> str:
     """Fetch one shard into out_dir (temp file + atomic rename), retrying with exponential backoff; returns its path."""
     path = os.path.join(out_dir, shard_name(index))
     if os.path.exists(path) and _shard_ok(path):
         return path
     url = f"{SOURCES[source]['url']}/{shard_name(index)}"
-    tmp = f"{path}.{os.getpid()}.tmp"  # per-process name: two downloaders never write the same temp file
     last_error: Exception | None = None
     for attempt in range(1, attempts + 1):
         try:
-            with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(tmp, "wb") as f:
-                shutil.copyfileobj(response, f, length=1 << 20)
-            check_shard(tmp)
-            os.replace(tmp, path)
-            return path
+            return fetch(url, path, timeout=TIMEOUT_S, check=check_shard)
         except Exception as e:  # network errors, HTTP errors and broken files are all retried
             last_error = e
-            if os.path.exists(tmp):
-                os.remove(tmp)
             if attempt < attempts:
                 time.sleep(BACKOFF_S * 2 ** attempt)
     raise RuntimeError(f"could not download {url} after {attempts} attempts: {last_error}")
@@ -206,7 +219,8 @@ def _documents(source: str, module: str) -> list[str]:
 
 def _write_shard(path: str, docs: list[str]) -> None:
     table = pa.table({"text": pa.array(docs, type=pa.string())})
-    # Spec §6.1 format: zstd level 3, no dictionary, no statistics, 1024 documents per row group.
+    # nanochat's dev/repackage_data_reference.py format: zstd level 3, no dictionary, no statistics, 1024 documents
+    # per row group.
     pq.write_table(table, path, row_group_size=ROW_GROUP_SIZE, compression="zstd", compression_level=3,
                    use_dictionary=False, write_statistics=False)
 
@@ -239,23 +253,13 @@ def build_demo_corpus(out_dir: str | None = None, max_chars: int = DEMO_MAX_CHAR
     train, val = docs[:-n_val], docs[-n_val:]
     per_shard = DEMO_ROW_GROUPS_PER_SHARD * ROW_GROUP_SIZE
     shards = [train[i:i + per_shard] for i in range(0, len(train), per_shard)] + [val]
-    # Build beside the target and rename the whole directory: concurrent builders (one per process) never see
-    # a half-written corpus, and the first to finish wins.
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{out_dir}.{socket.gethostname()}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for i, shard in enumerate(shards):
-        _write_shard(os.path.join(tmp, shard_name(i)), shard)
-    if not _complete(out_dir):
-        shutil.rmtree(out_dir, ignore_errors=True)  # a broken earlier build (never a finished one: others read it)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:  # another process renamed its build first
-            pass
-    shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    def write(tmp: str) -> None:
+        for i, shard in enumerate(shards):
+            _write_shard(os.path.join(tmp, shard_name(i)), shard)
+
+    # Concurrent builders (one per process) never see a half-written corpus, and the first to finish wins.
+    return build_directory(out_dir, write, _complete)
 
 
 def _complete(directory: str) -> bool:
@@ -263,13 +267,21 @@ def _complete(directory: str) -> bool:
     return len(files) >= 2 and all(_shard_ok(os.path.join(directory, f)) for f in files)
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command line of `python -m jaxchat.dataset` (nanochat/dataset.py's flags, plus jaxchat's)."""
+    p = cli_parser(__doc__)
+    p.add_argument("-n", "--num-files", type=int, default=-1,
+                   help="number of train shards to download, 0..n-1 (-1: all); the validation shard always")
+    p.add_argument("-w", "--num-workers", type=int, default=4, help="number of parallel download workers")
+    p.add_argument("--source", default="fineweb-edu", choices=sorted(SOURCES),
+                   help=JAXCHAT_ONLY + "which corpus to download")
+    p.add_argument("--demo", action=argparse.BooleanOptionalAction, default=False,
+                   help=JAXCHAT_ONLY + "build the offline demo corpus from the Python stdlib instead (no network)")
+    return p
+
+
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description="Download pretraining shards, or build the offline demo corpus.")
-    parser.add_argument("-n", "--num-files", type=int, default=-1, help="shards 0..n-1 (-1 = all); val always")
-    parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
-    parser.add_argument("--source", default="fineweb-edu", choices=sorted(SOURCES))
-    parser.add_argument("--demo", action="store_true", help="build the stdlib demo corpus instead (no network)")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     if args.demo:
         out = build_demo_corpus()
         sizes = {f: pq.ParquetFile(os.path.join(out, f)).metadata.num_rows for f in _parquet_files(out)}

@@ -1,11 +1,10 @@
-"""CORE evaluation against the reference's own results on a small bundle, prompt rendering, the bundle and the CLI."""
+"""CORE evaluation against nanochat's own results on a small bundle, prompt rendering and the base_eval CLI."""
 
 import json
 import os
 import random
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import jax
@@ -98,7 +97,7 @@ def test_padding_and_batch_shape_do_not_change_results(reference):
     model, tokenizer, _ = reference
     bundle = str(fixture_dir() / "eval_bundle")
     task = next(t for t in core_eval.load_tasks(bundle) if t.label == "arith")
-    examples = core_eval.prepare_task(task, core_eval.load_task_data(bundle, task, 8), core_eval.batch_encoder(tokenizer))
+    examples = core_eval.prepare_task(task, core_eval.load_task_data(bundle, task, 8), tokenizer)
     rows = [r for ex in examples for r in ex.rows]
     starts = [s for ex in examples for s in ex.starts]
     ends = [e for ex in examples for e in ex.ends]
@@ -108,7 +107,7 @@ def test_padding_and_batch_shape_do_not_change_results(reference):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prompt rendering (spec §8.4)
+# Prompt rendering (nanochat/core_eval.py render_prompts_mc, render_prompts_schema, render_prompts_lm)
 
 
 def test_render_mc_fewshot_answer_delimiter():
@@ -172,38 +171,6 @@ def test_buckets():
     assert core_eval.bucket_length(65, 1280) == 128 and core_eval.bucket_length(1100, 1280) == 1280
     with pytest.raises(UserError):
         core_eval.bucket_length(1281, 1280)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The bundle: download (from a local file:// URL, never the network), extraction, missing-bundle errors
-
-
-def test_download_extracts_atomically_once(tmp_path):
-    src = fixture_dir() / "eval_bundle"
-    archive = tmp_path / "src.zip"
-    with zipfile.ZipFile(archive, "w") as zf:  # the real archive holds a top-level eval_bundle/ folder
-        for path in src.rglob("*"):
-            zf.write(path, Path("eval_bundle") / path.relative_to(src))
-    dest = tmp_path / "base" / "eval_bundle"
-    assert core_eval.download_bundle(archive.as_uri(), str(dest)) == str(dest)
-    assert [t.label for t in core_eval.load_tasks(str(dest))] == [t.label for t in core_eval.load_tasks(str(src))]
-    assert not [p for p in (tmp_path / "base").iterdir() if p.name.startswith(".eval_bundle.") and p.is_dir()]
-    archive.unlink()  # already there: no second download
-    assert core_eval.download_bundle(archive.as_uri(), str(dest)) == str(dest)
-
-
-def test_download_failure_names_the_command(tmp_path):
-    with pytest.raises(UserError, match="python -m jaxchat.core_eval --download"):
-        core_eval.download_bundle((tmp_path / "missing.zip").as_uri(), str(tmp_path / "eval_bundle"))
-    assert not (tmp_path / "eval_bundle").exists()
-
-
-def test_missing_bundle_without_download(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
-    with pytest.raises(UserError, match="python -m jaxchat.core_eval --download"):
-        core_eval.find_bundle(None, download=False)
-    with pytest.raises(UserError, match="not a CORE eval bundle"):
-        core_eval.find_bundle(str(tmp_path / "nowhere"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""Downloads and directory builds that never leave half a file or half a directory under the final name.
+
+Used by the pretraining shards (dataset.py) and the CORE eval bundle (core_bundle.py). nanochat does both with
+nanochat/common.py download_file_with_lock and nanochat/dataset.py download_single_file (temp file, then rename).
+"""
+
+import os
+import shutil
+import tempfile
+import urllib.request
+from collections.abc import Callable
+
+
+def fetch(url: str, path: str, *, timeout: float = 60.0, check: Callable[[str], None] | None = None,
+          progress: str | None = None) -> str:
+    """Stream url into path via a temporary file beside it, renamed into place once complete (and `check`ed).
+
+    The temporary name carries the process id, so two processes fetching the same file never write the same temporary
+    file; the last rename wins and both leave a complete file. Any error (OSError for network failures, whatever
+    `check` raises) removes the temporary file and propagates. `progress` names a tqdm progress bar.
+    """
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            bar = _progress_bar(progress, total)
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+            bar.close()
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _progress_bar(desc: str | None, total: int | None):
+    """A tqdm bar on process 0 when `desc` is given, else one that shows nothing."""
+    import jax
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=desc is None or jax.process_index() != 0)
+
+
+def build_directory(dest: str, build: Callable[[str], str | None], complete: Callable[[str], bool]) -> str:
+    """Fill a temporary directory beside dest with build(tmp) and rename it to dest; returns dest.
+
+    `build` returns the directory to install (tmp itself when it returns None, or one inside it, e.g. the top folder
+    of an extracted archive). Readers of dest never see a half-built directory. A dest that is already `complete`
+    (another process renamed its build first) is kept and this build dropped; an incomplete one is replaced.
+    """
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.", suffix=".tmp", dir=parent)
+    try:
+        root = build(tmp) or tmp
+        if not complete(dest):
+            shutil.rmtree(dest, ignore_errors=True)  # a broken earlier build (never a complete one: others read it)
+            try:
+                os.replace(root, dest)
+            except OSError:  # another process renamed its build first
+                if not complete(dest):
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
