@@ -12,7 +12,7 @@ import time
 
 import jax
 
-from jaxchat import core_eval
+from jaxchat import core_bundle, core_eval
 from jaxchat.base_eval import DTYPES, load_model
 from jaxchat.common import print0, run_main
 
@@ -32,8 +32,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.dtype == "float32":
         jax.config.update("jax_default_matmul_precision", "highest")
-    bundle = core_eval.find_bundle(args.bundle)
-    model, tokenizer, name, _ = load_model(args)
+    bundle = core_bundle.find_bundle(args.bundle)
+    model, tokenizer, name = load_model(args)[:3]
 
     compiles = []
 

@@ -1,24 +1,30 @@
-"""Evaluate a base model: the CORE metric and greedy samples (nanochat's scripts/base_eval.py, spec §8.5).
+"""Evaluate a base model: the CORE metric, bits per byte and greedy samples (nanochat's scripts/base_eval.py).
 
-    python -m jaxchat.base_eval --model-tag d12 [--step N] [--eval core,sample] [--max-per-task N]
+    python -m jaxchat.base_eval --model-tag d12 [--step N] [--eval core,bpb,sample] [--max-per-task N]
     python -m jaxchat.base_eval --nanochat-checkpoint model.npz --tokenizer-dir DIR [--bundle DIR] [--json out.json]
 
 CORE results are written to $JAXCHAT_BASE_DIR/base_eval/base_model_{step:06d}.csv (Task, Accuracy, Centered and a
-CORE row, as the reference writes them) and printed. `--nanochat-checkpoint` takes a .npz in the parity-fixture
-format (config/*, param/*) or a nanochat model_XXXXXX.pt beside its meta_XXXXXX.json (needs torch).
+CORE row, as nanochat's scripts/base_eval.py main writes them) and printed. `--eval bpb` is nanochat's (added after
+348fbb3, at 92d63d4): bits per byte on the train and val splits of the data the model was trained on.
+`--nanochat-checkpoint` takes a .npz in the parity-fixture format (config/*, param/*) or a nanochat model_XXXXXX.pt
+beside its meta_XXXXXX.json (needs torch).
 """
 
 import argparse
 import json
 import os
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from jaxchat import core_eval
-from jaxchat.common import UserError, base_dir, print0, run_main
-from jaxchat.evaluate import SAMPLE_PROMPTS, greedy_generate
+from jaxchat import core_bundle, core_eval, dataset, mesh as meshlib
+from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, cli_parser, print0, run_main
+from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
+from jaxchat.model import GPT
+from jaxchat.tokenizer import Tokenizer, default_dir
 
 EVALS = ("core", "bpb", "sample")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -50,17 +56,37 @@ def largest_model_tag() -> str:
     return max(tags, key=lambda t: int(t[1:]))
 
 
+def load_model_for_eval(model_tag: str, step: int | str = "last", compute_dtype=None) -> tuple[GPT, dict]:
+    """(model, meta) of a saved jaxchat checkpoint, parameters on this process's first device.
+
+    As nanochat/checkpoint_manager.py load_model with phase="eval".
+    """
+    from jaxchat import checkpoint  # imported lazily: orbax is slow to import and not needed for .npz models
+    from jaxchat.convert import config_from_dict
+
+    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(model_tag), async_save=False)
+    step = ckpt.resolve_step(step)
+    meta = ckpt.read_meta(step)
+    config = config_from_dict(meta["model_config"])
+    kwargs = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
+    model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), **kwargs))
+    graphdef, abstract = nnx.split(model)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # jax.devices()[0] is process 0's
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(abstract))
+    params, _, meta = ckpt.restore(step, target)
+    ckpt.close()
+    return nnx.merge(graphdef, params), meta
+
+
 def load_jaxchat_checkpoint(model_tag: str, step: int | None, compute_dtype=jnp.float32) -> tuple:
     """(model, step, data source it was trained on) of a jaxchat training checkpoint."""
-    from jaxchat import checkpoint  # imported lazily: orbax is slow to import and not needed for .npz models
-
-    model, meta = checkpoint.load_model_for_eval(model_tag, "last" if step is None else step,
-                                                 compute_dtype=compute_dtype)
+    model, meta = load_model_for_eval(model_tag, "last" if step is None else step, compute_dtype=compute_dtype)
     return model, int(meta["step"]), meta["user_config"].get("data", "fineweb-edu")
 
 
 def write_csv(path: str, results: dict) -> str:
-    """The reference's CSV: fixed-width Task, Accuracy, Centered columns and a final CORE row; returns the text."""
+    """nanochat's CSV (scripts/base_eval.py main): fixed-width Task, Accuracy, Centered columns and a final CORE row;
+    returns the text."""
     lines = [f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}"]
     for label, r in results["tasks"].items():
         lines.append(f"{label:<35}, {r['accuracy']:<10.6f}, {r['centered']:<10.6f}")
@@ -86,35 +112,84 @@ def run_samples(model, tokenizer) -> None:
         print0(tokenizer.decode(prompt + out))
 
 
+def split_bpb(model: GPT, tokenizer: Tokenizer, source: str, device_batch_size: int, split_tokens: int) -> dict:
+    """{"train": bpb, "val": bpb} over the first split_tokens tokens of each split (nanochat's scripts/base_eval.py
+    main at 92d63d4, --eval bpb): the model replicated over every device, rows split over them."""
+    seq_len = model.config.sequence_len
+    tokens_per_step = device_batch_size * seq_len * jax.device_count()
+    steps = split_tokens // tokens_per_step
+    if steps < 1:
+        raise UserError(f"--split-tokens={split_tokens} is less than one batch of {tokens_per_step} tokens "
+                        f"(--device-batch-size x sequence length {seq_len} x {jax.device_count()} devices)")
+    if split_tokens % tokens_per_step:
+        print0(f"Adjusted split_tokens to {steps * tokens_per_step} (must be divisible by {tokens_per_step})")
+    graphdef, params, mesh = core_eval.model_on_mesh(model)
+    rows = meshlib.row_sharding(mesh)
+    bpb_step, token_bytes = make_bpb_step(graphdef), jnp.asarray(tokenizer.get_token_bytes())
+    results = {}
+    for split in ("train", "val"):
+        from jaxchat.dataloader import DataLoader  # grain: imported only when bpb is asked for
+
+        loader = DataLoader(tokenizer, dataset.list_shards(source, split), device_batch_size * jax.local_device_count(),
+                            seq_len)
+        batches = (tuple(jax.make_array_from_process_local_data(rows, a) for a in batch) for batch in loader)
+        results[split] = evaluate_bpb(bpb_step, params, batches, steps, token_bytes)
+        loader.close()
+        print0(f"{split} bpb: {results[split]:.6f}")
+    return results
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of `python -m jaxchat.base_eval` (nanochat's scripts/base_eval.py flags, plus jaxchat's)."""
+    p = cli_parser(__doc__)
+    p.add_argument("--eval", default="core,sample", help=f"comma-separated evaluations to run, from {','.join(EVALS)}")
+    model = p.add_argument_group("model")
+    model.add_argument("--model-tag", default=None, help="checkpoint directory under base_checkpoints "
+                       "(default: the largest dN)")
+    model.add_argument("--step", type=int, default=None, help="checkpoint step to load (default: the last)")
+    model.add_argument("--nanochat-checkpoint", default=None,
+                       help=JAXCHAT_ONLY + "evaluate a parity-format .npz or a nanochat model_*.pt instead")
+    model.add_argument("--tokenizer-dir", default=None, help=JAXCHAT_ONLY + "directory holding tokenizer.pkl "
+                       "(default: the one of the checkpoint's data, $JAXCHAT_BASE_DIR/tokenizer[_demo])")
+    model.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                       help=JAXCHAT_ONLY + "compute dtype of the model")
+    core = p.add_argument_group("CORE")
+    core.add_argument("--max-per-task", type=int, default=-1, help="examples per CORE task (-1: all)")
+    core.add_argument("--bundle", default=None, help=JAXCHAT_ONLY + "CORE eval bundle directory "
+                      "(default: $JAXCHAT_BASE_DIR/eval_bundle, downloaded when missing)")
+    core.add_argument("--tokens-per-device", type=int, default=None, help=JAXCHAT_ONLY + "rows x padded length "
+                      "per device per CORE forward pass (default: 16384, 2048 on CPU)")
+    core.add_argument("--json", default=None, help=JAXCHAT_ONLY + "also write per-example CORE results to this file")
+    bpb = p.add_argument_group("bits per byte")
+    bpb.add_argument("--device-batch-size", type=int, default=32, help="rows per device per bpb forward pass")
+    bpb.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens evaluated per split for bpb")
+    return p
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-tag", default=None, help="jaxchat checkpoint tag (default: the largest dN)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
-    parser.add_argument("--nanochat-checkpoint", default=None, help="a parity-format .npz or a nanochat model_*.pt")
-    parser.add_argument("--tokenizer-dir", default=None, help="directory holding tokenizer.pkl "
-                        "(default: $JAXCHAT_BASE_DIR/tokenizer)")
-    parser.add_argument("--bundle", default=None, help="CORE eval bundle directory (default: "
-                        "$JAXCHAT_BASE_DIR/eval_bundle, downloaded when missing)")
-    parser.add_argument("--eval", default="core,sample", help=f"comma-separated subset of {','.join(EVALS)}")
-    parser.add_argument("--max-per-task", type=int, default=-1, help="examples per CORE task (-1 = all)")
-    parser.add_argument("--tokens-per-device", type=int, default=None,
-                        help="rows x padded length per device per forward pass (default: 16384, 2048 on CPU)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype of the model")
-    parser.add_argument("--json", default=None, help="also write per-example CORE results to this JSON file")
-    args = parser.parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     args.evals = [e.strip() for e in args.eval.split(",") if e.strip()]
     unknown = sorted(set(args.evals) - set(EVALS))
     if unknown or not args.evals:
-        parser.error(f"--eval={args.eval!r}: choose from {','.join(EVALS)}")
+        p.error(f"--eval={args.eval!r}: choose from {','.join(EVALS)}")
     if args.nanochat_checkpoint and (args.model_tag or args.step is not None):
-        parser.error("--nanochat-checkpoint excludes --model-tag/--step")
+        p.error("--nanochat-checkpoint excludes --model-tag/--step")
     return args
 
 
-def load_model(args: argparse.Namespace) -> tuple:
-    """(model, tokenizer, name, step or None) for the command-line choice of model."""
-    from jaxchat.tokenizer import Tokenizer, default_dir
+class Loaded(NamedTuple):
+    """A model to evaluate, with its tokenizer, display name, step (None if unknown) and training data source."""
 
+    model: GPT
+    tokenizer: Tokenizer
+    name: str
+    step: int | None
+    source: str
+
+
+def load_model(args: argparse.Namespace) -> Loaded:
+    """The model, tokenizer, name, step and data source of the command-line choice of model."""
     compute_dtype = DTYPES[args.dtype]
     if args.nanochat_checkpoint:
         model, step = load_nanochat_checkpoint(args.nanochat_checkpoint, compute_dtype)
@@ -127,7 +202,7 @@ def load_model(args: argparse.Namespace) -> tuple:
     if tokenizer.vocab_size != model.config.vocab_size:
         raise UserError(f"tokenizer vocabulary {tokenizer.vocab_size} != model vocabulary {model.config.vocab_size}: "
                         f"pass the model's --tokenizer-dir")
-    return model, tokenizer, name, step
+    return Loaded(model, tokenizer, name, step, source)
 
 
 def main(argv=None) -> None:
@@ -136,16 +211,15 @@ def main(argv=None) -> None:
 
     init_distributed()
     if args.dtype == "float32":
-        # A float32 evaluation means float32 matmuls (no TF32/bf16 passes), so results match the reference's CPU runs.
+        # A float32 evaluation means float32 matmuls (no TF32/bf16 passes), so results match nanochat's CPU runs.
         jax.config.update("jax_default_matmul_precision", "highest")
-    if "bpb" in args.evals:
-        raise UserError("--eval bpb is not wired into base_eval yet (it needs the validation data loader); "
-                        "use --eval core,sample")
     # Check the bundle before loading the model: a missing bundle should fail in a second, not after a long load.
-    bundle = core_eval.find_bundle(args.bundle) if "core" in args.evals else None
-    model, tokenizer, name, step = load_model(args)
+    bundle = core_bundle.find_bundle(args.bundle) if "core" in args.evals else None
+    model, tokenizer, name, step, source = load_model(args)
     if "sample" in args.evals:
         run_samples(model, tokenizer)
+    if "bpb" in args.evals:
+        split_bpb(model, tokenizer, source, args.device_batch_size, args.split_tokens)
     if "core" not in args.evals:
         return
     results = core_eval.evaluate_core(model, tokenizer, bundle_dir=bundle, max_per_task=args.max_per_task,

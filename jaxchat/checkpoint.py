@@ -1,4 +1,7 @@
-"""Orbax checkpoints: parameters, optimizer state and a JSON meta record (spec §9), written atomically.
+"""Orbax checkpoints: parameters, optimizer state and a JSON meta record, written atomically.
+
+As nanochat/checkpoint_manager.py save_checkpoint / load_checkpoint (model, optimizer and meta files per step); loading
+a model for evaluation is base_eval.load_model_for_eval.
 
 Layout: `$JAXCHAT_BASE_DIR/base_checkpoints/<model_tag>/<step>/{params,opt_state,meta}`. Orbax writes each step into
 a temporary directory and renames it when complete, so a crash during a save leaves the previous step usable and the
@@ -13,11 +16,8 @@ import time
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from jaxchat.common import UserError, base_dir
-from jaxchat.convert import config_from_dict
-from jaxchat.model import GPT
 
 
 def checkpoint_dir(model_tag: str) -> str:
@@ -124,21 +124,3 @@ def _quiet_on_failure():
 def abstract_like(tree, shardings):
     """ShapeDtypeStructs (with shardings) for a tree of arrays or ShapeDtypeStructs: an orbax restore target."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def load_model_for_eval(model_tag: str, step: int | str = "last", compute_dtype=None) -> tuple[GPT, dict]:
-    """(model, meta) of a saved jaxchat checkpoint, parameters on this process's first device."""
-    ckpt = Checkpointer(checkpoint_dir(model_tag), async_save=False)
-    step = ckpt.resolve_step(step)
-    meta = ckpt.read_meta(step)
-    config = config_from_dict(meta["model_config"])
-    kwargs = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
-    model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), **kwargs))
-    graphdef, abstract = nnx.split(model)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # jax.devices()[0] is process 0's
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(abstract))
-    params, _, meta = ckpt.restore(step, target)
-    ckpt.close()
-    return nnx.merge(graphdef, params), meta
-
-

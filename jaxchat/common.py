@@ -28,7 +28,13 @@ JAXCHAT_ONLY = "[jaxchat] "  # prefixes the help of flags that nanochat's comman
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help output: the description as written (module docstrings), each option's default after its help."""
+    """--help output: the description as written (module docstrings), each option's default after its help.
+
+    A help text that explains its default itself ("(default: the last)") is left as written.
+    """
+
+    def _get_help_string(self, action):
+        return action.help if "(default: " in (action.help or "") else super()._get_help_string(action)
 
 
 def cli_parser(description: str) -> argparse.ArgumentParser:

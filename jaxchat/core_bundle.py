@@ -101,7 +101,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
                    help=JAXCHAT_ONLY + "download and unzip the CORE eval bundle (base_eval also does it on first use)")
     p.add_argument("--url", default=EVAL_BUNDLE_URL, help=JAXCHAT_ONLY + "where to download the bundle from")
-    p.add_argument("--dest", default=None, help=JAXCHAT_ONLY + "bundle directory (None: $JAXCHAT_BASE_DIR/eval_bundle)")
+    p.add_argument("--dest", default=None,
+                   help=JAXCHAT_ONLY + "bundle directory (default: $JAXCHAT_BASE_DIR/eval_bundle)")
     return p
 
 

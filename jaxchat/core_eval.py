@@ -217,7 +217,7 @@ class _Scorer:
 _SCORERS: dict = {}
 
 
-def _mesh_and_state(model) -> tuple:
+def model_on_mesh(model) -> tuple:
     """(graphdef, state on a mesh spanning every device, mesh): the parameters' own mesh if they have one."""
     graphdef, state = nnx.split(model)
     leaves = jax.tree.leaves(state)
@@ -243,7 +243,7 @@ class RowScorer:
     """Scores token rows in fixed-shape padded batches on every device; counts the shapes it compiles."""
 
     def __init__(self, model: nnx.Module, pad_id: int, tokens_per_device: int | None = None):
-        self.graphdef, self.state, self.mesh = _mesh_and_state(model)
+        self.graphdef, self.state, self.mesh = model_on_mesh(model)
         self.pad_id = pad_id
         self.max_len = 10 * model.config.sequence_len  # the model's rotary cache
         self.n_devices = self.mesh.devices.size

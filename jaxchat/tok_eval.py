@@ -1,4 +1,6 @@
-"""Compression ratio (bytes per token) of our tokenizer against the others available offline (spec §7.4).
+"""Compression ratio (bytes per token) of our tokenizer against the others available offline.
+
+As nanochat's scripts/tok_eval.py (print_comparison), with the baselines that load without a download.
 
     python -m jaxchat.tok_eval            # ours = $JAXCHAT_BASE_DIR/tokenizer (else tokenizer_demo)
     python -m jaxchat.tok_eval --demo     # ours = the demo tokenizer
@@ -9,12 +11,11 @@ import os
 import sys
 from contextlib import contextmanager
 
-import pyarrow.parquet as pq
 import tiktoken
 import tiktoken.load
 
 from jaxchat import dataset
-from jaxchat.common import UserError, run_main
+from jaxchat.common import JAXCHAT_ONLY, UserError, cli_parser, run_main
 from jaxchat.tokenizer import Tokenizer, default_dir
 
 SAMPLES = {
@@ -81,7 +82,7 @@ def offline_encodings(names: tuple[str, ...] = ("gpt2", "cl100k_base")) -> tuple
 
 
 def _first_row_group(files: list[str]) -> str:
-    return "\n".join(pq.ParquetFile(files[0]).read_row_group(0, columns=["text"]).column("text").to_pylist())
+    return "\n".join(dataset.read_texts(files[0], 0))
 
 
 def eval_texts(source: str) -> dict[str, str]:
@@ -113,10 +114,16 @@ def compare(name: str, base, ours, texts: dict[str, str]) -> None:
               f"{n_bytes / counts[1]:>6.2f} {diff:>+8.1f}%  {better}")
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command line of `python -m jaxchat.tok_eval` (nanochat's scripts/tok_eval.py takes no flags)."""
+    p = cli_parser(__doc__)
+    p.add_argument("--demo", action=argparse.BooleanOptionalAction, default=False,
+                   help=JAXCHAT_ONLY + "evaluate the demo tokenizer ($JAXCHAT_BASE_DIR/tokenizer_demo)")
+    return p
+
+
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description="Tokenizer compression ratios against offline baselines.")
-    parser.add_argument("--demo", action="store_true", help="evaluate the demo tokenizer (tokenizer_demo)")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     real, demo = default_dir("fineweb-edu"), default_dir("demo")
     ours_dir = demo if args.demo or not os.path.exists(os.path.join(real, "tokenizer.pkl")) else real
     ours = Tokenizer.load(ours_dir)

@@ -1,4 +1,4 @@
-"""Train the BPE tokenizer with rustbpe on the train split (spec §7.1).
+"""Train the BPE tokenizer with rustbpe on the train split (nanochat's scripts/tok_train.py).
 
     python -m jaxchat.tok_train                   # FineWeb-EDU, 2e9 chars, vocab 32768 -> $JAXCHAT_BASE_DIR/tokenizer
     python -m jaxchat.tok_train --demo            # demo corpus, vocab 4096 -> $JAXCHAT_BASE_DIR/tokenizer_demo
@@ -9,11 +9,10 @@ import sys
 import time
 from collections.abc import Iterator
 
-import pyarrow.parquet as pq
 import rustbpe
 
 from jaxchat import dataset
-from jaxchat.common import UserError, run_main
+from jaxchat.common import JAXCHAT_ONLY, UserError, cli_parser, run_main
 from jaxchat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, default_dir, encoding_from_ranks
 
 ROUND_TRIP_TEXT = """Hello world! This is a test.
@@ -24,12 +23,14 @@ Unicode: 你好世界 🌍"""
 
 
 def text_iterator(files: list[str], max_chars: int, doc_cap: int) -> Iterator[str]:
-    """Documents of `files`, row group by row group, each cut to doc_cap chars; stops after exceeding max_chars."""
+    """Documents of `files`, row group by row group, each cut to doc_cap chars; stops after exceeding max_chars.
+
+    As nanochat's scripts/tok_train.py text_iterator.
+    """
     nchars = 0
     for path in files:
-        pf = pq.ParquetFile(path)
-        for rg in range(pf.num_row_groups):
-            for doc in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
+        for rg in range(dataset.open_shard(path).num_row_groups):
+            for doc in dataset.read_texts(path, rg):
                 doc = doc[:doc_cap]
                 nchars += len(doc)
                 yield doc
@@ -62,15 +63,26 @@ def train_tokenizer(source: str, vocab_size: int, max_chars: int, doc_cap: int, 
     return tok
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command line of `python -m jaxchat.tok_train` (nanochat's scripts/tok_train.py flags, plus jaxchat's)."""
+    p = cli_parser(__doc__)
+    p.add_argument("--max-chars", type=float, default=2e9, help="maximum characters to train on")
+    p.add_argument("--doc-cap", type=int, default=10_000, help="maximum characters kept per document")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size including the special tokens (default: 32768 = 2^15, 4096 with --demo)")
+    data = p.add_argument_group("data and output (jaxchat)")
+    data.add_argument("--source", default="fineweb-edu", choices=sorted(dataset.SOURCES),
+                      help=JAXCHAT_ONLY + "corpus whose train split is read")
+    data.add_argument("--demo", action=argparse.BooleanOptionalAction, default=False,
+                      help=JAXCHAT_ONLY + "train on the offline demo corpus (built if missing) instead of --source")
+    data.add_argument("--out-dir", default=None,
+                      help=JAXCHAT_ONLY + "where to save "
+                      "(default: $JAXCHAT_BASE_DIR/tokenizer, tokenizer_demo with --demo)")
+    return p
+
+
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description="Train the BPE tokenizer on the train split.")
-    parser.add_argument("--max-chars", type=float, default=2e9, help="characters to train on")
-    parser.add_argument("--doc-cap", type=int, default=10_000, help="characters kept per document")
-    parser.add_argument("--vocab-size", type=int, default=None, help="default 32768 (4096 with --demo)")
-    parser.add_argument("--source", default="fineweb-edu", choices=sorted(dataset.SOURCES))
-    parser.add_argument("--demo", action="store_true", help="train on the demo corpus (built if missing)")
-    parser.add_argument("--out-dir", default=None, help="default $JAXCHAT_BASE_DIR/tokenizer[_demo]")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     source = "demo" if args.demo else args.source
     if args.demo:
         dataset.build_demo_corpus()

@@ -8,7 +8,7 @@ import tiktoken
 
 from jaxchat.common import UserError, base_dir
 
-# Spec §7.1: GPT-4's pattern with \p{N}{1,2} instead of {1,3}.
+# nanochat/tokenizer.py SPLIT_PATTERN: GPT-4's pattern with \p{N}{1,2} instead of {1,3}.
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
                  r"""\s*[\r\n]|\s+(?!\S)|\s+""")
 SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
@@ -31,14 +31,18 @@ def train_command(directory: str) -> str:
 
 
 def encoding_from_ranks(mergeable_ranks: dict[bytes, int], pattern: str = SPLIT_PATTERN) -> tiktoken.Encoding:
-    """tiktoken Encoding with the 9 special tokens after the BPE tokens (spec §7.2)."""
+    """tiktoken Encoding with the 9 special tokens after the BPE tokens (nanochat/tokenizer.py RustBPETokenizer)."""
     offset = len(mergeable_ranks)
     special = {name: offset + i for i, name in enumerate(SPECIAL_TOKENS)}
     return tiktoken.Encoding(name="rustbpe", pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=special)
 
 
 def compute_token_bytes(enc: tiktoken.Encoding) -> np.ndarray:
-    """int32 byte length per token, 0 for special tokens (spec §7.3 REF rule: via a str round trip, U+FFFD = 3 bytes)."""
+    """int32 byte length per token, 0 for special tokens.
+
+    As nanochat's scripts/tok_train.py computes token_bytes: via a str round trip, so a partial UTF-8 sequence decodes
+    to U+FFFD and counts 3 bytes.
+    """
     special = set(enc.special_tokens_set)
     out = np.zeros(enc.n_vocab, dtype=np.int32)
     for i in range(enc.n_vocab):

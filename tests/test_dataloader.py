@@ -1,4 +1,5 @@
-"""Best-fit loader against the reference batches of loader_small, a plain port of spec §6.3–§6.4, and exact resume."""
+"""Best-fit loader against nanochat's batches of loader_small, a plain port of nanochat/dataloader.py
+tokenizing_distributed_data_loader_with_state_bos_bestfit, and exact resume."""
 
 import json
 
@@ -157,7 +158,7 @@ def test_exact_resume_mid_run_two_processes(fx):
 
 def test_reference_style_state_resumes_at_next_round(fx):
     loader = make(fx)
-    loader.set_state({"pq_idx": 2, "rg_idx": 1, "epoch": 1})  # nanochat's state: approximate resume (spec §6.3)
+    loader.set_state({"pq_idx": 2, "rg_idx": 1, "epoch": 1})  # nanochat's state: approximate resume
     next(loader)
     state = loader.get_state()
     loader.close()
