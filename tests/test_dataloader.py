@@ -44,7 +44,8 @@ def take(loader: DataLoader, n: int) -> tuple[list, list]:
 
 
 def reference_port(fx, files, n, rank=0, world=1):
-    """Spec §6.3–§6.4 written as plainly as the reference (lists, pop, linear scans): the oracle for every batch."""
+    """nanochat/dataloader.py tokenizing_distributed_data_loader_with_state_bos_bestfit as plainly as nanochat writes it
+    (lists, pop, linear scans): the oracle for every batch."""
     m, enc, bos = fx["meta"], fx["tok"].enc, fx["tok"].bos_id
 
     def chunks():
