@@ -6,8 +6,8 @@ nanochat/common.py download_file_with_lock and nanochat/dataset.py download_sing
 
 import os
 import shutil
-import tempfile
 import urllib.request
+import uuid
 from collections.abc import Callable
 
 
@@ -54,7 +54,10 @@ def build_directory(dest: str, build: Callable[[str], str | None], complete: Cal
     """
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.", suffix=".tmp", dir=parent)
+    # A unique name (processes on several hosts may share the filesystem); os.mkdir keeps the umask's permissions,
+    # which the installed directory then has (tempfile.mkdtemp would make it private to this user).
+    tmp = os.path.join(parent, f".{os.path.basename(dest)}.{uuid.uuid4().hex}.tmp")
+    os.mkdir(tmp)
     try:
         root = build(tmp) or tmp
         if not complete(dest):

@@ -111,3 +111,12 @@ def test_build_directory_failure_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="build failed"):
         build_directory(str(tmp_path / "out"), fail, _complete)
     assert os.listdir(tmp_path) == []
+
+
+def test_build_directory_has_ordinary_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        build_directory(str(tmp_path / "out"), lambda tmp: None, _complete)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755  # readable by the other users of a shared disk
