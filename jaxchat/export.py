@@ -1,0 +1,173 @@
+"""Export a jaxchat checkpoint as a nanochat base directory, for nanochat's midtraining, SFT, RL and chat UI.
+
+    python -m jaxchat.export --model-tag=d24 [--step N] --to DIR [--world-size W] [--force]
+    NANOCHAT_BASE_DIR=DIR torchrun --nproc_per_node=W -m scripts.chat_sft -- --model-tag=d24   # in nanochat
+
+Writes DIR/base_checkpoints/<tag>/{model,meta}_<step>.pt|json, optim_<step>_rank<r>.pt for r < W, and
+DIR/tokenizer/{tokenizer.pkl,token_bytes.pt}: nanochat's names, layouts and dtypes (jaxchat.nanochat_ckpt).
+Needs PyTorch (pip install -e '.[torch]').
+"""
+
+import argparse
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from jaxchat import nanochat_ckpt, optim
+from jaxchat.common import UserError, run_main
+from jaxchat.convert import config_from_dict, to_reference
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jaxchat.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--model-tag", required=True,
+                   help="the jaxchat checkpoint to export: $JAXCHAT_BASE_DIR/base_checkpoints/<tag> (e.g. d24)")
+    p.add_argument("--step", type=int, default=None, help="the step to export (default: the newest complete one)")
+    p.add_argument("--to", required=True, metavar="DIR",
+                   help="the nanochat base directory to write into (nanochat's NANOCHAT_BASE_DIR)")
+    p.add_argument("--tag", default="", help="model tag under DIR/base_checkpoints (default: --model-tag)")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="how many processes the nanochat run that loads the optimizer state will have: one "
+                        "optim_<step>_rank<r>.pt per rank, split as nanochat splits it (default 1)")
+    p.add_argument("--no-optimizer", action="store_true",
+                   help="write the model, meta and tokenizer only (enough for nanochat's eval, SFT without "
+                        "--load-optimizer, and chat)")
+    p.add_argument("--embed-dtype", default="", choices=("", "bfloat16", "float32"),
+                   help="dtype of wte and value embeddings in model_<step>.pt (default: as trained; nanochat saves "
+                        "bfloat16 on CUDA, float32 on CPU; every other tensor is float32 as in nanochat)")
+    p.add_argument("--tokenizer-dir", default="",
+                   help="the tokenizer to ship (default: the one of the run's --data source)")
+    p.add_argument("--force", action="store_true", help="overwrite files that already exist in DIR")
+    p.error = lambda message: (_ for _ in ()).throw(UserError(f"{message} (see python -m jaxchat.export --help)"))
+    args = p.parse_args(argv)
+    if args.world_size < 1:
+        raise UserError(f"--world-size={args.world_size} must be at least 1")
+    return args
+
+
+def read_jaxchat(model_tag: str, step: int | None) -> tuple[int, dict, dict, dict]:
+    """(step, params, optimizer state, meta) of a jaxchat checkpoint, as saved (numpy; no model or optimizer built)."""
+    import orbax.checkpoint as ocp
+    from jaxchat.checkpoint import Checkpointer, checkpoint_dir
+
+    ckpt = Checkpointer(checkpoint_dir(model_tag), async_save=False)
+    step = ckpt.resolve_step("last" if step is None else step)
+    items = dict(params=ocp.args.StandardRestore(), opt_state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    try:
+        restored = ckpt.manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"cannot read checkpoint {ckpt.directory}/{step}: {str(e).splitlines()[0][:200]}") from None
+    finally:
+        ckpt.close()
+    as_numpy = lambda tree: {k: as_numpy(v) if isinstance(v, dict) else None if v is None else np.asarray(v)  # noqa: E731
+                             for k, v in tree.items()}
+    return step, as_numpy(restored["params"]), as_numpy(restored["opt_state"]), restored["meta"]
+
+
+def nanochat_meta(meta: dict, config) -> dict:
+    """The meta json nanochat writes: its keys only, model_config with GPTConfig's fields only."""
+    out = {k: meta.get(k) for k in nanochat_ckpt.META_KEYS}
+    out["model_config"] = {k: getattr(config, k) for k in nanochat_ckpt.MODEL_CONFIG_KEYS}
+    loader = meta.get("dataloader_state_dict") or {}
+    out["dataloader_state_dict"] = {k: loader[k] for k in ("pq_idx", "rg_idx", "epoch") if k in loader}
+    out["loop_state"] = {k: (meta.get("loop_state") or {}).get(k) for k in nanochat_ckpt.LOOP_STATE_KEYS}
+    return out
+
+
+def group_settings(user_config: dict, model_dim: int, schedule: dict) -> dict:
+    """Each optimizer group's settings as nanochat's param_groups hold them after the last step."""
+    base = optim.group_hyperparams(
+        model_dim=model_dim, embedding_lr=user_config["embedding_lr"], unembedding_lr=user_config["unembedding_lr"],
+        matrix_lr=user_config["matrix_lr"], scalar_lr=user_config["scalar_lr"],
+        adam_betas=(user_config["adam_beta1"], user_config["adam_beta2"]),
+        batch_lr_scale=optim.batch_lr_scale(user_config["total_batch_size"]))
+    lrm = float(schedule["lrm"])
+    out = {}
+    for label, g in base.items():
+        out[label] = dict(g, initial_lr=g["lr"], lr=g["lr"] * lrm, eps=optim.ADAMW_EPS,
+                          weight_decay=g.get("weight_decay", 0.0))
+    out["muon"].update(momentum=float(schedule["momentum"]), weight_decay=float(schedule["wd"]),
+                       ns_steps=optim.NS_STEPS)
+    return out
+
+
+def optimizer_files(params: dict, opt: dict, meta: dict, config, world_size: int) -> list[dict]:
+    """nanochat's optimizer state_dict of every rank for a jaxchat optimizer state."""
+    labels = [label for label in optim.ADAMW_GROUPS if label in opt["inner"]["inner_states"]]
+    names = list(to_reference(params, config))
+    shapes = {n: tuple(v.shape) for n, v in to_reference(params, config).items()}
+    groups = nanochat_ckpt.param_groups(names, labels, group_settings(meta["user_config"], config.n_embd,
+                                                                      opt["schedule"]), shapes)
+    return nanochat_ckpt.optimizer_shards(opt, config, groups, world_size)
+
+
+def tokenizer_files(directory: str, vocab_size: int) -> tuple[str, object]:
+    """(tokenizer.pkl path, token_bytes tensor) of the run's tokenizer, checked against the model's vocabulary."""
+    from jaxchat.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(directory)
+    if tok.vocab_size != vocab_size:
+        raise UserError(f"the tokenizer in {directory} has {tok.vocab_size} tokens, the model {vocab_size} (nanochat "
+                        f"checks they match): pass the run's tokenizer with --tokenizer-dir")
+    torch = nanochat_ckpt.torch_module()
+    return os.path.join(directory, "tokenizer.pkl"), torch.from_numpy(tok.get_token_bytes().astype(np.int32))
+
+
+def check_targets(files: dict[str, str], tokenizer_pkl: str, force: bool) -> None:
+    """Refuse to overwrite without --force; a tokenizer.pkl identical to ours is kept (another step, same run)."""
+    for kind, path in files.items():
+        if not os.path.exists(path) or force:
+            continue
+        if kind in ("tokenizer", "token_bytes") and _same_file(files["tokenizer"], tokenizer_pkl):
+            continue
+        raise UserError(f"{path} already exists: pass --force to overwrite it, or export --to another directory")
+
+
+def _same_file(a: str, b: str) -> bool:
+    if not os.path.exists(a):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
+
+
+def export(argv: list[str]) -> dict[str, str]:
+    """Run the export; returns the paths written."""
+    args = parse_args(argv)
+    nanochat_ckpt.torch_module()  # before reading anything: one line if PyTorch is missing
+    from jaxchat import tokenizer as toklib
+
+    step, params, opt, meta = read_jaxchat(args.model_tag, args.step)
+    config = config_from_dict(meta["model_config"])
+    tok_dir = args.tokenizer_dir or toklib.default_dir(meta["user_config"].get("data", "fineweb-edu"))
+    tokenizer_pkl, token_bytes = tokenizer_files(tok_dir, config.vocab_size)
+    files = nanochat_ckpt.paths(args.to, args.tag or args.model_tag, step)
+    if not args.no_optimizer:
+        files.update({f"optim{r}": nanochat_ckpt.optim_path(files["model"], r) for r in range(args.world_size)})
+    check_targets(files, tokenizer_pkl, args.force)
+
+    state = nanochat_ckpt.model_state(params, config, args.embed_dtype)
+    nanochat_ckpt.save(state, files["model"], os.path.basename(files["model"]))
+    if not args.no_optimizer:
+        for rank, shard in enumerate(optimizer_files(params, opt, meta, config, args.world_size)):
+            nanochat_ckpt.save(shard, files[f"optim{rank}"], os.path.basename(files[f"optim{rank}"]))
+    nanochat_ckpt.write_json(nanochat_meta(meta, config), files["meta"])
+    if not _same_file(files["tokenizer"], tokenizer_pkl):
+        os.makedirs(os.path.dirname(files["tokenizer"]), exist_ok=True)
+        shutil.copyfile(tokenizer_pkl, files["tokenizer"] + ".tmp")
+        os.replace(files["tokenizer"] + ".tmp", files["tokenizer"])
+    nanochat_ckpt.save(token_bytes, files["token_bytes"], "token_bytes.pt")
+    print(f"Exported step {step} of {args.model_tag} to {os.path.dirname(files['model'])} "
+          f"({len(state)} tensors{'' if args.no_optimizer else f', optimizer for {args.world_size} rank(s)'}) and "
+          f"its tokenizer to {os.path.dirname(files['tokenizer'])}; in nanochat: NANOCHAT_BASE_DIR={args.to}")
+    return files
+
+
+def main() -> None:
+    run_main(export, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
