@@ -17,10 +17,10 @@ import numpy as np
 
 from jaxchat import nanochat_ckpt, optim
 from jaxchat.common import UserError, run_main
-from jaxchat.convert import config_from_dict, to_reference
+from jaxchat.convert import config_from_dict
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxchat.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--model-tag", required=True,
@@ -42,7 +42,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="the tokenizer to ship (default: the one of the run's --data source)")
     p.add_argument("--force", action="store_true", help="overwrite files that already exist in DIR")
     p.error = lambda message: (_ for _ in ()).throw(UserError(f"{message} (see python -m jaxchat.export --help)"))
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     if args.world_size < 1:
         raise UserError(f"--world-size={args.world_size} must be at least 1")
     return args
@@ -78,7 +82,8 @@ def nanochat_meta(meta: dict, config) -> dict:
 
 
 def group_settings(user_config: dict, model_dim: int, schedule: dict) -> dict:
-    """Each optimizer group's settings as nanochat's param_groups hold them after the last step."""
+    """Each optimizer group's fields as nanochat's param_groups hold them after the last step (the LR multiplier,
+    Muon momentum and weight decay of that step applied), by jaxchat optimizer label."""
     base = optim.group_hyperparams(
         model_dim=model_dim, embedding_lr=user_config["embedding_lr"], unembedding_lr=user_config["unembedding_lr"],
         matrix_lr=user_config["matrix_lr"], scalar_lr=user_config["scalar_lr"],
@@ -87,21 +92,21 @@ def group_settings(user_config: dict, model_dim: int, schedule: dict) -> dict:
     lrm = float(schedule["lrm"])
     out = {}
     for label, g in base.items():
-        out[label] = dict(g, initial_lr=g["lr"], lr=g["lr"] * lrm, eps=optim.ADAMW_EPS,
-                          weight_decay=g.get("weight_decay", 0.0))
-    out["muon"].update(momentum=float(schedule["momentum"]), weight_decay=float(schedule["wd"]),
-                       ns_steps=optim.NS_STEPS)
+        if g["kind"] == "adamw":
+            out[label] = dict(kind="adamw", lr=g["lr"] * lrm, betas=list(g["betas"]), eps=optim.ADAMW_EPS,
+                              weight_decay=g.get("weight_decay", 0.0), initial_lr=g["lr"])
+        else:
+            out[label] = dict(kind="muon", lr=g["lr"] * lrm, momentum=float(schedule["momentum"]),
+                              ns_steps=optim.NS_STEPS, beta2=g["beta2"], weight_decay=float(schedule["wd"]),
+                              initial_lr=g["lr"])
     return out
 
 
 def optimizer_files(params: dict, opt: dict, meta: dict, config, world_size: int) -> list[dict]:
     """nanochat's optimizer state_dict of every rank for a jaxchat optimizer state."""
-    labels = [label for label in optim.ADAMW_GROUPS if label in opt["inner"]["inner_states"]]
-    names = list(to_reference(params, config))
-    shapes = {n: tuple(v.shape) for n, v in to_reference(params, config).items()}
-    groups = nanochat_ckpt.param_groups(names, labels, group_settings(meta["user_config"], config.n_embd,
-                                                                      opt["schedule"]), shapes)
-    return nanochat_ckpt.optimizer_shards(opt, config, groups, world_size)
+    groups = nanochat_ckpt.reference_groups(params, config)
+    settings = group_settings(meta["user_config"], config.n_embd, opt["schedule"])
+    return nanochat_ckpt.optimizer_shards(opt, config, groups, settings, world_size)
 
 
 def tokenizer_files(directory: str, vocab_size: int) -> tuple[str, object]:
@@ -149,10 +154,10 @@ def export(argv: list[str]) -> dict[str, str]:
     check_targets(files, tokenizer_pkl, args.force)
 
     state = nanochat_ckpt.model_state(params, config, args.embed_dtype)
+    shards = [] if args.no_optimizer else optimizer_files(params, opt, meta, config, args.world_size)  # may refuse
     nanochat_ckpt.save(state, files["model"], os.path.basename(files["model"]))
-    if not args.no_optimizer:
-        for rank, shard in enumerate(optimizer_files(params, opt, meta, config, args.world_size)):
-            nanochat_ckpt.save(shard, files[f"optim{rank}"], os.path.basename(files[f"optim{rank}"]))
+    for rank, shard in enumerate(shards):
+        nanochat_ckpt.save(shard, files[f"optim{rank}"], os.path.basename(files[f"optim{rank}"]))
     nanochat_ckpt.write_json(nanochat_meta(meta, config), files["meta"])
     if not _same_file(files["tokenizer"], tokenizer_pkl):
         os.makedirs(os.path.dirname(files["tokenizer"]), exist_ok=True)

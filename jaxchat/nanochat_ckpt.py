@@ -33,15 +33,9 @@ MODEL_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_he
 META_KEYS = ("step", "val_bpb", "model_config", "user_config", "device_batch_size", "max_seq_len", "total_batch_size",
              "dataloader_state_dict", "loop_state")
 LOOP_STATE_KEYS = ("min_val_bpb", "smooth_train_loss", "total_training_time")
-# The reference's AdamW groups (nanochat/gpt.py setup_optimizer): jaxchat optimizer label -> parameters, in order.
-ADAMW_GROUP_PARAMS = {
-    "lm_head": ("lm_head.weight",),
-    "wte": ("transformer.wte.weight",),
-    "value_embeds": ("value_embeds.",),  # every value_embeds.<layer>.weight, by layer
-    "resid_lambdas": ("resid_lambdas",),
-    "x0_lambdas": ("x0_lambdas",),
-    "smear": ("smear_gate.weight", "smear_lambda", "backout_lambda"),  # 92d63d4
-}
+# Parameter order inside nanochat's AdamW groups (nanochat/gpt.py setup_optimizer; smear's three are 92d63d4's).
+ADAMW_ORDER = ("lm_head.weight", "transformer.wte.weight", "value_embeds.", "resid_lambdas", "x0_lambdas",
+               "smear_gate.weight", "smear_lambda", "backout_lambda")
 # Order of a block's parameters in `transformer.h.parameters()` (module registration order), which orders Muon groups.
 BLOCK_ORDER = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.c_proj.weight", "attn.ve_gate.weight",
                "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -112,63 +106,84 @@ def _merge(trees: list) -> dict:
 
 
 def _moments(opt: dict) -> tuple[dict, dict, dict[str, int]]:
-    """(first moments, second moments, AdamW step count per label) as parameter-shaped trees."""
-    groups = opt["inner"]["inner_states"]
+    """(first moments, second moments, AdamW step count per group label) as parameter-shaped trees."""
     firsts, seconds, counts = [], [], {}
-    for label, group in groups.items():
+    for label, group in opt["inner"]["inner_states"].items():
         state = group["inner_state"]
-        if "momentum" in state:
-            firsts.append(state["momentum"])
-            seconds.append(state["second_moment"])
-        else:
-            firsts.append(state["mu"])
-            seconds.append(state["nu"])
+        muon = "momentum" in state
+        firsts.append(state["momentum" if muon else "mu"])
+        seconds.append(state["second_moment" if muon else "nu"])
+        if not muon:
             counts[label] = int(state["count"])
     return _merge(firsts), _merge(seconds), counts
 
 
-def param_groups(names: list[str], labels: list[str], hyper: dict, shapes: dict[str, tuple]) -> list[dict]:
-    """nanochat's param_groups (without 'params'), each with its parameter names under 'names', in nanochat's order.
+def reference_groups(params_like: dict, config) -> list[dict]:
+    """nanochat's optimizer groups for jaxchat's parameters, in nanochat's order: [{kind, label, names, shapes}].
 
-    labels: jaxchat's AdamW groups in the reference's order; hyper: label (and 'muon') -> kind, lr, betas / beta2,
-    weight_decay, as the optimizer runs them; shapes: reference name -> shape.
+    AdamW groups follow jaxchat's optimizer labels (optim.param_labels) in optim.ADAMW_GROUPS order; Muon takes the
+    block matrices, one group per shape in sorted order, each in `transformer.h.parameters()` order.
     """
+    from jaxchat import optim
+
+    labels = optim.param_labels(params_like)
+    order = list(dict.fromkeys(list(optim.ADAMW_GROUPS) + sorted({v for _, v in _items(labels)})))
+    # Views, not copies: a constant per leaf, laid out by to_reference as the reference lays out that parameter.
+    coded = _map2(lambda lab, p: np.broadcast_to(np.int32(order.index(lab)), p.shape), labels, params_like)
+    layout = {n: (order[int(v.flat[0])], tuple(v.shape)) for n, v in to_reference(coded, config).items()}
     groups = []
-    for label in labels:
-        members = [n for p in ADAMW_GROUP_PARAMS[label] for n in names if n == p or (p.endswith(".") and n.startswith(p))]
-        h = hyper[label]
-        groups.append(dict(kind="adamw", lr=h["lr"], betas=list(h["betas"]), eps=h["eps"],
-                           weight_decay=h["weight_decay"], initial_lr=h["initial_lr"], names=members))
-    blocks = [n for n in names if n.startswith("transformer.h.")]
-    unknown = [n for n in blocks if n.split(".", 3)[3] not in BLOCK_ORDER]
-    if unknown:
-        raise UserError(f"no Muon group order for {unknown[:3]}: extend nanochat_ckpt.BLOCK_ORDER")
+    for label in [lab for lab in order if lab != "muon"]:
+        names = sorted((n for n, (lab, _) in layout.items() if lab == label), key=_adamw_position)
+        if names:
+            groups.append(dict(kind="adamw", label=label, names=names, shapes={n: layout[n][1] for n in names}))
+    blocks = [n for n, (lab, _) in layout.items() if lab == "muon"]
+    if unknown := [n for n in blocks if not n.startswith("transformer.h.") or n.split(".", 3)[3] not in BLOCK_ORDER]:
+        raise UserError(f"no nanochat Muon group order for {unknown[:3]}: extend nanochat_ckpt.BLOCK_ORDER")
     blocks.sort(key=lambda n: (int(n.split(".")[2]), BLOCK_ORDER.index(n.split(".", 3)[3])))
-    h = hyper["muon"]
-    for shape in sorted({shapes[n] for n in blocks}):
-        groups.append(dict(kind="muon", lr=h["lr"], momentum=h["momentum"], ns_steps=h["ns_steps"], beta2=h["beta2"],
-                           weight_decay=h["weight_decay"], initial_lr=h["initial_lr"],
-                           names=[n for n in blocks if shapes[n] == shape]))
+    for shape in sorted({layout[n][1] for n in blocks}):
+        names = [n for n in blocks if layout[n][1] == shape]
+        groups.append(dict(kind="muon", label="muon", names=names, shapes={n: shape for n in names}))
     return groups
 
 
-def optimizer_shards(opt: dict, config, groups: list[dict], world_size: int) -> list[dict]:
+def _adamw_position(name: str) -> tuple[int, int]:
+    """Where a parameter sits in its AdamW group (value embeddings by layer)."""
+    for i, entry in enumerate(ADAMW_ORDER):
+        if name == entry or (entry.endswith(".") and name.startswith(entry)):
+            return i, int(name.split(".")[1]) if entry.endswith(".") else 0
+    raise UserError(f"no nanochat AdamW group order for {name}: extend nanochat_ckpt.ADAMW_ORDER")
+
+
+def _items(tree: dict, prefix: tuple = ()):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _items(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _map2(fn, a: dict, b: dict) -> dict:
+    return {k: _map2(fn, v, b[k]) if isinstance(v, dict) else fn(v, b[k]) for k, v in a.items()}
+
+
+def optimizer_shards(opt: dict, config, groups: list[dict], settings: dict, world_size: int) -> list[dict]:
     """nanochat's optimizer state_dict for each of `world_size` ranks (nanochat/optim.py DistMuonAdamW layout:
-    AdamW parameters of 1024 or more elements split by rows, Muon stacks zero-padded and split in chunks)."""
+    AdamW parameters of 1024 or more elements split by rows, Muon stacks zero-padded and split in chunks).
+
+    opt: jaxchat's optimizer state as restored without a target; settings: group label -> nanochat's group fields.
+    """
     torch = torch_module()
     first, second, counts = _moments(opt)
     m1, m2 = to_reference(first, config), to_reference(second, config)
     index = {n: i for i, n in enumerate(n for g in groups for n in g["names"])}
-    label_of = {n: label for label, ps in ADAMW_GROUP_PARAMS.items() for n in m1
-                if n in ps or any(p.endswith(".") and n.startswith(p) for p in ps)}
     shards = []
     for rank in range(world_size):
         state = {}
         for g in groups:
             if g["kind"] == "adamw":
                 for n in g["names"]:
-                    rows = _rank_rows(m1[n].shape, m1[n].size, rank, world_size)
-                    state[index[n]] = {"step": counts[label_of[n]], "exp_avg": _tensor(torch, m1[n][rows]),
+                    rows = _rank_rows(m1[n].shape, rank, world_size)
+                    state[index[n]] = {"step": counts[g["label"]], "exp_avg": _tensor(torch, m1[n][rows]),
                                        "exp_avg_sq": _tensor(torch, m2[n][rows])}
             else:
                 chunk = math.ceil(len(g["names"]) / world_size)
@@ -176,13 +191,13 @@ def optimizer_shards(opt: dict, config, groups: list[dict], world_size: int) -> 
                 state[index[g["names"][0]]] = {k: _tensor(torch, _padded([m[n] for n in mine], chunk, m[g["names"][0]]))
                                                for k, m in (("momentum_buffer", m1), ("second_momentum_buffer", m2))}
         shards.append({"state": state, "param_groups": [
-            {**{k: v for k, v in g.items() if k != "names"}, "params": [index[n] for n in g["names"]]} for g in groups]})
+            dict(settings[g["label"]], params=[index[n] for n in g["names"]]) for g in groups]})
     return shards
 
 
-def _rank_rows(shape: tuple, size: int, rank: int, world_size: int) -> slice:
+def _rank_rows(shape: tuple, rank: int, world_size: int) -> slice:
     """The rows of an AdamW parameter that a rank keeps state for (all of it below 1024 elements)."""
-    if world_size == 1 or size < 1024:
+    if world_size == 1 or math.prod(shape) < 1024:
         return slice(None)
     if shape[0] % world_size:
         raise UserError(f"a parameter of shape {shape} cannot be split over {world_size} ranks as nanochat does: "
@@ -203,10 +218,10 @@ def _tensor(torch, array: np.ndarray):
     return torch.from_numpy(np.array(array, np.float32, order="C"))
 
 
-def optimizer_from_shards(shards: list[dict], config, groups: list[dict], shapes: dict[str, tuple]) -> dict:
+def optimizer_from_shards(shards: list[dict], config, groups: list[dict]) -> dict:
     """The inverse of `optimizer_shards`: {"first": tree, "second": tree (parameter layout), "count": AdamW step}.
 
-    groups: this model's `param_groups` (checked against the file's group sizes); shapes: reference name -> shape.
+    groups: this model's `reference_groups` (checked against the file's group sizes).
     """
     saved = shards[0]["param_groups"]
     if [len(g["params"]) for g in saved] != [len(g["names"]) for g in groups]:
@@ -216,7 +231,7 @@ def optimizer_from_shards(shards: list[dict], config, groups: list[dict], shapes
     for g, s in zip(groups, saved):
         if g["kind"] == "adamw":
             for n, i in zip(g["names"], s["params"]):
-                split = len(shards) > 1 and math.prod(shapes[n]) >= 1024  # the rows of each rank, concatenated
+                split = len(shards) > 1 and math.prod(g["shapes"][n]) >= 1024  # the rows of each rank, concatenated
                 for key, m in (("exp_avg", m1), ("exp_avg_sq", m2)):
                     parts = [shard["state"][i][key].float().numpy() for shard in (shards if split else shards[:1])]
                     m[n] = np.concatenate(parts)
@@ -283,6 +298,51 @@ def read_optimizer(model_path: str) -> list[dict]:
     if not shards:
         raise UserError(f"--resume-optimizer: no {optim_path(model_path, 0)}; start without --resume-optimizer")
     return shards
+
+
+# Which training flag sets each model_config field (for the line that says how to match a checkpoint).
+FLAG_FOR = {"n_layer": "--depth", "n_embd": "--depth x --aspect-ratio (rounded to --head-dim)", "n_head": "--head-dim",
+            "n_kv_head": "--head-dim", "sequence_len": "--max-seq-len", "window_pattern": "--window-pattern",
+            "vocab_size": "the tokenizer (--data)"}
+
+
+def check_config(config, saved, source: str) -> None:
+    """UserError naming every model_config field where the checkpoint and this run's flags differ."""
+    differ = [k for k in MODEL_CONFIG_KEYS if getattr(config, k) != getattr(saved, k)]
+    if differ:
+        raise UserError(f"--init-from={source} holds another model: " + "; ".join(
+            f"{k} {getattr(saved, k)} there, {getattr(config, k)} here (set by {FLAG_FOR[k]})" for k in differ))
+
+
+def load_for_training(source: str, config, params_like: dict, with_optimizer: bool) -> tuple[dict, dict | None, dict]:
+    """(parameters, optimizer moments or None, meta) of a nanochat checkpoint, checked against this run's model.
+
+    source: a model_<step>.pt, its directory, or a nanochat base directory; params_like: this run's parameter tree
+    (shapes only), which decides the reference optimizer groups the file must have.
+    """
+    path = find_model_file(source)
+    saved, state, meta = read_checkpoint(path)
+    check_config(config, saved, source)
+    params = from_reference(state, config)
+    moments = None
+    if with_optimizer:
+        moments = optimizer_from_shards(read_optimizer(path), config, reference_groups(params_like, config))
+    return params, moments, dict(meta, path=path)
+
+
+def optimizer_leaf(path: tuple[str, ...], moments: dict, fresh):
+    """The value of one leaf of jaxchat's optimizer state (its key path as names) from loaded moments; leaves that
+    are not moments (the schedule values) keep `fresh`."""
+    for i, key in enumerate(path):
+        tree = {"mu": "first", "momentum": "first", "nu": "second", "second_moment": "second"}.get(key)
+        if tree:
+            value = moments[tree]
+            for k in path[i + 1:]:
+                value = value[k]
+            return value
+        if key == "count":
+            return np.asarray(moments["count"], np.asarray(fresh).dtype)
+    return fresh
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,247 @@
+"""`python -m jaxchat.export` and `--init-from`: jaxchat checkpoints to nanochat's format and back.
+
+Round trip from a real tiny training run (bit-identical parameters and optimizer moments), the parity fixtures'
+weights exported tensor for tensor as nanochat saved them, nanochat's own loader on the exported directory (when a
+nanochat checkout is at /tmp/nanochat-348fbb3), refusals as one line with exit code 2.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY_RUN, shared_fixture
+
+torch = pytest.importorskip("torch", reason="the export tests need PyTorch: pip install -e '.[torch]'")
+
+NANOCHAT_CHECKOUT = Path("/tmp/nanochat-348fbb3")
+PROBE = Path(__file__).resolve().parent / "nanochat_probe.py"
+FIXTURES = {"nanochat_parity_d2.npz": "348fbb3", "nanochat_head_d4.npz": "92d63d4"}
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("jaxchat_base")
+    old = os.environ.get("JAXCHAT_BASE_DIR")
+    os.environ["JAXCHAT_BASE_DIR"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["JAXCHAT_BASE_DIR"]
+    else:
+        os.environ["JAXCHAT_BASE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def trained(base_dir):
+    """A real 3-step training run on the demo corpus, its final checkpoint at step 3."""
+    from jaxchat.train import train
+    train(TINY_RUN + ["--num-iterations=3", "--eval-every=-1", "--model-tag=t", "--run=dummy"])
+    return "t"
+
+
+def run_export(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jaxchat.export", *argv], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=600)
+
+
+def read_export(out: Path, tag: str, step: int) -> tuple[dict, dict, list[dict]]:
+    """(state dict as loaded by torch, meta, optimizer shards) of an exported step."""
+    ckpt = out / "base_checkpoints" / tag
+    state = torch.load(ckpt / f"model_{step:06d}.pt", weights_only=True)
+    meta = json.loads((ckpt / f"meta_{step:06d}.json").read_text())
+    shards = [torch.load(p, weights_only=True) for p in sorted(ckpt.glob(f"optim_{step:06d}_rank*.pt"))]
+    return state, meta, shards
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}/"))
+        elif v is not None:
+            out[f"{prefix}{k}"] = np.asarray(v)
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_round_trip_is_bit_identical(base_dir, trained, tmp_path, world_size):
+    from jaxchat import nanochat_ckpt
+    from jaxchat.convert import config_from_dict, from_reference
+    from jaxchat.export import export, read_jaxchat
+
+    export([f"--model-tag={trained}", f"--to={tmp_path}", f"--world-size={world_size}"])
+    step, params, opt, meta = read_jaxchat(trained, None)
+    config = config_from_dict(meta["model_config"])
+    state, exported_meta, shards = read_export(tmp_path, trained, step)
+    assert step == 3 and len(shards) == world_size
+    assert all(v.is_contiguous() and v.untyped_storage().nbytes() == v.nbytes for v in state.values())
+    back = flat(from_reference(nanochat_ckpt.to_numpy(state), config))
+    ours = flat(params)
+    assert back.keys() == ours.keys()
+    for k in ours:
+        assert back[k].dtype == ours[k].dtype and np.array_equal(back[k], ours[k]), k
+    # Optimizer moments: the same bits after nanochat's layout (per-shape stacks, rank shards) and back.
+    groups = nanochat_ckpt.reference_groups(params, config)
+    moments = nanochat_ckpt.optimizer_from_shards(shards, config, groups)
+    first, second, counts = nanochat_ckpt._moments(opt)
+    for mine, theirs in ((first, moments["first"]), (second, moments["second"])):
+        mine, theirs = flat(mine), flat(theirs)
+        assert mine.keys() == theirs.keys() and all(np.array_equal(mine[k], theirs[k]) for k in mine)
+    assert set(counts.values()) == {moments["count"]} == {3}
+    assert exported_meta["step"] == 3 and exported_meta["loop_state"] == meta["loop_state"]
+
+
+def test_optimizer_groups_are_nanochats(base_dir, trained, tmp_path):
+    """param_groups as nanochat's setup_optimizer builds them: AdamW groups, then one Muon group per shape."""
+    run = run_export(f"--model-tag={trained}", f"--to={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    state, meta, (shard,) = read_export(tmp_path, trained, 3)
+    groups = shard["param_groups"]
+    assert [g["kind"] for g in groups] == ["adamw"] * 5 + ["muon"] * 4  # shapes (2,32) (64,64) (64,256) (256,64)
+    names = list(state)  # indices run over the groups in order, one per parameter
+    assert sorted(i for g in groups for i in g["params"]) == list(range(len(names)))
+    muon_sizes = [len(g["params"]) for g in groups[5:]]
+    assert sum(muon_sizes) == 2 * 6 + 1
+    lr_mult = groups[0]["lr"] / groups[0]["initial_lr"]
+    assert lr_mult == pytest.approx(0.5)  # the last step (2 of 3) ran in the warmdown: lrm 0.5
+    assert all(g["lr"] == pytest.approx(g["initial_lr"] * lr_mult) for g in groups)
+    assert groups[4]["betas"] == [0.96, 0.95] and groups[5]["ns_steps"] == 5
+    first_muon = shard["state"][groups[5]["params"][0]]
+    assert first_muon["momentum_buffer"].shape[0] == muon_sizes[0] and first_muon["momentum_buffer"].abs().sum() > 0
+    assert {shard["state"][i]["step"] for g in groups[:5] for i in g["params"]} == {3}
+
+
+def test_embeddings_in_bfloat16_like_nanochat_on_cuda(base_dir, trained, tmp_path):
+    from jaxchat.export import export
+    export([f"--model-tag={trained}", f"--to={tmp_path}", "--embed-dtype=bfloat16", "--no-optimizer"])
+    state, _, shards = read_export(tmp_path, trained, 3)
+    assert not shards
+    dtypes = {k: v.dtype for k, v in state.items()}
+    assert dtypes.pop("transformer.wte.weight") == torch.bfloat16 and dtypes.pop("value_embeds.1.weight") == torch.bfloat16
+    assert set(dtypes.values()) == {torch.float32}
+
+
+def fixture_checkpoint(name: str, tag: str, tokenizer_dir: Path) -> tuple:
+    """A jaxchat checkpoint holding a parity fixture's weights (imported through convert.from_reference)."""
+    from jaxchat.checkpoint import Checkpointer, checkpoint_dir
+    from jaxchat.convert import from_reference, read_reference_npz, to_reference_names
+    from jaxchat.tokenizer import Tokenizer
+
+    config, state, data = read_reference_npz(str(shared_fixture(name)))
+    if set(to_reference_names(config)) != set(state):
+        pytest.skip(f"{name} ({FIXTURES[name]}) has parameters jaxchat's convert.py does not know yet")
+    assert Tokenizer.load(str(tokenizer_dir)).vocab_size == config.vocab_size
+    ckpt = Checkpointer(checkpoint_dir(tag), async_save=False)
+    meta = dict(step=0, val_bpb=None, model_config={k: getattr(config, k) for k in (
+        "sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern")},
+        user_config={"data": "demo"}, device_batch_size=1, max_seq_len=config.sequence_len, total_batch_size=1024,
+        dataloader_state_dict={"pq_idx": 0, "rg_idx": 0, "epoch": 1},
+        loop_state=dict(min_val_bpb=None, smooth_train_loss=0.0, total_training_time=0.0))
+    ckpt.save(0, from_reference(state, config), {"unused": np.zeros(1, np.float32)}, meta)
+    ckpt.close()
+    return config, data
+
+
+@pytest.fixture(scope="module")
+def tokenizer_500(base_dir, trained, tmp_path_factory):
+    """A real 500-token tokenizer (the parity fixtures' vocabulary), trained on the demo corpus."""
+    from jaxchat.tok_train import train_tokenizer
+    out = tmp_path_factory.mktemp("tok500")
+    train_tokenizer(source="demo", vocab_size=500, max_chars=2_000_000, doc_cap=10_000, out_dir=str(out))
+    return out
+
+
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_fixture_weights_export_as_nanochat_saved_them(base_dir, tokenizer_500, tmp_path, name):
+    from jaxchat.nanochat_ckpt import META_KEYS
+    tag = "fx_" + FIXTURES[name]
+    config, data = fixture_checkpoint(name, tag, tokenizer_500)
+    run = run_export(f"--model-tag={tag}", f"--to={tmp_path}", f"--tokenizer-dir={tokenizer_500}", "--no-optimizer")
+    assert run.returncode == 0, run.stderr
+    state, meta, _ = read_export(tmp_path, tag, 0)
+    reference = {k.removeprefix("param/"): data[k] for k in data.files if k.startswith("param/")}
+    assert list(state) and set(state) == set(reference)
+    for k, v in state.items():  # nanochat on CPU saves every tensor in float32
+        assert v.dtype == torch.float32 and tuple(v.shape) == reference[k].shape, k
+        assert np.array_equal(v.numpy(), reference[k]), k
+    assert set(META_KEYS) <= set(meta)
+    assert meta["model_config"] == {k.removeprefix("config/"): data[k].item() for k in data.files
+                                    if k.startswith("config/") and k not in ("config/window_sizes", "config/rev",
+                                                                             "config/json")}
+    tok = tmp_path / "tokenizer"
+    assert (tok / "tokenizer.pkl").read_bytes() == (tokenizer_500 / "tokenizer.pkl").read_bytes()
+    token_bytes = torch.load(tok / "token_bytes.pt", weights_only=True)
+    assert token_bytes.dtype == torch.int32 and token_bytes.shape == (config.vocab_size,)
+
+
+def probe(base: Path, tag: str, *args: str) -> dict:
+    if not (NANOCHAT_CHECKOUT / "nanochat" / "checkpoint_manager.py").exists():
+        pytest.skip(f"no nanochat checkout at {NANOCHAT_CHECKOUT}: git -C <nanochat mirror> archive 348fbb3 | "
+                    f"tar -x -C {NANOCHAT_CHECKOUT}")
+    env = dict(os.environ, PYTHONPATH=str(NANOCHAT_CHECKOUT))
+    run = subprocess.run([sys.executable, str(PROBE), str(base), tag, *args], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=NANOCHAT_CHECKOUT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_nanochat_builds_the_exported_fixture(base_dir, tokenizer_500, tmp_path):
+    """nanochat 348fbb3's build_model loads the directory, and its forward gives the fixture's loss."""
+    name = "nanochat_parity_d2.npz"
+    config, data = fixture_checkpoint(name, "fx_probe", tokenizer_500)
+    run = run_export("--model-tag=fx_probe", f"--to={tmp_path}", f"--tokenizer-dir={tokenizer_500}", "--no-optimizer")
+    assert run.returncode == 0, run.stderr
+    np.savez(tmp_path / "batch.npz", inputs=data["idx"][None], targets=data["targets"][None])
+    out = probe(tmp_path, "fx_probe", "--batch", str(tmp_path / "batch.npz"))
+    assert out["step"] == 0 and out["vocab_size"] == 500
+    assert set(out["state"]) == {k.removeprefix("param/") for k in data.files if k.startswith("param/")}
+    assert out["losses"][0] == pytest.approx(float(data["loss"]), abs=1e-5)
+
+
+def test_nanochat_resumes_the_exported_optimizer(base_dir, trained, tmp_path):
+    """nanochat's MuonAdamW loads optim_<step>_rank0.pt (group sizes, state shapes) and steps from it."""
+    run = run_export(f"--model-tag={trained}", f"--to={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    out = probe(tmp_path, trained, "--optimizer")
+    assert out["step"] == 3 and out["finite"]
+    assert [g["kind"] for g in out["param_groups"]] == ["adamw"] * 5 + ["muon"] * 4
+
+
+def test_refuses_to_overwrite_without_force(base_dir, trained, tmp_path):
+    assert run_export(f"--model-tag={trained}", f"--to={tmp_path}", "--no-optimizer").returncode == 0
+    again = run_export(f"--model-tag={trained}", f"--to={tmp_path}", "--no-optimizer")
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--force" in again.stderr
+    assert "model_000003.pt already exists" in again.stderr
+    forced = run_export(f"--model-tag={trained}", f"--to={tmp_path}", "--no-optimizer", "--force")
+    assert forced.returncode == 0, forced.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model-tag=nope", "--to=/tmp/x"], "no checkpoint in"),
+    (["--to=/tmp/x"], "--model-tag"),
+    (["--model-tag=t", "--to=/tmp/x", "--world-size=0"], "--world-size=0"),
+])
+def test_bad_input_is_one_line(base_dir, trained, argv, message):
+    run = run_export(*argv)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
+
+
+def test_without_torch_says_so(base_dir, trained, tmp_path):
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('no torch here')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-m", "jaxchat.export", f"--model-tag={trained}", f"--to={tmp_path}/out"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "pip install -e '.[torch]'" in run.stderr
+
+
+def test_help_describes_every_flag():
+    from jaxchat.export import build_parser
+    actions = [a for a in build_parser()._actions if a.dest != "help"]
+    assert len(actions) == 9 and all(len(a.help or "") > 20 for a in actions)
+    run = run_export("--help")
+    assert run.returncode == 0 and all(a.option_strings[0] in run.stdout for a in actions)
