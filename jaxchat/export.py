@@ -66,9 +66,11 @@ def read_jaxchat(model_tag: str, step: int | None) -> tuple[int, dict, dict, dic
         raise UserError(f"cannot read checkpoint {ckpt.directory}/{step}: {str(e).splitlines()[0][:200]}") from None
     finally:
         ckpt.close()
-    as_numpy = lambda tree: {k: as_numpy(v) if isinstance(v, dict) else None if v is None else np.asarray(v)  # noqa: E731
-                             for k, v in tree.items()}
-    return step, as_numpy(restored["params"]), as_numpy(restored["opt_state"]), restored["meta"]
+    return step, _as_numpy(restored["params"]), _as_numpy(restored["opt_state"]), restored["meta"]
+
+
+def _as_numpy(tree: dict) -> dict:
+    return {k: _as_numpy(v) if isinstance(v, dict) else None if v is None else np.asarray(v) for k, v in tree.items()}
 
 
 def nanochat_meta(meta: dict, config) -> dict:

@@ -85,7 +85,7 @@ def model_state(params: dict, config, embed_dtype: str = "") -> dict:
 
 
 def to_numpy(tensors: dict) -> dict[str, np.ndarray]:
-    """A state dict of torch tensors as float32 numpy arrays (bfloat16 widens exactly); '_orig_mod.' prefixes dropped."""
+    """A state dict of torch tensors as float32 numpy arrays (bfloat16 widens exactly), without '_orig_mod.'."""
     return {k.removeprefix("_orig_mod."): v.float().numpy() for k, v in tensors.items()}
 
 

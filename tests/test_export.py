@@ -121,7 +121,7 @@ def test_embeddings_in_bfloat16_like_nanochat_on_cuda(base_dir, trained, tmp_pat
     state, _, shards = read_export(tmp_path, trained, 3)
     assert not shards
     dtypes = {k: v.dtype for k, v in state.items()}
-    assert dtypes.pop("transformer.wte.weight") == torch.bfloat16 and dtypes.pop("value_embeds.1.weight") == torch.bfloat16
+    assert dtypes.pop("transformer.wte.weight") == dtypes.pop("value_embeds.1.weight") == torch.bfloat16
     assert set(dtypes.values()) == {torch.float32}
 
 
