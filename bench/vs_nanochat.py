@@ -1,0 +1,196 @@
+"""jaxchat's train step against nanochat's (model + MuonAdamW) at the same shape, alternating in one process.
+
+Both projects run as they do by default on the backend: float32 compute on CPU, bfloat16 on GPU (nanochat: autocast
+on CUDA, `torch.compile` of the model as scripts/base_train.py does unless --torch-eager). Prints one JSON line: each
+side's median step, forward+backward and optimizer times, and `ratio` = jaxchat steps/s / nanochat steps/s.
+
+    git clone https://github.com/karpathy/nanochat /tmp/nanochat && git -C /tmp/nanochat checkout 348fbb3
+    pip install torch                                    # only for this bench; jaxchat never imports torch
+    python bench/vs_nanochat.py --nanochat-dir=/tmp/nanochat --depth=4 --width=256 --head-dim=64 --seq-len=256 \\
+        --batch=8 --vocab=4096 --window-pattern=L       # the d4 CPU shape
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxchat import mesh as meshlib
+from jaxchat import optim
+from jaxchat import xla_flags
+from jaxchat.common import UserError, run_main
+from jaxchat.model import GPTConfig, config_for_depth
+from jaxchat.train import default_dtype, init_training
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nanochat-dir", required=True, help="a nanochat checkout (the directory holding nanochat/gpt.py)")
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--width", type=int, default=0, help="model width; 0: depth x --aspect-ratio rounded to --head-dim")
+    p.add_argument("--aspect-ratio", type=int, default=64)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8, help="rows per step (one micro-batch)")
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--window-pattern", default="L")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per side (medians are reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side after compiling")
+    p.add_argument("--torch-eager", action="store_true", help="nanochat's model without torch.compile")
+    return p.parse_args(argv)
+
+
+def model_config(a) -> GPTConfig:
+    if a.width:
+        if a.width % a.head_dim:
+            raise UserError(f"--width={a.width} must be a multiple of --head-dim={a.head_dim}")
+        return GPTConfig(sequence_len=a.seq_len, vocab_size=a.vocab, n_layer=a.depth, n_head=a.width // a.head_dim,
+                         n_kv_head=a.width // a.head_dim, n_embd=a.width, window_pattern=a.window_pattern)
+    return config_for_depth(a.depth, aspect_ratio=a.aspect_ratio, head_dim=a.head_dim, max_seq_len=a.seq_len,
+                            vocab_size=a.vocab, window_pattern=a.window_pattern)
+
+
+def median_ms(times: list[float]) -> float:
+    return round(1000 * statistics.median(times), 2)
+
+
+class NanochatSide:
+    """nanochat's GPT and MuonAdamW (setup_optimizer's defaults) built from the user's checkout, as base_train does."""
+
+    def __init__(self, nanochat_dir: str, config: GPTConfig, tokens: np.ndarray, eager: bool):
+        if not os.path.isfile(os.path.join(nanochat_dir, "nanochat", "gpt.py")):
+            raise UserError(f"--nanochat-dir={nanochat_dir}: no nanochat/gpt.py there; clone nanochat and pass its root")
+        try:
+            import torch
+        except ImportError:
+            raise UserError("torch is not installed: `pip install torch` (only this bench needs it)") from None
+        sys.path.insert(0, os.path.abspath(nanochat_dir))
+        from nanochat.gpt import GPT, GPTConfig as NanoConfig
+
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        with contextlib.redirect_stdout(sys.stderr):  # nanochat's print0 lines stay off the JSON output
+            with torch.device("meta"):
+                model = GPT(NanoConfig(**{k: getattr(config, k) for k in ("sequence_len", "vocab_size", "n_layer",
+                                                                          "n_head", "n_kv_head", "n_embd",
+                                                                          "window_pattern")}))
+            model.to_empty(device=self.device)
+            model.init_weights()
+            self.optimizer = model.setup_optimizer()
+        self.model = model if eager else torch.compile(model, dynamic=False)
+        self.autocast = (torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if self.device == "cuda"
+                         else contextlib.nullcontext())
+        t = torch.from_numpy(tokens.astype(np.int64)).to(self.device)
+        self.inputs, self.targets = t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        self.compute = "bfloat16" if self.device == "cuda" else "float32"
+        self.name = torch.cuda.get_device_name() if self.device == "cuda" else cpu_name()
+
+    def sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def step(self) -> tuple[float, float, float]:
+        """(step, forward+backward, optimizer) seconds for one training step."""
+        self.sync()
+        t0 = time.perf_counter()
+        with self.autocast:
+            loss = self.model(self.inputs, self.targets)
+        loss.backward()
+        self.sync()
+        t1 = time.perf_counter()
+        self.optimizer.step()
+        self.model.zero_grad(set_to_none=True)
+        self.sync()
+        t2 = time.perf_counter()
+        return t2 - t0, t1 - t0, t2 - t1
+
+
+class JaxchatSide:
+    """jaxchat's real train step (the one `python -m jaxchat.train` runs) and its two halves, each jitted alone."""
+
+    def __init__(self, config: GPTConfig, tokens: np.ndarray):
+        compute_dtype, muon_dtype = default_dtype(None), default_dtype(None)
+        mesh = meshlib.make_mesh(1)
+        self.tx = optim.make_optimizer(model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(muon_dtype),
+                                       muon_stack_sharding=meshlib.muon_stack_sharding(mesh))
+        self.graphdef, self.params, self.opt_state, self.train_step, _ = init_training(
+            config, self.tx, mesh, seed=0, compute_dtype=compute_dtype)
+        batch = meshlib.batch_sharding(mesh)
+        self.inputs, self.targets = (jax.device_put(a[None], batch) for a in (tokens[:, :-1], tokens[:, 1:]))
+        values = optim.schedule_values(0, num_iterations=1000, warmup_ratio=0.0, warmdown_ratio=0.5,
+                                       final_lr_frac=0.0, weight_decay=0.2)
+        self.schedule = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
+        self.compute = compute_dtype
+        self.name = jax.devices()[0].device_kind if jax.default_backend() == "gpu" else cpu_name()
+        from flax import nnx
+
+        def loss_fn(p):
+            return nnx.merge(self.graphdef, p)(self.inputs[0], self.targets[0])
+
+        self.grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+        self.update_fn = jax.jit(lambda g, s, p: self.tx.update(g, optim.set_schedule(s, self.schedule), p))
+        self.grads = None
+
+    def step(self) -> tuple[float, float, float]:
+        """(real step, forward+backward alone, optimizer alone) seconds."""
+        t0 = time.perf_counter()
+        self.params, self.opt_state, metrics = self.train_step(self.params, self.opt_state, self.inputs,
+                                                               self.targets, self.schedule)
+        jax.block_until_ready(metrics)
+        t1 = time.perf_counter()
+        loss, self.grads = jax.block_until_ready(self.grad_fn(self.params))
+        t2 = time.perf_counter()
+        jax.block_until_ready(self.update_fn(self.grads, self.opt_state, self.params))
+        t3 = time.perf_counter()
+        return t1 - t0, t2 - t1, t3 - t2
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (platform's name elsewhere), with the core count."""
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def bench(argv: list[str]) -> dict:
+    a = parse(argv)
+    if a.steps < 1 or a.warmup < 1:
+        raise UserError(f"--steps={a.steps} and --warmup={a.warmup} must be at least 1")
+    config = model_config(a)
+    tokens = np.random.default_rng(0).integers(0, a.vocab, (a.batch, a.seq_len + 1), dtype=np.int32)
+    sides = {"nanochat": NanochatSide(a.nanochat_dir, config, tokens, a.torch_eager), "jaxchat": JaxchatSide(config, tokens)}
+    times = {name: [] for name in sides}
+    for i in range(a.warmup + a.steps):  # alternate, so load from elsewhere on the machine hits both sides alike
+        for name, side in sides.items():
+            t = side.step()
+            if i >= a.warmup:
+                times[name].append(t)
+    result = dict(depth=config.n_layer, n_embd=config.n_embd, n_head=config.n_head, seq_len=a.seq_len,
+                  batch=a.batch, vocab=a.vocab, window_pattern=config.window_pattern, steps=a.steps,
+                  backend=jax.default_backend(), machine=sides["jaxchat"].name, jax=jax.__version__,
+                  torch=sides["nanochat"].torch.__version__, torch_compile=not a.torch_eager,
+                  xla_flags=os.environ.get("XLA_FLAGS", ""))
+    for name, side in sides.items():
+        step, fwd_bwd, opt = (median_ms([t[j] for t in times[name]]) for j in range(3))
+        result[name] = dict(step_ms=step, fwd_bwd_ms=fwd_bwd, optimizer_ms=opt, compute_dtype=side.compute)
+    result["ratio"] = round(result["nanochat"]["step_ms"] / result["jaxchat"]["step_ms"], 3)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    xla_flags.apply()  # before the backend starts, as `python -m jaxchat.train` does
+    run_main(bench, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
