@@ -5,7 +5,7 @@ on CUDA, `torch.compile` of the model as scripts/base_train.py does unless --tor
 side's median step, forward+backward and optimizer times, and `ratio` = jaxchat steps/s / nanochat steps/s.
 
     git clone https://github.com/karpathy/nanochat /tmp/nanochat && git -C /tmp/nanochat checkout 348fbb3
-    pip install torch                                    # only for this bench; jaxchat never imports torch
+    pip install -e ".[torch]"                            # torch: only here and in jaxchat.export
     python bench/vs_nanochat.py --nanochat-dir=/tmp/nanochat --depth=4 --width=256 --head-dim=64 --seq-len=256 \\
         --batch=8 --vocab=4096 --window-pattern=L       # the d4 CPU shape
 """
@@ -118,7 +118,7 @@ class JaxchatSide:
 
     def __init__(self, config: GPTConfig, tokens: np.ndarray):
         compute_dtype, muon_dtype = default_dtype(None), default_dtype(None)
-        mesh = meshlib.make_mesh(1)
+        mesh = meshlib.make_mesh(1, devices=jax.devices()[:1])  # one device, like nanochat's single process
         self.tx = optim.make_optimizer(model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(muon_dtype),
                                        muon_stack_sharding=meshlib.muon_stack_sharding(mesh))
         self.graphdef, self.params, self.opt_state, self.train_step, _ = init_training(
