@@ -1,4 +1,4 @@
-"""MuonAdamW (nanochat 348fbb3, spec §4) as an optax transformation, and the training schedules (spec §3.3, §5.1).
+"""MuonAdamW (nanochat 348fbb3, spec §4; and 92d63d4's variant) as an optax transformation, and the schedules.
 
     wd_scaled = depth_scaled_weight_decay(0.2, depth)
     tx = make_optimizer(model_dim=n, weight_decay=wd_scaled, batch_lr_scale=batch_lr_scale(total_batch_size))
@@ -15,8 +15,10 @@ every group, `momentum` = Muon μ, `wd` = Muon weight decay), so a new value is 
 `tx.init` sets them to step 0 of a schedule without warmup (1.0, 0.85, weight_decay). The inner transforms
 (`adamw`, `muon`) take the same values as optax extra args instead, for use without the wrapper.
 
-Routing by top-level key of the parameter tree (jaxchat.model): lm_head, wte, value_embeds, resid_lambdas, x0_lambdas
-→ AdamW (each its own group, §4.1); everything under `blocks` → Muon. Block leaves are stacks of Flax kernels
+Routing by top-level key of the parameter tree (jaxchat.model), by a table of `AdamWGroup`s (348fbb3's by default,
+jaxchat.recipe holds 92d63d4's): lm_head, wte, value_embeds, resid_lambdas, x0_lambdas (+ smear_gate, smear_lambda,
+backout_lambda in one group at 92d63d4) → AdamW; everything under `blocks` → Muon. `MuonVariant` selects 92d63d4's
+Muon changes (MuonEq, Polar Express normaliser 1.01, float32 after orthogonalisation, Muon+, NorMuon β2 0.9). Block leaves are stacks of Flax kernels
 (..., fan_in, fan_out); Muon does its math per matrix on the transposed view, i.e. in the reference orientation
 (rows = fan_out, cols = fan_in), so the tall/wide branch, the NorMuon reduction axis and the LR scale follow §4.3
 literally. The leading (stack) axes are batch axes only: shard them, never the matrix axes.
@@ -26,8 +28,9 @@ per leaf; Muon fp32 `momentum` and NorMuon `second_moment`, both in the param la
 (..., 1, fan_out) (one statistic per reference row) if fan_out >= fan_in, else (..., fan_in, 1).
 """
 
+import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,13 +52,55 @@ ADAMW_GROUPS = ("lm_head", "wte", "value_embeds", "resid_lambdas", "x0_lambdas")
 SCHEDULE_KEYS = ("lrm", "momentum", "wd")
 
 
+@dataclasses.dataclass(frozen=True)
+class AdamWGroup:
+    """One AdamW group of `GPT.setup_optimizer`: its parameters (top-level keys), LR rule, betas, decoupled wd.
+
+    lr = flag value (or 1 if lr_flag is None) × lr_factor × (n/768)^-0.5 if dmodel_scaled × batch LR scale if
+    batch_scaled; betas None: the --adam-beta1/--adam-beta2 flags. weight_decay is constant (never scheduled).
+    """
+
+    name: str
+    params: tuple[str, ...]
+    lr_flag: str | None
+    lr_factor: float = 1.0
+    dmodel_scaled: bool = True
+    batch_scaled: bool = True
+    betas: tuple[float, float] | None = None
+    weight_decay: float = 0.0
+
+
+# nanochat/gpt.py GPT.setup_optimizer at 348fbb3: no AdamW weight decay, the flags' betas except x0's.
+ADAMW_GROUPS_348FBB3 = (
+    AdamWGroup("lm_head", ("lm_head",), "unembedding_lr"),
+    AdamWGroup("wte", ("wte",), "embedding_lr"),
+    AdamWGroup("value_embeds", ("value_embeds",), "embedding_lr"),
+    AdamWGroup("resid_lambdas", ("resid_lambdas",), "scalar_lr", 0.01, dmodel_scaled=False),
+    AdamWGroup("x0_lambdas", ("x0_lambdas",), "scalar_lr", dmodel_scaled=False, betas=(0.96, 0.95)),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MuonVariant:
+    """Which Muon: 348fbb3's defaults, or 92d63d4's changes (nanochat/optim.py muon_step_fused at 92d63d4)."""
+
+    beta2: float = MUON_BETA2  # NorMuon
+    pe_norm: float = 1.02  # Polar Express divides by ‖X‖_F · pe_norm + 1e-6
+    muon_eq: bool = False  # MuonEq: rows scaled to the mean row norm before Polar Express
+    float32_after_pe: bool = False  # cast the orthogonalised update (and so every later op) back to float32
+    muon_plus: bool = False  # Muon+: ‖O‖_F snapped to √min(rows, cols) after Polar Express
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Schedules (spec §3.3, §5.1)
 
 def lr_multiplier(it: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
-                  final_lr_frac: float) -> float:
-    """LR multiplier for 0-based step `it`: linear warmup, constant, linear warmdown to final_lr_frac."""
-    warmup = round(warmup_ratio * num_iterations)  # Python round (half to even), as the reference
+                  final_lr_frac: float, warmup_steps: int = -1) -> float:
+    """LR multiplier for 0-based step `it`: linear warmup, constant, linear warmdown to final_lr_frac.
+
+    warmup_steps >= 0 (92d63d4's --warmup-steps) replaces 348fbb3's warmup_ratio."""
+    # Python round (half to even), as the reference
+    warmup = warmup_steps if warmup_steps >= 0 else round(warmup_ratio * num_iterations)
     warmdown = round(warmdown_ratio * num_iterations)
     if it < warmup:
         return (it + 1) / warmup
@@ -65,20 +110,69 @@ def lr_multiplier(it: int, num_iterations: int, warmup_ratio: float, warmdown_ra
     return progress * 1.0 + (1 - progress) * final_lr_frac
 
 
-def muon_momentum(it: int) -> float:
-    """Muon momentum: 0.85 → 0.95 linearly over the first 300 steps."""
-    frac = min(it / 300, 1)
-    return (1 - frac) * 0.85 + frac * 0.95
+@dataclasses.dataclass(frozen=True)
+class MomentumSchedule:
+    """Muon momentum: start → peak linearly over `ramp` steps; then, if `final` is set, peak → final over the LR
+    warmdown (scripts/base_train.py get_muon_momentum: 348fbb3 is the default, 92d63d4 is (0.85, 0.97, 400, 0.90))."""
+
+    start: float = 0.85
+    peak: float = 0.95
+    ramp: int = 300
+    final: float | None = None
+
+
+def muon_momentum(it: int, num_iterations: int = 0, warmdown_ratio: float = 0.0,
+                  schedule: MomentumSchedule = MomentumSchedule()) -> float:
+    """Muon momentum at step `it` (348fbb3 by default: 0.85 → 0.95 linearly over the first 300 steps)."""
+    if it < schedule.ramp:  # the ramp wins over the warmdown where they overlap, as in 92d63d4
+        frac = it / schedule.ramp
+        return (1 - frac) * schedule.start + frac * schedule.peak
+    if schedule.final is not None:
+        warmdown = round(warmdown_ratio * num_iterations)
+        if it >= num_iterations - warmdown:
+            progress = (it - (num_iterations - warmdown)) / warmdown
+            return schedule.peak * (1 - progress) + schedule.final * progress
+    return schedule.peak
 
 
 def muon_weight_decay(it: int, num_iterations: int, wd_scaled: float) -> float:
-    """Muon weight decay: linear from wd_scaled to 0 over the run."""
+    """Muon weight decay: linear from wd_scaled to 0 over the run (348fbb3)."""
     return wd_scaled * (1 - it / num_iterations)
+
+
+def muon_weight_decay_cosine(it: int, num_iterations: int, wd_scaled: float) -> float:
+    """Muon weight decay: cosine from wd_scaled to 0 over the run (92d63d4 scripts/base_train.py get_weight_decay)."""
+    return wd_scaled * 0.5 * (1 + math.cos(math.pi * it / num_iterations))
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedules:
+    """The schedule shapes a recipe fixes: Muon momentum and the Muon weight-decay curve."""
+
+    momentum: MomentumSchedule = MomentumSchedule()
+    weight_decay: Callable[[int, int, float], float] = muon_weight_decay
 
 
 def depth_scaled_weight_decay(weight_decay: float, depth: int) -> float:
     """Depth-scaled Muon weight decay (tuned at d12, WD ∝ 1/width²)."""
     return weight_decay * (12 / depth) ** 2
+
+
+def depth_scaled_weight_decay_rule(weight_decay: float, *, depth: int, **_) -> float:
+    """348fbb3's transfer of the Muon weight decay: (12/depth)² (the batch and horizon play no part)."""
+    return depth_scaled_weight_decay(weight_decay, depth)
+
+
+def t_epoch_weight_decay_rule(weight_decay: float, *, total_batch_size: int, tokens: int, ref_tokens: float,
+                              **_) -> float:
+    """92d63d4's T_epoch rule (scripts/base_train.py): keep B/(η·λ·D) constant with η ∝ √(B/2^19), i.e.
+    λ = λ_ref · √(B/2^19) · (D_ref/D), D the horizon in tokens, D_ref d12's at the same ratio."""
+    return weight_decay * math.sqrt(total_batch_size / REFERENCE_BATCH_SIZE) * (ref_tokens / tokens)
+
+
+def auto_total_batch_size(tokens: int, ref_tokens: float) -> int:
+    """92d63d4's batch for a horizon of `tokens`: 2^19 · (D/D_ref)^0.383 (Power Lines), nearest power of 2."""
+    return 2 ** round(math.log2(REFERENCE_BATCH_SIZE * (tokens / ref_tokens) ** 0.383))
 
 
 def batch_lr_scale(total_batch_size: int) -> float:
@@ -89,12 +183,13 @@ def batch_lr_scale(total_batch_size: int) -> float:
 
 
 def schedule_values(it: int, *, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
-                    final_lr_frac: float, weight_decay: float) -> dict[str, float]:
-    """The per-step values for step `it` (`weight_decay` is the depth-scaled Muon wd): {lrm, momentum, wd}."""
+                    final_lr_frac: float, weight_decay: float, warmup_steps: int = -1,
+                    schedules: Schedules = Schedules()) -> dict[str, float]:
+    """The per-step values for step `it` (`weight_decay` is the scaled Muon wd): {lrm, momentum, wd}."""
     return {
-        "lrm": lr_multiplier(it, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac),
-        "momentum": muon_momentum(it),
-        "wd": muon_weight_decay(it, num_iterations, weight_decay),
+        "lrm": lr_multiplier(it, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac, warmup_steps),
+        "momentum": muon_momentum(it, num_iterations, warmdown_ratio, schedules.momentum),
+        "wd": schedules.weight_decay(it, num_iterations, weight_decay),
     }
 
 
@@ -140,15 +235,19 @@ class AdamWState(NamedTuple):
     nu: Any
 
 
-def adamw(lr: float, b1: float, b2: float, eps: float = ADAMW_EPS) -> optax.GradientTransformationExtraArgs:
-    """The reference's bias-corrected Adam step (weight decay 0); the LR is `lr · lrm` with lrm an update extra arg."""
+def adamw(lr: float, b1: float, b2: float, eps: float = ADAMW_EPS,
+          weight_decay: float = 0.0) -> optax.GradientTransformationExtraArgs:
+    """The reference's bias-corrected AdamW step; the LR is `lr · lrm` with lrm an update extra arg.
+
+    Decoupled weight decay on the scheduled LR, p·(1 − lr·lrm·wd), before the Adam step (adamw_step_fused)."""
 
     def init_fn(params):
         zeros = lambda p: jnp.zeros(p.shape, jnp.float32)  # noqa: E731
         return AdamWState(jnp.zeros((), jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params
+        if weight_decay and params is None:
+            raise ValueError("AdamW with weight decay needs params: tx.update(grads, state, params, ...)")
         lrm, _, _ = _schedule(extra_args)
         count = state.count + 1
         # The reference fills 0-d float32 tensors and does all scalar math in float32.
@@ -161,6 +260,9 @@ def adamw(lr: float, b1: float, b2: float, eps: float = ADAMW_EPS) -> optax.Grad
         mu = jax.tree.map(lambda m, g: _lerp(m, g, 1 - b1_t), state.mu, g)
         nu = jax.tree.map(lambda v, g: _lerp(v, jnp.square(g), 1 - b2_t), state.nu, g)
         new_updates = jax.tree.map(lambda m, v: -step_size * (m / (jnp.sqrt(v / bias2) + jnp.float32(eps))), mu, nu)
+        if weight_decay:  # a static setting: groups without decay keep exactly the update above
+            decay = lr_t * jnp.float32(weight_decay)
+            new_updates = jax.tree.map(lambda u, p: u - p.astype(jnp.float32) * decay, new_updates, params)
         return new_updates, AdamWState(count, mu, nu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -195,8 +297,10 @@ def muon_lr_scale(shape: tuple[int, ...]) -> float:
     return max(1.0, rows / cols) ** 0.5
 
 
-def polar_express(X_KRC: jax.Array, dtype=jnp.bfloat16, ns_steps: int = NS_STEPS) -> jax.Array:
-    """Approximate orthogonalisation of each matrix (..., rows, cols), computed in `dtype`, returned in `dtype`."""
+def polar_express(X_KRC: jax.Array, dtype=jnp.bfloat16, ns_steps: int = NS_STEPS, norm: float = 1.02) -> jax.Array:
+    """Approximate orthogonalisation of each matrix (..., rows, cols), computed in `dtype`, returned in `dtype`.
+
+    norm: the normaliser's safety factor, X / (‖X‖_F · norm + 1e-6): 1.02 at 348fbb3, 1.01 at 92d63d4."""
     f32 = jnp.float32
     # float32 matmuls must not silently run as TF32/bf16 passes on GPU; bf16 ones accumulate in float32 anyway.
     precision = jax.lax.Precision.HIGHEST if dtype == f32 else None
@@ -210,8 +314,8 @@ def polar_express(X_KRC: jax.Array, dtype=jnp.bfloat16, ns_steps: int = NS_STEPS
     # Values are float32 holding `dtype` numbers; rounding per op like eager PyTorch matches the bf16 reference
     # fixtures about 3x better than one rounding per fused chain (max moved 0.08 vs 0.25 on ref_d3 step 1).
     X = r(X_KRC.astype(f32))
-    norm = r(jnp.sqrt(jnp.sum(jnp.square(X), axis=(-2, -1), keepdims=True)))
-    X = r(X / r(r(norm * 1.02) + 1e-6))
+    fro = r(jnp.sqrt(jnp.sum(jnp.square(X), axis=(-2, -1), keepdims=True)))
+    X = r(X / r(r(fro * norm) + 1e-6))
     tall = X.shape[-2] > X.shape[-1]
     for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
         Xt = jnp.swapaxes(X, -1, -2)
@@ -219,6 +323,25 @@ def polar_express(X_KRC: jax.Array, dtype=jnp.bfloat16, ns_steps: int = NS_STEPS
         B = r(r(b * A) + r(c * mm(A, A)))
         X = r(r(a * X) + (mm(X, B) if tall else mm(B, X)))
     return X.astype(dtype)
+
+
+def muon_eq(X_KRC: jax.Array, dtype) -> jax.Array:
+    """MuonEq (nanochat 92d63d4 muon_step_fused): each row scaled to ‖X‖_F/√rows; norms in float32, the factor and
+    the product in `dtype` (rows = the reference's rows, fan_out)."""
+    f32 = jnp.float32
+    X = X_KRC.astype(dtype).astype(f32)
+    target = jnp.sqrt(jnp.sum(jnp.square(X), axis=(-2, -1), keepdims=True)) / X.shape[-2] ** 0.5
+    row_norm = jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(X), axis=-1, keepdims=True)), 1e-6)
+    return (X * (target / row_norm).astype(dtype).astype(f32)).astype(dtype)
+
+
+def muon_plus(O_KRC: jax.Array) -> jax.Array:
+    """Muon+ (nanochat 92d63d4): each matrix's Frobenius norm snapped to √min(rows, cols), an exactly
+    semi-orthogonal matrix's; the norm in float32, the factor in O's dtype."""
+    rows, cols = O_KRC.shape[-2:]
+    O = O_KRC.astype(jnp.float32)
+    current = jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(O), axis=(-2, -1), keepdims=True)), 1e-6)
+    return (O * (min(rows, cols) ** 0.5 / current).astype(O_KRC.dtype).astype(jnp.float32)).astype(O_KRC.dtype)
 
 
 def normuon(O_KRC: jax.Array, S: jax.Array, beta2: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -259,12 +382,16 @@ def spread_stacks(arrays: tuple[jax.Array, ...], sharding) -> tuple[jax.Array, .
 
 
 def muon(lr: float, beta2: float = MUON_BETA2, dtype=jnp.bfloat16, ns_steps: int = NS_STEPS,
-         stack_sharding=None) -> optax.GradientTransformationExtraArgs:
+         stack_sharding=None, variant: MuonVariant = MuonVariant()) -> optax.GradientTransformationExtraArgs:
     """Muon over a tree of stacked Flax kernels; extra args lrm, momentum, wd (spec §4.3, with the bf16 quirks).
 
     stack_sharding (mesh.muon_stack_sharding): where the orthogonalisation runs; None: wherever the inputs live.
+    variant: 92d63d4's options (its beta2 is ignored here: `beta2` is the group's).
     """
     dtype = jnp.dtype(dtype)
+    # 348fbb3 keeps Polar Express's dtype to the end, so NorMuon and the update (and their hyperparameters) are
+    # rounded to it; 92d63d4 casts back to the parameters' float32 right after Polar Express.
+    out_dtype = jnp.dtype(jnp.float32) if variant.float32_after_pe else dtype
 
     def init_fn(params):
         return MuonState(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
@@ -275,8 +402,8 @@ def muon(lr: float, beta2: float = MUON_BETA2, dtype=jnp.bfloat16, ns_steps: int
             raise ValueError("Muon needs params for its cautious weight decay: tx.update(grads, state, params, ...)")
         lrm, momentum, wd = _schedule(extra_args)
         # REF casts the 0-d hyperparameters to the update's dtype after Polar Express (bf16 rounding, spec §4.3).
-        beta2_t = jnp.float32(beta2).astype(dtype).astype(jnp.float32)
-        wd_t = wd.astype(dtype)
+        beta2_t = jnp.float32(beta2).astype(out_dtype).astype(jnp.float32)
+        wd_t = wd.astype(out_dtype)
 
         def one(g, M, S, p):
             g = g.astype(jnp.float32)
@@ -286,9 +413,13 @@ def muon(lr: float, beta2: float = MUON_BETA2, dtype=jnp.bfloat16, ns_steps: int
             U_KRC, P_KRC, S_KRC = (jnp.swapaxes(x, -1, -2) for x in (U, p.astype(jnp.float32), S))
             K = U_KRC.shape[0]  # before padding: results are cut back to it
             U_KRC, P_KRC, S_KRC = spread_stacks((U_KRC, P_KRC, S_KRC), stack_sharding)
-            O_KRC = polar_express(U_KRC, dtype, ns_steps)
+            if variant.muon_eq:
+                U_KRC = muon_eq(U_KRC, dtype)
+            O_KRC = polar_express(U_KRC, dtype, ns_steps, variant.pe_norm).astype(out_dtype)
+            if variant.muon_plus:
+                O_KRC = muon_plus(O_KRC)
             O_KRC, S_KRC = normuon(O_KRC, S_KRC, beta2_t)
-            lr_eff = (jnp.float32(lr * muon_lr_scale(p.shape)) * lrm).astype(dtype)
+            lr_eff = (jnp.float32(lr * muon_lr_scale(p.shape)) * lrm).astype(out_dtype)
             u_KRC = muon_matrix_update(O_KRC, P_KRC, lr_eff, wd_t)[:K]
             return jnp.swapaxes(u_KRC, -1, -2).astype(p.dtype), M, jnp.swapaxes(S_KRC[:K], -1, -2)
 
@@ -302,48 +433,54 @@ def muon(lr: float, beta2: float = MUON_BETA2, dtype=jnp.bfloat16, ns_steps: int
 # ---------------------------------------------------------------------------------------------------------------
 # The combined optimizer (spec §4.1)
 
-def param_labels(params: dict) -> dict:
-    """Optimizer group of every leaf: its top-level key for the AdamW groups, 'muon' under `blocks`."""
-    unknown = set(params) - set(ADAMW_GROUPS) - {"blocks"}
+def param_labels(params: dict, groups: tuple[AdamWGroup, ...] = ADAMW_GROUPS_348FBB3) -> dict:
+    """Optimizer group of every leaf: its AdamW group's name by top-level key, 'muon' under `blocks`."""
+    group_of = {key: g.name for g in groups for key in g.params}
+    unknown = set(params) - set(group_of) - {"blocks"}
     if unknown:
         raise ValueError(f"no optimizer group for parameters {sorted(unknown)}: "
-                         f"expected {list(ADAMW_GROUPS)} and blocks/* (jaxchat.model's parameter tree)")
-    return {k: jax.tree.map(lambda _, k=k: "muon" if k == "blocks" else k, v) for k, v in params.items()}
+                         f"expected {sorted(group_of)} and blocks/* (jaxchat.model's parameter tree)")
+    return {k: jax.tree.map(lambda _, k=k: "muon" if k == "blocks" else group_of[k], v) for k, v in params.items()}
 
 
 def group_hyperparams(*, model_dim: int, embedding_lr: float = 0.3, unembedding_lr: float = 0.004,
                       matrix_lr: float = 0.02, scalar_lr: float = 0.5, adam_betas: tuple[float, float] = (0.8, 0.95),
-                      batch_lr_scale: float = 1.0) -> dict[str, dict[str, Any]]:
+                      batch_lr_scale: float = 1.0, adamw_groups: tuple[AdamWGroup, ...] = ADAMW_GROUPS_348FBB3,
+                      muon_variant: MuonVariant = MuonVariant()) -> dict[str, dict[str, Any]]:
     """Base LR and betas of each group (before the LR multiplier), in the reference's group order."""
+    flags = {"embedding_lr": embedding_lr, "unembedding_lr": unembedding_lr, "scalar_lr": scalar_lr}
     dmodel_lr_scale = (model_dim / 768) ** -0.5
-    adam = lambda lr, betas=tuple(adam_betas): {"kind": "adamw", "lr": lr, "betas": betas}  # noqa: E731
-    return {
-        "lm_head": adam(unembedding_lr * dmodel_lr_scale * batch_lr_scale),
-        "wte": adam(embedding_lr * dmodel_lr_scale * batch_lr_scale),
-        "value_embeds": adam(embedding_lr * dmodel_lr_scale * batch_lr_scale),
-        "resid_lambdas": adam(scalar_lr * 0.01 * batch_lr_scale),
-        "x0_lambdas": adam(scalar_lr * batch_lr_scale, (0.96, 0.95)),  # fixed betas in the reference
-        "muon": {"kind": "muon", "lr": matrix_lr * batch_lr_scale, "beta2": MUON_BETA2},
-    }
+    groups = {}
+    for g in adamw_groups:
+        lr = flags[g.lr_flag] * g.lr_factor if g.lr_flag else g.lr_factor
+        lr = lr * dmodel_lr_scale if g.dmodel_scaled else lr
+        lr = lr * batch_lr_scale if g.batch_scaled else lr
+        groups[g.name] = {"kind": "adamw", "lr": lr, "betas": tuple(g.betas or adam_betas)}
+    groups["muon"] = {"kind": "muon", "lr": matrix_lr * batch_lr_scale, "beta2": muon_variant.beta2}
+    return groups
 
 
 def make_optimizer(*, model_dim: int, embedding_lr: float = 0.3, unembedding_lr: float = 0.004,
                    matrix_lr: float = 0.02, scalar_lr: float = 0.5, adam_betas: tuple[float, float] = (0.8, 0.95),
                    weight_decay: float = 0.0, batch_lr_scale: float = 1.0, muon_dtype=jnp.bfloat16,
-                   muon_stack_sharding=None) -> optax.GradientTransformationExtraArgs:
+                   muon_stack_sharding=None, adamw_groups: tuple[AdamWGroup, ...] = ADAMW_GROUPS_348FBB3,
+                   muon_variant: MuonVariant = MuonVariant(),
+                   schedules: Schedules = Schedules()) -> optax.GradientTransformationExtraArgs:
     """MuonAdamW for jaxchat's parameter tree; per-step values via `set_schedule` (see the module docstring).
 
-    `weight_decay` is the depth-scaled Muon wd; it is only the initial `wd` of the state (step 0 of its schedule).
+    `weight_decay` is the scaled Muon wd; it is only the initial `wd` of the state (step 0 of its schedule).
     `muon_stack_sharding`: mesh.muon_stack_sharding(mesh) on a mesh, so Muon's work is split, never repeated.
+    adamw_groups, muon_variant, schedules: a recipe's (jaxchat.recipe); 348fbb3's by default.
     """
     groups = group_hyperparams(model_dim=model_dim, embedding_lr=embedding_lr, unembedding_lr=unembedding_lr,
                                matrix_lr=matrix_lr, scalar_lr=scalar_lr, adam_betas=adam_betas,
-                               batch_lr_scale=batch_lr_scale)
-    transforms = {name: adamw(g["lr"], *g["betas"]) for name, g in groups.items() if g["kind"] == "adamw"}
+                               batch_lr_scale=batch_lr_scale, adamw_groups=adamw_groups, muon_variant=muon_variant)
+    transforms = {g.name: adamw(groups[g.name]["lr"], *groups[g.name]["betas"], weight_decay=g.weight_decay)
+                  for g in adamw_groups}
     transforms["muon"] = muon(groups["muon"]["lr"], groups["muon"]["beta2"], muon_dtype,
-                              stack_sharding=muon_stack_sharding)
-    inner = optax.partition(transforms, param_labels)
-    initial = {"lrm": 1.0, "momentum": muon_momentum(0), "wd": weight_decay}
+                              stack_sharding=muon_stack_sharding, variant=muon_variant)
+    inner = optax.partition(transforms, lambda params: param_labels(params, adamw_groups))
+    initial = {"lrm": 1.0, "momentum": muon_momentum(0, schedule=schedules.momentum), "wd": weight_decay}
 
     def init_fn(params):
         return ScheduleState({k: jnp.asarray(v, jnp.float32) for k, v in initial.items()}, inner.init(params))

@@ -49,15 +49,16 @@ def test_bad_fsdp_size():
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
-def compiled_update(mesh, param_shardings) -> str:
+def compiled_update(mesh, param_shardings, recipe_name: str = "348fbb3") -> str:
     """Optimized HLO of MuonAdamW's update on the optimizer-state layout of `mesh` (as in the ZeRO-2 train step)."""
     import jax.numpy as jnp
 
-    from jaxchat import optim
+    from jaxchat import optim, recipe
     from jaxchat.checkpoint import abstract_like
 
     params = abstract_params()
-    tx = optim.make_optimizer(model_dim=CONFIG.n_embd, weight_decay=0.2, muon_dtype=jnp.bfloat16)
+    tx = optim.make_optimizer(model_dim=CONFIG.n_embd, weight_decay=0.2, muon_dtype=jnp.bfloat16,
+                              **recipe.get(recipe_name).optimizer_options())
     opt = jax.eval_shape(tx.init, params)
     opt_sh, grad_sh = meshlib.optimizer_shardings(opt, mesh), meshlib.optimizer_shardings(params, mesh)
     args = (abstract_like(params, grad_sh), abstract_like(opt, opt_sh), abstract_like(params, param_shardings))
@@ -75,6 +76,13 @@ def test_muon_orthogonalises_each_matrix_on_one_device():
     fsdp_mesh = meshlib.make_mesh(fsdp=8)
     split = compiled_update(fsdp_mesh, meshlib.param_shardings(abstract_params(), fsdp_mesh))
     assert any(c in split for c in COLLECTIVES)  # the check can fail
+
+
+def test_92d63d4_optimizer_needs_no_collective_either():
+    """MuonEq and Muon+ reduce over each whole matrix, AdamW's weight decay is elementwise: still device-local."""
+    mesh = meshlib.make_mesh(fsdp=1)
+    local = compiled_update(mesh, meshlib.optimizer_shardings(abstract_params(), mesh), "92d63d4")
+    assert not [c for c in COLLECTIVES if c in local]
 
 
 def test_muon_splits_stacks_that_do_not_divide_the_devices():

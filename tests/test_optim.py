@@ -1,5 +1,6 @@
 """MuonAdamW pieces (spec §4) against float64 transcriptions of the reference, and the schedules (spec §5.1)."""
 
+import dataclasses
 import math
 
 import chex
@@ -9,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxchat import optim
+from jaxchat import optim, recipe
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -37,8 +38,8 @@ def tiny_params(rng, n=32, L=2, Vp=64):
 
 # ------------------------------------------------------------------ float64 transcriptions of REF (spec §4.2, §4.3)
 
-def ref_polar_express(X):
-    X = X / (np.linalg.norm(X, axis=(-2, -1), keepdims=True) * 1.02 + 1e-6)
+def ref_polar_express(X, norm=1.02):
+    X = X / (np.linalg.norm(X, axis=(-2, -1), keepdims=True) * norm + 1e-6)
     for a, b, c in optim.POLAR_EXPRESS_COEFFS:
         if X.shape[-2] > X.shape[-1]:
             A = X.swapaxes(-1, -2) @ X
@@ -49,10 +50,16 @@ def ref_polar_express(X):
     return X
 
 
-def ref_muon_step(G, P, M, S, *, lr, mu, wd, beta2=0.95):
-    """One REF Muon step on (K, rows, cols) in float64: returns (P, M, S)."""
+def ref_muon_step(G, P, M, S, *, lr, mu, wd, beta2=0.95, head=False):
+    """One REF Muon step on (K, rows, cols) in float64: returns (P, M, S); head: 92d63d4's muon_step_fused."""
     M = mu * M + (1 - mu) * G
-    O = ref_polar_express((1 - mu) * G + mu * M)
+    X = (1 - mu) * G + mu * M
+    fro = lambda A: np.linalg.norm(A, axis=(-2, -1), keepdims=True)  # noqa: E731
+    if head:  # MuonEq: every row to the mean row norm
+        X = X * (fro(X) / np.sqrt(X.shape[-2])) / np.maximum(np.linalg.norm(X, axis=-1, keepdims=True), 1e-6)
+    O = ref_polar_express(X, 1.01 if head else 1.02)
+    if head:  # Muon+: Frobenius norm of a semi-orthogonal matrix
+        O = O * np.sqrt(min(O.shape[-2:])) / np.maximum(fro(O), 1e-6)
     red = -1 if O.shape[-2] >= O.shape[-1] else -2
     N = O.shape[red]
     v = np.mean(O**2, axis=red, keepdims=True)
@@ -135,6 +142,68 @@ def test_muon_matches_float64_reference_over_steps(shape, jit):
         moved = np.linalg.norm(np.asarray(P, np.float64).swapaxes(-1, -2) - Pr) / (0.02 * np.linalg.norm(Pr))
         assert moved < 1e-4, (step, moved)
         np.testing.assert_allclose(np.asarray(state.second_moment).swapaxes(-1, -2), Sr, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 64), (2, 64, 16), (1, 32, 32), (1, 12, 2)])  # Flax (K, fan_in, fan_out)
+def test_muon_92d63d4_matches_float64_reference_over_steps(shape):
+    """92d63d4's Muon (MuonEq, normaliser 1.01, float32 after Polar Express, Muon+, β2 0.9), fp32 and bf16."""
+    variant = recipe.get("92d63d4").muon
+    for dtype, tol in ((jnp.float32, 1e-4), (jnp.bfloat16, 0.15)):  # bf16: rounding noise of 5-15% (fixtures README)
+        rng = np.random.default_rng(7)
+        P = jnp.asarray(rng.normal(size=shape) * 0.1, jnp.float32)
+        tx = optim.muon(0.02, variant.beta2, dtype=dtype, variant=variant)
+        state = tx.init(P)
+        Pr, Mr = np.asarray(P, np.float64).swapaxes(-1, -2), 0.0
+        rows, cols = shape[-1], shape[-2]
+        Sr = np.zeros((shape[0], rows, 1) if rows >= cols else (shape[0], 1, cols))
+        for step, (mu, wd) in enumerate([(0.85, 0.2), (0.9, 0.1), (0.97, 0.05)]):
+            G = (rng.normal(size=shape) * np.geomspace(0.01, 10, shape[-1])).astype(np.float32)  # uneven rows
+            u, state = jax.jit(tx.update)(jnp.asarray(G), state, P, lrm=np.float32(1.0), momentum=np.float32(mu),
+                                          wd=np.float32(wd))
+            start = Pr
+            P = optax.apply_updates(P, u)
+            Pr, Mr, Sr = ref_muon_step(G.astype(np.float64).swapaxes(-1, -2), Pr, Mr, Sr, lr=0.02, mu=mu, wd=wd,
+                                       beta2=0.9, head=True)
+            moved = np.linalg.norm(np.asarray(P, np.float64).swapaxes(-1, -2) - Pr) / np.linalg.norm(Pr - start)
+            assert moved < tol, (dtype, step, moved)
+        # float32 after Polar Express: the moments never see bf16 rounding of β2 (0.8984375) or of the update
+        assert state.second_moment.dtype == jnp.float32
+    # MuonEq's effect is real: without it, the same gradients give a different update
+    G = jnp.asarray(rng.normal(size=shape) * np.geomspace(0.01, 10, shape[-1]), jnp.float32)
+    plain = dataclasses.replace(variant, muon_eq=False)
+    updates = [optim.muon(0.02, 0.9, jnp.float32, variant=v).update(G, tx.init(P), P, lrm=1.0, momentum=0.9, wd=0.0)[0]
+               for v in (variant, plain)]
+    assert float(jnp.abs(updates[0] - updates[1]).max()) > 1e-4
+
+
+def test_muon_plus_and_muon_eq_norms():
+    X = jnp.asarray(np.random.default_rng(8).normal(size=(3, 24, 40)) * np.geomspace(0.1, 10, 24)[:, None], jnp.float32)
+    E = optim.muon_eq(X, jnp.float32)
+    rows = jnp.linalg.norm(E, axis=-1)
+    np.testing.assert_allclose(rows, jnp.broadcast_to(jnp.linalg.norm(X, axis=(-2, -1))[:, None] / 24 ** 0.5,
+                                                      rows.shape), rtol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(optim.muon_plus(X), axis=(-2, -1)), 24 ** 0.5, rtol=1e-5)
+    assert not jnp.any(jnp.isnan(optim.muon_plus(jnp.zeros((2, 4, 4))))) and not jnp.any(
+        jnp.isnan(optim.muon_eq(jnp.zeros((2, 4, 4)), jnp.float32)))  # zero-padded stacks stay zero
+
+
+def test_adamw_decoupled_weight_decay_on_the_scheduled_lr():
+    """92d63d4's adamw_step_fused: p·(1 − lr·lrm·wd) before the Adam step; the decay is constant (not scheduled)."""
+    rng = np.random.default_rng(9)
+    p0 = rng.normal(size=(5, 3)).astype(np.float32)
+    tx = optim.adamw(0.1, 0.8, 0.995, weight_decay=0.01)
+    state, p = tx.init(jnp.asarray(p0)), jnp.asarray(p0)
+    m = v = 0.0
+    pr = p0.astype(np.float64)
+    for t, lrm in enumerate([1.0, 0.5, 0.25], start=1):
+        g = rng.normal(size=p0.shape).astype(np.float32)
+        u, state = tx.update(jnp.asarray(g), state, p, lrm=np.float32(lrm), momentum=np.float32(0), wd=np.float32(9))
+        p = optax.apply_updates(p, u)
+        m, v = 0.8 * m + 0.2 * g, 0.995 * v + 0.005 * g.astype(np.float64) ** 2
+        pr = pr * (1 - 0.1 * lrm * 0.01) - (0.1 * lrm / (1 - 0.8**t)) * m / (np.sqrt(v / (1 - 0.995**t)) + 1e-10)
+        np.testing.assert_allclose(p, pr, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update(jnp.asarray(g), state, None, lrm=1.0, momentum=0.0, wd=0.0)
 
 
 def test_adamw_matches_reference_formula():
