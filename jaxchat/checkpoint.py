@@ -5,11 +5,18 @@ a model for evaluation is base_eval.load_model_for_eval.
 
 Layout: `$JAXCHAT_BASE_DIR/base_checkpoints/<model_tag>/<step>/{params,opt_state,meta}`. Orbax writes each step into
 a temporary directory and renames it when complete, so a crash during a save leaves the previous step usable and the
-half-written one is never listed.
+half-written one is never listed. A training run holds `<dir>/.lock` (one writer per directory); "Saved checkpoint"
+is printed once a save is committed; a resume from an older step moves the newer ones aside to `<dir>/rolled_back/`.
 """
 
+import atexit
 import contextlib
+import errno
+import json
+import logging
 import os
+import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -17,36 +24,63 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
-from jaxchat.common import UserError, base_dir
+from jaxchat.common import UserError, base_dir, print0
+
+ITEMS = ("params", "opt_state", "meta")
+TEMPORARY_KINDS = ("time", "preempt")  # rotated by --keep-last; "step" (--save-every) and "final" ones stay
 
 
 def checkpoint_dir(model_tag: str) -> str:
     return os.path.join(base_dir(), "base_checkpoints", model_tag)
 
 
+def fmt_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
 class Checkpointer:
-    """Saves and restores training state for one model tag."""
+    """Saves and restores training state for one model tag (a writer locks the directory: lock=True)."""
 
-    def __init__(self, directory: str, *, async_save: bool = True):
+    def __init__(self, directory: str, *, async_save: bool = True, lock: bool = False, keep_last: int | None = None):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("params", "opt_state", "meta"))
+        self.keep_last = keep_last
+        self.lock = DirectoryLock(self.directory) if lock else None
+        self._pending: int | None = None  # step of the save in flight, printed once committed
+        self._need = 0  # bytes of the state being saved
+        self._reported: set[int] = set()
+        if not lock and not os.path.isdir(self.directory):  # a reader creates nothing (no empty folder left)
+            raise UserError(f"no checkpoint in {self.directory}: train first, or check --model-tag")
+        try:
+            options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=lock,
+                                                   cleanup_tmp_directories=lock)
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        except OSError as e:
+            self.release()
+            raise UserError(f"cannot use {self.directory} for checkpoints ({e.strerror or e}): check the path "
+                            f"and its permissions, or set JAXCHAT_BASE_DIR to a writable directory") from None
 
-    def save(self, step: int, params, opt_state, meta: dict) -> None:
-        """Start saving step `step` (asynchronously; `wait()` blocks until it is on disk)."""
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(meta)), force=True)
+    # ---- listing ----------------------------------------------------------------------------------------------
 
     def steps(self) -> list[int]:
-        """Complete checkpoints on disk, oldest first."""
+        """Complete checkpoints on disk, oldest first (a step folder without its items is skipped, with a line)."""
         self.manager.reload()
-        return sorted(self.manager.all_steps())
+        complete = []
+        for step in sorted(self.manager.all_steps()):
+            missing = [i for i in ITEMS if not os.path.isdir(os.path.join(self.directory, str(step), i))]
+            if not missing:
+                complete.append(step)
+            elif step not in self._reported:
+                self._reported.add(step)
+                print0(f"Skipping {self.directory}/{step}: not a complete checkpoint (no {', '.join(missing)})")
+        return complete
 
     def last_complete(self) -> int | None:
         """The newest checkpoint once any save in flight is on disk (None if there is none)."""
-        self.wait()
+        with contextlib.suppress(UserError):
+            self.wait()
         steps = self.steps()
         return steps[-1] if steps else None
 
@@ -60,6 +94,103 @@ class Checkpointer:
         if int(step) not in steps:
             raise UserError(f"no checkpoint for step {step} in {self.directory}; available steps: {steps}")
         return int(step)
+
+    def move_aside_after(self, step: int) -> str | None:
+        """Move every step folder newer than `step` (complete or not) to rolled_back/<time>/; the folder, or None.
+
+        A resume from an older step (a rollback) would otherwise collide with them when it saves; they are kept,
+        not deleted, so the rollback can be undone by moving them back.
+        """
+        self.manager.reload()
+        newer = [s for s in self.manager.all_steps() if s > step]
+        if not newer:
+            return None
+        aside = os.path.join(self.directory, "rolled_back", time.strftime("%Y%m%d-%H%M%S"))
+        if jax.process_index() == 0:
+            os.makedirs(aside, exist_ok=True)
+            for s in sorted(newer):
+                os.replace(os.path.join(self.directory, str(s)), os.path.join(aside, str(s)))
+        _sync("checkpoints moved aside")
+        self.manager.reload()
+        return aside
+
+    # ---- saving -----------------------------------------------------------------------------------------------
+
+    def save(self, step: int, params, opt_state, meta: dict) -> None:
+        """Start saving step `step` (asynchronously); "Saved checkpoint" is printed once it is committed."""
+        self.wait()  # the previous save first: its failure is reported as its own, and rotation sees it
+        self.rotate()
+        # Bytes in memory, or the last checkpoint's size on disk when larger (orbax's index and metadata add some).
+        self._need = max(sum(x.nbytes for x in jax.tree.leaves((params, opt_state))), self._size_on_disk())
+        free = shutil.disk_usage(self.directory).free
+        if free < self._need:  # refuse before writing: a full disk can fail other writers on it too
+            raise UserError(self._no_room(step, self._need, free))
+        self._pending = step
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:
+            self._fail(step, e)
+
+    def poll(self) -> None:
+        """Print "Saved checkpoint" for a save that finished in the background (call it once per step)."""
+        if self._pending is not None and not self.manager.is_saving_in_progress():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the save in flight is committed (UserError saying what went wrong if it failed)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            self._fail(self._pending, e)
+        if self._pending is not None:
+            print0(f"Saved checkpoint step {self._pending} to {self.directory}")
+            self._pending = None
+
+    def rotate(self) -> None:
+        """Delete all but the newest `keep_last` timer/preemption checkpoints (committed ones only)."""
+        if self.keep_last is None:
+            return
+        temporary = [s for s in self.steps() if self.read_meta(s).get("kind") in TEMPORARY_KINDS]
+        for step in temporary[: max(0, len(temporary) - self.keep_last)]:
+            self.manager.delete(step)
+
+    def _fail(self, step: int | None, e: Exception):
+        """Turn a failed save into one line naming the directory and what to do; the previous checkpoint stays."""
+        self._pending = None
+        _HELD.clear()
+        if jax.process_index() == 0 and step is not None:  # the half-written step: never listed, but it takes space
+            for name in os.listdir(self.directory):
+                if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        text = " ".join(str(x) for x in _chain(e))
+        codes = {getattr(x, "errno", None) for x in _chain(e)}
+        last = [s for s in self.steps() if s != step]
+        keep = f"the last complete checkpoint is step {last[-1]}" if last else "no checkpoint was completed"
+        if errno.ENOSPC in codes or "RESOURCE_EXHAUSTED" in text or "No space left" in text:
+            raise UserError(self._no_room(step, self._need, shutil.disk_usage(self.directory).free)) from None
+        if codes & {errno.EROFS, errno.EACCES, errno.EPERM} or "Read-only file system" in text or \
+                "Permission denied" in text:
+            raise UserError(f"cannot save checkpoint step {step}: {self.directory} is not writable (read-only or "
+                            f"no permission); {keep}") from None
+        _HELD.release()
+        raise e
+
+    def _no_room(self, step: int, need: int, free: int) -> str:
+        last = [s for s in self.steps() if s != step]
+        keep = (f"step {last[-1]} is the last complete checkpoint: free space or move {self.directory} to a larger "
+                f"disk, then resume with --resume-from-step=last") if last else "free space, or set JAXCHAT_BASE_DIR " \
+                                                                             "to a larger disk"
+        return (f"no room to save checkpoint step {step} in {self.directory}: it needs about {fmt_size(need)}, "
+                f"{fmt_size(free)} free; {keep}")
+
+    def _size_on_disk(self) -> int:
+        steps = self.steps()
+        root = os.path.join(self.directory, str(steps[-1])) if steps else None
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files) if root else 0
+
+    # ---- restoring --------------------------------------------------------------------------------------------
 
     def restore(self, step: int, abstract_params, abstract_opt_state=None) -> tuple:
         """(params, opt_state or None, meta) of a step, placed with the shardings of the abstract targets."""
@@ -76,22 +207,159 @@ class Checkpointer:
                             f"--resume-from-step=N, N in {others[-5:]}, or delete it") from None
         return restored["params"], restored.get("opt_state") if abstract_opt_state is not None else None, restored["meta"]
 
-    def prune(self, keep_temporary: int) -> None:
-        """Delete all but the newest `keep_temporary` timer/preemption checkpoints; step-based and final ones stay."""
-        temporary = [s for s in self.steps() if self.read_meta(s).get("kind") in ("time", "preempt")]
-        for step in temporary[: max(0, len(temporary) - keep_temporary)]:
-            self.manager.delete(step)
-
     def read_meta(self, step: int) -> dict:
-        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, OSError, TypeError) as e:
+            raise UserError(f"checkpoint {self.directory}/{step} has no readable meta record ({type(e).__name__}); "
+                            f"move it away, or resume from another step with --resume-from-step=N") from None
         return restored["meta"]
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Finish the save in flight (reporting it), rotate, and release the directory."""
+        try:
+            self.wait()
+            self.rotate()
+            self.manager.close()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def input_changes(saved: dict, now: dict) -> dict:
+    """{name: (saved, now)} of the run inputs (meta["inputs"]) that differ; names a checkpoint lacks are skipped."""
+    return {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
+
+
+class DirectoryLock:
+    """`<dir>/.lock` naming the run that writes a checkpoint directory; a second writer refuses with one line.
+
+    The file holds the owner's host and pid: a lock of a process that no longer runs on this host (a run killed
+    with SIGKILL) is stale and taken over; one of this very process is left from an earlier call that failed.
+    """
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, ".lock")
+        self.held = False
+        self.created = not os.path.isdir(directory)  # removed again on release if nothing was saved in it
+        if jax.process_index() != 0:  # process 0 speaks for the run
+            return
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the checkpoint directory {directory} ({e.strerror or e}): set "
+                            f"JAXCHAT_BASE_DIR to a writable directory") from None
+        me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale(directory)
+                continue
+            except OSError as e:
+                raise UserError(f"cannot write to the checkpoint directory {directory} ({e.strerror or e}): check "
+                                f"its permissions and free space, or set JAXCHAT_BASE_DIR elsewhere") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            atexit.register(self.release)  # a run that exits with an error releases it too
+            return
+        raise UserError(f"cannot take the lock {self.path}: another run keeps taking it")
+
+    def _take_over_if_stale(self, directory: str) -> None:
+        try:
+            with open(self.path) as f:
+                owner = json.load(f)
+        except (OSError, ValueError):
+            owner = {}  # being written right now, or garbage: judged by its age below
+        host, pid = owner.get("host"), owner.get("pid")
+        if not owner and _age(self.path) < 10:  # just created by another starter: read it again shortly
+            time.sleep(0.2)
+            return
+        alive = _pid_alive(pid) if host == socket.gethostname() and isinstance(pid, int) else host is not None
+        if host == socket.gethostname() and pid == os.getpid():
+            alive = False  # this process's own, left by an earlier call that failed (tests, notebooks)
+        if alive:
+            raise UserError(f"another run (pid {pid} on {host}, started {owner.get('started')}) is writing "
+                            f"checkpoints to {directory}: wait for it to finish, or use another --model-tag"
+                            + ("" if host == socket.gethostname() else
+                               f" (if it is gone, delete {self.path})"))
+        if pid != os.getpid():
+            print0(f"Taking over the stale lock {self.path} of process {pid} on {host}, which no longer runs")
+        stale = f"{self.path}.stale.{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):  # another starter took it over first: retry the create
+            os.replace(self.path, stale)
+            os.remove(stale)
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            self.held = False
+            if self.created:
+                with contextlib.suppress(OSError):  # only if empty: a run that failed before saving anything
+                    os.rmdir(os.path.dirname(self.path))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _age(path: str) -> float:
+    try:
+        return time.time() - os.path.getmtime(path)
+    except OSError:
+        return 0.0
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _chain(e: BaseException):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+class _HeldOrbaxErrors(logging.Filter):
+    """Hold orbax's ERROR log records (a failed save logs its traceback from every thread, hundreds of lines) until
+    the failure is known: a failure translated into one line drops them, any other failure prints them."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "orbax" in record.pathname:
+            self.records.append(record)
+            del self.records[:-200]
+            return False
+        return True
+
+    def clear(self) -> None:
+        self.records = []
+
+    def release(self) -> None:
+        records, self.records = self.records, []
+        for record in records:
+            sys.stderr.write(logging.Formatter("%(levelname)s:%(name)s:%(message)s").format(record) + "\n")
+
+
+_HELD = _HeldOrbaxErrors()
+logging.getLogger("absl").addFilter(_HELD)
 
 
 @contextlib.contextmanager

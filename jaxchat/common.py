@@ -3,6 +3,7 @@
 import argparse
 import os
 import sys
+import tempfile
 
 import jax
 
@@ -14,8 +15,23 @@ class UserError(Exception):
 def base_dir() -> str:
     """Root for data, tokenizer, checkpoints and eval bundles ($JAXCHAT_BASE_DIR, default ~/.cache/jaxchat)."""
     path = os.environ.get("JAXCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxchat")
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:  # a regular file of that name, read-only storage, no permission
+        raise UserError(f"cannot use {path} as the base directory ({e.strerror or type(e).__name__}): set "
+                        f"JAXCHAT_BASE_DIR to a writable directory") from None
     return path
+
+
+def check_writable(path: str, what: str) -> None:
+    """Create `path` if needed and write a file in it: a run finds out before compiling, not at its first save."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test."):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to the {what} {path} ({e.strerror or type(e).__name__}): check its "
+                        f"permissions and free space, or set JAXCHAT_BASE_DIR to a writable directory") from None
 
 
 def print0(*args, **kwargs) -> None:

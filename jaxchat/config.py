@@ -48,7 +48,8 @@ def defaults() -> ConfigDict:
     c.warmdown_ratio = 0.5
     c.final_lr_frac = 0.0
     # loop
-    c.resume_from_step = "-1"  # a step number, or 'last'
+    c.resume_from_step = "-1"  # a step number, or 'last'; checkpoints newer than it are moved aside (rolled_back/)
+    c.allow_batch_size_change = False  # resume a checkpoint saved with another --total-batch-size, knowingly
     c.eval_every = 250
     c.eval_tokens = 20 * 524288
     c.core_metric_every = 2000
@@ -78,11 +79,26 @@ def defaults() -> ConfigDict:
     return c
 
 
-def _parse_flag(key: str, value, like):
-    """A flag's value as the type of its default; --device-batch-size also takes 'auto' (stored as 0)."""
+def _parse_flag(key: str, value, like, origin: str = ""):
+    """A flag's value as the type of its default; --device-batch-size also takes 'auto' (stored as 0).
+
+    origin: where a non-string value came from (a config file), named in the error."""
     if key == "device_batch_size" and str(value).strip().lower() == "auto":
         return 0
-    return _parse_value(value, like) if isinstance(value, str) else value
+    if isinstance(value, str):
+        try:
+            return _parse_value(value, like)
+        except UserError as e:
+            raise UserError(f"{origin or '--' + key.replace('_', '-')}: {e}") from None
+    # A config file's Python value: ints for int keys (5e5 and 4.0 are fine, 4.5 is not), numbers for floats.
+    ok = (isinstance(value, bool) if isinstance(like, bool) else
+          isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+          if isinstance(like, int) else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(like, float) else
+          isinstance(value, type(like)))
+    if not ok:
+        raise UserError(f"{origin}: {key}={value!r} must be {type(like).__name__} (like the default {like!r})")
+    return int(value) if isinstance(like, int) and not isinstance(like, bool) else value
 
 
 def _parse_value(text: str, like):
@@ -116,10 +132,31 @@ def load_config_file(path: str) -> ConfigDict:
         path = here
     spec = importlib.util.spec_from_file_location("jaxchat_config_file", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise UserError(f"--config={path} defines no get_config()")
-    return module.get_config(arg) if arg else module.get_config()
+    try:  # the user's Python: any error in it is theirs to fix, named with its line
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise UserError(f"--config={path} defines no get_config()")
+        config = module.get_config(arg) if arg else module.get_config()
+    except UserError:
+        raise
+    except Exception as e:
+        line = getattr(e, "lineno", None) or _user_line(e, path)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"--config={path}{f' line {line}' if line else ''}: {type(e).__name__}: {first}") from None
+    if not isinstance(config, (ConfigDict, dict)):
+        raise UserError(f"--config={path}: get_config() returned {type(config).__name__}, not a ConfigDict "
+                        f"(return ConfigDict(dict(depth=..., ...)))")
+    return config
+
+
+def _user_line(e: Exception, path: str) -> int | None:
+    """The line of the config file where an exception was raised, if it was raised there."""
+    tb, line = e.__traceback__, None
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
 
 
 def parse_flags(argv: list[str]) -> ConfigDict:
@@ -138,17 +175,17 @@ def parse_flags(argv: list[str]) -> ConfigDict:
         for key, value in load_config_file(config_file).items():
             if key not in config:
                 raise UserError(f"--config={config_file} sets unknown key {key!r}; known keys: {sorted(config)}")
-            config[key] = _parse_flag(key, value, config[key])
+            config[key] = _parse_flag(key, value, config[key], origin=f"--config={config_file}")
     for item in dotted:
         key, eq, text = item.partition("=")
         if key not in config or not eq:
             raise UserError(f"--config.{item}: unknown key or missing '=value'; known keys: {sorted(config)}")
-        config[key] = _parse_flag(key, text, config[key])
+        config[key] = _parse_flag(key, text, config[key], origin=f"--config.{key}")
     parser = argparse.ArgumentParser(prog="python -m jaxchat.train", allow_abbrev=False, add_help=True,
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for key, value in config.items():
         parser.add_argument("--" + key.replace("_", "-"), dest=key, type=str, default=None,
-                            help=f"default: {value!r}")
+                            help=f"default: {value!r}" + (f"; {range_text(key)}" if key in RANGES else ""))
     parser.error = lambda message: (_ for _ in ()).throw(UserError(message + " (see python -m jaxchat.train --help)"))
     args = parser.parse_args(flags)
     for key, text in vars(args).items():
@@ -156,6 +193,51 @@ def parse_flags(argv: list[str]) -> ConfigDict:
             config[key] = _parse_flag(key, text, config[key])
     validate(config)
     return config
+
+
+# Valid range of every numeric flag: (lowest, highest, what -1 or 0 means when allowed). "off" flags take -1 (or
+# any value <= 0 where nanochat's scripts compare `> 0`); a value outside the range is one line at start-up.
+OFF = "-1 = off"
+RANGES = {
+    "depth": (1, None, ""), "aspect_ratio": (1, None, ""), "head_dim": (2, None, "even"),
+    "max_seq_len": (2, None, "even"), "num_iterations": (-1, None, "-1 = from --target-*"),
+    "target_flops": (-1, None, "-1 = off"), "target_param_data_ratio": (-1, None, "-1 = off"),
+    "device_batch_size": (0, None, "0 or 'auto' = largest that fits"), "total_batch_size": (1, None, ""),
+    "embedding_lr": (0, None, ""), "unembedding_lr": (0, None, ""), "matrix_lr": (0, None, ""),
+    "scalar_lr": (0, None, ""), "weight_decay": (0, None, ""), "adam_beta1": (0, 1, ""), "adam_beta2": (0, 1, ""),
+    "warmup_ratio": (0, 1, ""), "warmdown_ratio": (0, 1, ""), "final_lr_frac": (0, 1, ""),
+    "eval_every": (-1, None, OFF), "eval_tokens": (1, None, ""), "core_metric_every": (-1, None, OFF),
+    "core_metric_max_per_task": (-1, None, "-1 = all"), "sample_every": (-1, None, OFF),
+    "save_every": (-1, None, OFF), "save_every_minutes": (-1, None, OFF), "keep_last": (1, None, ""),
+    "fsdp": (1, None, ""), "loss_chunk": (0, None, "0 = off"), "memory_budget_gb": (0, None, "0 = device capacity"),
+    "seed": (0, None, ""), "log_every": (1, None, ""), "num_processes": (0, None, "0 = auto"),
+    "process_id": (-1, None, "-1 = auto"), "data_shards": (0, None, "0 = one per process"),
+    "init_timeout": (1, None, ""), "peer_timeout": (1, None, ""),
+}
+# Where -1 means off (or auto), values between -1 and the first real value make no sense (0, -0.5, -3).
+REAL_FROM = {"num_iterations": 1, "target_flops": 1e-300, "target_param_data_ratio": 1e-300, "eval_every": 1,
+             "core_metric_every": 1, "core_metric_max_per_task": 1, "sample_every": 1, "save_every": 1,
+             "save_every_minutes": 1e-300}
+
+
+def range_text(key: str) -> str:
+    """A flag's valid range in words (for --help and errors)."""
+    lo, hi, note = RANGES[key]
+    if key in REAL_FROM:
+        text = "-1 or > 0" if REAL_FROM[key] < 1 else "-1 or >= 1"
+    else:
+        text = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+    return f"{text} ({note})" if note else text
+
+
+def check_ranges(c: ConfigDict) -> None:
+    """Every numeric flag inside its documented range."""
+    for key, (lo, hi, _) in RANGES.items():
+        value = c[key]
+        bad = value < lo or (hi is not None and value > hi) or (key in REAL_FROM and value != -1 and
+                                                                 value < REAL_FROM[key])
+        if bad:
+            raise UserError(f"--{key.replace('_', '-')}={value} is out of range: use {range_text(key)}")
 
 
 def validate(c: ConfigDict) -> None:
@@ -172,14 +254,12 @@ def validate(c: ConfigDict) -> None:
         raise UserError(f"--data={c.data!r}: choose fineweb-edu, climbmix or demo")
     if c.remat not in ("none", "block", "dots"):
         raise UserError(f"--remat={c.remat!r}: choose none, block (recompute each layer) or dots (keep matmul outputs)")
-    if c.loss_chunk < 0 or c.memory_budget_gb < 0:
-        raise UserError("--loss-chunk and --memory-budget-gb must be >= 0 (0 = off)")
     if c.embed_dtype not in ("bfloat16", "float32"):
         raise UserError(f"--embed-dtype={c.embed_dtype!r}: choose bfloat16 or float32")
     for key in ("compute_dtype", "muon_dtype"):
         if c[key] not in ("", "bfloat16", "float32"):
             raise UserError(f"--{key.replace('_', '-')}={c[key]!r}: choose bfloat16 or float32")
-    if str(c.resume_from_step) != "last" and not str(c.resume_from_step).lstrip("-").isdigit():
+    if str(c.resume_from_step) != "last" and not (str(c.resume_from_step).isdigit() or str(c.resume_from_step) == "-1"):
         raise UserError(f"--resume-from-step={c.resume_from_step!r}: give a step number or 'last'")
     for key in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
         if not 0.0 <= c[key] <= 1.0:
@@ -188,3 +268,4 @@ def validate(c: ConfigDict) -> None:
         raise UserError(f"--warmup-ratio + --warmdown-ratio = {c.warmup_ratio + c.warmdown_ratio} exceeds 1")
     if c.max_seq_len % 2 or c.head_dim % 2:
         raise UserError("--max-seq-len and --head-dim must be even")
+    check_ranges(c)

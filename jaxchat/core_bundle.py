@@ -61,7 +61,7 @@ def download_bundle(url: str = EVAL_BUNDLE_URL, dest: str | None = None) -> str:
                 fetch(url, zip_path, progress="eval_bundle.zip")
             except OSError as e:  # URLError, timeouts and connection resets are all OSErrors
                 raise UserError(f"cannot download the CORE eval bundle from {url} ({e}); run `{DOWNLOAD_COMMAND}` "
-                                f"on a machine with network access, or pass --bundle DIR") from None
+                                f"on a machine with network access and copy its eval_bundle folder to {dest}") from None
         build_directory(dest, lambda tmp: _extract(zip_path, tmp, url), is_bundle)
     return dest
 

@@ -59,30 +59,57 @@ def load_tasks(bundle: str) -> list[Task]:
     """The tasks of core.yaml in order, with eval_meta_data.csv's baselines (DCLM v1 values, as shipped)."""
     import yaml
 
-    with open(os.path.join(bundle, "core.yaml"), encoding="utf-8") as f:
-        config = yaml.safe_load(f)
-    baselines = {}
-    with open(os.path.join(bundle, "eval_meta_data.csv"), encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            baselines[row["Eval Task"]] = float(row["Random baseline"])
+    yaml_path, csv_path = os.path.join(bundle, "core.yaml"), os.path.join(bundle, "eval_meta_data.csv")
+    fix = f"restore the bundle with `rm -r {bundle} && {core_bundle.DOWNLOAD_COMMAND}`"
+    try:
+        with open(yaml_path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+        with open(csv_path, encoding="utf-8") as f:
+            baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"cannot read the CORE bundle's {os.path.basename(yaml_path)} / eval_meta_data.csv in "
+                        f"{bundle} ({type(e).__name__}: {first[:120]}); {fix}") from None
+    entries = config.get("icl_tasks") if isinstance(config, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"{yaml_path} lists no tasks (expected a non-empty 'icl_tasks' list); {fix}")
     tasks = []
-    for entry in config["icl_tasks"]:
-        label = entry["label"]
-        if entry["icl_task_type"] not in TASK_TYPES:
-            raise UserError(f"{bundle}/core.yaml: task {label} has unknown icl_task_type {entry['icl_task_type']!r}")
-        if label not in baselines:
-            raise UserError(f"{bundle}/eval_meta_data.csv has no 'Random baseline' for task {label}")
-        tasks.append(Task(label=label, task_type=entry["icl_task_type"], dataset_uri=entry["dataset_uri"],
-                          num_fewshot=int(entry["num_fewshot"][0]),
-                          continuation_delimiter=entry.get("continuation_delimiter", " "),
-                          random_baseline=baselines[label]))
+    for i, entry in enumerate(entries):
+        try:
+            label = entry["label"]
+            if entry["icl_task_type"] not in TASK_TYPES:
+                raise UserError(f"{yaml_path}: task {label} has unknown icl_task_type {entry['icl_task_type']!r}")
+            if label not in baselines:
+                raise UserError(f"{csv_path} has no 'Random baseline' for task {label}")
+            tasks.append(Task(label=label, task_type=entry["icl_task_type"], dataset_uri=entry["dataset_uri"],
+                              num_fewshot=int(entry["num_fewshot"][0]),
+                              continuation_delimiter=entry.get("continuation_delimiter", " "),
+                              random_baseline=baselines[label]))
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            raise UserError(f"{yaml_path}: task {i} is malformed ({type(e).__name__}: {e}); {fix}") from None
+    return tasks
+
+
+def check_bundle(bundle: str) -> list[Task]:
+    """Every task of the bundle and its data file readable (a training run checks this at start-up)."""
+    tasks = load_tasks(bundle)
+    for task in tasks:
+        load_task_data(bundle, task, max_per_task=1)
     return tasks
 
 
 def load_task_data(bundle: str, task: Task, max_per_task: int = -1) -> list[dict]:
     """The task's JSONL rows, shuffled with Random(1337) and cut to max_per_task (when > 0)."""
-    with open(os.path.join(bundle, "eval_data", task.dataset_uri), encoding="utf-8") as f:
-        data = [json.loads(line) for line in f if line.strip()]
+    path = os.path.join(bundle, "eval_data", task.dataset_uri)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = [json.loads(line) for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"task {task.label}: cannot read {path} ({type(e).__name__}: {str(e)[:100]}); restore the "
+                        f"bundle with `rm -r {bundle} && {core_bundle.DOWNLOAD_COMMAND}`") from None
+    if not data:
+        raise UserError(f"task {task.label}: {path} holds no examples; restore the bundle with "
+                        f"`rm -r {bundle} && {core_bundle.DOWNLOAD_COMMAND}`")
     random.Random(1337).shuffle(data)
     return data[:max_per_task] if max_per_task > 0 else data
 

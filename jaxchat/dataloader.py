@@ -27,6 +27,16 @@ from jaxchat.tokenizer import Tokenizer
 CHUNK_PREFETCH = 16  # tokenized chunks read ahead; a refill takes up to ~8 of them at the start
 
 
+def _no_documents(files: list[str], rank: int, world: int) -> UserError:
+    """No document for this rank: every file empty, or fewer non-empty row groups than ranks."""
+    groups = [open_shard(f).metadata for f in files]
+    if sum(m.num_rows for m in groups) == 0:
+        return UserError(f"all {len(files)} shard(s) starting {files[0]} hold no documents: delete them and re-run "
+                         f"the command that fetched them (python -m jaxchat.dataset ...)")
+    return UserError(f"rank {rank} of {world} gets no row group of {len(files)} file(s) starting {files[0]}: use "
+                     f"fewer processes or --data-shards, or more/larger shards")
+
+
 class _QuietClose:
     """grain iterators close (stop their threads) when collected; skip that at interpreter exit, where it fails."""
 
@@ -75,8 +85,7 @@ class _ChunkIterator(grain.DatasetIterator):
             if p >= len(self.files):
                 epoch, p, g, row, wraps = epoch + 1, 0, self.rank, 0, wraps + 1
                 if wraps > 1:  # a whole pass without one document for this rank
-                    raise UserError(f"rank {self.rank} of {self.world} gets no row group of {len(self.files)} file(s) "
-                                    f"starting {self.files[0]}: use fewer processes or more/larger shards")
+                    raise _no_documents(self.files, self.rank, self.world)
             rows = self._rg_rows(p)
             if g >= len(rows):
                 p, g, row = p + 1, self.rank, 0

@@ -118,15 +118,48 @@ def open_shard(path: str) -> pq.ParquetFile:
 
 
 def read_texts(path: str, rg_idx: int) -> list[str]:
-    """The `text` column of one row group (nanochat/dataset.py parquets_iter_batched reads shards this way)."""
+    """The `text` column of one row group (nanochat/dataset.py parquets_iter_batched reads shards this way); a
+    column of another type or with invalid UTF-8 is a UserError naming the file."""
     try:
-        return open_shard(path).read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
-    except (OSError, pa.ArrowException, KeyError) as e:
+        column = open_shard(path).read_row_group(rg_idx, columns=["text"]).column("text")
+        if not _is_text(column.type):
+            raise TypeError(f"column 'text' holds {column.type}, not strings")
+        return column.to_pylist()
+    except (OSError, pa.ArrowException, KeyError, TypeError, UnicodeDecodeError) as e:
         raise _unreadable(path, e) from None
 
 
+def check_shards(files: list[str], min_documents: int = 1, full: bool = False) -> int:
+    """Every shard readable with a string `text` column; the total document count. full=False reads the parquet
+    footers only (fast, for hundreds of train shards); full=True also reads every text and checks its UTF-8.
+
+    A training run calls it at start-up: a bad file is one line naming it before compiling, not hours into the run."""
+    total = 0
+    for path in files:
+        pf = open_shard(path)
+        schema = pf.schema_arrow
+        if "text" not in schema.names or not _is_text(schema.field("text").type):
+            kind = schema.field("text").type if "text" in schema.names else f"no 'text' column ({schema.names})"
+            raise _unreadable(path, TypeError(f"column 'text' holds {kind}, not strings"))
+        for g in range(pf.num_row_groups) if full else ():
+            try:
+                pf.read_row_group(g, columns=["text"]).column("text").validate(full=True)
+            except (OSError, pa.ArrowException) as e:
+                raise _unreadable(path, e) from None
+        total += pf.metadata.num_rows
+    if total < min_documents:
+        raise UserError(f"{len(files)} shard(s) starting {files[0]} hold {total} document(s), at least "
+                        f"{min_documents} needed: delete them and re-run the command that fetched them")
+    return total
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
 def _unreadable(path: str, e: Exception) -> UserError:
-    return UserError(f"cannot read shard {path} ({type(e).__name__}: {str(e)[:100]}); delete it and re-run the "
+    first = (str(e).strip().splitlines() or [""])[0]
+    return UserError(f"cannot read shard {path} ({type(e).__name__}: {first[:100]}); delete it and re-run the "
                      f"command that fetched it (python -m jaxchat.dataset ...)")
 
 
@@ -166,8 +199,9 @@ def download(n: int, source: str = "fineweb-edu", workers: int = 4) -> str:
                 failed.append(futures[future])
                 print(e, file=sys.stderr, flush=True)
     if failed:
-        raise UserError(f"{len(failed)} of {len(indices)} shards failed ({sorted(failed)[:10]}...); "
-                        f"re-run `{download_command(source)}` with the same -n to fetch only the missing ones")
+        again = f"python -m jaxchat.dataset -n {n}" + ("" if source == "fineweb-edu" else f" --source {source}")
+        raise UserError(f"{len(failed)} of {len(indices)} shards failed ({sorted(failed)[:10]}...; is the network "
+                        f"reachable?); re-run `{again}` to fetch only the missing ones")
     print(f"{len(indices)} shards in {out_dir}", flush=True)
     return out_dir
 
@@ -259,7 +293,7 @@ def build_demo_corpus(out_dir: str | None = None, max_chars: int = DEMO_MAX_CHAR
             _write_shard(os.path.join(tmp, shard_name(i)), shard)
 
     # Concurrent builders (one per process) never see a half-written corpus, and the first to finish wins.
-    return build_directory(out_dir, write, _complete)
+    return build_directory(out_dir, write, _complete, owned=lambda name: name.startswith("shard_"))
 
 
 def _complete(directory: str) -> bool:

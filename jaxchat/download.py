@@ -45,12 +45,15 @@ def _progress_bar(desc: str | None, total: int | None):
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=desc is None or jax.process_index() != 0)
 
 
-def build_directory(dest: str, build: Callable[[str], str | None], complete: Callable[[str], bool]) -> str:
+def build_directory(dest: str, build: Callable[[str], str | None], complete: Callable[[str], bool],
+                    owned: Callable[[str], bool] = lambda name: False) -> str:
     """Fill a temporary directory beside dest with build(tmp) and rename it to dest; returns dest.
 
     `build` returns the directory to install (tmp itself when it returns None, or one inside it, e.g. the top folder
     of an extracted archive). Readers of dest never see a half-built directory. A dest that is already `complete`
-    (another process renamed its build first) is kept and this build dropped; an incomplete one is replaced.
+    (another process renamed its build first) is kept and this build dropped; an incomplete one is replaced, keeping
+    what a build did not write: its entries move into the new build unless the build has one of that name or
+    `owned(name)` (names only a build writes, e.g. shards an older build left) says they are the builder's.
     """
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
@@ -61,7 +64,8 @@ def build_directory(dest: str, build: Callable[[str], str | None], complete: Cal
     try:
         root = build(tmp) or tmp
         if not complete(dest):
-            shutil.rmtree(dest, ignore_errors=True)  # a broken earlier build (never a complete one: others read it)
+            _keep_foreign_entries(dest, root, owned)  # a broken earlier build (never a complete one: others read it)
+            shutil.rmtree(dest, ignore_errors=True)
             try:
                 os.replace(root, dest)
             except OSError:  # another process renamed its build first
@@ -70,3 +74,12 @@ def build_directory(dest: str, build: Callable[[str], str | None], complete: Cal
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _keep_foreign_entries(dest: str, root: str, owned: Callable[[str], bool]) -> None:
+    """Move dest's entries that the new build (root) does not replace and the builder does not own into root."""
+    if not os.path.isdir(dest):
+        return
+    for name in os.listdir(dest):
+        if not owned(name) and not os.path.exists(os.path.join(root, name)):
+            os.replace(os.path.join(dest, name), os.path.join(root, name))

@@ -38,10 +38,18 @@ def text_iterator(files: list[str], max_chars: int, doc_cap: int) -> Iterator[st
                     return
 
 
+def check_sizes(vocab_size: int, max_chars: int, doc_cap: int) -> None:
+    """The flags' valid ranges: --vocab-size >= 256 bytes + the special tokens, the character limits > 0."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise UserError(f"--vocab-size={vocab_size} must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + the "
+                        f"special tokens; nanochat uses 32768)")
+    if max_chars <= 0 or doc_cap <= 0:
+        raise UserError(f"--max-chars={max_chars} and --doc-cap={doc_cap} must be positive")
+
+
 def train_tokenizer(source: str, vocab_size: int, max_chars: int, doc_cap: int, out_dir: str) -> Tokenizer:
     """Train on the train split of `source` (a source name or a shard directory), check, save to out_dir."""
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise UserError(f"--vocab-size {vocab_size} must be at least {256 + len(SPECIAL_TOKENS)}")
+    check_sizes(vocab_size, max_chars, doc_cap)
     files = dataset.list_shards(source, "train")
     t0 = time.perf_counter()
     bpe = rustbpe.Tokenizer()
@@ -84,9 +92,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
     source = "demo" if args.demo else args.source
+    vocab_size = (4096 if args.demo else 32768) if args.vocab_size is None else args.vocab_size
+    check_sizes(vocab_size, int(args.max_chars), args.doc_cap)  # before building anything
     if args.demo:
         dataset.build_demo_corpus()
-    vocab_size = args.vocab_size or (4096 if args.demo else 32768)
     train_tokenizer(source, vocab_size, int(args.max_chars), args.doc_cap, args.out_dir or default_dir(source))
 
 

@@ -1,5 +1,6 @@
 """The BPE tokenizer: a tiktoken Encoding saved as tokenizer.pkl (nanochat's file format) plus token_bytes.npy."""
 
+import hashlib
 import os
 import pickle
 
@@ -76,6 +77,13 @@ class Tokenizer:
         if self._token_bytes is None:
             self._token_bytes = compute_token_bytes(self.enc)
         return self._token_bytes
+
+    def fingerprint(self) -> str:
+        """A short hash of every token's bytes: a checkpoint records it, a resume with another tokenizer notices."""
+        h = hashlib.sha256()
+        for i in range(self.vocab_size):
+            h.update(self.enc.decode_single_token_bytes(i) + b"\0")
+        return h.hexdigest()[:16]
 
     def save(self, directory: str) -> None:
         """Write tokenizer.pkl (pickled tiktoken Encoding) and token_bytes.npy, each via a temp file + rename."""

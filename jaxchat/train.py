@@ -5,6 +5,7 @@ One jitted, donated train step per optimizer step: `lax.scan` over the micro-bat
 Muon + AdamW update with this step's schedule values passed in as traced scalars (never a recompile).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,8 +24,8 @@ from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import xla_flags
-from jaxchat.checkpoint import Checkpointer, abstract_like, checkpoint_dir
-from jaxchat.common import UserError, base_dir, print0, run_main
+from jaxchat.checkpoint import Checkpointer, abstract_like, checkpoint_dir, input_changes
+from jaxchat.common import UserError, base_dir, check_writable, print0, run_main
 from jaxchat.config import parse_flags
 from jaxchat.faults import SaveTimer, StopRequest
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
@@ -117,6 +118,8 @@ def prepare_data(c):
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("demo tokenizer ready")
     train_files, val_files = dataset.list_shards(c.data, "train"), dataset.list_shards(c.data, "val")
+    dataloader.check_shards(train_files)  # footers: a bad file is one line naming it, before compiling
+    dataloader.check_shards(val_files, full=True)  # every text: the final evaluation must not fail on it
     tok = tokenizer.Tokenizer.load(tok_dir)
     rows = c.device_batch_size * jax.local_device_count()
     shards = c.data_shards or jax.process_count()
@@ -163,6 +166,53 @@ class ShardLoaders:
         return min(loader.epoch for loader in self.loaders)
 
 
+@contextlib.contextmanager
+def evaluation_guard(what: str, step: int, checkpointer: Checkpointer):
+    """An evaluation that fails is one line; the save in flight (the final one, saved before evaluating) commits."""
+    try:
+        yield
+    except Exception as e:
+        last = checkpointer.last_complete()
+        checkpointer.close()
+        detail = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        where = (f"checkpoints are intact in {checkpointer.directory} (last complete: step {last}); fix it and resume "
+                 f"with --resume-from-step=last") if last is not None else "no checkpoint was saved yet"
+        raise UserError(f"step {step}: {what} failed ({detail[:300]}); {where}") from None
+
+
+def resume_point(c, checkpointer: Checkpointer, model_tag: str, model_config: dict, inputs: dict) -> int | None:
+    """The checkpoint step to resume from (None: start at 0), checked against this run before anything compiles."""
+    resume = str(c.resume_from_step)
+    if resume == "last" and not checkpointer.steps():
+        print0(f"No checkpoint in {checkpointer.directory} yet: starting from step 0")
+        resume = "-1"
+    if resume == "-1":
+        return None
+    step = checkpointer.resolve_step(resume)
+    meta = checkpointer.read_meta(step)
+    saved_model = meta["model_config"]
+    if saved_model != model_config:  # before restoring: shapes would not fit
+        differ = {k: (v, saved_model.get(k)) for k, v in model_config.items() if saved_model.get(k) != v}
+        raise UserError(f"checkpoint step {step} of {model_tag} was saved with another model "
+                        f"({', '.join(f'{k}: saved {b}, now {a}' for k, (a, b) in differ.items())}; vocab_size comes "
+                        f"from the tokenizer): use the flags and tokenizer of the saving run")
+    changes = input_changes(meta.get("inputs", {}), inputs)
+    if c.allow_batch_size_change:
+        changes.pop("total_batch_size", None)
+    if changes:
+        hint = (" (or accept the new --total-batch-size knowingly with --allow-batch-size-change=true)"
+                if "total_batch_size" in changes else "")
+        raise UserError(f"checkpoint step {step} of {model_tag} was trained with other inputs ("
+                        + ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in changes.items())
+                        + f"): resume with the saving run's inputs, or train a new --model-tag{hint}")
+    shards = c.data_shards or jax.process_count()
+    saved_shards = len(meta.get("dataloader_states") or [meta["dataloader_state_dict"]])
+    if saved_shards != shards:
+        raise UserError(f"checkpoint step {step} was saved with {saved_shards} data shard(s), this run reads "
+                        f"{shards}: resume with --data-shards={saved_shards} (a multiple of the process count)")
+    return step
+
+
 def stop_on_non_finite(step: int, loss: float, grad_norm: float, checkpointer: Checkpointer) -> None:
     """Stop before anything poisoned is saved, naming the last good checkpoint."""
     what = "loss" if not np.isfinite(loss) else "gradient norm"
@@ -206,6 +256,16 @@ def default_dtype(flag: str | None) -> str:
 def train(argv: list[str]) -> dict:
     """Run training; returns {"losses": {step: loss}, "loop": LoopState} for tests and scripts."""
     c = parse_flags(argv)
+    stop_request = StopRequest()  # from here on a signal ends the run cleanly (130 / 143, at most one line)
+    try:
+        return _train(c, stop_request)
+    finally:
+        stop_request.restore_handlers()
+        for release in stop_request.on_exit:  # the checkpoint lock, also when the run fails
+            release()
+
+
+def _train(c, stop_request: StopRequest) -> dict:
     meshlib.init_distributed(c.coordinator_address or None, c.num_processes or None,
                              c.process_id if c.process_id >= 0 else None, init_timeout=c.init_timeout,
                              peer_timeout=c.peer_timeout)
@@ -217,6 +277,7 @@ def train(argv: list[str]) -> dict:
            f"mesh {dict(mesh.shape)}; peak bf16 FLOP/s per device {peak_flops(device_kind):.3g}; compute {compute_dtype}, "
            f"Muon orthogonalisation {muon_dtype}")
 
+    check_writable(base_dir(), "base directory")  # data, tokenizer, logs: before anything is built or compiled
     tok, train_loader_factory, val_loader_factory = prepare_data(c)
     plan = make_plan(depth=c.depth, aspect_ratio=c.aspect_ratio, head_dim=c.head_dim, max_seq_len=c.max_seq_len,
                      vocab_size=tok.vocab_size, window_pattern=c.window_pattern, num_iterations_flag=c.num_iterations,
@@ -227,9 +288,18 @@ def train(argv: list[str]) -> dict:
     if c.core_metric_every > 0:
         from jaxchat import core_eval
         core_bundle = core_eval.find_bundle(download=False)  # fails now, with the download command, not hours in
+        core_eval.check_bundle(core_bundle)  # every task file: a broken one fails now, not at the first CORE step
+
+    # The checkpoint directory (locked: one run writes it) and the step to resume from, checked before compiling.
+    config = plan.model
+    checkpointer = Checkpointer(checkpoint_dir(model_tag), lock=True, keep_last=c.keep_last)
+    stop_request.on_exit.append(checkpointer.release)
+    # What the run depends on beyond the model's shape: a resume that changes any of it is refused.
+    run_inputs = dict(tokenizer=tok.fingerprint(), data=c.data, total_batch_size=c.total_batch_size,
+                      max_seq_len=c.max_seq_len, **({"recipe": c.recipe} if "recipe" in c else {}))
+    resume_step = resume_point(c, checkpointer, model_tag, dataclasses.asdict(config), run_inputs)
 
     # Model and optimizer state, created directly with their shardings (no full copy on one device).
-    config = plan.model
     wd_scaled = optim.depth_scaled_weight_decay(c.weight_decay, c.depth)
     bls = optim.batch_lr_scale(c.total_batch_size)
     tx = optim.make_optimizer(model_dim=config.n_embd, embedding_lr=c.embedding_lr, unembedding_lr=c.unembedding_lr,
@@ -266,33 +336,19 @@ def train(argv: list[str]) -> dict:
     for line in plan.summary():
         print0(line)
 
-    checkpointer = Checkpointer(checkpoint_dir(model_tag))
     loop = LoopState()
     train_loader = train_loader_factory()
-    resume = str(c.resume_from_step)
-    if resume == "last" and not checkpointer.steps():
-        print0(f"No checkpoint in {checkpointer.directory} yet: starting from step 0")
-        resume = "-1"
-    if resume != "-1":
-        step = checkpointer.resolve_step(resume)
-        saved_model = checkpointer.read_meta(step)["model_config"]
-        if saved_model != dataclasses.asdict(config):  # before restoring: shapes would not fit
-            checkpointer.close()
-            differ = {k: (v, saved_model.get(k)) for k, v in dataclasses.asdict(config).items() if saved_model.get(k) != v}
-            raise UserError(f"checkpoint step {step} of {model_tag} was saved with another model "
-                            f"({', '.join(f'{k}: saved {b}, now {a}' for k, (a, b) in differ.items())}; vocab_size comes "
-                            f"from the tokenizer): use the flags and tokenizer of the saving run")
-        params, opt_state, meta = checkpointer.restore(step, *restore_targets)
+    if resume_step is not None:
+        params, opt_state, meta = checkpointer.restore(resume_step, *restore_targets)
         states = meta.get("dataloader_states") or [meta["dataloader_state_dict"]]  # one per data shard
-        shards = c.data_shards or jax.process_count()
-        if len(states) != shards:
-            raise UserError(f"checkpoint step {step} was saved with {len(states)} data shard(s), this run reads "
-                            f"{shards}: resume with --data-shards={len(states)} (a multiple of the process count)")
-        per_process = shards // jax.process_count()
+        per_process = len(states) // jax.process_count()
         train_loader.set_state(states[jax.process_index() * per_process:][:per_process])
-        loop = LoopState(step=step, val_bpb=meta["val_bpb"], **meta["loop_state"])
-        print0(f"Resumed from step {step} of {checkpointer.directory}")
+        loop = LoopState(step=resume_step, val_bpb=meta["val_bpb"], **meta["loop_state"])
+        print0(f"Resumed from step {resume_step} of {checkpointer.directory}")
     resume_step = loop.step
+    # A rollback (or a fresh start over old checkpoints): newer steps would collide with this run's saves.
+    if aside := checkpointer.move_aside_after(resume_step):
+        print0(f"Checkpoints newer than step {resume_step} moved aside to {aside} (move them back to undo)")
 
     batch_sh, row_sh = meshlib.batch_sharding(mesh), meshlib.row_sharding(mesh)
     bpb_step = make_bpb_step(graphdef)
@@ -310,16 +366,18 @@ def train(argv: list[str]) -> dict:
         nonlocal last_saved
         # Every data shard's own position, in rank order, for exact resume.
         loader_states = [state for states in gather_json(consumed_loader_state) for state in states]
+        # Steps asked for with --save-every are kept, whatever else (a timer, a signal) also saves there.
+        kind = "step" if kind != "final" and c.save_every > 0 and step % c.save_every == 0 else kind
         meta = dict(step=step, val_bpb=loop.val_bpb, model_config=dataclasses.asdict(config), user_config=c.to_dict(),
+                    inputs=run_inputs,
                     device_batch_size=c.device_batch_size, max_seq_len=c.max_seq_len,
                     total_batch_size=c.total_batch_size, dataloader_state_dict=loader_states[0],
                     dataloader_states=loader_states,
                     loop_state=dict(min_val_bpb=loop.min_val_bpb, smooth_train_loss=loop.smooth_train_loss,
                                     total_training_time=loop.total_training_time), kind=kind)
-        checkpointer.save(step, params, opt_state, meta)
+        checkpointer.save(step, params, opt_state, meta)  # "Saved checkpoint" is printed once it is committed
         save_timer.reset()
         last_saved = step
-        print0(f"Saved checkpoint step {step} to {checkpointer.directory}")
 
     def next_batch() -> tuple[tuple[jax.Array, jax.Array], list[dict]]:
         """One step's (inputs, targets) on the devices, and the loader state once they are consumed."""
@@ -332,29 +390,34 @@ def train(argv: list[str]) -> dict:
     # The next step's batch is read while this step runs on the devices (dispatch is asynchronous), so a checkpoint
     # records the loader state of the batches trained on, not of the one read ahead.
     consumed_loader_state, next_step_batch = train_loader.get_state(), None
-    stop_request, save_timer = StopRequest(), SaveTimer(c.save_every_minutes)
+    save_timer = SaveTimer(c.save_every_minutes)
+    stop_request.training = True  # signals now stop at a step boundary with a save
     step = loop.step
     while True:
         last = step == N
+        # Save before evaluating: an evaluation that fails (a val shard gone, a broken task file) loses nothing.
+        if step not in (resume_step, last_saved) and (last or (c.save_every > 0 and step % c.save_every == 0)):
+            save(step, kind="final" if last else "step")
         if last or (c.eval_every > 0 and step % c.eval_every == 0):
-            val_batches = (to_device(b) for b in val_loader_factory())
-            loop.val_bpb = evaluate_bpb(bpb_step, params, val_batches, eval_steps, token_bytes)
+            with evaluation_guard("validation", step, checkpointer):
+                val_batches = (to_device(b) for b in val_loader_factory())
+                loop.val_bpb = evaluate_bpb(bpb_step, params, val_batches, eval_steps, token_bytes)
             loop.min_val_bpb = min(loop.min_val_bpb, loop.val_bpb)
             print0(f"Step {step:05d} | Validation bpb: {loop.val_bpb:.6f}")
             monitor.log({"step": step, "total_training_flops": flops_per_step * step,
                          "total_training_time": loop.total_training_time, "val/bpb": loop.val_bpb}, step)
         if core_bundle and (last or (step > 0 and step % c.core_metric_every == 0)):
-            results = core_eval.evaluate_core(nnx.merge(graphdef, params), tok, bundle_dir=core_bundle,
-                                              max_per_task=c.core_metric_max_per_task)
+            with evaluation_guard("the CORE evaluation", step, checkpointer):
+                results = core_eval.evaluate_core(nnx.merge(graphdef, params), tok, bundle_dir=core_bundle,
+                                                  max_per_task=c.core_metric_max_per_task)
             print0(f"Step {step:05d} | CORE metric: {results['core']:.4f}")
             monitor.log({"step": step, "total_training_flops": flops_per_step * step, "core_metric": results["core"],
                          "centered_results": {k: v["centered"] for k, v in results["tasks"].items()}}, step)
         if c.sample_every > 0 and (last or (step > 0 and step % c.sample_every == 0)):
-            prompts = [tok.encode(p, prepend_bos=True) for p in SAMPLE_PROMPTS]
-            for prompt, out in zip(prompts, greedy_generate(graphdef, params, prompts, 16, {tok.bos_id})):
-                print0(tok.decode(prompt + out))
-        if step not in (resume_step, last_saved) and (last or (c.save_every > 0 and step % c.save_every == 0)):
-            save(step, kind="final" if last else "step")
+            with evaluation_guard("sampling", step, checkpointer):
+                prompts = [tok.encode(p, prepend_bos=True) for p in SAMPLE_PROMPTS]
+                for prompt, out in zip(prompts, greedy_generate(graphdef, params, prompts, 16, {tok.bos_id})):
+                    print0(tok.decode(prompt + out))
         if last:
             break
 
@@ -400,7 +463,7 @@ def train(argv: list[str]) -> dict:
         stop = stop_request.requested()
         if step < N and (stop or save_timer.due()):
             save(step, kind="preempt" if stop else "time")
-            checkpointer.prune(keep_temporary=c.keep_last)
+        checkpointer.poll()  # "Saved checkpoint" for a save that committed in the background
         if stop and step < N:
             checkpointer.close()
             print0(f"Stopped by {signal.Signals(stop_request.signum or signal.SIGTERM).name} after step {step - 1}: "
@@ -409,7 +472,6 @@ def train(argv: list[str]) -> dict:
 
     checkpointer.close()
     monitor.close()
-    stop_request.restore_handlers()
     stats = jax.local_devices()[0].memory_stats()  # jax.devices()[0] belongs to process 0
     peak_mib = stats["peak_bytes_in_use"] / 2**20 if stats else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print0(f"Peak memory usage: {peak_mib:.2f}MiB" + ("" if stats else " (host process; no device statistics)"))

@@ -27,19 +27,21 @@ def prepare(base_dir: Path) -> None:
         subprocess.run([sys.executable, "-m", module, "--demo"], env=env, check=True, timeout=300, capture_output=True)
 
 
-def start(base_dir: Path, tag: str, resume: bool) -> subprocess.Popen:
+def start(base_dir: Path, tag: str, resume: bool, extra: tuple = ()) -> subprocess.Popen:
     env = dict(os.environ, JAXCHAT_BASE_DIR=str(base_dir), XLA_FLAGS="--xla_force_host_platform_device_count=1",
                WANDB_MODE="disabled")
     cmd = [sys.executable, "-u", "-m", "jaxchat.train", *TINY, f"--model-tag={tag}"]
-    cmd += ["--resume-from-step=last"] if resume else []
+    cmd += (["--resume-from-step=last"] if resume else []) + list(extra)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
 def run(base_dir: Path, tag: str, *, resume: bool, kill_after_step: int | None = None, sig: int = signal.SIGKILL,
-        kill_delay: float = 0.0, timeout: float = 300) -> tuple[int, str]:
-    """(exit code, output) of one run; with kill_after_step, `sig` is sent kill_delay seconds after that step line."""
-    proc = start(base_dir, tag, resume)
+        kill_delay: float = 0.0, timeout: float = 300, extra: tuple = (),
+        kill_at_line: str | None = None) -> tuple[int, str]:
+    """(exit code, output) of one run; with kill_after_step, `sig` is sent kill_delay seconds after that step line
+    (or after the first line containing kill_at_line)."""
+    proc = start(base_dir, tag, resume, extra)
     lines, deadline, kill_at = [], time.monotonic() + timeout, None
     try:
         os.set_blocking(proc.stdout.fileno(), False)
@@ -49,6 +51,8 @@ def run(base_dir: Path, tag: str, *, resume: bool, kill_after_step: int | None =
                 lines.append(line)
                 match = STEP_LINE.match(line)
                 if kill_after_step is not None and match and int(match.group(1)) >= kill_after_step and kill_at is None:
+                    kill_at = time.monotonic() + kill_delay
+                if kill_at_line is not None and kill_at_line in line and kill_at is None:
                     kill_at = time.monotonic() + kill_delay
             else:
                 time.sleep(0.005)

@@ -1,10 +1,16 @@
 """Bad command lines and configs: each is one line that says what to do (a UserError, exit code 2), never a traceback."""
 
+import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import TINY_RUN
@@ -60,6 +66,12 @@ CASES = [
     (["--resume-from-step=soon"], "step number or 'last'"),
     (["--core-metric-every=100"], "python -m jaxchat.core_eval --download"),
     (["--eval-tokens=0"], "--eval-tokens=0 must be positive"),
+    (["--log-every=0"], "--log-every=0 is out of range: use >= 1"),
+    (["--keep-last=-3"], "--keep-last=-3 is out of range: use >= 1"),
+    (["--save-every-minutes=-2"], "--save-every-minutes=-2.0 is out of range: use -1 or > 0"),
+    (["--eval-every=0"], "use -1 or >= 1 (-1 = off)"),
+    (["--model-tag=tiny", "--resume-from-step=2", "--total-batch-size=2048"],
+     "total_batch_size: saved 1024, now 2048"),
 ]
 
 
@@ -115,3 +127,252 @@ def test_corrupt_tokenizer_names_the_file(base_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
     with pytest.raises(UserError, match=r"tokenizer\.pkl.*python -m jaxchat\.tok_train --demo"):
         train(TINY + ["--model-tag=tok"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs checked at start-up: config files, the directories a run writes, shards, the CORE bundle, the tokenizer
+
+
+@pytest.mark.parametrize("body, message", [
+    ("def get_config(:\n    pass\n", "line 1: SyntaxError"),
+    ("def get_config():\n    return None\n", "get_config() returned NoneType"),
+    ("def get_config():\n    return dict(depth=4.5)\n", "depth=4.5 must be int"),
+    ("def get_config():\n    return dict(run=3)\n", "run=3 must be str"),
+], ids=["syntax", "none", "float-depth", "int-run"])
+def test_config_file_errors_name_the_file(tmp_path, body, message):
+    from jaxchat.config import parse_flags
+    path = tmp_path / "my_config.py"
+    path.write_text(body)
+    with pytest.raises(UserError) as e:
+        parse_flags([f"--config={path}"])
+    assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_numeric_flag_has_a_documented_range():
+    from jaxchat.config import RANGES, defaults, parse_flags, range_text
+    numeric = {k for k, v in defaults().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numeric == set(RANGES)
+    for key in RANGES:  # the default is inside its range, the documented text is in --help
+        assert range_text(key)
+    with pytest.raises(UserError, match="out of range"):
+        parse_flags(["--peer-timeout=0"])
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    """A small tmpfs at path (root only): a real full or read-only file system; the test is skipped without one."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()[:80]}): needs root")
+
+
+def _umount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_unwritable_directories_fail_before_compiling(base_dir, tmp_path, monkeypatch):
+    from jaxchat.train import train
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path / "a_file"))
+    (tmp_path / "a_file").write_text("not a directory")
+    with pytest.raises(UserError, match="cannot use .*a_file as the base directory"):
+        train(TINY + ["--model-tag=x"])
+    ro = tmp_path / "ro"
+    _mount_tmpfs(ro, "1m")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        monkeypatch.setenv("JAXCHAT_BASE_DIR", str(ro))
+        with pytest.raises(UserError, match="cannot write to the base directory .*Read-only file system"):
+            train(TINY + ["--model-tag=x"])
+        # A writable base dir whose checkpoint folder is on read-only storage: refused at start-up, not at a save.
+        monkeypatch.setenv("JAXCHAT_BASE_DIR", str(base_dir))
+        link = base_dir / "base_checkpoints" / "readonly"
+        link.symlink_to(ro)
+        try:
+            with pytest.raises(UserError, match="cannot write to the checkpoint directory .*Read-only"):
+                train(TINY + ["--model-tag=readonly"])
+        finally:
+            link.unlink()
+    finally:
+        _umount(ro)
+
+
+def _fineweb_layout(base_dir: Path, tmp_path: Path) -> Path:
+    shutil.copytree(base_dir / "base_data", tmp_path / "base_data")  # fineweb-edu layout (the demo would rebuild)
+    shutil.copytree(base_dir / "tokenizer_demo", tmp_path / "tokenizer")
+    return tmp_path / "base_data"
+
+
+def _invalid_utf8_table():
+    offsets = pa.py_buffer(bytes([0, 0, 0, 0, 5, 0, 0, 0]))
+    return pa.table({"text": pa.Array.from_buffers(pa.string(), 1, [None, offsets, pa.py_buffer(b"ok\xff\xfe!")])})
+
+
+@pytest.mark.parametrize("case", ["int-text", "invalid-utf8-val", "all-train-empty"])
+def test_bad_shards_name_the_file(base_dir, tmp_path, monkeypatch, case):
+    from jaxchat.train import train
+    data = _fineweb_layout(base_dir, tmp_path)
+    shards = sorted(data.iterdir())
+    if case == "int-text":
+        bad = shards[0]
+        pq.write_table(pa.table({"text": pa.array([1, 2, 3])}), bad)
+        message = f"{bad.name} (TypeError: column 'text' holds int64"
+    elif case == "invalid-utf8-val":
+        bad = data / "shard_01822.parquet"
+        pq.write_table(_invalid_utf8_table(), bad)
+        message = f"{bad.name} (ArrowInvalid"
+    else:
+        for shard in shards[:-1]:
+            pq.write_table(pa.table({"text": pa.array([], pa.string())}), shard)
+        message = "hold 0 document(s)"
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(UserError) as e:
+        train(TINY + ["--data=fineweb-edu", "--model-tag=shard"])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_invalid_utf8_while_training_names_the_file(base_dir, tmp_path):
+    from jaxchat.dataloader import DataLoader
+    from jaxchat.tokenizer import Tokenizer
+    path = tmp_path / "shard_00000.parquet"
+    pq.write_table(_invalid_utf8_table(), path)
+    loader = DataLoader(Tokenizer.load(str(base_dir / "tokenizer_demo")), [str(path)], 1, 16, rank=0, world_size=1)
+    with pytest.raises(UserError, match=f"cannot read shard {path} \\(UnicodeDecodeError"):
+        next(loader)
+
+
+def write_bundle(root: Path, core_yaml: str, tasks: dict[str, str]) -> Path:
+    """A small CORE bundle: core.yaml as given, a baseline row per task, eval_data/<file> contents."""
+    (root / "eval_data").mkdir(parents=True)
+    (root / "core.yaml").write_text(core_yaml)
+    (root / "eval_meta_data.csv").write_text("Eval Task,Random baseline\nlm,0\n")
+    for name, text in tasks.items():
+        (root / "eval_data" / name).write_text(text)
+    return root
+
+
+LM_TASK = "icl_tasks:\n- label: lm\n  dataset_uri: lm.jsonl\n  num_fewshot: [0]\n  icl_task_type: language_modeling\n"
+
+
+@pytest.mark.parametrize("core_yaml, tasks, message", [
+    ("icl_tasks: [unclosed\n", {}, "core.yaml / eval_meta_data.csv"),
+    ("", {}, "lists no tasks"),
+    ("icl_tasks: []\n", {}, "lists no tasks"),
+    ("icl_tasks:\n- label: lm\n", {}, "task 0 is malformed (KeyError"),
+    (LM_TASK, {}, "task lm: cannot read"),
+    (LM_TASK, {"lm.jsonl": "{not json\n"}, "task lm: cannot read"),
+], ids=["yaml-syntax", "empty", "no-tasks", "task-keys", "missing-file", "bad-json"])
+def test_broken_bundle_fails_at_start_up(base_dir, tmp_path, monkeypatch, core_yaml, tasks, message):
+    from jaxchat.train import train
+    shutil.copytree(base_dir / "base_data_demo", tmp_path / "base_data_demo")
+    shutil.copytree(base_dir / "tokenizer_demo", tmp_path / "tokenizer_demo")
+    write_bundle(tmp_path / "eval_bundle", core_yaml, tasks)
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(UserError) as e:
+        train(TINY + ["--core-metric-every=1", "--model-tag=core"])
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "base_checkpoints" / "core").exists()  # refused before anything was written
+
+
+def test_resume_with_another_tokenizer_of_the_same_size(base_dir):
+    """Same vocabulary size, other tokens (a retrained tokenizer): the model fits, the recorded inputs differ."""
+    from jaxchat.tokenizer import Tokenizer, encoding_from_ranks
+    from jaxchat.train import train
+    tok_dir = base_dir / "tokenizer_demo"
+    enc = Tokenizer.load(str(tok_dir)).enc
+    ranks = dict(enc._mergeable_ranks)
+    a, b = [t for t, r in ranks.items() if r in (300, 301)]
+    ranks[a], ranks[b] = ranks[b], ranks[a]
+    shutil.move(tok_dir, base_dir / "tokenizer_demo_orig")
+    try:
+        Tokenizer(encoding_from_ranks(ranks, enc._pat_str)).save(str(tok_dir))
+        with pytest.raises(UserError, match=r"other inputs \(tokenizer: saved [0-9a-f]{16}, now [0-9a-f]{16}\)"):
+            train(TINY + ["--model-tag=tiny", "--resume-from-step=2"])
+    finally:
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        shutil.move(base_dir / "tokenizer_demo_orig", tok_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The checkpoint directory: one writer, stale locks, incomplete step folders, full disks
+
+
+def test_second_run_on_the_same_tag_refuses(base_dir):
+    from jaxchat.checkpoint import Checkpointer
+    from jaxchat.train import train
+    ckpt = base_dir / "base_checkpoints" / "tiny"
+    other = subprocess.Popen(["sleep", "60"])  # a live process on this host holds the lock
+    (ckpt / ".lock").write_text(json.dumps(dict(host=socket.gethostname(), pid=other.pid, started="earlier")))
+    try:
+        with pytest.raises(UserError, match=f"another run \\(pid {other.pid} on .*use another --model-tag"):
+            train(TINY + ["--model-tag=tiny", "--resume-from-step=2"])
+        assert (ckpt / ".lock").exists()  # still theirs
+    finally:
+        other.kill()
+        other.wait()
+        (ckpt / ".lock").unlink()
+    assert Checkpointer(str(ckpt)).steps() == [2]
+
+
+def test_stale_lock_and_empty_step_folder_resume(base_dir, capsys):
+    """A lock of a dead process is taken over; an empty step folder (a save cut short) is skipped and moved aside."""
+    from jaxchat.checkpoint import Checkpointer
+    from jaxchat.train import train
+    ckpt = base_dir / "base_checkpoints" / "stale"
+    shutil.copytree(base_dir / "base_checkpoints" / "tiny", ckpt)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (ckpt / ".lock").write_text(json.dumps(dict(host=socket.gethostname(), pid=dead.pid, started="earlier")))
+    (ckpt / "7").mkdir()
+    train(TINY + ["--model-tag=stale", "--resume-from-step=last", "--num-iterations=3"])
+    out = capsys.readouterr().out
+    assert f"Taking over the stale lock {ckpt}/.lock of process {dead.pid}" in out
+    assert f"Skipping {ckpt}/7: not a complete checkpoint" in out
+    assert "Resumed from step 2" in out and "Saved checkpoint step 3" in out
+    assert Checkpointer(str(ckpt)).steps() == [2, 3]
+    assert [p.name for p in (ckpt / "rolled_back").glob("*/*")] == ["7"]
+    assert not (ckpt / ".lock").exists()  # released on exit
+
+
+def test_full_disk_during_a_save_is_one_line(base_dir, tmp_path, capsys):
+    """A checkpoint folder on a 16 MiB file system: the first save(s) fit, then one does not."""
+    from jaxchat.checkpoint import Checkpointer
+    from jaxchat.train import train
+    mount = tmp_path / "small"
+    _mount_tmpfs(mount, "16m")
+    link = base_dir / "base_checkpoints" / "full"
+    link.symlink_to(mount)
+    try:
+        with pytest.raises(UserError) as e:
+            train(TINY + ["--model-tag=full", "--num-iterations=4", "--save-every=1"])
+        message = str(e.value)
+        match = re.match(rf"no room to save checkpoint step (\d) in {link}: it needs about [0-9.]+ MiB, [0-9.]+ MiB "
+                         rf"free; step (\d) is the last complete checkpoint", message)
+        assert match and int(match[1]) >= 2 and int(match[2]) == int(match[1]) - 1 and "\n" not in message, message
+        saved = list(range(1, int(match[1])))
+        out = capsys.readouterr().out
+        assert [int(line.split()[3]) for line in out.splitlines() if line.startswith("Saved checkpoint")] == saved
+        assert Checkpointer(str(link)).steps() == saved
+        assert not [p for p in mount.iterdir() if "tmp" in p.name]
+    finally:
+        link.unlink()
+        _umount(mount)
+
+
+def test_failed_write_inside_orbax_is_one_line(tmp_path):
+    """The disk fills while orbax writes (the free-space check passed): one line, no temporary folder left."""
+    import jax.numpy as jnp
+    import numpy as np
+    from jaxchat.checkpoint import Checkpointer
+    mount = tmp_path / "tiny_fs"
+    _mount_tmpfs(mount, "300k")  # 256 KiB of state passes the check; orbax writes ~320 KiB
+    try:
+        ckpt = Checkpointer(str(mount / "ck"), lock=True)
+        params = {"w": jnp.asarray(np.random.default_rng(0).random((256, 256), np.float32))}
+        with pytest.raises(UserError) as e:
+            ckpt.save(1, params, {"m": jnp.zeros(3)}, {"kind": "step"})
+            ckpt.wait()
+        assert f"no room to save checkpoint step 1 in {mount}/ck" in str(e.value) and "\n" not in str(e.value)
+        assert sorted(os.listdir(mount / "ck")) == [".lock"]
+        ckpt.release()
+    finally:
+        _umount(mount)

@@ -212,6 +212,7 @@ def test_base_eval_missing_bundle_is_one_line(tmp_path):
 def test_base_eval_model_tag_without_checkpoint_is_one_line(tmp_path):
     proc = _run_cli(["--model-tag", "d4", "--bundle", str(fixture_dir() / "eval_bundle")], tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert not (tmp_path / "base_checkpoints" / "d4").exists()  # a failed look-up leaves no empty folder
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -74,3 +74,53 @@ def test_non_finite_loss_stops_without_saving(base_dir):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "non-finite" in proc.stderr and "stopped without saving" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_rollback_resume_moves_newer_checkpoints_aside(base_dir, uninterrupted):
+    """--resume-from-step=5 after a run reached 10: steps 6..10 move aside (kept), the re-run ends identical."""
+    ckpt = base_dir / "base_checkpoints"
+    shutil.copytree(ckpt / "straight", ckpt / "rollback")
+    code, output = run(base_dir, "rollback", resume=False, extra=("--resume-from-step=5",))
+    assert code == 0, output[-3000:]
+    assert "Resumed from step 5" in output and "Checkpoints newer than step 5 moved aside to" in output
+    aside = list((ckpt / "rollback" / "rolled_back").iterdir())
+    assert len(aside) == 1 and sorted(int(p.name) for p in aside[0].iterdir()) == list(range(6, STEPS + 1))
+    ref_losses, ref_state = uninterrupted
+    assert {s: v for s, v in losses([output]).items()} == {s: v for s, v in ref_losses.items() if s >= 5}
+    state = final_state(base_dir, "rollback")
+    for key in ref_state:
+        np.testing.assert_array_equal(state[key], ref_state[key], err_msg=key)
+
+
+def test_ctrl_c_while_compiling_exits_130_with_one_line(base_dir):
+    code, output = run(base_dir, "compiling", resume=False, kill_at_line="Batch LR scale", sig=signal.SIGINT,
+                       kill_delay=0.5)
+    assert code == 130, output[-3000:]
+    assert "Traceback" not in output and "Segmentation" not in output
+    assert output.strip().splitlines()[-1] == "SIGINT before training started: exiting, nothing to save"
+    assert not (base_dir / "base_checkpoints" / "compiling").exists()  # the lock released, nothing left
+
+
+def test_timed_saves_rotate_and_a_failed_final_evaluation_loses_nothing(base_dir, monkeypatch, capsys):
+    """Timed saves every step with --keep-last=2 never take a --save-every step; the final checkpoint is committed
+    before the final evaluation, whose failure (a validation shard gone) is one line."""
+    from jaxchat import train as train_mod
+    from jaxchat.checkpoint import Checkpointer
+    from jaxchat.common import UserError
+
+    def vanished(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "shard_00002.parquet")
+
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(base_dir))
+    monkeypatch.setattr(train_mod, "evaluate_bpb", vanished)
+    with pytest.raises(UserError) as e:
+        train_mod.train(TINY_RUN + ["--num-iterations=6", "--eval-every=-1", "--save-every=3",
+                                    "--save-every-minutes=1e-9", "--keep-last=2", "--model-tag=rotate"])
+    assert str(e.value).startswith("step 6: validation failed (FileNotFoundError") and "\n" not in str(e.value)
+    assert "last complete: step 6" in str(e.value)
+    out = capsys.readouterr().out
+    assert [line.split()[3] for line in out.splitlines() if line.startswith("Saved checkpoint")] == \
+        ["1", "2", "3", "4", "5", "6"]
+    ckpt = base_dir / "base_checkpoints" / "rotate"
+    assert Checkpointer(str(ckpt)).steps() == [3, 4, 5, 6]  # step 3 (--save-every) kept, timed 1 and 2 rotated
+    assert not [p for p in ckpt.iterdir() if "tmp" in p.name or p.name == ".lock"]

@@ -43,6 +43,27 @@ def test_demo_corpus_deterministic_and_readable(tmp_path):
     assert os.path.getmtime(os.path.join(a, names[0])) == mtime
 
 
+def test_demo_rebuild_keeps_files_it_did_not_write(tmp_path):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "shard_00000.parquet").write_bytes(b"PAR1 cut short")  # a broken earlier build: rebuilt
+    dataset.build_demo_corpus(str(out), max_chars=300_000)
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert len(dataset.list_shards(str(out), "train")) >= 1 and dataset._complete(str(out))
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_offline_download_suggests_the_same_command(base, monkeypatch):
+    # A closed local port stands in for an unreachable host (tests never touch the network).
+    monkeypatch.setitem(dataset.SOURCES, "fineweb-edu", dict(dataset.SOURCES["fineweb-edu"], url="http://127.0.0.1:9"))
+    monkeypatch.setattr(dataset, "BACKOFF_S", 0.0)
+    monkeypatch.setattr(dataset, "ATTEMPTS", 1)
+    with pytest.raises(UserError) as e:
+        dataset.download(1, "fineweb-edu", workers=2)
+    assert "re-run `python -m jaxchat.dataset -n 1`" in str(e.value) and "-n 8" not in str(e.value)
+
+
 def test_check_shard_detects_broken_files(tmp_path):
     good = tmp_path / "good.parquet"
     write_parquet(good, ["a doc", "another doc"] * 100)

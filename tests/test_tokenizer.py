@@ -95,3 +95,12 @@ def test_tok_eval_runs_offline(trained, tmp_path, monkeypatch, capsys):
     tok_eval.main(["--demo"])
     printed = capsys.readouterr().out
     assert "ours alone" in printed and "korean" in printed and "demo train shard not present" in printed
+
+
+@pytest.mark.parametrize("argv", [["--vocab-size=0"], ["--demo", "--vocab-size=0"], ["--max-chars=0"]])
+def test_tok_train_rejects_impossible_sizes(argv, tmp_path, monkeypatch):
+    from jaxchat import tok_train
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(UserError, match="must be"):
+        tok_train.main(argv)
+    assert not (tmp_path / "base_data_demo").exists()  # refused before building anything
