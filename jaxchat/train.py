@@ -118,8 +118,8 @@ def prepare_data(c):
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("demo tokenizer ready")
     train_files, val_files = dataset.list_shards(c.data, "train"), dataset.list_shards(c.data, "val")
-    dataloader.check_shards(train_files)  # footers: a bad file is one line naming it, before compiling
-    dataloader.check_shards(val_files, full=True)  # every text: the final evaluation must not fail on it
+    dataset.check_shards(train_files)  # footers: a bad file is one line naming it, before compiling
+    dataset.check_shards(val_files, full=True)  # every text: the final evaluation must not fail on it
     tok = tokenizer.Tokenizer.load(tok_dir)
     rows = c.device_batch_size * jax.local_device_count()
     shards = c.data_shards or jax.process_count()
@@ -472,6 +472,10 @@ def _train(c, stop_request: StopRequest) -> dict:
 
     checkpointer.close()
     monitor.close()
+    if stop_request.signum is not None:  # a signal during the final evaluation or save: all is saved, say so
+        print0(f"Stopped by {signal.Signals(stop_request.signum).name} at the end: the final checkpoint {step} is saved "
+               f"in {checkpointer.directory}")
+        sys.exit(stop_request.exit_code)
     stats = jax.local_devices()[0].memory_stats()  # jax.devices()[0] belongs to process 0
     peak_mib = stats["peak_bytes_in_use"] / 2**20 if stats else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print0(f"Peak memory usage: {peak_mib:.2f}MiB" + ("" if stats else " (host process; no device statistics)"))

@@ -313,26 +313,6 @@ def test_second_run_on_the_same_tag_refuses(base_dir):
     assert Checkpointer(str(ckpt)).steps() == [2]
 
 
-def test_stale_lock_and_empty_step_folder_resume(base_dir, capsys):
-    """A lock of a dead process is taken over; an empty step folder (a save cut short) is skipped and moved aside."""
-    from jaxchat.checkpoint import Checkpointer
-    from jaxchat.train import train
-    ckpt = base_dir / "base_checkpoints" / "stale"
-    shutil.copytree(base_dir / "base_checkpoints" / "tiny", ckpt)
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (ckpt / ".lock").write_text(json.dumps(dict(host=socket.gethostname(), pid=dead.pid, started="earlier")))
-    (ckpt / "7").mkdir()
-    train(TINY + ["--model-tag=stale", "--resume-from-step=last", "--num-iterations=3"])
-    out = capsys.readouterr().out
-    assert f"Taking over the stale lock {ckpt}/.lock of process {dead.pid}" in out
-    assert f"Skipping {ckpt}/7: not a complete checkpoint" in out
-    assert "Resumed from step 2" in out and "Saved checkpoint step 3" in out
-    assert Checkpointer(str(ckpt)).steps() == [2, 3]
-    assert [p.name for p in (ckpt / "rolled_back").glob("*/*")] == ["7"]
-    assert not (ckpt / ".lock").exists()  # released on exit
-
-
 def test_full_disk_during_a_save_is_one_line(base_dir, tmp_path, capsys):
     """A checkpoint folder on a 16 MiB file system: the first save(s) fit, then one does not."""
     from jaxchat.checkpoint import Checkpointer

@@ -1,7 +1,9 @@
 """Crash safety: SIGKILL and SIGTERM mid-run (also mid-save), resume, and get exactly the uninterrupted result."""
 
+import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -101,9 +103,11 @@ def test_ctrl_c_while_compiling_exits_130_with_one_line(base_dir):
     assert not (base_dir / "base_checkpoints" / "compiling").exists()  # the lock released, nothing left
 
 
-def test_timed_saves_rotate_and_a_failed_final_evaluation_loses_nothing(base_dir, monkeypatch, capsys):
-    """Timed saves every step with --keep-last=2 never take a --save-every step; the final checkpoint is committed
-    before the final evaluation, whose failure (a validation shard gone) is one line."""
+def test_locks_rotation_and_a_failed_final_evaluation_lose_nothing(base_dir, monkeypatch, capsys):
+    """One in-process run covering: a stale lock (its process is gone) taken over; a step folder with nothing in it
+    (a save cut short) skipped by --resume-from-step=last and moved aside; timed saves every step with --keep-last=2
+    never taking a --save-every step; the final checkpoint committed before the final evaluation, whose failure (a
+    validation shard gone) is one line; the lock released."""
     from jaxchat import train as train_mod
     from jaxchat.checkpoint import Checkpointer
     from jaxchat.common import UserError
@@ -111,16 +115,23 @@ def test_timed_saves_rotate_and_a_failed_final_evaluation_loses_nothing(base_dir
     def vanished(*args, **kwargs):
         raise FileNotFoundError(2, "No such file or directory", "shard_00002.parquet")
 
+    ckpt = base_dir / "base_checkpoints" / "rotate"
+    (ckpt / "9").mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (ckpt / ".lock").write_text(json.dumps(dict(host=socket.gethostname(), pid=dead.pid, started="earlier")))
     monkeypatch.setenv("JAXCHAT_BASE_DIR", str(base_dir))
     monkeypatch.setattr(train_mod, "evaluate_bpb", vanished)
     with pytest.raises(UserError) as e:
-        train_mod.train(TINY_RUN + ["--num-iterations=6", "--eval-every=-1", "--save-every=3",
+        train_mod.train(TINY_RUN + ["--num-iterations=6", "--eval-every=-1", "--save-every=3", "--resume-from-step=last",
                                     "--save-every-minutes=1e-9", "--keep-last=2", "--model-tag=rotate"])
     assert str(e.value).startswith("step 6: validation failed (FileNotFoundError") and "\n" not in str(e.value)
     assert "last complete: step 6" in str(e.value)
     out = capsys.readouterr().out
+    assert f"Taking over the stale lock {ckpt}/.lock of process {dead.pid}" in out
+    assert f"Skipping {ckpt}/9: not a complete checkpoint" in out
+    assert [p.name for p in (ckpt / "rolled_back").glob("*/*")] == ["9"]
     assert [line.split()[3] for line in out.splitlines() if line.startswith("Saved checkpoint")] == \
         ["1", "2", "3", "4", "5", "6"]
-    ckpt = base_dir / "base_checkpoints" / "rotate"
     assert Checkpointer(str(ckpt)).steps() == [3, 4, 5, 6]  # step 3 (--save-every) kept, timed 1 and 2 rotated
     assert not [p for p in ckpt.iterdir() if "tmp" in p.name or p.name == ".lock"]
