@@ -25,6 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxchat.common import UserError, base_dir, print0
+from jaxchat.memory import fmt_bytes
 
 ITEMS = ("params", "opt_state", "meta")
 TEMPORARY_KINDS = ("time", "preempt")  # rotated by --keep-last; "step" (--save-every) and "final" ones stay
@@ -32,13 +33,6 @@ TEMPORARY_KINDS = ("time", "preempt")  # rotated by --keep-last; "step" (--save-
 
 def checkpoint_dir(model_tag: str) -> str:
     return os.path.join(base_dir(), "base_checkpoints", model_tag)
-
-
-def fmt_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 class Checkpointer:
@@ -182,8 +176,8 @@ class Checkpointer:
         keep = (f"step {last[-1]} is the last complete checkpoint: free space or move {self.directory} to a larger "
                 f"disk, then resume with --resume-from-step=last") if last else "free space, or set JAXCHAT_BASE_DIR " \
                                                                              "to a larger disk"
-        return (f"no room to save checkpoint step {step} in {self.directory}: it needs about {fmt_size(need)}, "
-                f"{fmt_size(free)} free; {keep}")
+        return (f"no room to save checkpoint step {step} in {self.directory}: it needs about {fmt_bytes(need)}, "
+                f"{fmt_bytes(free)} free; {keep}")
 
     def _size_on_disk(self) -> int:
         steps = self.steps()
