@@ -4,6 +4,7 @@ The reference stores each Linear as (out, in) per layer; jaxchat stores kernels 
 The round trip is exact (transposes and stacking only).
 """
 
+import functools
 import json
 
 import jax
@@ -12,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from jaxchat.common import UserError
-from jaxchat.model import GPT, GPTConfig
+from jaxchat.model import DEFAULT_RECIPE, SOFTCAP, GPT, GPTConfig, abstract_model
 
 # jaxchat blocks/<name> -> reference transformer.h.{i}.<name>
 BLOCK_NAMES = {
@@ -23,6 +24,19 @@ BLOCK_NAMES = {
     "c_fc": "mlp.c_fc.weight",
     "mlp_proj": "mlp.c_proj.weight",
 }
+
+# jaxchat top-level leaf -> reference name, for the leaves of nanochat 92d63d4 (GPT.__init__: smear and backout).
+# Each is a reshape between layouts: smear_gate (24, 1) <-> Linear weight (1, 24) (a transpose, as one side is 1),
+# smear_lambda and backout_lambda () <-> (1,).
+RECIPE_LEAVES = {"smear_gate": "smear_gate.weight", "smear_lambda": "smear_lambda", "backout_lambda": "backout_lambda"}
+
+
+@functools.lru_cache(maxsize=16)
+def recipe_leaves(config: GPTConfig) -> dict[str, tuple[str, tuple, tuple]]:
+    """The recipe's extra top-level leaves: jaxchat name -> (reference name, jaxchat shape, reference shape)."""
+    shapes = {k: v.shape for k, v in nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param))
+              if len(k) == 1 and k[0] in RECIPE_LEAVES}
+    return {k[0]: (RECIPE_LEAVES[k[0]], shape, shape[::-1] or (1,)) for k, shape in shapes.items()}
 
 
 def from_reference(state: dict[str, np.ndarray], config: GPTConfig) -> dict:
@@ -35,7 +49,7 @@ def from_reference(state: dict[str, np.ndarray], config: GPTConfig) -> dict:
     L = range(config.n_layer)
     blocks = {name: np.stack([state[f"transformer.h.{i}.{ref}"].T for i in L]) for name, ref in BLOCK_NAMES.items()}
     blocks["ve_gate"] = np.stack([state[f"transformer.h.{i}.attn.ve_gate.weight"].T for i in config.ve_layers])
-    return {
+    params = {
         "wte": state["transformer.wte.weight"],
         "lm_head": state["lm_head.weight"].T,
         "resid_lambdas": state["resid_lambdas"],
@@ -43,6 +57,8 @@ def from_reference(state: dict[str, np.ndarray], config: GPTConfig) -> dict:
         "value_embeds": np.stack([state[f"value_embeds.{i}.weight"] for i in config.ve_layers]),
         "blocks": blocks,
     }
+    params.update({k: state[ref].reshape(shape) for k, (ref, shape, _) in recipe_leaves(config).items()})
+    return params
 
 
 def to_reference(params: dict, config: GPTConfig) -> dict[str, np.ndarray]:
@@ -55,6 +71,7 @@ def to_reference(params: dict, config: GPTConfig) -> dict[str, np.ndarray]:
         "resid_lambdas": p["resid_lambdas"],
         "x0_lambdas": p["x0_lambdas"],
     }
+    state.update({ref: np.asarray(p[k]).reshape(shape) for k, (ref, _, shape) in recipe_leaves(config).items()})
     for i in range(config.n_layer):
         for name, ref in BLOCK_NAMES.items():
             state[f"transformer.h.{i}.{ref}"] = np.asarray(b[name][i]).T
@@ -67,6 +84,7 @@ def to_reference(params: dict, config: GPTConfig) -> dict[str, np.ndarray]:
 def to_reference_names(config: GPTConfig) -> list[str]:
     """Every key of the reference state dict for this config."""
     names = ["transformer.wte.weight", "lm_head.weight", "resid_lambdas", "x0_lambdas"]
+    names += [ref for ref, _, _ in recipe_leaves(config).values()]
     names += [f"transformer.h.{i}.{ref}" for i in range(config.n_layer) for ref in BLOCK_NAMES.values()]
     names += [f"transformer.h.{i}.attn.ve_gate.weight" for i in config.ve_layers]
     names += [f"value_embeds.{i}.weight" for i in config.ve_layers]
@@ -101,11 +119,13 @@ def _flatten(tree: dict, prefix: str = ""):
             yield f"{prefix}{k}", v
 
 
-def config_from_dict(model_config: dict) -> GPTConfig:
-    """A GPTConfig from nanochat's `model_config` (checkpoint meta); a missing window_pattern means 'L', as in the reference."""
+def config_from_dict(model_config: dict, recipe: str | None = None) -> GPTConfig:
+    """A GPTConfig from nanochat's `model_config` (checkpoint meta); a missing window_pattern means 'L', as in the
+    reference; the recipe is `recipe`, else the dict's own (jaxchat checkpoints), else 348fbb3 (saved before recipes)."""
     keys = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
     return GPTConfig(**{k: int(model_config[k]) for k in keys},
-                     window_pattern=str(model_config.get("window_pattern", "L")))
+                     window_pattern=str(model_config.get("window_pattern", "L")),
+                     recipe=str(recipe or model_config.get("recipe", DEFAULT_RECIPE)))
 
 
 def read_reference_npz(path: str) -> tuple[GPTConfig, dict[str, np.ndarray], "np.lib.npyio.NpzFile"]:
@@ -116,12 +136,26 @@ def read_reference_npz(path: str) -> tuple[GPTConfig, dict[str, np.ndarray], "np
         raise UserError(f"cannot read {path} as a .npz file ({e}); pass a file in the parity-fixture format") from None
     model_config = {k.removeprefix("config/"): data[k].item() for k in data.files if k.startswith("config/")
                     and k != "config/window_sizes"}
-    config = config_from_dict(model_config)
+    config = config_from_dict(model_config, recipe=model_config.get("rev"))  # config/rev: the nanochat commit
+    if "config/json" in data.files:
+        check_constants(config, json.loads(str(data["config/json"])), path)
     if "config/window_sizes" in data.files and tuple(data["config/window_sizes"].tolist()) != config.window_sizes:
         raise UserError(f"{path}: window sizes {data['config/window_sizes'].tolist()} differ from the pattern's "
                         f"{list(config.window_sizes)}")
     state = {k.removeprefix("param/"): data[k] for k in data.files if k.startswith("param/")}
     return config, state, data
+
+
+def check_constants(config: GPTConfig, constants: dict, path: str) -> None:
+    """A fixture's `config/json` model constants (rope base, VE gate, smear, backout, QK scale, softcap) against
+    jaxchat's for its recipe."""
+    c = config.constants
+    ours = {"rope_base": c.rope_base, "ve_gate_channels": c.ve_gate_channels, "ve_gate_scale": c.ve_gate_scale,
+            "smear_channels": c.smear_channels, "backout_layer": config.backout_layer, "qk_scale": c.qk_scale,
+            "softcap": SOFTCAP}
+    differ = {k: (constants[k], v) for k, v in ours.items() if k in constants and constants[k] != v}
+    if differ:
+        raise UserError(f"{path}: model constants (fixture, jaxchat recipe {config.recipe}) differ: {differ}")
 
 
 def read_reference_pt(path: str) -> tuple[GPTConfig, dict[str, np.ndarray]]:
@@ -133,8 +167,11 @@ def read_reference_pt(path: str) -> tuple[GPTConfig, dict[str, np.ndarray]]:
     meta_path = path.replace("model_", "meta_").removesuffix(".pt") + ".json"
     try:
         with open(meta_path) as f:
-            config = config_from_dict(json.load(f)["model_config"])
+            model_config = json.load(f)["model_config"]
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, KeyError, RuntimeError) as e:
         raise UserError(f"cannot read nanochat checkpoint {path} with {meta_path}: {e}") from None
+    # nanochat's meta names no commit; its smear gate marks the 92d63d4 model (a825e63's forward is the same)
+    has_smear = any(k.removeprefix("_orig_mod.") == RECIPE_LEAVES["smear_gate"] for k in state)
+    config = config_from_dict(model_config, recipe="92d63d4" if has_smear else "348fbb3")
     return config, {k: v.float().numpy() for k, v in state.items()}

@@ -1,17 +1,24 @@
-"""The nanochat GPT (reference commit 348fbb3) in Flax NNX, with a layer stack that scans over window-pattern repeats.
+"""The nanochat GPT in Flax NNX, for two nanochat commits ("recipes"), with a layer stack that scans over
+window-pattern repeats.
+
+Recipe 348fbb3 is nanochat's January model; recipe 92d63d4 (nanochat HEAD) adds smear and backout, a 12-channel x3
+value-embedding gate, QK x1.2, RoPE base 100000, quarter-context short windows and new initialisations. What differs
+is data: one `ModelRecipe` per commit in MODEL_RECIPES, chosen by `GPTConfig.recipe`.
 
 Parameters are float32 and stored stacked over layers (Flax kernel layout (in, out), leading axis = layer), so
 the forward pass can `lax.scan` over repeats of the window pattern and compile time stays flat in depth.
 
-Parameter tree (`nnx.state(model, nnx.Param)`):
+Parameter tree (`nnx.state(model, nnx.Param)`), C = ve_gate_channels (32 at 348fbb3, 12 at 92d63d4):
   wte (Vp, n) | lm_head (n, Vp) | resid_lambdas (L,) | x0_lambdas (L,) | value_embeds (n_ve, Vp, n)
   blocks/{c_q (L, n, H*D), c_k (L, n, Hkv*D), c_v (L, n, Hkv*D), c_proj (L, H*D, n),
-          c_fc (L, n, 4n), mlp_proj (L, 4n, n), ve_gate (n_ve, 32, Hkv)}
+          c_fc (L, n, 4n), mlp_proj (L, 4n, n), ve_gate (n_ve, C, Hkv)}
+  recipe 92d63d4 only: smear_gate (24, 1) | smear_lambda () | backout_lambda ()
 """
 
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,15 +28,68 @@ from flax import nnx
 from jaxchat.common import UserError
 
 SOFTCAP = 15.0
-VE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 channels of the normalised block input
-ROPE_BASE = 10000.0
 VOCAB_PAD = 64
 RMS_EPS = float(np.finfo(np.float32).eps)  # torch F.rms_norm(eps=None) uses float32 eps, also for bf16 inputs
 
 
+def _half_context(seq_len: int) -> int:
+    """nanochat 348fbb3 GPT._compute_window_sizes: S = T // 2."""
+    return seq_len // 2
+
+
+def _quarter_context_in_tiles(seq_len: int) -> int:
+    """nanochat 92d63d4 GPT._compute_window_sizes: S = ceil(T / 4) rounded up to a multiple of 128 (FA3's tile)."""
+    return -(-seq_len // 4 // 128) * 128
+
+
+def _no_backout(n_layer: int) -> None:
+    return None
+
+
+def _half_depth(n_layer: int) -> int:
+    """nanochat 92d63d4 GPT.forward: backout reads the residual after layer L // 2 (0-based)."""
+    return n_layer // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRecipe:
+    """The model constants of one nanochat commit; the defaults are 348fbb3's."""
+
+    rope_base: float = 10000.0
+    rope_dtype: str | None = "bfloat16"  # rotary tables rounded to this dtype; None: to the compute dtype
+    short_window: Callable[[int], int] = _half_context  # left window of S layers from the sequence length
+    ve_gate_channels: int = 32  # the value-embedding gate reads this many channels of the normalised block input
+    ve_gate_scale: float = 2.0  # gate = scale * sigmoid(...)
+    qk_scale: float = 1.0  # q and k multiplied by this after RoPE and QK-norm
+    smear_channels: int = 0  # the smear gate reads this many embedding channels; 0: no smear (and no smear leaves)
+    backout_layer: Callable[[int], int | None] = _no_backout  # layer whose output residual backout subtracts
+    # Initialisation (nanochat GPT.init_weights): normal std of wte, c_fc's uniform bound relative to c_q's,
+    # resid/x0 lambdas as (start, drop) for layer i: start - drop * i / max(L - 1, 1), and uniform upper bounds
+    # U(0, b) of the gates (0: zeros) and the smear/backout lambdas' constants.
+    wte_std: float = 1.0
+    c_fc_scale: float = 1.0
+    resid_init: tuple[float, float] = (1.0, 0.0)
+    x0_init: tuple[float, float] = (0.1, 0.0)
+    ve_gate_init: float = 0.0
+    smear_gate_init: float = 0.0
+    smear_lambda_init: float = 0.0
+    backout_lambda_init: float = 0.0
+
+
+MODEL_RECIPES = {
+    "348fbb3": ModelRecipe(),
+    "92d63d4": ModelRecipe(rope_base=100000.0, rope_dtype=None, short_window=_quarter_context_in_tiles,
+                           ve_gate_channels=12, ve_gate_scale=3.0, qk_scale=1.2, smear_channels=24,
+                           backout_layer=_half_depth, wte_std=0.8, c_fc_scale=0.4, resid_init=(1.15, 0.10),
+                           x0_init=(0.20, 0.15), ve_gate_init=0.02, smear_gate_init=0.02, smear_lambda_init=0.0,
+                           backout_lambda_init=0.2),
+}
+DEFAULT_RECIPE = "348fbb3"
+
+
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
-    """Model shape (the fields of nanochat's GPTConfig)."""
+    """Model shape (the fields of nanochat's GPTConfig) and the nanochat commit whose model it is."""
 
     sequence_len: int = 2048
     vocab_size: int = 32768
@@ -38,6 +98,7 @@ class GPTConfig:
     n_kv_head: int = 6
     n_embd: int = 768
     window_pattern: str = "SSSL"
+    recipe: str = DEFAULT_RECIPE
 
     def __post_init__(self):
         pattern = self.window_pattern.upper()
@@ -45,7 +106,14 @@ class GPTConfig:
             raise UserError(f"--window-pattern={self.window_pattern!r} must use only the letters S and L, e.g. SSSL or L")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise UserError(f"n_embd {self.n_embd} must divide by n_head {self.n_head}, which must divide by n_kv_head {self.n_kv_head}")
+        if self.recipe not in MODEL_RECIPES:
+            raise UserError(f"recipe {self.recipe!r} is not one of {', '.join(MODEL_RECIPES)}")
         object.__setattr__(self, "window_pattern", pattern)
+
+    @property
+    def constants(self) -> ModelRecipe:
+        """The recipe's model constants."""
+        return MODEL_RECIPES[self.recipe]
 
     @property
     def head_dim(self) -> int:
@@ -57,8 +125,9 @@ class GPTConfig:
 
     @property
     def window_sizes(self) -> tuple[int, ...]:
-        """Left attention window per layer: L = sequence_len, S = sequence_len // 2; the last layer is always L."""
-        sizes = [self.sequence_len if self.window_pattern[i % len(self.window_pattern)] == "L" else self.sequence_len // 2
+        """Left attention window per layer: L = sequence_len, S = the recipe's short window; the last layer is L."""
+        short = self.constants.short_window(self.sequence_len)
+        sizes = [self.sequence_len if self.window_pattern[i % len(self.window_pattern)] == "L" else short
                  for i in range(self.n_layer)]
         sizes[-1] = self.sequence_len
         return tuple(sizes)
@@ -68,9 +137,18 @@ class GPTConfig:
         """Layers with a value embedding: alternating, the last layer always included."""
         return tuple(i for i in range(self.n_layer) if i % 2 == (self.n_layer - 1) % 2)
 
+    def ve_count(self, layer: int) -> int:
+        """How many value-embedding layers come before `layer` (= the VE index of `layer` if it has one)."""
+        return sum(1 for i in self.ve_layers if i < layer)
+
+    @property
+    def backout_layer(self) -> int | None:
+        """The layer whose output residual backout subtracts before the final norm (None: no backout)."""
+        return self.constants.backout_layer(self.n_layer)
+
 
 def config_for_depth(depth: int, *, aspect_ratio: int = 64, head_dim: int = 128, max_seq_len: int = 2048,
-                     vocab_size: int = 32768, window_pattern: str = "SSSL") -> GPTConfig:
+                     vocab_size: int = 32768, window_pattern: str = "SSSL", recipe: str = DEFAULT_RECIPE) -> GPTConfig:
     """The one dial: width = depth * aspect_ratio rounded up to a multiple of head_dim, heads = width / head_dim."""
     for name, value in (("--depth", depth), ("--aspect-ratio", aspect_ratio), ("--head-dim", head_dim),
                         ("--max-seq-len", max_seq_len)):
@@ -79,7 +157,7 @@ def config_for_depth(depth: int, *, aspect_ratio: int = 64, head_dim: int = 128,
     model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
     n_head = model_dim // head_dim
     return GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                     n_kv_head=n_head, n_embd=model_dim, window_pattern=window_pattern)
+                     n_kv_head=n_head, n_embd=model_dim, window_pattern=window_pattern, recipe=recipe)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,12 +170,18 @@ def rmsnorm(x: jax.Array) -> jax.Array:
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + RMS_EPS)).astype(x.dtype)
 
 
+def scale(x: jax.Array, factor: float) -> jax.Array:
+    """factor * x in float32, rounded to x's dtype once: torch's `tensor * python_float` on a bf16 tensor."""
+    return (x.astype(jnp.float32) * factor).astype(x.dtype)
+
+
 @functools.lru_cache(maxsize=16)
-def rotary_tables(seq_len: int, head_dim: int, base: float = ROPE_BASE) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin of shape (seq_len, head_dim/2): computed in float32 then rounded to bfloat16, as the reference does."""
+def rotary_tables(seq_len: int, head_dim: int, base: float = ModelRecipe.rope_base,
+                  dtype=jnp.dtype(ModelRecipe.rope_dtype)) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin of shape (seq_len, head_dim/2): computed in float32 then rounded to `dtype`, as the reference does."""
     inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
     angle = np.outer(np.arange(seq_len, dtype=np.float32), inv_freq.astype(np.float32))
-    return np.cos(angle).astype(jnp.bfloat16), np.sin(angle).astype(jnp.bfloat16)
+    return np.cos(angle).astype(dtype), np.sin(angle).astype(dtype)
 
 
 def apply_rotary(x_BTHD: jax.Array, cos_TD: jax.Array, sin_TD: jax.Array) -> jax.Array:
@@ -170,22 +254,22 @@ def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
 
 
-def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, ve_Vn, ve_gate, cos, sin, n_head: int,
-                  n_kv_head: int):
-    """One transformer layer: lambda mix, attention (`attend(q, k, v)`, with optional value embedding), relu^2 MLP."""
+def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, cos, sin, config: GPTConfig):
+    """One transformer layer: lambda mix, attention (`attend(q, k, v)`, with the layer's value embedding if it has
+    one, i.e. `layer["value_embed"]` is not None), relu^2 MLP (nanochat gpt.py Block.forward)."""
     B, T, n = x_BTn.shape
-    head_dim = n // n_head
+    c = config.constants
     dtype = x_BTn.dtype
     x = (layer["resid_lambda"] * x_BTn.astype(jnp.float32) + layer["x0_lambda"] * x0_BTn.astype(jnp.float32)).astype(dtype)
     a = rmsnorm(x)
-    q = _matmul(a, layer["c_q"]).reshape(B, T, n_head, head_dim)
-    k = _matmul(a, layer["c_k"]).reshape(B, T, n_kv_head, head_dim)
-    v = _matmul(a, layer["c_v"]).reshape(B, T, n_kv_head, head_dim)
-    if ve_Vn is not None:
-        ve = jnp.take(ve_Vn, idx_BT, axis=0).astype(dtype).reshape(B, T, n_kv_head, head_dim)
-        gate_BTK = 2 * jax.nn.sigmoid(_matmul(a[..., :VE_GATE_CHANNELS], ve_gate))
+    q = _matmul(a, layer["c_q"]).reshape(B, T, config.n_head, config.head_dim)
+    k = _matmul(a, layer["c_k"]).reshape(B, T, config.n_kv_head, config.head_dim)
+    v = _matmul(a, layer["c_v"]).reshape(B, T, config.n_kv_head, config.head_dim)
+    if layer["value_embed"] is not None:
+        ve = jnp.take(layer["value_embed"], idx_BT, axis=0).astype(dtype).reshape(v.shape)
+        gate_BTK = scale(jax.nn.sigmoid(_matmul(a[..., :c.ve_gate_channels], layer["ve_gate"])), c.ve_gate_scale)
         v = v + gate_BTK[..., None] * ve
-    q, k = rmsnorm(apply_rotary(q, cos, sin)), rmsnorm(apply_rotary(k, cos, sin))
+    q, k = (scale(rmsnorm(apply_rotary(t, cos, sin)), c.qk_scale) for t in (q, k))
     y = attend(q, k, v).reshape(B, T, n)
     x = x + _matmul(y, layer["c_proj"])
     h = jax.nn.relu(_matmul(rmsnorm(x), layer["c_fc"]))
@@ -208,28 +292,88 @@ def remat_layer(fn, remat: str):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The layer stack: runs of layers, scanned where they repeat
+
+PER_LAYER = ("c_q", "c_k", "c_v", "c_proj", "c_fc", "mlp_proj", "resid_lambda", "x0_lambda")  # leading axis: layer
+PER_VE_LAYER = ("value_embeds", "ve_gate")  # leading axis: value-embedding layer
+
+
+def layer_runs(config: GPTConfig, scan: bool) -> list[tuple[int, int, int]]:
+    """(start, period, repeats) runs covering the layers in order; runs with repeats >= 2 are scanned.
+
+    Layers repeat with period P = lcm(pattern length, 2) (window and value-embedding parity). Runs end before the
+    last layer (always a long window) and after the backout layer, whose output the forward pass keeps.
+    """
+    L, period = config.n_layer, math.lcm(len(config.window_pattern), 2)
+    cuts = {0, L - 1, L} | ({config.backout_layer + 1} if config.backout_layer is not None else set())
+    cuts = sorted(cuts)
+    runs = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        repeats = (hi - lo) // period if scan else 0
+        if repeats >= 2:
+            runs.append((lo, period, repeats))
+            lo += period * repeats
+        runs += [(i, 1, 1) for i in range(lo, hi)]
+    return runs
+
+
+def run_arrays(layers: dict, config: GPTConfig, start: int, period: int, repeats: int) -> dict:
+    """The arrays of a run's layers with leading axes (repeats, period) (VE arrays: (repeats, VE layers per period))."""
+    stop = start + period * repeats
+    arrays = {}
+    for k, v in layers.items():
+        lo, hi = (config.ve_count(start), config.ve_count(stop)) if k in PER_VE_LAYER else (start, stop)
+        arrays[k] = v[lo:hi].reshape(repeats, (hi - lo) // repeats, *v.shape[1:])
+    return arrays
+
+
+def layer_at(arrays: dict, config: GPTConfig, start: int, j: int) -> dict:
+    """Layer start + j's arrays from one repeat of a run starting at `start`; value_embed/ve_gate are None without VE."""
+    layer = {k: arrays[k][j] for k in PER_LAYER}
+    has_ve = start + j in config.ve_layers
+    ve_index = config.ve_count(start + j) - config.ve_count(start)
+    layer["value_embed"] = arrays["value_embeds"][ve_index] if has_ve else None
+    layer["ve_gate"] = arrays["ve_gate"][ve_index] if has_ve else None
+    return layer
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The model
+
+
+def _uniform(rngs: nnx.Rngs, shape: tuple, low: float, high: float) -> jax.Array:
+    """U(low, high) float32; zeros without drawing when the interval is empty (so the random stream is unchanged)."""
+    if low == high:
+        return jnp.full(shape, low, jnp.float32)
+    return jax.random.uniform(rngs.params(), shape, jnp.float32, low, high)
+
+
+def _ramp(start_drop: tuple[float, float], n_layer: int) -> jax.Array:
+    """Per-layer init start - drop * i / max(L - 1, 1), in float64 then rounded to float32 as the reference stores it."""
+    start, drop = start_drop
+    return jnp.asarray(np.array([start - drop * i / max(n_layer - 1, 1) for i in range(n_layer)], np.float32))
 
 
 class Blocks(nnx.Module):
     """Every transformer layer's matrices, stacked over layers (kernels in (in, out) layout)."""
 
     def __init__(self, config: GPTConfig, rngs: nnx.Rngs):
-        n, L = config.n_embd, config.n_layer
+        n, L, c = config.n_embd, config.n_layer, config.constants
         q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         bound = math.sqrt(3) / math.sqrt(n)  # uniform bound with std 1/sqrt(n)
-        uniform = lambda shape: jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
-        self.c_q = nnx.Param(uniform((L, n, q_dim)))
-        self.c_k = nnx.Param(uniform((L, n, kv_dim)))
-        self.c_v = nnx.Param(uniform((L, n, kv_dim)))
+        self.c_q = nnx.Param(_uniform(rngs, (L, n, q_dim), -bound, bound))
+        self.c_k = nnx.Param(_uniform(rngs, (L, n, kv_dim), -bound, bound))
+        self.c_v = nnx.Param(_uniform(rngs, (L, n, kv_dim), -bound, bound))
         self.c_proj = nnx.Param(jnp.zeros((L, q_dim, n), jnp.float32))
-        self.c_fc = nnx.Param(uniform((L, n, 4 * n)))
+        self.c_fc = nnx.Param(_uniform(rngs, (L, n, 4 * n), -c.c_fc_scale * bound, c.c_fc_scale * bound))
         self.mlp_proj = nnx.Param(jnp.zeros((L, 4 * n, n), jnp.float32))
-        self.ve_gate = nnx.Param(jnp.zeros((len(config.ve_layers), VE_GATE_CHANNELS, config.n_kv_head), jnp.float32))
+        self.ve_gate = nnx.Param(_uniform(rngs, (len(config.ve_layers), c.ve_gate_channels, config.n_kv_head), 0.0,
+                                          c.ve_gate_init))
 
 
 class GPT(nnx.Module):
-    """nanochat's GPT: untied embeddings, value embeddings, sliding windows, QK-norm, relu^2, softcapped logits."""
+    """nanochat's GPT: untied embeddings, value embeddings, sliding windows, QK-norm, relu^2, softcapped logits,
+    and per recipe smear and backout."""
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, compute_dtype=jnp.float32, scan_layers: bool = True,
                  remat: str = "none", loss_chunk: int = 0, embed_dtype=jnp.float32):
@@ -244,17 +388,21 @@ class GPT(nnx.Module):
         self.remat = remat
         self.loss_chunk = loss_chunk
         embed_dtype = jnp.dtype(embed_dtype)
-        n, L, Vp = config.n_embd, config.n_layer, config.padded_vocab
+        n, L, Vp, c = config.n_embd, config.n_layer, config.padded_vocab, config.constants
         bound = math.sqrt(3) / math.sqrt(n)
-        self.wte = nnx.Param(jax.random.normal(rngs.params(), (Vp, n), jnp.float32).astype(embed_dtype))
+        self.wte = nnx.Param((c.wte_std * jax.random.normal(rngs.params(), (Vp, n), jnp.float32)).astype(embed_dtype))
         self.lm_head = nnx.Param(0.001 * jax.random.normal(rngs.params(), (n, Vp), jnp.float32))
         self.blocks = Blocks(config, rngs)
-        self.resid_lambdas = nnx.Param(jnp.ones((L,), jnp.float32))
-        self.x0_lambdas = nnx.Param(jnp.full((L,), 0.1, jnp.float32))
+        self.resid_lambdas = nnx.Param(_ramp(c.resid_init, L))
+        self.x0_lambdas = nnx.Param(_ramp(c.x0_init, L))
+        if c.smear_channels:  # nanochat 92d63d4 GPT.__init__: smear_gate = Linear(24, 1), smear_lambda (1,)
+            self.smear_gate = nnx.Param(_uniform(rngs, (c.smear_channels, 1), 0.0, c.smear_gate_init))
+            self.smear_lambda = nnx.Param(jnp.asarray(c.smear_lambda_init, jnp.float32))
+        if config.backout_layer is not None:
+            self.backout_lambda = nnx.Param(jnp.asarray(c.backout_lambda_init, jnp.float32))
         kv_dim = config.n_kv_head * config.head_dim
         self.value_embeds = nnx.Param(
-            jax.random.uniform(rngs.params(), (len(config.ve_layers), Vp, kv_dim), jnp.float32, -bound,
-                               bound).astype(embed_dtype))
+            _uniform(rngs, (len(config.ve_layers), Vp, kv_dim), -bound, bound).astype(embed_dtype))
 
     def __call__(self, idx_BT: jax.Array, targets_BT: jax.Array | None = None, *, reduction: str = "mean"):
         """Softcapped float32 logits (B, T, vocab), or with targets the mean loss (reduction='none': per-token losses)."""
@@ -276,89 +424,96 @@ class GPT(nnx.Module):
         T = idx_BT.shape[1]
         if T > 10 * cfg.sequence_len:
             raise UserError(f"sequence of {T} tokens exceeds the rotary cache of {10 * cfg.sequence_len}")
-        cos, sin = (jnp.asarray(t) for t in rotary_tables(T, cfg.head_dim))
-        x = rmsnorm(jnp.take(self.wte[...], idx_BT, axis=0).astype(self.compute_dtype))
-        x0 = x
-        layers = self._layer_arrays()
-        ve_of_layer = {layer: j for j, layer in enumerate(cfg.ve_layers)}
+        cos, sin = self._rotary(T)
+        x = self._embed(idx_BT)
+        x0 = self._smear(x, jnp.pad(x[:, :-1], ((0, 0), (1, 0), (0, 0))))  # token 0 has no predecessor: unchanged
 
-        @functools.lru_cache(maxsize=None)  # one wrapped function per window size and VE presence
-        def layer_fn(window_left: int, has_ve: bool):
-            def one_layer(x, layer, ve_Vn, ve_gate):
-                return block_forward(x, x0, idx_BT, layer, attend=functools.partial(attention, window_left=window_left),
-                                     ve_Vn=ve_Vn if has_ve else None, ve_gate=ve_gate if has_ve else None, cos=cos,
-                                     sin=sin, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head)
-            return remat_layer(one_layer, self.remat)
+        @functools.lru_cache(maxsize=None)  # one wrapped function per window size
+        def layer_fn(window_left: int):
+            attend = functools.partial(attention, window_left=window_left)
+            return remat_layer(lambda x, layer: block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin,
+                                                              config=cfg), self.remat)
 
-        def run(x, i, layer, arrays, ve_index):
-            ve = None if ve_index is None else arrays["value_embeds"][ve_index]
-            gate = None if ve_index is None else arrays["ve_gate"][ve_index]
-            return layer_fn(cfg.window_sizes[i], ve_index is not None)(x, layer, ve, gate)
-
-        # Layers [0, n_rep * P) are n_rep identical repeats of a period P (window pattern and VE parity): scan them.
-        period = math.lcm(len(cfg.window_pattern), 2)
-        n_rep = (cfg.n_layer - 1) // period if self.scan_layers else 0
-        if n_rep >= 2:
-            ve_per_period = period // 2
-            stacked = {k: v[: n_rep * period].reshape(n_rep, period, *v.shape[1:]) for k, v in layers.items()
-                       if k not in ("value_embeds", "ve_gate")}
-            for k in ("value_embeds", "ve_gate"):
-                v = layers[k][: n_rep * ve_per_period]
-                stacked[k] = v.reshape(n_rep, ve_per_period, *v.shape[1:])
-
-            def period_body(x, arrays):
-                for j in range(period):
-                    layer = {k: v[j] for k, v in arrays.items() if k not in ("value_embeds", "ve_gate")}
-                    ve_index = ve_of_layer.get(j)  # VE positions repeat with the period
-                    x = run(x, j, layer, arrays, ve_index)
-                return x, None
-
-            x, _ = jax.lax.scan(period_body, x, stacked)
-        start = n_rep * period if n_rep >= 2 else 0
-        for i in range(start, cfg.n_layer):
-            layer = {k: v[i] for k, v in layers.items() if k not in ("value_embeds", "ve_gate")}
-            x = run(x, i, layer, layers, ve_of_layer.get(i))
-        return rmsnorm(x)
+        return self._trunk(x0, lambda i, x, layer: layer_fn(cfg.window_sizes[i])(x, layer), self.scan_layers)
 
     def decode_step(self, token_B: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        """One token per row at position `pos` with a KV cache of fixed shape: (logits (B, vocab), updated cache).
+        """One token per row at position `pos` with a cache of fixed shape: (logits (B, vocab), updated cache).
 
-        `cache` = {"k", "v"}: (L, B, max_len, Hkv, D) from `init_cache`. Layers run unrolled; shapes never change,
-        so a whole generation compiles once.
+        `cache` from `init_cache`: "k", "v" (L, B, max_len, Hkv, D) and "prev" (B, 1, n), the previous token's
+        normalised, un-smeared embedding (zeros at position 0). Layers run unrolled; shapes never change, so a whole
+        generation compiles once.
         """
         cfg = self.config
         idx_BT = token_B[:, None]
-        cos_full, sin_full = (jnp.asarray(t) for t in rotary_tables(cache["k"].shape[2], cfg.head_dim))
-        cos = jax.lax.dynamic_slice_in_dim(cos_full, pos, 1)
-        sin = jax.lax.dynamic_slice_in_dim(sin_full, pos, 1)
-        x = rmsnorm(jnp.take(self.wte[...], idx_BT, axis=0).astype(self.compute_dtype))
-        x0 = x
-        layers = self._layer_arrays()
-        ve_of_layer = {layer: j for j, layer in enumerate(cfg.ve_layers)}
+        cos, sin = (jax.lax.dynamic_slice_in_dim(t, pos, 1) for t in self._rotary(cache["k"].shape[2]))
+        embedding = self._embed(idx_BT)
+        x0 = self._smear(embedding, cache["prev"])
         new_k, new_v = [], []
-        for i in range(cfg.n_layer):
-            def attend(q, k, v, i=i):
+
+        def layer_call(i, x, layer):
+            def attend(q, k, v):
                 k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"][i], k.astype(cache["k"].dtype), pos, axis=1)
                 v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"][i], v.astype(cache["v"].dtype), pos, axis=1)
                 new_k.append(k_cache)
                 new_v.append(v_cache)
                 return cached_attention(q, k_cache, v_cache, pos, cfg.window_sizes[i])
-            j = ve_of_layer.get(i)
-            layer = {k: v[i] for k, v in layers.items() if k not in ("value_embeds", "ve_gate")}
-            x = block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin, n_head=cfg.n_head,
-                              n_kv_head=cfg.n_kv_head, ve_Vn=None if j is None else layers["value_embeds"][j],
-                              ve_gate=None if j is None else layers["ve_gate"][j])
-        logits = _matmul(rmsnorm(x), self.lm_head[...])[:, 0, : cfg.vocab_size].astype(jnp.float32)
-        return SOFTCAP * jnp.tanh(logits / SOFTCAP), {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+            return block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin, config=cfg)
+
+        x = self._trunk(x0, layer_call, scan=False)
+        logits = softcapped_logits(x, self.lm_head[...], cfg.vocab_size)[:, 0]
+        return logits, {"k": jnp.stack(new_k), "v": jnp.stack(new_v), "prev": embedding.astype(cache["prev"].dtype)}
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
-        """An empty KV cache for `decode_step`."""
+        """An empty cache for `decode_step`."""
         cfg = self.config
         shape = (cfg.n_layer, batch_size, max_len, cfg.n_kv_head, cfg.head_dim)
-        return {"k": jnp.zeros(shape, self.compute_dtype), "v": jnp.zeros(shape, self.compute_dtype)}
+        return {"k": jnp.zeros(shape, self.compute_dtype), "v": jnp.zeros(shape, self.compute_dtype),
+                "prev": jnp.zeros((batch_size, 1, cfg.n_embd), self.compute_dtype)}
+
+    def _embed(self, idx_BT: jax.Array) -> jax.Array:
+        """Normalised token embeddings in the compute dtype."""
+        return rmsnorm(jnp.take(self.wte[...], idx_BT, axis=0).astype(self.compute_dtype))
+
+    def _rotary(self, length: int) -> tuple[jax.Array, jax.Array]:
+        """The recipe's rotary tables for positions 0..length-1 (rounded to bf16 or to the compute dtype)."""
+        c = self.config.constants
+        dtype = jnp.dtype(c.rope_dtype) if c.rope_dtype else self.compute_dtype
+        return tuple(jnp.asarray(t) for t in rotary_tables(length, self.config.head_dim, c.rope_base, dtype))
+
+    def _smear(self, x_BTn: jax.Array, prev_BTn: jax.Array) -> jax.Array:
+        """nanochat 92d63d4 GPT.forward smear: x_t + lambda * sigmoid(x_t[:24] @ smear_gate) * x_{t-1}, where
+        prev_BTn holds x_{t-1} (un-smeared; zeros where there is none). Identity in recipes without smear."""
+        channels = self.config.constants.smear_channels
+        if not channels:
+            return x_BTn
+        gate_BT1 = self.smear_lambda[...].astype(x_BTn.dtype) * jax.nn.sigmoid(
+            _matmul(x_BTn[..., :channels], self.smear_gate[...]))
+        return x_BTn + gate_BT1 * prev_BTn
+
+    def _trunk(self, x0_BTn: jax.Array, layer_call, scan: bool) -> jax.Array:
+        """Every layer in order, then backout and the final norm. `layer_call(i, x, layer)` applies layer i; runs of
+        repeated layers are scanned when `scan` (layer_call must then depend on i only through its window)."""
+        cfg = self.config
+        layers = self._layer_arrays()
+        x, x_mid = x0_BTn, None
+        for start, period, repeats in layer_runs(cfg, scan):
+            def body(x, arrays, start=start, period=period):
+                for j in range(period):
+                    x = layer_call(start + j, x, layer_at(arrays, cfg, start, j))
+                return x, None
+            arrays = run_arrays(layers, cfg, start, period, repeats)
+            if repeats > 1:
+                x, _ = jax.lax.scan(body, x, arrays)
+            else:
+                x, _ = body(x, {k: v[0] for k, v in arrays.items()})
+            if start + period * repeats - 1 == cfg.backout_layer:
+                x_mid = x
+        if x_mid is not None:  # nanochat 92d63d4 GPT.forward: subtract the mid-stack residual before the final norm
+            x = x - self.backout_lambda[...].astype(x.dtype) * x_mid
+        return rmsnorm(x)
 
     def _layer_arrays(self) -> dict[str, jax.Array]:
-        """Per-layer arrays with a leading layer axis (VE arrays: leading VE-layer axis)."""
+        """Per-layer arrays with a leading layer axis (PER_VE_LAYER arrays: leading VE-layer axis)."""
         b = self.blocks
         return dict(c_q=b.c_q[...], c_k=b.c_k[...], c_v=b.c_v[...], c_proj=b.c_proj[...], c_fc=b.c_fc[...],
                     mlp_proj=b.mlp_proj[...], resid_lambda=self.resid_lambdas[...], x0_lambda=self.x0_lambdas[...],
@@ -366,7 +521,10 @@ class GPT(nnx.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Counting (spec §2)
+# Counting (nanochat gpt.py GPT.num_scaling_params and GPT.estimate_flops)
+
+SCALARS = ("resid_lambdas", "x0_lambdas", "smear_gate", "smear_lambda", "backout_lambda")  # the reference's 'scalars'
+MATMUL_OUTSIDE_BLOCKS = ("lm_head", "smear_gate")  # weights of matmuls with the token stream besides blocks/*
 
 
 def abstract_model(config: GPTConfig) -> GPT:
@@ -374,16 +532,21 @@ def abstract_model(config: GPTConfig) -> GPT:
     return nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
 
 
+def _leaf_sizes(config: GPTConfig) -> dict[str, int]:
+    """Number of elements of every parameter leaf, by path."""
+    return {"/".join(str(k) for k in path): int(np.prod(v.shape))
+            for path, v in nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param))}
+
+
 def num_scaling_params(config: GPTConfig) -> dict[str, int]:
     """Parameter counts by group, read off the (abstract) model; 'scaling' = transformer_matrices + lm_head."""
-    sizes = {"/".join(str(k) for k in path): int(np.prod(v.shape))
-             for path, v in nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param))}
+    sizes = _leaf_sizes(config)
     counts = {
         "wte": sizes.pop("wte"),
         "value_embeds": sizes.pop("value_embeds"),
         "lm_head": sizes.pop("lm_head"),
         "transformer_matrices": sum(v for k, v in sizes.items() if k.startswith("blocks/")),
-        "scalars": sizes.pop("resid_lambdas") + sizes.pop("x0_lambdas"),
+        "scalars": sum(sizes.pop(k, 0) for k in SCALARS),
     }
     assert all(k.startswith("blocks/") for k in sizes), f"uncounted parameters: {sorted(sizes)}"
     counts["total"] = sum(counts.values())
@@ -392,8 +555,13 @@ def num_scaling_params(config: GPTConfig) -> dict[str, int]:
 
 
 def estimate_flops(config: GPTConfig) -> int:
-    """Training FLOPs per token: 6 x matmul params + attention (12 * H * D * window per layer, not halved)."""
-    counts = num_scaling_params(config)
-    matmul_params = counts["total"] - counts["wte"] - counts["value_embeds"] - counts["scalars"]
+    """Training FLOPs per token: 6 x matmul weights + attention (12 * H * D * window per layer, not halved).
+
+    The matmul weights are blocks/*, lm_head and (92d63d4) the smear gate: nanochat 92d63d4 counts every weight of
+    its `Linear` modules. (With --fp8, nanochat 92d63d4 miscounts, as its fp8 layers are not `Linear`s; this
+    is its bf16 count.)
+    """
+    sizes = _leaf_sizes(config)
+    matmul = sum(v for k, v in sizes.items() if k.startswith("blocks/") or k in MATMUL_OUTSIDE_BLOCKS)
     attn = sum(12 * config.n_head * config.head_dim * min(w, config.sequence_len) for w in config.window_sizes)
-    return 6 * matmul_params + attn
+    return 6 * matmul + attn

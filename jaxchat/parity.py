@@ -87,16 +87,23 @@ def run_optimizer_steps(model: GPT, settings: dict, batches: list[tuple[np.ndarr
     return results
 
 
-def compute(fixture_path: str) -> dict[str, np.ndarray]:
-    """Everything jaxchat computes for a fixture, keyed as in the fixture."""
-    with np.load(fixture_path) as data:
-        if {"x", "w", "go"} <= set(data.files):
-            return fp8.unit_fixture_outputs(data["x"], data["w"], data["go"])
+def compute_forward(fixture_path: str) -> tuple[dict[str, np.ndarray], GPT, "np.lib.npyio.NpzFile"]:
+    """(loss, logits and grad/<name> keyed as in the fixture, the model holding the fixture's weights, the fixture)."""
     config, state, data = read_reference_npz(fixture_path)
     model = model_from_reference(config, state)
     loss, logits, grads = loss_and_grads(model, data["idx"], data["targets"])
     out = {"loss": np.asarray(loss, np.float64), "logits": np.asarray(logits)}
     out.update({f"grad/{k}": v for k, v in to_reference(jax.tree.map(np.asarray, grads), config).items()})
+    return out, model, data
+
+
+def compute(fixture_path: str) -> dict[str, np.ndarray]:
+    """Everything jaxchat computes for a fixture, keyed as in the fixture."""
+    with np.load(fixture_path) as data:
+        if {"x", "w", "go"} <= set(data.files):
+            return fp8.unit_fixture_outputs(data["x"], data["w"], data["go"])
+    out, model, data = compute_forward(fixture_path)
+    config = model.config
     if "opt/json" in data.files:
         settings = json.loads(str(data["opt/json"]))
         n_steps = sum(1 for k in data.files if k.startswith("step") and k.endswith("_idx"))
