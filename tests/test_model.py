@@ -8,7 +8,10 @@ from flax import nnx
 
 from conftest import LOCAL_FIXTURES, shared_fixture
 from jaxchat import parity
-from jaxchat.model import GPT, GPTConfig, rotary_tables
+import json
+
+from jaxchat.convert import read_reference_npz, to_reference
+from jaxchat.model import GPT, GPTConfig, config_for_depth, estimate_flops, layer_runs, num_scaling_params, rotary_tables
 
 TINY = GPTConfig(sequence_len=32, vocab_size=100, n_layer=10, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SSSL")
 
@@ -16,12 +19,16 @@ TINY = GPTConfig(sequence_len=32, vocab_size=100, n_layer=10, n_head=2, n_kv_hea
 def check_parity(fixture_path, tmp_path):
     out_path = tmp_path / "out.npz"
     parity.main([str(fixture_path), "--out", str(out_path)])
-    ours, ref = np.load(out_path), np.load(fixture_path)
+    check_forward(np.load(out_path), np.load(fixture_path))
+
+
+def check_forward(ours, ref):
+    """Loss within 1e-5, logits within 1e-4, every gradient within 1e-4 of its largest magnitude."""
     assert abs(float(ours["loss"]) - float(ref["loss"])) <= 1e-5
     assert ours["logits"].shape == ref["logits"].shape
     assert np.abs(ours["logits"] - ref["logits"]).max() <= 1e-4
     grads = [k for k in ref.files if k.startswith("grad/")]
-    assert sorted(grads) == sorted(k for k in ours.files if k.startswith("grad/"))
+    assert sorted(grads) == sorted(k for k in ours if k.startswith("grad/"))
     for k in grads:
         scale = np.abs(ref[k]).max()
         assert ours[k].shape == ref[k].shape, k
@@ -135,3 +142,122 @@ def test_kv_cache_decoding_matches_the_full_forward():
     for pos in range(idx.shape[1]):
         logits, cache = step(model, idx[:, pos], jnp.int32(pos), cache)
         np.testing.assert_allclose(logits[0], full[pos], atol=2e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recipe 92d63d4 (nanochat HEAD): smear, backout, VE gate 12 x3, QK x1.2, RoPE 1e5, quarter windows, new inits
+
+HEAD = GPTConfig(sequence_len=32, vocab_size=100, n_layer=12, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SL",
+                 recipe="92d63d4")
+
+
+@pytest.mark.parametrize("name", ["nanochat_head_d4.npz", "nanochat_head_d4_bf16muon.npz"])
+def test_parity_with_reference_head(name):
+    jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity, as the parity CLI sets it
+    ours, model, ref = parity.compute_forward(str(shared_fixture(name)))
+    assert model.config.recipe == "92d63d4" and model.config.backout_layer == 2
+    assert model.config.window_sizes == tuple(ref["config/window_sizes"].tolist()) == (128, 256, 128, 256)
+    check_forward(ours, ref)
+
+
+def check_distribution(x, name, low=None, high=None, std=None):
+    """Uniform(low, high) or Normal(0, std) by bounds, mean and standard deviation (tolerances from the sample size)."""
+    x = np.asarray(x, np.float64).ravel()
+    if std is None:
+        assert x.min() >= low and x.max() <= high, name
+        spread = (high - low) / np.sqrt(12)
+        assert abs(x.mean() - (low + high) / 2) <= 5 * spread / np.sqrt(x.size), name
+        np.testing.assert_allclose(x.std(), spread, rtol=5 / np.sqrt(x.size), err_msg=name)
+    else:
+        assert abs(x.mean()) <= 5 * std / np.sqrt(x.size), name
+        np.testing.assert_allclose(x.std(), std, rtol=5 / np.sqrt(x.size), err_msg=name)
+
+
+def test_initialisation_follows_reference_head():
+    """nanochat 92d63d4 GPT.init_weights: the fixture's init/* deterministic entries exactly, random ones by law."""
+    config, _, data = read_reference_npz(str(shared_fixture("nanochat_head_d4.npz")))
+    ours = to_reference(nnx.to_pure_dict(nnx.state(GPT(config, rngs=nnx.Rngs(7)), nnx.Param)), config)
+    ref = {k.removeprefix("init/"): data[k] for k in data.files if k.startswith("init/")}
+    assert sorted(ours) == sorted(ref)
+    s = np.sqrt(3 / config.n_embd)
+    for name in ref:
+        assert ours[name].shape == ref[name].shape and ours[name].dtype == ref[name].dtype, name
+        if name in ("resid_lambdas", "x0_lambdas", "smear_lambda", "backout_lambda") or name.endswith("c_proj.weight"):
+            np.testing.assert_array_equal(ours[name], ref[name], err_msg=name)
+            continue
+        law = (dict(std=0.8) if name == "transformer.wte.weight" else dict(std=0.001) if name == "lm_head.weight"
+               else dict(low=0.0, high=0.02) if "gate" in name else dict(low=-0.4 * s, high=0.4 * s) if "c_fc" in name
+               else dict(low=-s, high=s))
+        for x in (ours[name], ref[name]):  # the reference's own draw checks the law itself
+            check_distribution(x, name, **law)
+    np.testing.assert_allclose(ours["resid_lambdas"], [1.15, 1.15 - 0.1 / 3, 1.15 - 0.2 / 3, 1.05], rtol=1e-7)
+
+
+def test_parameter_counts_and_flops_match_reference_head():
+    """nanochat 92d63d4 num_scaling_params and estimate_flops (bf16 count) at the default shape, d4 to d32."""
+    data = np.load(shared_fixture("nanochat_head_d4.npz"))
+    depths = json.loads(str(data["schedule/json"]))["depths"]
+    assert len(depths) >= 8
+    for depth, row in depths.items():
+        config = config_for_depth(int(depth), recipe="92d63d4")
+        counts = num_scaling_params(config)
+        assert {k: counts[k] for k in row["counts"]} == row["counts"], depth
+        assert counts["scalars"] == 2 * config.n_layer + 26
+        assert estimate_flops(config) == row["flops_per_token"], depth
+    # 348fbb3 at the same depth: the smear gate (24) is the only extra matmul weight, the VE gate shrinks 32 -> 12
+    d24, old = config_for_depth(24, recipe="92d63d4"), config_for_depth(24)
+    assert num_scaling_params(old)["transformer_matrices"] - num_scaling_params(d24)["transformer_matrices"] == 12 * 20 * 12
+
+
+def test_head_windows_and_runs():
+    assert config_for_depth(24, recipe="92d63d4").window_sizes == (512, 512, 512, 2048) * 6
+    assert GPTConfig(sequence_len=1000, n_layer=2, recipe="92d63d4").window_sizes == (256, 1000)
+    assert GPTConfig(sequence_len=64, n_layer=2, recipe="92d63d4").window_sizes == (128, 64)
+    # HEAD: backout reads layer 6's output, so a run ends there; the run after it starts at an odd layer
+    assert layer_runs(HEAD, scan=True) == [(0, 2, 3), (6, 1, 1), (7, 2, 2), (11, 1, 1)]
+    assert layer_runs(TINY, scan=True) == [(0, 4, 2), (8, 1, 1), (9, 1, 1)]  # 348fbb3: no backout, as before
+    assert layer_runs(HEAD, scan=False) == [(i, 1, 1) for i in range(12)]
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_head_scanned_layers_equal_unrolled(use_jit):
+    idx, targets = batch(HEAD)
+    scanned, unrolled = make_model(HEAD, scan_layers=True), make_model(HEAD, scan_layers=False)
+    call = (lambda m, *a: nnx.jit(lambda m, *a: m(*a))(m, *a)) if use_jit else (lambda m, *a: m(*a))
+    np.testing.assert_allclose(call(scanned, idx), call(unrolled, idx), atol=2e-5)
+    np.testing.assert_allclose(call(scanned, idx, targets), call(unrolled, idx, targets), atol=1e-5)
+    grad = nnx.jit(lambda m: nnx.grad(lambda m: m(idx, targets))(m))
+    g_scan, g_unroll = nnx.state(grad(scanned)), nnx.state(grad(unrolled))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g_scan, g_unroll)
+    assert float(jnp.abs(g_scan["backout_lambda"][...])) > 0 and float(jnp.abs(g_scan["smear_gate"][...]).max()) > 0
+
+
+def test_head_parameter_tree():
+    model = GPT(HEAD, rngs=nnx.Rngs(0))
+    assert model.smear_gate.shape == (24, 1) and model.smear_lambda.shape == () and model.backout_lambda.shape == ()
+    assert model.blocks.ve_gate.shape == (6, 12, 1)
+    assert not hasattr(GPT(TINY, rngs=nnx.Rngs(0)), "smear_gate")  # 348fbb3's tree is unchanged
+
+
+def test_head_kv_cache_decoding_matches_the_full_forward():
+    """The smear reads the previous token's embedding from the cache; backout and QK scale as in the full pass."""
+    config = GPTConfig(sequence_len=8, vocab_size=100, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL",
+                       recipe="92d63d4")
+    model = make_model(config)
+    idx, _ = batch(config, B=1, T=14)  # longer than sequence_len: the L window (8) bites
+    full = model(idx)[0]
+    step = nnx.jit(lambda m, token, pos, cache: m.decode_step(token, pos, cache))
+    cache = model.init_cache(1, 16)
+    for pos in range(idx.shape[1]):
+        logits, cache = step(model, idx[:, pos], jnp.int32(pos), cache)
+        np.testing.assert_allclose(logits[0], full[pos], atol=2e-5)
+
+
+def test_head_rotary_tables_in_compute_dtype():
+    model = GPT(HEAD, rngs=nnx.Rngs(0))
+    cos, _ = model._rotary(16)
+    assert cos.dtype == jnp.float32  # not bf16-rounded, unlike 348fbb3
+    angle = np.outer(np.arange(16), 1.0 / 100000 ** (np.arange(0, 32, 2) / 32))
+    np.testing.assert_allclose(cos, np.cos(angle), atol=1e-6)
+    bf16 = GPT(HEAD, rngs=nnx.Rngs(0), compute_dtype=jnp.bfloat16)
+    assert bf16._rotary(16)[0].dtype == jnp.bfloat16
