@@ -146,6 +146,13 @@ def read_reference_npz(path: str) -> tuple[GPTConfig, dict[str, np.ndarray], "np
     return config, state, data
 
 
+def recipe_of_state(state: dict) -> str:
+    """The recipe of a nanochat state dict, whose meta names no commit: a smear gate marks 92d63d4's model
+    (a825e63's has the same forward pass), its absence 348fbb3's."""
+    has_smear = any(k.removeprefix("_orig_mod.") == RECIPE_LEAVES["smear_gate"] for k in state)
+    return "92d63d4" if has_smear else "348fbb3"
+
+
 def check_constants(config: GPTConfig, constants: dict, path: str) -> None:
     """A fixture's `config/json` model constants (rope base, VE gate, smear, backout, QK scale, softcap) against
     jaxchat's for its recipe."""
@@ -171,7 +178,5 @@ def read_reference_pt(path: str) -> tuple[GPTConfig, dict[str, np.ndarray]]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, KeyError, RuntimeError) as e:
         raise UserError(f"cannot read nanochat checkpoint {path} with {meta_path}: {e}") from None
-    # nanochat's meta names no commit; its smear gate marks the 92d63d4 model (a825e63's forward is the same)
-    has_smear = any(k.removeprefix("_orig_mod.") == RECIPE_LEAVES["smear_gate"] for k in state)
-    config = config_from_dict(model_config, recipe="92d63d4" if has_smear else "348fbb3")
+    config = config_from_dict(model_config, recipe=recipe_of_state(state))
     return config, {k: v.float().numpy() for k, v in state.items()}
