@@ -23,7 +23,7 @@ import re
 import numpy as np
 
 from jaxchat.common import UserError
-from jaxchat.convert import config_from_dict, from_reference, to_reference
+from jaxchat.convert import config_from_dict, from_reference, recipe_of_state, to_reference
 
 # nanochat's GPTConfig fields: GPT(GPTConfig(**model_config)) rejects any other key.
 MODEL_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern")
@@ -282,8 +282,8 @@ def read_checkpoint(model_path: str) -> tuple:
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        config = config_from_dict(meta["model_config"])
         state = torch.load(model_path, map_location="cpu", weights_only=True)
+        config = config_from_dict(meta["model_config"], recipe=recipe_of_state(state))  # nanochat's meta names no commit
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot read nanochat checkpoint {model_path} with {meta_path}: {e}") from None
     return config, to_numpy(state), meta
