@@ -137,7 +137,7 @@ def fixture_checkpoint(name: str, tag: str, tokenizer_dir: Path) -> tuple:
     assert Tokenizer.load(str(tokenizer_dir)).vocab_size == config.vocab_size
     ckpt = Checkpointer(checkpoint_dir(tag), async_save=False)
     meta = dict(step=0, val_bpb=None, model_config={k: getattr(config, k) for k in (
-        "sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern")},
+        "sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern", "recipe")},
         user_config={"data": "demo"}, device_batch_size=1, max_seq_len=config.sequence_len, total_batch_size=1024,
         dataloader_state_dict={"pq_idx": 0, "rg_idx": 0, "epoch": 1},
         loop_state=dict(min_val_bpb=None, smooth_train_loss=0.0, total_training_time=0.0))
