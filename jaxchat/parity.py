@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxchat import fp8, optim
+from jaxchat import fp8, optim, recipe as recipes
 from jaxchat.common import UserError, run_main
 from jaxchat.convert import model_from_reference, read_reference_npz, to_reference
 from jaxchat.model import GPT
@@ -39,27 +39,30 @@ def loss_and_grads(model: GPT, idx: np.ndarray, targets: np.ndarray) -> tuple[ja
     return loss, logits, nnx.to_pure_dict(grads)
 
 
-def optimizer_from_settings(settings: dict, model_dim: int) -> tuple[optax.GradientTransformation, dict]:
-    """MuonAdamW and the schedule values for a fixture's `opt/json`, checked against its param groups."""
+def optimizer_from_settings(settings: dict, model_dim: int,
+                            recipe: str = recipes.DEFAULT) -> tuple[optax.GradientTransformation, dict]:
+    """MuonAdamW of `recipe` and the schedule values for a fixture's `opt/json`, checked against its param groups."""
+    r = recipes.get(recipe)
     groups = settings["groups"]
-    adam_betas = tuple(groups[0]["betas"])
     kwargs = dict(model_dim=model_dim, embedding_lr=settings["embedding_lr"], unembedding_lr=settings["unembedding_lr"],
-                  matrix_lr=settings["matrix_lr"], scalar_lr=settings["scalar_lr"], adam_betas=adam_betas)
-    ours = optim.group_hyperparams(**kwargs)
+                  matrix_lr=settings["matrix_lr"], scalar_lr=settings["scalar_lr"], adam_betas=tuple(groups[0]["betas"]))
+    ours = optim.group_hyperparams(**kwargs, adamw_groups=r.adamw_groups, muon_variant=r.muon)
     lrm = float(settings["lr_multiplier"])
     # The reference's group order: the AdamW groups, then one Muon group per distinct shape (same settings).
-    expected = [ours[name] for name in optim.ADAMW_GROUPS]
+    expected = [dict(ours[g.name], weight_decay=g.weight_decay) for g in r.adamw_groups]
     expected += [ours["muon"]] * (len(groups) - len(expected))
     for i, (g, e) in enumerate(zip(groups, expected)):
         same = (g["kind"] == e["kind"] and np.isclose(g["lr"], e["lr"] * lrm, rtol=1e-9, atol=0)
-                and (g["kind"] != "adamw" or np.allclose(g["betas"], e["betas"]) and g["weight_decay"] == 0)
+                and (g["kind"] != "adamw" or np.allclose(g["betas"], e["betas"])
+                     and np.isclose(g["weight_decay"], e["weight_decay"]))
                 and (g["kind"] != "muon" or np.isclose(g["beta2"], e["beta2"]) and g["ns_steps"] == optim.NS_STEPS
                      and np.isclose(g["weight_decay"], settings["weight_decay"])
                      and np.isclose(g["momentum"], settings["muon_momentum"])))
         if not same:
-            raise UserError(f"opt/json group {i} {g} does not match jaxchat's group settings {e} (lr x {lrm})")
+            raise UserError(f"opt/json group {i} {g} does not match jaxchat's recipe {r.name} group settings {e} "
+                            f"(lr x {lrm})")
     tx = optim.make_optimizer(**kwargs, weight_decay=settings["weight_decay"],
-                              muon_dtype=jnp.dtype(settings["muon_dtype"]))
+                              muon_dtype=jnp.dtype(settings["muon_dtype"]), **r.optimizer_options())
     values = {"lrm": lrm, "momentum": settings["muon_momentum"], "wd": settings["weight_decay"]}
     return tx, values
 
@@ -68,7 +71,7 @@ def run_optimizer_steps(model: GPT, settings: dict, batches: list[tuple[np.ndarr
     """From the model's weights with fresh optimizer state, one step per batch: [{loss, params after}] per step."""
     graphdef, state = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(state)
-    tx, values = optimizer_from_settings(settings, model.config.n_embd)
+    tx, values = optimizer_from_settings(settings, model.config.n_embd, model.config.recipe)
 
     @jax.jit
     def step(params, opt_state, idx, targets, values):

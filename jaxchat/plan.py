@@ -1,12 +1,16 @@
-"""The training plan in one place: model size from depth, horizon (spec §3.1) and batch / accumulation (§3.2).
+"""The training plan in one place: model size from depth, horizon (spec §3.1), batch / accumulation (§3.2), and the
+recipe's transfer rules (batch LR scale, Muon weight decay; 92d63d4's auto batch).
 
     python -m jaxchat.plan --depth=26 --target-param-data-ratio=8.25 --device-batch-size=16 --num-devices=8
+    python -m jaxchat.plan --recipe=92d63d4 --depth=24 --target-param-data-ratio=8 --device-batch-size=16
     python -m jaxchat.plan --readme      # the README's configuration tables, computed
 """
 
 import argparse
 import dataclasses
+import inspect
 
+from jaxchat import optim, recipe as recipes
 from jaxchat.common import UserError, run_main
 from jaxchat.model import GPTConfig, config_for_depth, estimate_flops, num_scaling_params
 
@@ -55,6 +59,33 @@ def device_batch_warning(device_batch_size: int) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class Transfer:
+    """A recipe's batch and hyperparameter transfer for one depth and horizon (scripts/base_train.py)."""
+
+    total_batch_size: int
+    auto_batch: bool  # the batch was chosen from the horizon, not given
+    batch_lr_scale: float  # √(B/2^19), for every LR but the smear group's
+    weight_decay: float  # the --weight-decay it started from
+    weight_decay_scaled: float  # the Muon weight decay the schedule starts at
+
+
+def transfer(r: recipes.Recipe, *, depth: int, total_batch_size: int, weight_decay: float, tokens: int,
+             ref_tokens: float) -> Transfer:
+    """Batch (-1: auto, where the recipe has it), batch LR scale and scaled weight decay; tokens = the horizon D =
+    int(ratio · scaling params), ref_tokens = D_ref = ratio · d12's scaling params (same shape flags)."""
+    auto = total_batch_size == -1
+    if auto and not r.auto_batch:
+        raise UserError(f"--total-batch-size=-1 (auto) is not part of recipe {r.name}: give a batch in tokens "
+                        f"(e.g. 524288) or use --recipe=92d63d4")
+    if r.auto_batch and tokens == 0:  # 92d63d4 sizes batch and weight decay by D/D_ref, which needs a ratio
+        raise UserError(f"recipe {r.name} scales the batch and weight decay with the horizon "
+                        f"--target-param-data-ratio: it must not be 0 (e.g. 8 or 12)")
+    batch = optim.auto_total_batch_size(tokens, ref_tokens) if auto else total_batch_size
+    wd = r.weight_decay_rule(weight_decay, depth=depth, total_batch_size=batch, tokens=tokens, ref_tokens=ref_tokens)
+    return Transfer(batch, auto, optim.batch_lr_scale(batch), weight_decay, wd)
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """Everything the run's size implies, computed once at start-up."""
 
@@ -67,6 +98,7 @@ class Plan:
     device_batch_size: int
     data_parallel_size: int
     grad_accum_steps: int
+    transfer: Transfer | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -90,29 +122,47 @@ class Plan:
                  f"Tokens / micro-batch: {self.device_batch_size * m.sequence_len * self.data_parallel_size:,}",
                  f"Total batch size {self.total_batch_size:,} => gradient accumulation steps: {self.grad_accum_steps}",
                  "Parameter counts:"]
+        if self.transfer and self.transfer.auto_batch:
+            lines.insert(4, f"Auto-computed optimal batch size: {self.total_batch_size:,} tokens")
         lines += [f"  {name:<22}: {count:,}" for name, count in self.params.items()]
         lines += [f"Estimated FLOPs per token: {self.flops_per_token:e}",
                   f"Number of iterations ({self.horizon_source}): {self.num_iterations:,}",
                   f"Total number of training tokens: {self.total_tokens:,}",
                   f"Tokens : Scaling params ratio: {self.tokens_per_param:.2f}",
                   f"Total training FLOPs estimate: {self.total_flops:e}"]
+        if self.transfer:
+            t = self.transfer
+            lines += [f"Recipe {m.recipe}: batch LR scale {t.batch_lr_scale:.6f} (sqrt of batch / 2^19); Muon weight "
+                      f"decay {t.weight_decay} scaled to {t.weight_decay_scaled:.6f}; AdamW LR scale (n/768)^-0.5 = "
+                      f"{(m.n_embd / 768) ** -0.5:.6f}"]
         return lines
 
 
 def make_plan(*, depth: int, aspect_ratio: int = 64, head_dim: int = 128, max_seq_len: int = 2048,
               vocab_size: int = 32768, window_pattern: str = "SSSL", num_iterations_flag: int = -1,
               target_flops: float = -1.0, target_param_data_ratio: float = 10.5, total_batch_size: int = 524288,
-              device_batch_size: int = 32, data_parallel_size: int = 1) -> Plan:
-    """The plan for a depth and horizon; raises UserError for a horizon or batch that cannot work."""
-    model = config_for_depth(depth, aspect_ratio=aspect_ratio, head_dim=head_dim, max_seq_len=max_seq_len,
-                             vocab_size=vocab_size, window_pattern=window_pattern)
+              device_batch_size: int = 32, data_parallel_size: int = 1, recipe: str = recipes.DEFAULT,
+              weight_decay: float = 0.2) -> Plan:
+    """The plan for a depth and horizon; raises UserError for a horizon or batch that cannot work.
+
+    total_batch_size -1: auto (92d63d4); weight_decay: --weight-decay, before the recipe's transfer rule."""
+    r = recipes.get(recipe)
+    shape = dict(aspect_ratio=aspect_ratio, head_dim=head_dim, max_seq_len=max_seq_len, vocab_size=vocab_size,
+                 window_pattern=window_pattern, recipe=r.name)
+    model = config_for_depth(depth, **shape)
     params = num_scaling_params(model)
     flops = estimate_flops(model)
+    # d12 is where the hyperparameters were tuned: its horizon at the same ratio is the reference D_ref.
+    ref_scaling = num_scaling_params(config_for_depth(12, **shape))["scaling"]
+    t = transfer(r, depth=depth, total_batch_size=total_batch_size, weight_decay=weight_decay,
+                 tokens=int(target_param_data_ratio * params["scaling"]),
+                 ref_tokens=target_param_data_ratio * ref_scaling)
     steps, source = num_iterations(num_iterations=num_iterations_flag, target_flops=target_flops,
                                    target_param_data_ratio=target_param_data_ratio, flops_per_token=flops,
-                                   scaling_params=params["scaling"], total_batch_size=total_batch_size)
-    accum = grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, data_parallel_size)
-    return Plan(model, params, flops, steps, source, total_batch_size, device_batch_size, data_parallel_size, accum)
+                                   scaling_params=params["scaling"], total_batch_size=t.total_batch_size)
+    accum = grad_accum_steps(t.total_batch_size, device_batch_size, max_seq_len, data_parallel_size)
+    return Plan(model, params, flops, steps, source, t.total_batch_size, device_batch_size, data_parallel_size, accum,
+                t)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,17 +190,37 @@ def readme_tables() -> dict[str, str]:
     for b in (32, 16, 8, 4):
         batch_rows.append(f"| {b} | {grad_accum_steps(524288, b, 2048, 8)} | {grad_accum_steps(524288, b, 2048, 1)} "
                           f"| 524,288 |")
-    return {"depth": "\n".join(depth_rows), "horizon": "\n".join(horizon_rows), "batch": "\n".join(batch_rows)}
+    return {"depth": "\n".join(depth_rows), "horizon": "\n".join(horizon_rows), "batch": "\n".join(batch_rows),
+            "recipe": recipe_table("92d63d4")}
+
+
+RECIPE_RATIOS = (8, 10.5, 12)
+
+
+def recipe_table(name: str) -> str:
+    """A recipe's depth table at its defaults: auto batch, steps at three ratios, FLOPs per token."""
+    r = recipes.get(name)
+    defaults = {k: r.defaults[k] for k in ("total_batch_size", "weight_decay") if k in r.defaults}
+    rows = ["| depth | total batch | " + " | ".join(f"steps @ ratio {x}" for x in RECIPE_RATIOS) + " | FLOPs / token |",
+            "|---|---|" + "---|" * len(RECIPE_RATIOS) + "---|"]
+    for depth in README_DEPTHS + (32,):
+        plans = [make_plan(depth=depth, target_param_data_ratio=x, recipe=name, device_batch_size=1, **defaults)
+                 for x in RECIPE_RATIOS]
+        rows.append(f"| {depth} | {plans[0].total_batch_size:,} | " + " | ".join(f"{p.num_iterations:,}" for p in plans)
+                    + f" | {plans[0].flops_per_token / 1e9:.3f}G |")
+    return "\n".join(rows)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--readme", action="store_true", help="print the README's configuration tables")
+    parser.add_argument("--recipe", default=recipes.DEFAULT, help=f"one of {', '.join(recipes.RECIPES)}")
     parser.add_argument("--depth", type=int, default=20)
-    parser.add_argument("--target-param-data-ratio", type=float, default=10.5)
+    parser.add_argument("--target-param-data-ratio", type=float, help="default: the recipe's")
     parser.add_argument("--num-iterations", type=int, default=-1)
     parser.add_argument("--target-flops", type=float, default=-1.0)
-    parser.add_argument("--total-batch-size", type=int, default=524288)
+    parser.add_argument("--total-batch-size", type=int, help="default: the recipe's (-1 = auto in 92d63d4)")
+    parser.add_argument("--weight-decay", type=float, help="default: the recipe's")
     parser.add_argument("--device-batch-size", type=int, default=32)
     parser.add_argument("--num-devices", type=int, default=8, help="data-parallel devices")
     args = parser.parse_args(argv)
@@ -158,10 +228,13 @@ def main(argv=None) -> None:
         for name, table in readme_tables().items():
             print(f"<!-- table:{name} -->\n{table}\n")
         return
-    plan = make_plan(depth=args.depth, target_param_data_ratio=args.target_param_data_ratio,
-                     num_iterations_flag=args.num_iterations, target_flops=args.target_flops,
-                     total_batch_size=args.total_batch_size, device_batch_size=args.device_batch_size,
-                     data_parallel_size=args.num_devices)
+    r = recipes.get(args.recipe)
+    signature = inspect.signature(make_plan).parameters  # 348fbb3's defaults, where the recipe keeps them
+    recipe_default = {k: getattr(args, k) if getattr(args, k) is not None else r.defaults.get(k, signature[k].default)
+                      for k in ("target_param_data_ratio", "total_batch_size", "weight_decay")}
+    plan = make_plan(depth=args.depth, num_iterations_flag=args.num_iterations, target_flops=args.target_flops,
+                     device_batch_size=args.device_batch_size, data_parallel_size=args.num_devices, recipe=r.name,
+                     **recipe_default)
     print("\n".join(plan.summary()))
 
 

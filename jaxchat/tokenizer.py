@@ -38,17 +38,18 @@ def encoding_from_ranks(mergeable_ranks: dict[bytes, int], pattern: str = SPLIT_
     return tiktoken.Encoding(name="rustbpe", pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=special)
 
 
-def compute_token_bytes(enc: tiktoken.Encoding) -> np.ndarray:
+def compute_token_bytes(enc: tiktoken.Encoding, raw: bool = False) -> np.ndarray:
     """int32 byte length per token, 0 for special tokens.
 
-    As nanochat's scripts/tok_train.py computes token_bytes: via a str round trip, so a partial UTF-8 sequence decodes
-    to U+FFFD and counts 3 bytes.
+    As nanochat 348fbb3's scripts/tok_train.py computes token_bytes: via a str round trip, so a partial UTF-8 sequence
+    decodes to U+FFFD and counts 3 bytes; raw: the token's own bytes, as nanochat 92d63d4's.
     """
     special = set(enc.special_tokens_set)
     out = np.zeros(enc.n_vocab, dtype=np.int32)
     for i in range(enc.n_vocab):
         text = enc.decode([i])
-        out[i] = 0 if text in special else len(text.encode("utf-8"))
+        size = len(enc.decode_single_token_bytes(i)) if raw else len(text.encode("utf-8"))
+        out[i] = 0 if text in special else size
     return out
 
 
@@ -72,8 +73,12 @@ class Tokenizer:
         """Text of a list of token ids."""
         return self.enc.decode(list(ids))
 
-    def get_token_bytes(self) -> np.ndarray:
-        """(vocab_size,) int32 byte length of each token, 0 for special tokens; used for bits per byte."""
+    def get_token_bytes(self, raw: bool = False) -> np.ndarray:
+        """(vocab_size,) int32 byte length of each token, 0 for special tokens; used for bits per byte.
+
+        raw: from each token's raw bytes (recipe 92d63d4), computed here; else token_bytes.npy's (348fbb3's rule)."""
+        if raw:
+            return compute_token_bytes(self.enc, raw=True)
         if self._token_bytes is None:
             self._token_bytes = compute_token_bytes(self.enc)
         return self._token_bytes

@@ -1,0 +1,118 @@
+"""The 92d63d4 recipe's schedules and batch / weight-decay transfer against nanochat 92d63d4's own values (fixture
+`schedule/json` of nanochat_head_d4.npz, shared/fixtures/README.md), and the recipe tables."""
+
+import functools
+import json
+
+import numpy as np
+import pytest
+
+from conftest import shared_fixture
+from jaxchat import optim, recipe
+from jaxchat.common import UserError
+from jaxchat.plan import make_plan, transfer
+
+HEAD = recipe.get("92d63d4")
+RATIOS = (8, 10.5, 12)
+
+
+@functools.lru_cache(maxsize=None)
+def reference_tables() -> dict:
+    return json.loads(str(np.load(shared_fixture("nanochat_head_d4.npz"))["schedule/json"]))
+
+
+def scaling(row: dict) -> int:
+    """scripts/base_train.py get_scaling_params: transformer matrices + lm_head."""
+    return row["counts"]["transformer_matrices"] + row["counts"]["lm_head"]
+
+
+def test_schedules_equal_nanochat_92d63d4():
+    d = HEAD.defaults
+    tables = reference_tables()["schedules"]
+    assert {int(n) for n in tables} == {7, 120, 1680, 5568}
+    checked = 0
+    for n, table in tables.items():
+        for it, want in table.items():
+            got = optim.schedule_values(int(it), num_iterations=int(n), warmup_ratio=0.0,
+                                        warmdown_ratio=d["warmdown_ratio"], final_lr_frac=d["final_lr_frac"],
+                                        weight_decay=0.059738, warmup_steps=d["warmup_steps"], schedules=HEAD.schedules)
+            np.testing.assert_allclose([got["lrm"], got["momentum"], got["wd"]], want, rtol=0, atol=1e-12,
+                                       err_msg=f"N={n} it={it}")
+            checked += 1
+    assert checked == 44
+
+
+@pytest.mark.parametrize("depth", [4, 8, 12, 16, 20, 24, 26, 32])
+def test_auto_batch_steps_lr_scale_and_weight_decay_equal_nanochat_92d63d4(depth):
+    """The transfer rules from the reference's own parameter counts (the model's counts: test_model.py)."""
+    rows = reference_tables()["depths"]
+    for ratio in RATIOS:
+        want = rows[str(depth)][f"ratio_{ratio}"]
+        tokens = int(ratio * scaling(rows[str(depth)]))
+        t = transfer(HEAD, depth=depth, total_batch_size=-1, weight_decay=HEAD.defaults["weight_decay"],
+                     tokens=tokens, ref_tokens=ratio * scaling(rows["12"]))
+        assert (tokens, t.total_batch_size, tokens // t.total_batch_size) == (
+            want["tokens"], want["total_batch"], want["num_iterations"]), (depth, ratio)
+        assert t.auto_batch and t.batch_lr_scale == want["batch_lr_scale"]
+        assert t.weight_decay_scaled == want["weight_decay_scaled"]
+
+
+@pytest.mark.parametrize("depth", [4, 12, 24, 32])
+def test_plan_of_the_92d63d4_model_equals_nanochat(depth):
+    """make_plan end to end: the 92d63d4 model's counts, then the transfer (the record run: d24 ratio 8)."""
+    want = reference_tables()["depths"][str(depth)]
+    for ratio in RATIOS:
+        plan = make_plan(depth=depth, target_param_data_ratio=ratio, total_batch_size=-1, recipe="92d63d4",
+                         weight_decay=0.28, device_batch_size=1)
+        assert plan.params["scaling"] == scaling(want)
+        assert (plan.total_batch_size, plan.num_iterations) == (want[f"ratio_{ratio}"]["total_batch"],
+                                                                want[f"ratio_{ratio}"]["num_iterations"])
+        assert plan.transfer.weight_decay_scaled == want[f"ratio_{ratio}"]["weight_decay_scaled"]
+    if depth == 24:
+        record = make_plan(depth=24, target_param_data_ratio=8, total_batch_size=-1, recipe="92d63d4",
+                           weight_decay=0.28, device_batch_size=16, data_parallel_size=8)
+        assert (record.total_batch_size, record.num_iterations, record.grad_accum_steps) == (1048576, 5568, 4)
+        assert "Auto-computed optimal batch size: 1,048,576 tokens" in record.summary()
+
+
+def test_explicit_batch_wins_and_auto_needs_the_recipe():
+    plan = make_plan(depth=12, target_param_data_ratio=8, total_batch_size=2**20, recipe="92d63d4", weight_decay=0.28)
+    assert plan.total_batch_size == 2**20 and not plan.transfer.auto_batch
+    assert plan.transfer.batch_lr_scale == pytest.approx(2**0.5)
+    assert plan.transfer.weight_decay_scaled == pytest.approx(0.28 * 2**0.5)  # d12 is the reference horizon
+    with pytest.raises(UserError, match="not part of recipe 348fbb3"):
+        make_plan(depth=12, total_batch_size=-1)
+    with pytest.raises(UserError, match="must not be 0"):
+        make_plan(depth=12, target_param_data_ratio=0, num_iterations_flag=10, total_batch_size=-1, recipe="92d63d4")
+    # 348fbb3 unchanged: (12/d)² weight decay, batch as given
+    ref = make_plan(depth=24).transfer
+    assert (ref.total_batch_size, ref.batch_lr_scale, ref.weight_decay_scaled) == (524288, 1.0, 0.05)
+
+
+def test_recipe_tables():
+    assert recipe.get("348fbb3").adamw_groups == optim.ADAMW_GROUPS_348FBB3
+    assert [g.name for g in recipe.get("348fbb3").adamw_groups] == list(optim.ADAMW_GROUPS)
+    assert HEAD.defaults["eval_tokens"] == 80 * 524288 and HEAD.defaults["unembedding_lr"] == 0.008
+    with pytest.raises(UserError, match="choose one of 348fbb3, 92d63d4"):
+        recipe.get("a825e63")
+
+
+def test_92d63d4_groups_and_learning_rates():
+    """GPT.setup_optimizer at 92d63d4, d24 at the record batch (bls √2): the spec's effective LRs."""
+    groups = optim.group_hyperparams(model_dim=1536, unembedding_lr=0.008, batch_lr_scale=2**0.5,
+                                     adamw_groups=HEAD.adamw_groups, muon_variant=HEAD.muon)
+    lrs = {name: g["lr"] for name, g in groups.items()}
+    assert lrs == pytest.approx({"lm_head": 0.008, "wte": 0.3, "value_embeds": 0.15, "resid_lambdas": 0.0070711,
+                                 "x0_lambdas": 0.70711, "smear": 0.2, "muon": 0.028284}, rel=2e-5)
+    assert groups["muon"]["beta2"] == 0.9
+    assert {g.name: (g.betas, g.weight_decay) for g in HEAD.adamw_groups} == {
+        "lm_head": ((0.8, 0.96), 0.01), "wte": ((0.8, 0.995), 0.001), "value_embeds": ((0.8, 0.995), 0.01),
+        "resid_lambdas": ((0.8, 0.95), 0.05), "x0_lambdas": ((0.96, 0.95), 0.0), "smear": ((0.8, 0.95), 0.0)}
+    params = {"wte": 0, "lm_head": 0, "value_embeds": 0, "resid_lambdas": 0, "x0_lambdas": 0, "blocks": {"c_q": 0},
+              "smear_gate": {"kernel": 0}, "smear_lambda": 0, "backout_lambda": 0}
+    labels = optim.param_labels(params, HEAD.adamw_groups)
+    assert labels["smear_gate"] == {"kernel": "smear"} and labels["backout_lambda"] == "smear"
+    assert labels["blocks"] == {"c_q": "muon"}
+    with pytest.raises(ValueError, match="no optimizer group"):
+        optim.param_labels(params)  # 348fbb3 has no smear group
+
