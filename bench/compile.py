@@ -15,12 +15,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import xla_flags
 from jaxchat.model import config_for_depth
-from jaxchat.train import abstract_training
+from jaxchat.step import abstract_training, step_input_specs
 
 
 def hlo_op_count(compiled: jax.stages.Compiled) -> int:
@@ -38,7 +37,7 @@ def measure(depth: int, scan_layers: bool, args) -> dict:
     _, train_step, (params_like, opt_like) = abstract_training(config, tx, mesh, compute_dtype=args.compute_dtype,
                                                                scan_layers=scan_layers)
     t0 = time.perf_counter()
-    lowered = train_step.lower(params_like, opt_like, *memory.step_input_specs(
+    lowered = train_step.lower(params_like, opt_like, *step_input_specs(
         mesh, args.device_batch_size, args.grad_accum, args.seq_len))
     t1 = time.perf_counter()
     compiled = lowered.compile()

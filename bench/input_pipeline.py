@@ -15,20 +15,18 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import xla_flags
 from jaxchat.config import parse_flags
 from jaxchat.plan import make_plan
-from jaxchat.train import default_dtype, init_training, prepare_data, step_batch
+from jaxchat.step import compile_step, default_dtype, init_training, make_loaders, prepare_data, step_batch
 
 
-def main(argv: list[str]) -> dict:
-    steps = 10
-    c = parse_flags(["--config=configs/demo.py", *argv])
+def set_up(c, steps: int) -> tuple:
+    """(plan, params, opt_state, compiled step, schedule, train loader) for the flags, on the demo data."""
     mesh = meshlib.make_mesh(c.fsdp)
-    tok, train_loader_factory, _ = prepare_data(c)
+    tok, files = prepare_data(c.data)
     plan = make_plan(depth=c.depth, aspect_ratio=c.aspect_ratio, head_dim=c.head_dim, max_seq_len=c.max_seq_len,
                      vocab_size=tok.vocab_size, window_pattern=c.window_pattern, num_iterations_flag=steps,
                      target_flops=-1, target_param_data_ratio=c.target_param_data_ratio,
@@ -38,12 +36,19 @@ def main(argv: list[str]) -> dict:
                               muon_stack_sharding=meshlib.muon_stack_sharding(mesh))
     _, params, opt_state, train_step, targets = init_training(plan.model, tx, mesh, seed=0,
                                                               compute_dtype=default_dtype(None))
-    step = memory.compile_step(train_step, *targets, mesh, device_batch_size=c.device_batch_size,
-                               grad_accum=plan.grad_accum_steps, seq_len=c.max_seq_len)
+    step = compile_step(train_step, *targets, mesh, device_batch_size=c.device_batch_size,
+                        grad_accum=plan.grad_accum_steps, seq_len=c.max_seq_len)
     values = optim.schedule_values(0, num_iterations=1000, warmup_ratio=0.0, warmdown_ratio=0.5, final_lr_frac=0.0,
                                    weight_decay=0.2)
-    schedule = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
-    loader, batch_sh = train_loader_factory(), meshlib.batch_sharding(mesh)
+    loader = make_loaders(tok, files["train"], device_batch_size=c.device_batch_size, seq_len=c.max_seq_len,
+                          data_shards=c.data_shards)
+    return plan, params, opt_state, step, optim.schedule_arrays(values), loader, meshlib.batch_sharding(mesh)
+
+
+def main(argv: list[str]) -> dict:
+    steps = 10
+    c = parse_flags(["--config=configs/demo.py", *argv])
+    plan, params, opt_state, step, schedule, loader, batch_sh = set_up(c, steps)
     read_times = []
 
     def next_batch():

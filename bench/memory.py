@@ -19,7 +19,7 @@ from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat.model import config_for_depth
-from jaxchat.train import abstract_training
+from jaxchat.step import abstract_training, compile_step
 
 OPTIONS = {
     "plain": {},
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
             for name in options:
                 _, step, (params_like, opt_like) = abstract_training(config, tx, mesh,
                                                                      compute_dtype=args.compute_dtype, **OPTIONS[name])
-                compiled = memory.compile_step(step, params_like, opt_like, mesh, device_batch_size=b,
+                compiled = compile_step(step, params_like, opt_like, mesh, device_batch_size=b,
                                                grad_accum=args.grad_accum, seq_len=args.seq_len)
                 cells.append(f"{memory.peak_bytes(compiled) / memory.GiB:.1f}")
             seconds = (time.perf_counter() - t0) / len(options)

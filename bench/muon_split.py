@@ -17,7 +17,7 @@ from flax import nnx
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat.checkpoint import abstract_like
-from jaxchat.model import GPT, config_for_depth
+from jaxchat.model import abstract_model, config_for_depth
 
 
 def main(argv: list[str]) -> None:
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> None:
     mesh = meshlib.make_mesh(1)
     for depth in (int(d) for d in args.depths.split(",")):
         config = config_for_depth(depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim)
-        params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))), nnx.Param))
+        params = nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
         flops = {}
         for name, stack_sharding in (("whole", None), ("split", meshlib.muon_stack_sharding(mesh))):
             tx = optim.make_optimizer(model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.bfloat16,

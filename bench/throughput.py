@@ -1,4 +1,5 @@
-"""Throughput of the real train step on synthetic tokens: tokens/s, MFU (spec §10), median step time, compile time
+"""Throughput of the real train step on synthetic tokens: tokens/s, MFU (as nanochat's
+scripts/base_train.py computes it at 348fbb3), median step time, compile time
 and peak memory, printed as one JSON line, then as the README performance table's row.
 
     python bench/throughput.py --depth=24 --device-batch-size=16            # real shapes: T 2048, vocab 32768
@@ -24,10 +25,10 @@ from jaxchat import optim
 from jaxchat import xla_flags
 from jaxchat.model import config_for_depth, estimate_flops
 from jaxchat.monitor import peak_flops
-from jaxchat.train import default_dtype, init_training
+from jaxchat.step import compile_step, default_dtype, init_training
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=12)
     parser.add_argument("--aspect-ratio", type=int, default=64)
@@ -46,7 +47,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--loss-chunk", type=int, default=0)
     parser.add_argument("--embed-dtype", default="float32")
     parser.add_argument("--no-xla-flags", action="store_true", help="without jaxchat's GPU XLA flags (baseline)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     if not args.no_xla_flags:
         xla_flags.apply()  # before the backend starts, as `python -m jaxchat.train` does
 
@@ -60,7 +65,7 @@ def main(argv=None) -> dict:
         config, tx, mesh, seed=0, compute_dtype=compute_dtype, remat=args.remat, loss_chunk=args.loss_chunk,
         embed_dtype=args.embed_dtype)
     t0 = time.perf_counter()
-    compiled = memory.compile_step(train_step, params_like, opt_like, mesh, device_batch_size=args.device_batch_size,
+    compiled = compile_step(train_step, params_like, opt_like, mesh, device_batch_size=args.device_batch_size,
                                    grad_accum=args.grad_accum, seq_len=args.seq_len)
     compile_s = time.perf_counter() - t0
 
@@ -70,7 +75,7 @@ def main(argv=None) -> dict:
     inputs, targets = (jax.device_put(a, meshlib.batch_sharding(mesh)) for a in (tokens[..., :-1], tokens[..., 1:]))
     values = optim.schedule_values(0, num_iterations=1000, warmup_ratio=0.0, warmdown_ratio=0.5, final_lr_frac=0.0,
                                    weight_decay=0.2)
-    schedule = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
+    schedule = optim.schedule_arrays(values)
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()

@@ -28,7 +28,7 @@ from jaxchat import optim
 from jaxchat import xla_flags
 from jaxchat.common import UserError, run_main
 from jaxchat.model import GPTConfig, config_for_depth
-from jaxchat.train import default_dtype, init_training
+from jaxchat.step import default_dtype, init_training
 
 
 def parse(argv):
@@ -127,7 +127,7 @@ class JaxchatSide:
         self.inputs, self.targets = (jax.device_put(a[None], batch) for a in (tokens[:, :-1], tokens[:, 1:]))
         values = optim.schedule_values(0, num_iterations=1000, warmup_ratio=0.0, warmdown_ratio=0.5,
                                        final_lr_frac=0.0, weight_decay=0.2)
-        self.schedule = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
+        self.schedule = optim.schedule_arrays(values)
         self.compute = compute_dtype
         self.name = jax.devices()[0].device_kind if jax.default_backend() == "gpu" else cpu_name()
         from flax import nnx

@@ -23,7 +23,7 @@ from flax import nnx
 from jaxchat import core_bundle, core_eval, dataset, mesh as meshlib
 from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, cli_parser, print0, run_main
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
-from jaxchat.model import GPT
+from jaxchat.model import GPT, abstract_model
 from jaxchat.tokenizer import Tokenizer, default_dir
 
 EVALS = ("core", "bpb", "sample")
@@ -69,8 +69,7 @@ def load_model_for_eval(model_tag: str, step: int | str = "last", compute_dtype=
     meta = ckpt.read_meta(step)
     config = config_from_dict(meta["model_config"])
     kwargs = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
-    model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), **kwargs))
-    graphdef, abstract = nnx.split(model)
+    graphdef, abstract = nnx.split(abstract_model(config, **kwargs))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # jax.devices()[0] is process 0's
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(abstract))
     params, _, meta = ckpt.restore(step, target)
@@ -207,7 +206,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from jaxchat.mesh import init_distributed
+    from jaxchat.distributed import init_distributed
 
     init_distributed()
     if args.dtype == "float32":

@@ -1,9 +1,11 @@
-"""Training flags: nanochat's base_train flags (reference defaults, spec §11.1), ml_collections config files, overrides.
+"""Training flags: nanochat's scripts/base_train.py flags with its defaults (at 348fbb3), jaxchat's own flags,
+ml_collections config files and overrides.
 
     python -m jaxchat.train --depth=26 --target-param-data-ratio=8.25 --device-batch-size=16 --run=my-run
     python -m jaxchat.train --config=configs/d26.py --config.device_batch_size=16
 
-Precedence: reference defaults < config file < `--config.key=value` < nanochat-style `--key=value` flags.
+Precedence: defaults < config file < `--config.key=value` < nanochat-style `--key=value` flags. Booleans take
+`--flag` / `--no-flag` or nanochat's `--flag=True` / `--flag=False`.
 """
 
 import argparse
@@ -12,79 +14,109 @@ import os
 
 from ml_collections import ConfigDict
 
-from jaxchat.common import UserError
+from jaxchat.common import JAXCHAT_ONLY, HelpFormatter, UserError
+from jaxchat.memory import AUTO
+from jaxchat.model import REMAT_POLICIES
+
+JAXCHAT_GROUP = "jaxchat"  # starts the name of each group of flags that nanochat's base_train does not have
+
+# Every flag: {group: [(name, default, one-line description)]}. The first seven groups are nanochat's base_train
+# flags in its order and with its defaults; the "jaxchat: ..." groups are jaxchat's own (their help says so too).
+FLAGS = {
+    "logging": [
+        ("run", "dummy", "WandB run name; 'dummy' disables WandB"),
+    ],
+    "runtime": [
+        ("device_type", "", "accepted for nanochat compatibility and ignored: JAX picks the backend (JAX_PLATFORMS)"),
+    ],
+    "model architecture": [
+        ("depth", 20, "number of transformer layers: the one dial that sizes the model"),
+        ("aspect_ratio", 64, "model width = depth x aspect ratio, rounded up to a multiple of --head-dim"),
+        ("head_dim", 128, "attention head dimension"),
+        ("max_seq_len", 2048, "context length in tokens"),
+        ("window_pattern", "SSSL", "attention windows tiled over the layers: L = full context, S = half (the last "
+                                   "layer is always L)"),
+    ],
+    "training horizon (the first one set wins)": [
+        ("num_iterations", -1, "optimizer steps to train (-1 = off)"),
+        ("target_flops", -1.0, "train until this many FLOPs (-1 = off)"),
+        ("target_param_data_ratio", 10.5, "train on this many tokens per scaling parameter (-1 = off)"),
+    ],
+    "optimization": [
+        ("device_batch_size", 32, "rows per device per micro-batch, or 'auto': the largest power of 2 <= 32 that is "
+                                  "predicted to fit"),
+        ("total_batch_size", 524288, "tokens per optimizer step (micro-batches are accumulated to reach it)"),
+        ("embedding_lr", 0.3, "AdamW learning rate of the token embedding"),
+        ("unembedding_lr", 0.004, "AdamW learning rate of the lm_head"),
+        ("weight_decay", 0.2, "Muon weight decay at depth 12 (scaled by (12/depth)^2)"),
+        ("matrix_lr", 0.02, "Muon learning rate of the transformer matrices"),
+        ("scalar_lr", 0.5, "AdamW learning rate of the per-layer scalars (resid and x0 lambdas)"),
+        ("adam_beta1", 0.8, "AdamW beta1"),
+        ("adam_beta2", 0.95, "AdamW beta2"),
+        ("warmup_ratio", 0.0, "fraction of the steps with a linear LR warmup"),
+        ("warmdown_ratio", 0.5, "fraction of the steps with a linear LR warmdown at the end"),
+        ("final_lr_frac", 0.0, "LR at the end of the warmdown, as a fraction of the peak"),
+        ("resume_from_step", "-1", "resume from this checkpoint step, or 'last' (-1 = start fresh); checkpoints "
+                                   "newer than it are moved aside (rolled_back/)"),
+    ],
+    "evaluation": [
+        ("eval_every", 250, "validation bits per byte every N steps (-1 = only at the end)"),
+        ("eval_tokens", 20 * 524288, "validation tokens per evaluation"),
+        ("core_metric_every", 2000, "CORE metric every N steps and at the end (-1 = off)"),
+        ("core_metric_max_per_task", 500, "CORE examples per task"),
+        ("sample_every", 2000, "greedy samples from fixed prompts every N steps and at the end (-1 = off)"),
+        ("save_every", -1, "checkpoint every N steps (-1 = only at the end)"),
+    ],
+    "output": [
+        ("model_tag", "", "checkpoint directory name under base_checkpoints/ ('' = d<depth>)"),
+    ],
+    f"{JAXCHAT_GROUP}: data, mesh and precision": [
+        ("data", "fineweb-edu", "training data: fineweb-edu, climbmix or demo (built from the Python docs, offline)"),
+        ("fsdp", 1, "size of the FSDP mesh axis (parameters sharded over it); 1 = pure data parallel"),
+        ("compute_dtype", "", "activation and matmul dtype: bfloat16 or float32 ('' = bfloat16 on GPU, float32 "
+                              "elsewhere)"),
+        ("muon_dtype", "", "Muon's orthogonalisation dtype ('' = bfloat16 on GPU like nanochat, float32 elsewhere)"),
+        ("embed_dtype", "float32", "storage dtype of wte and value_embeds (bfloat16 like nanochat on CUDA)"),
+        ("allow_odd_depth", False, "allow an odd --depth (its width is nudged up, which nanochat does not recommend)"),
+        ("seed", 42, "parameter initialisation seed"),
+    ],
+    f"{JAXCHAT_GROUP}: memory": [
+        ("remat", "none", "recompute in the backward pass: none, block (each layer) or dots (keep matmul outputs)"),
+        ("loss_chunk", 0, "cross-entropy over this many positions at a time, so the full logits never exist (0 = "
+                          "off)"),
+        ("memory_budget_gb", 0.0, "plan memory against this many GiB per device instead of its capacity (0 = the "
+                                  "device's)"),
+    ],
+    f"{JAXCHAT_GROUP}: checkpoints and logging": [
+        ("save_every_minutes", -1.0, "also checkpoint every N minutes; these rotate (-1 = off)"),
+        ("keep_last", 2, "timer and preemption checkpoints kept (older ones go once superseded)"),
+        ("allow_batch_size_change", False, "resume a checkpoint saved with another --total-batch-size, knowingly"),
+        ("log_every", 1, "print the step line every N steps"),
+        ("tensorboard", True, "write TensorBoard event files to $JAXCHAT_BASE_DIR/tensorboard/<model-tag>"),
+    ],
+    f"{JAXCHAT_GROUP}: several processes (launch/multihost.md)": [
+        ("coordinator_address", "", "host:port of process 0 ('' = single process, or SLURM / JAX_* variables)"),
+        ("num_processes", 0, "number of processes (0 = from the environment, else 1)"),
+        ("process_id", -1, "this process's index (-1 = from the environment)"),
+        ("data_shards", 0, "data loader ranks over all processes (0 = one per process); fixed, it keeps the batches "
+                           "the same on any number of processes"),
+        ("init_timeout", 300, "seconds to wait for every process to join the coordinator"),
+        ("peer_timeout", 20, "seconds without a sign of life from another process before this one exits"),
+    ],
+}
 
 
 def defaults() -> ConfigDict:
-    """Every flag with nanochat 348fbb3's default, plus jaxchat's own (mesh, data source, dtype, logging)."""
-    c = ConfigDict()
-    # logging / identity
-    c.run = "dummy"  # WandB run name; 'dummy' disables WandB
-    c.model_tag = ""  # checkpoint directory name; '' means d{depth}
-    c.device_type = ""  # '' autodetects (gpu > cpu)
-    # model
-    c.depth = 20
-    c.allow_odd_depth = False  # odd depths get a width nudge (+64), which nanochat does not recommend
-    c.aspect_ratio = 64
-    c.head_dim = 128
-    c.max_seq_len = 2048
-    c.window_pattern = "SSSL"
-    # horizon
-    c.num_iterations = -1
-    c.target_flops = -1.0
-    c.target_param_data_ratio = 10.5
-    # batch
-    c.device_batch_size = 32  # rows per device per micro-batch; 'auto' (stored as 0) = largest power of 2 <= 32 that fits
-    c.total_batch_size = 524288
-    # optimizer
-    c.embedding_lr = 0.3
-    c.unembedding_lr = 0.004
-    c.weight_decay = 0.2
-    c.matrix_lr = 0.02
-    c.scalar_lr = 0.5
-    c.adam_beta1 = 0.8
-    c.adam_beta2 = 0.95
-    c.warmup_ratio = 0.0
-    c.warmdown_ratio = 0.5
-    c.final_lr_frac = 0.0
-    # loop
-    c.resume_from_step = "-1"  # a step number, or 'last'; checkpoints newer than it are moved aside (rolled_back/)
-    c.allow_batch_size_change = False  # resume a checkpoint saved with another --total-batch-size, knowingly
-    c.eval_every = 250
-    c.eval_tokens = 20 * 524288
-    c.core_metric_every = 2000
-    c.core_metric_max_per_task = 500
-    c.sample_every = 2000
-    c.save_every = -1
-    c.save_every_minutes = -1.0  # also save on a timer (these rotate; --save-every and final saves are kept)
-    c.keep_last = 2  # timer and preemption checkpoints kept (older ones are deleted once superseded)
-    # jaxchat
-    c.data = "fineweb-edu"  # fineweb-edu | climbmix | demo
-    c.fsdp = 1  # size of the FSDP mesh axis; 1 = pure data parallel
-    c.compute_dtype = ""  # '' = bfloat16 on GPU, float32 on CPU
-    c.muon_dtype = ""  # Polar Express dtype; '' = bfloat16 on GPU (the reference), float32 on CPU (no fast bf16 there)
-    c.remat = "none"  # rematerialise each layer in the backward pass: none | block | dots (keep matmul outputs)
-    c.loss_chunk = 0  # > 0: cross-entropy over this many positions at a time (the full fp32 logits never exist)
-    c.embed_dtype = "float32"  # storage dtype of wte and value_embeds; bfloat16 like the reference on CUDA
-    c.memory_budget_gb = 0.0  # > 0: plan memory against this many GiB per device instead of the device's capacity
-    c.seed = 42
-    c.log_every = 1  # print a step line every N steps
-    c.tensorboard = True
-    c.coordinator_address = ""  # multi-process: host:port of process 0 ('' = single process, or SLURM / JAX env vars)
-    c.num_processes = 0
-    c.process_id = -1
-    c.data_shards = 0  # data loader shards (ranks of spec §6.3) over all processes; 0 = one per process
-    c.init_timeout = 300  # seconds to wait for every process to join the coordinator
-    c.peer_timeout = 20  # seconds without a sign of life from another process before this one exits
-    return c
+    """Every flag with its default: nanochat 348fbb3's for its flags, plus jaxchat's own."""
+    return ConfigDict({name: default for flags in FLAGS.values() for name, default, _ in flags})
 
 
 def _parse_flag(key: str, value, like, origin: str = ""):
-    """A flag's value as the type of its default; --device-batch-size also takes 'auto' (stored as 0).
+    """A flag's value as the type of its default; --device-batch-size also takes 'auto' (stored as memory.AUTO).
 
     origin: where a non-string value came from (a config file), named in the error."""
     if key == "device_batch_size" and str(value).strip().lower() == "auto":
-        return 0
+        return AUTO
     if isinstance(value, str):
         try:
             return _parse_value(value, like)
@@ -181,18 +213,65 @@ def parse_flags(argv: list[str]) -> ConfigDict:
         if key not in config or not eq:
             raise UserError(f"--config.{item}: unknown key or missing '=value'; known keys: {sorted(config)}")
         config[key] = _parse_flag(key, text, config[key], origin=f"--config.{key}")
-    parser = argparse.ArgumentParser(prog="python -m jaxchat.train", allow_abbrev=False, add_help=True,
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key, value in config.items():
-        parser.add_argument("--" + key.replace("_", "-"), dest=key, type=str, default=None,
-                            help=f"default: {value!r}" + (f"; {range_text(key)}" if key in RANGES else ""))
-    parser.error = lambda message: (_ for _ in ()).throw(UserError(message + " (see python -m jaxchat.train --help)"))
-    args = parser.parse_args(flags)
+    args = make_parser(config).parse_args(flags)
+    if args.config is not None:
+        raise UserError("write --config=FILE with '=' (e.g. --config=configs/d26.py)")
     for key, text in vars(args).items():
-        if text is not None:
+        if text is not None and key != "config":
             config[key] = _parse_flag(key, text, config[key])
     validate(config)
     return config
+
+
+class _Bool(argparse.Action):
+    """A boolean flag: `--flag` / `--no-flag`, or nanochat's `--flag=True` / `--flag=False`."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        negative = ["--no-" + s.removeprefix("--") for s in option_strings]
+        super().__init__(option_strings + negative, dest, nargs="?", metavar="BOOL", **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if option_string.startswith("--no-"):
+            if value is not None:
+                parser.error(f"{option_string} takes no value (write --{option_string[5:]}={value})")
+            value = "false"
+        setattr(namespace, self.dest, "true" if value is None else value)
+
+
+class _HelpFormatter(HelpFormatter):
+    """Booleans listed as `--flag, --no-flag`; other flags with their value's kind (`--depth INT`)."""
+
+    def _format_action_invocation(self, action):
+        if isinstance(action, _Bool):
+            return ", ".join(action.option_strings)
+        return super()._format_action_invocation(action)
+
+
+METAVARS = {int: "INT", float: "FLOAT", str: "TEXT"}
+
+
+def make_parser(config: ConfigDict) -> argparse.ArgumentParser:
+    """The command line's parser, grouped like nanochat's base_train; defaults shown are `config`'s (the built-in
+    ones, or a config file's)."""
+    parser = argparse.ArgumentParser(prog="python -m jaxchat.train", allow_abbrev=False, description=__doc__,
+                                     formatter_class=lambda prog: _HelpFormatter(prog, max_help_position=36))
+    parser.error = lambda message: (_ for _ in ()).throw(UserError(message + " (see python -m jaxchat.train --help)"))
+    files = parser.add_argument_group("config files")
+    files.add_argument("--config", metavar="FILE", default=None,
+                       help="a configs/NAME.py file with get_config(); --config.KEY=VALUE overrides one of its keys")
+    for group, flags in FLAGS.items():
+        arguments = parser.add_argument_group(group)
+        for name, _, description in flags:
+            value = config[name]
+            shown = "auto" if name == "device_batch_size" and value == AUTO else repr(value)
+            kind = dict(action=_Bool) if isinstance(value, bool) else dict(metavar=METAVARS[type(value)])
+            if name == "device_batch_size":
+                kind = dict(metavar="INT|auto")
+            marker = JAXCHAT_ONLY if group.startswith(JAXCHAT_GROUP) else ""
+            valid = f" [{range_text(name)}]" if name in RANGES else ""
+            arguments.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                                   help=f"{marker}{description}{valid} (default: {shown})", **kind)
+    return parser
 
 
 # Valid range of every numeric flag: (lowest, highest, what -1 or 0 means when allowed). "off" flags take -1 (or
@@ -241,18 +320,23 @@ def check_ranges(c: ConfigDict) -> None:
 
 
 def validate(c: ConfigDict) -> None:
-    """Contradictions and impossible values, each as one line that says what to do."""
+    """Contradictions and impossible values, each as one line that says what to do (the model and the plan check
+    their arguments too, but only here are the errors worded for the command line)."""
     if c.depth <= 0:
         raise UserError(f"--depth={c.depth} must be a positive integer (e.g. --depth=12)")
     if c.depth % 2 and not c.allow_odd_depth:
         raise UserError(f"--depth={c.depth} is odd: its width gets nudged up to the next multiple of --head-dim, which "
                         f"nanochat does not recommend; use an even depth, or add --allow-odd-depth=true")
-    for key in ("device_batch_size", "total_batch_size", "max_seq_len", "aspect_ratio", "head_dim", "eval_tokens"):
-        if c[key] < 0 or (c[key] == 0 and key != "device_batch_size"):  # device batch 0 = auto
+    for key in ("total_batch_size", "max_seq_len", "aspect_ratio", "head_dim", "eval_tokens"):
+        if c[key] <= 0:
             raise UserError(f"--{key.replace('_', '-')}={c[key]} must be positive")
+    if c.device_batch_size < 0:  # 0 is memory.AUTO
+        raise UserError(f"--device-batch-size={c.device_batch_size} must be positive (or auto)")
+    if not c.window_pattern or set(c.window_pattern.upper()) - {"S", "L"}:
+        raise UserError(f"--window-pattern={c.window_pattern!r} must use only the letters S and L, e.g. SSSL or L")
     if c.data not in ("fineweb-edu", "climbmix", "demo"):
         raise UserError(f"--data={c.data!r}: choose fineweb-edu, climbmix or demo")
-    if c.remat not in ("none", "block", "dots"):
+    if c.remat not in REMAT_POLICIES:
         raise UserError(f"--remat={c.remat!r}: choose none, block (recompute each layer) or dots (keep matmul outputs)")
     if c.embed_dtype not in ("bfloat16", "float32"):
         raise UserError(f"--embed-dtype={c.embed_dtype!r}: choose bfloat16 or float32")

@@ -273,7 +273,3 @@ class DataLoader(_QuietClose, grain.DatasetIterator):
         """Epoch of the most recently read chunk (starts at 1)."""
         return int(self._it.get_state()["epoch"])
 
-
-def val_loader(tokenizer: Tokenizer, files: list[str], B: int, T: int, **kwargs) -> DataLoader:
-    """A fresh loader over the val files: the same batches from the start every time (no state to keep)."""
-    return DataLoader(tokenizer, files, B, T, **kwargs)

@@ -1,4 +1,5 @@
-"""Bits per byte on the validation split (spec §8.1) and greedy samples from fixed prompts (§10)."""
+"""Bits per byte on the validation split (nanochat/loss_eval.py evaluate_bpb at 348fbb3) and greedy samples from
+fixed prompts (the sampling block of scripts/base_train.py at 348fbb3)."""
 
 import math
 from collections.abc import Callable, Iterator

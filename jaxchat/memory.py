@@ -1,9 +1,10 @@
-"""Memory planning: the train step compiled ahead of time, XLA's predicted peak memory per device against the
-device's capacity, `--device-batch-size=auto`, and the one-line out-of-memory message.
+"""Memory planning: XLA's predicted peak memory per device against the device's capacity, `--device-batch-size=auto`,
+and the one-line out-of-memory message.
 
 The prediction is XLA's buffer assignment for the compiled step (arguments + temporaries + outputs not aliased to
-donated arguments), per device; nothing is allocated to get it. The executable compiled for the prediction is the
-one training runs, so planning costs no extra compilation.
+donated arguments), per device; nothing is allocated to get it. `plan_step` gets the compiled step from its caller
+(jaxchat.step.plan_and_compile), and the executable compiled for the prediction is the one training runs, so
+planning costs no extra compilation.
 """
 
 import dataclasses
@@ -12,39 +13,19 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxchat import mesh as meshlib
-from jaxchat import optim
 from jaxchat.common import UserError
-from jaxchat.plan import valid_device_batch_sizes
+from jaxchat.plan import grad_accum_steps, valid_device_batch_sizes
 
 SAFETY_MARGIN = 0.9  # a step must be predicted to use at most this fraction of the capacity (fragmentation, runtime)
-AUTO_MAX = 32  # --device-batch-size=auto tries powers of two from here down
-AUTO = 0  # how config stores --device-batch-size=auto
+AUTO = 0  # --device-batch-size=auto, as config stores it (the one place that says 0 means auto)
+AUTO_SIZES = (32, 16, 8, 4, 2, 1)  # what auto tries, largest first (nanochat's default device batch is 32)
 GiB = 2**30
 
 
 def fmt_bytes(n: int) -> str:
     """Bytes as GiB, or MiB below one GiB."""
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
-
-
-def step_input_specs(mesh, device_batch_size: int, grad_accum: int, seq_len: int,
-                     schedule_keys=optim.SCHEDULE_KEYS):
-    """Abstract (inputs, targets, schedule) of one train step: (accum, rows, T) int32 split over every device."""
-    rows = device_batch_size * mesh.size
-    tokens = jax.ShapeDtypeStruct((grad_accum, rows, seq_len), jnp.int32, sharding=meshlib.batch_sharding(mesh))
-    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
-    return tokens, tokens, {k: scalar for k in schedule_keys}
-
-
-def compile_step(train_step, params_like, opt_like, mesh, *, device_batch_size: int, grad_accum: int,
-                 seq_len: int) -> jax.stages.Compiled:
-    """The jitted step lowered and compiled for these shapes (ShapeDtypeStructs with shardings: nothing allocated)."""
-    return train_step.lower(params_like, opt_like, *step_input_specs(mesh, device_batch_size, grad_accum,
-                                                                     seq_len)).compile()
 
 
 def peak_bytes(compiled: jax.stages.Compiled) -> int:
@@ -96,12 +77,11 @@ class StepMemory:
 def plan_step(compile_for: Callable[[int, int], jax.stages.Compiled], *, device_batch_size: int,
               total_batch_size: int, seq_len: int, data_parallel_size: int, budget_gb: float = 0.0) -> StepMemory:
     """Compile the step (`compile_for(device_batch_size, grad_accum)`) and predict its memory; for AUTO, the largest
-    power of two <= AUTO_MAX that divides the total batch and fits within SAFETY_MARGIN of the capacity."""
+    of AUTO_SIZES that divides the total batch and fits within SAFETY_MARGIN of the capacity."""
     capacity, source = device_capacity(budget_gb)
-    rows_per_device = total_batch_size // (seq_len * data_parallel_size)
     if device_batch_size == AUTO:
         valid = valid_device_batch_sizes(total_batch_size, seq_len, data_parallel_size)
-        candidates = [b for b in (32, 16, 8, 4, 2, 1) if b <= AUTO_MAX and b in valid]
+        candidates = [b for b in AUTO_SIZES if b in valid]
         if not candidates:
             raise UserError(f"--device-batch-size=auto: --total-batch-size={total_batch_size} is not a multiple of "
                             f"seq_len x devices = {seq_len * data_parallel_size}")
@@ -109,10 +89,10 @@ def plan_step(compile_for: Callable[[int, int], jax.stages.Compiled], *, device_
         candidates = [device_batch_size]
     tried = {}
     for b in candidates:
+        accum = grad_accum_steps(total_batch_size, b, seq_len, data_parallel_size)  # a bad fixed batch fails here
         t0 = time.perf_counter()
-        compiled = compile_for(b, rows_per_device // b)
-        plan = StepMemory(compiled, b, rows_per_device // b, peak_bytes(compiled), capacity, source,
-                          time.perf_counter() - t0, tried)
+        compiled = compile_for(b, accum)
+        plan = StepMemory(compiled, b, accum, peak_bytes(compiled), capacity, source, time.perf_counter() - t0, tried)
         tried[b] = plan.predicted_bytes
         if plan.fits or device_batch_size != AUTO:
             return plan
@@ -146,14 +126,3 @@ def oom_message(plan: StepMemory, step: int, last_checkpoint: int | None) -> str
             f"{fmt_bytes(plan.predicted_bytes)} per device, {fmt_bytes(plan.capacity_bytes)} available from "
             f"{plan.capacity_source}): try --device-batch-size={smaller} or auto (the total batch stays the same); "
             f"{saved}")
-
-
-def predict_step_memory(config, tx, mesh, device_batch_size: int, grad_accum: int, *, compute_dtype: str = "float32",
-                        **model_options) -> int:
-    """Predicted peak bytes per device of the train step for this model and batch; allocates nothing."""
-    from jaxchat.train import abstract_training  # train imports this module
-
-    _, train_step, (params_like, opt_like) = abstract_training(config, tx, mesh, compute_dtype=compute_dtype,
-                                                               **model_options)
-    return peak_bytes(compile_step(train_step, params_like, opt_like, mesh, device_batch_size=device_batch_size,
-                                   grad_accum=grad_accum, seq_len=config.sequence_len))

@@ -102,8 +102,8 @@ class GPTConfig:
 
     def __post_init__(self):
         pattern = self.window_pattern.upper()
-        if not pattern or set(pattern) - {"S", "L"}:
-            raise UserError(f"--window-pattern={self.window_pattern!r} must use only the letters S and L, e.g. SSSL or L")
+        if not pattern or set(pattern) - {"S", "L"}:  # config.validate words this for the command line
+            raise ValueError(f"window_pattern {self.window_pattern!r} must use only the letters S and L")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise UserError(f"n_embd {self.n_embd} must divide by n_head {self.n_head}, which must divide by n_kv_head {self.n_kv_head}")
         if self.recipe not in MODEL_RECIPES:
@@ -150,10 +150,9 @@ class GPTConfig:
 def config_for_depth(depth: int, *, aspect_ratio: int = 64, head_dim: int = 128, max_seq_len: int = 2048,
                      vocab_size: int = 32768, window_pattern: str = "SSSL", recipe: str = DEFAULT_RECIPE) -> GPTConfig:
     """The one dial: width = depth * aspect_ratio rounded up to a multiple of head_dim, heads = width / head_dim."""
-    for name, value in (("--depth", depth), ("--aspect-ratio", aspect_ratio), ("--head-dim", head_dim),
-                        ("--max-seq-len", max_seq_len)):
-        if value <= 0:
-            raise UserError(f"{name}={value} must be a positive integer (e.g. --depth=12)")
+    if min(depth, aspect_ratio, head_dim, max_seq_len) <= 0:  # config.validate words this for the command line
+        raise ValueError(f"depth {depth}, aspect_ratio {aspect_ratio}, head_dim {head_dim} and max_seq_len "
+                         f"{max_seq_len} must be positive")
     model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
     n_head = model_dim // head_dim
     return GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
@@ -286,8 +285,8 @@ REMAT_POLICIES = {
 
 def remat_layer(fn, remat: str):
     """`fn` wrapped in jax.checkpoint with the named policy ('none' returns it unchanged)."""
-    if remat not in REMAT_POLICIES:
-        raise UserError(f"--remat={remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+    if remat not in REMAT_POLICIES:  # config.validate words this for the command line
+        raise ValueError(f"remat {remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
     return fn if remat == "none" else jax.checkpoint(fn, policy=REMAT_POLICIES[remat])
 
 
@@ -380,8 +379,8 @@ class GPT(nnx.Module):
         """remat: per-layer policy (REMAT_POLICIES); loss_chunk > 0: chunked cross-entropy over that many positions;
         embed_dtype: storage dtype of wte and value_embeds (bfloat16 like the reference on CUDA)."""
         remat_layer(lambda: None, remat)  # validate the name now
-        if loss_chunk < 0:
-            raise UserError(f"--loss-chunk={loss_chunk} must be 0 (off) or a positive number of positions")
+        if loss_chunk < 0:  # config.validate words this for the command line
+            raise ValueError(f"loss_chunk {loss_chunk} must be 0 (off) or a positive number of positions")
         self.config = config
         self.compute_dtype = jnp.dtype(compute_dtype)
         self.scan_layers = scan_layers
@@ -527,9 +526,12 @@ SCALARS = ("resid_lambdas", "x0_lambdas", "smear_gate", "smear_lambda", "backout
 MATMUL_OUTSIDE_BLOCKS = ("lm_head", "smear_gate")  # weights of matmuls with the token stream besides blocks/*
 
 
-def abstract_model(config: GPTConfig) -> GPT:
-    """The model with shapes only (no memory allocated): for counting and checkpoint targets."""
-    return nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
+def abstract_model(config: GPTConfig, **model_options) -> GPT:
+    """The model with shapes only (no memory allocated): for counting, checkpoint targets and compiling the step.
+
+    model_options: GPT's compute_dtype, scan_layers, remat, loss_chunk, embed_dtype (they shape the graph, not the
+    parameters, except embed_dtype)."""
+    return nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), **model_options))
 
 
 def _leaf_sizes(config: GPTConfig) -> dict[str, int]:

@@ -7,7 +7,7 @@ import jax
 
 from jaxchat.common import print0
 
-# Peak dense bf16 FLOP/s per device (spec §10); substring match on the lower-cased device kind, first match wins.
+# Peak dense bf16 FLOP/s per device (nanochat/common.py get_peak_flops at 348fbb3); substring match on the lower-cased device kind, first match wins.
 PEAK_FLOPS = (
     ("gb200", 2.5e15), ("grace blackwell", 2.5e15), ("b200", 2.25e15), ("b100", 1.8e15),
     ("h200 nvl", 836e12), ("h200 pcie", 836e12), ("h200", 989e12),
@@ -27,7 +27,7 @@ def peak_flops(device_kind: str) -> float:
 
 def step_line(step: int, num_iterations: int, loss: float, lrm: float, dt: float, tokens_per_sec: int, mfu: float,
               epoch: int, total_time: float, eta: float | None) -> str:
-    """The reference's per-step print (spec §10)."""
+    """nanochat's per-step print (scripts/base_train.py, the training loop at 348fbb3)."""
     line = (f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {loss:.6f} | "
             f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tokens_per_sec:,} | mfu: {mfu:.2f} | "
             f"epoch: {epoch} | total time: {total_time / 60:.2f}m")

@@ -200,13 +200,18 @@ class ScheduleState(NamedTuple):
     inner: Any
 
 
-def set_schedule(opt_state: ScheduleState, values: dict[str, Any]) -> ScheduleState:
-    """The state with this step's {lrm, momentum, wd}; call it inside the jitted step with the values as arguments."""
+def schedule_arrays(values: dict[str, Any]) -> dict[str, jax.Array]:
+    """{lrm, momentum, wd} as float32 scalars: what the jitted step takes (and `make_optimizer`'s state holds)."""
     missing = [k for k in SCHEDULE_KEYS if k not in values]
     if missing:
-        raise KeyError(f"set_schedule needs {list(SCHEDULE_KEYS)} (as schedule_values returns), missing {missing}")
+        raise KeyError(f"the schedule needs {list(SCHEDULE_KEYS)} (as schedule_values returns), missing {missing}")
     # Explicit float32: weak-typed or float64 values would change the state's dtype and recompile the step.
-    return opt_state._replace(schedule={k: jnp.asarray(values[k], jnp.float32) for k in SCHEDULE_KEYS})
+    return {k: jnp.asarray(values[k], jnp.float32) for k in SCHEDULE_KEYS}
+
+
+def set_schedule(opt_state: ScheduleState, values: dict[str, Any]) -> ScheduleState:
+    """The state with this step's {lrm, momentum, wd}; call it inside the jitted step with the values as arguments."""
+    return opt_state._replace(schedule=schedule_arrays(values))
 
 
 def _schedule(extra_args: dict[str, Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -483,7 +488,7 @@ def make_optimizer(*, model_dim: int, embedding_lr: float = 0.3, unembedding_lr:
     initial = {"lrm": 1.0, "momentum": muon_momentum(0, schedule=schedules.momentum), "wd": weight_decay}
 
     def init_fn(params):
-        return ScheduleState({k: jnp.asarray(v, jnp.float32) for k, v in initial.items()}, inner.init(params))
+        return ScheduleState(schedule_arrays(initial), inner.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args  # the schedule comes from the state

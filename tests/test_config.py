@@ -1,6 +1,12 @@
 """Training flags: reference defaults, config files and overrides (bad input: test_bad_input.py)."""
 
-from jaxchat.config import parse_flags
+import re
+
+import pytest
+
+from jaxchat.common import JAXCHAT_ONLY, UserError
+from jaxchat.config import FLAGS, JAXCHAT_GROUP, defaults, parse_flags, range_text
+from jaxchat.memory import AUTO
 
 
 def test_reference_defaults():
@@ -19,3 +25,57 @@ def test_nanochat_flags_and_config_files():
     assert (c.depth, c.target_param_data_ratio, c.device_batch_size) == (26, 8.25, 8)
     c = parse_flags(["--config=configs/d26.py", "--config.device_batch_size=8", "--device-batch-size=4"])
     assert c.device_batch_size == 4  # explicit flags win over the config file
+
+
+def test_remat_and_window_pattern_are_checked_here_with_the_flag_named():
+    with pytest.raises(UserError, match="--remat='everything': choose none, block"):
+        parse_flags(["--remat=everything"])
+    with pytest.raises(UserError, match="--window-pattern='SXL' must use only the letters S and L"):
+        parse_flags(["--window-pattern=SXL"])
+
+
+def test_booleans_take_both_spellings():
+    assert parse_flags([]).tensorboard is True and parse_flags([]).allow_odd_depth is False
+    assert parse_flags(["--no-tensorboard"]).tensorboard is False
+    assert parse_flags(["--tensorboard=False"]).tensorboard is False  # nanochat's spelling
+    assert parse_flags(["--no-tensorboard", "--tensorboard"]).tensorboard is True  # the last one wins
+    assert parse_flags(["--depth=7", "--allow-odd-depth"]).allow_odd_depth is True
+    assert parse_flags(["--depth=7", "--allow-odd-depth=True"]).allow_odd_depth is True
+    assert parse_flags(["--config=configs/demo.py", "--config.tensorboard=false"]).tensorboard is False
+
+
+def test_device_batch_size_auto_is_memory_auto():
+    assert parse_flags(["--device-batch-size=auto"]).device_batch_size == AUTO
+    assert parse_flags(["--config.device_batch_size=auto"]).device_batch_size == AUTO
+
+
+def test_help_describes_every_flag_in_nanochat_groups(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_flags(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    headings = re.findall(r"^(\S[^\n]*):$", text, re.M)
+    assert headings[:9] == ["options", "config files", "logging", "runtime", "model architecture",
+                            "training horizon (the first one set wins)", "optimization", "evaluation", "output"]
+    assert headings[9:] and all(h.startswith(JAXCHAT_GROUP + ": ") for h in headings[9:])
+    assert sorted(name for flags in FLAGS.values() for name, _, _ in flags) == sorted(defaults())
+    # Each flag's entry: its option, a description and its default, in its group's section.
+    sections = dict(zip(headings, re.split(r"^\S[^\n]*:$", text, flags=re.M)[1:]))
+    for group, flags in FLAGS.items():
+        for name, default, description in flags:
+            option = "--" + name.replace("_", "-")
+            entry = re.search(rf"^  {re.escape(option)}\b(.*?)(?=^  --|\Z)", sections[group], re.M | re.S)
+            assert entry, (group, option)
+            words = " ".join(entry.group(1).split())
+            assert description.split()[0] in words and f"(default: {default!r})" in words, (option, words)
+            assert (JAXCHAT_ONLY.strip() in words) == group.startswith(JAXCHAT_GROUP), (option, words)
+    assert "--tensorboard, --no-tensorboard" in text and "--depth INT" in text
+
+
+def test_help_shows_a_config_files_values(capsys):
+    with pytest.raises(SystemExit):
+        parse_flags(["--config=configs/demo.py", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("--depth INT number of transformer layers: the one dial that sizes the model "
+            f"[{range_text('depth')}] (default: 4)") in text
+    assert "(default: 'demo')" in text and "(default: 'fineweb-edu')" not in text  # --data of configs/demo.py

@@ -7,13 +7,13 @@ from jax.sharding import PartitionSpec as P
 
 from jaxchat import mesh as meshlib
 from jaxchat.common import UserError
-from jaxchat.model import GPT, GPTConfig
+from jaxchat.model import GPT, GPTConfig, abstract_model
 
 CONFIG = GPTConfig(sequence_len=32, vocab_size=120, n_layer=8, n_head=2, n_kv_head=2, n_embd=64)
 
 
 def abstract_params():
-    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: GPT(CONFIG, rngs=nnx.Rngs(0))), nnx.Param))
+    return nnx.to_pure_dict(nnx.state(abstract_model(CONFIG), nnx.Param))
 
 
 def specs(shardings):

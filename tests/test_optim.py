@@ -281,7 +281,7 @@ def test_schedule_changes_never_recompile():
             values = optim.schedule_values(it * 97, num_iterations=600, warmup_ratio=0.05, warmdown_ratio=0.5,
                                            final_lr_frac=0.0, weight_decay=0.2)
             # float32 arrays, as the train step gets them (Python floats would be weak-typed: one more compile)
-            values = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
+            values = optim.schedule_arrays(values)
             before = len(compiles)
             params, state = step(params, state, grads, values)
             compiles_per_step.append(len(compiles) - before)

@@ -8,7 +8,7 @@ import pytest
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat.model import GPTConfig
-from jaxchat.train import init_training
+from jaxchat.step import init_training
 
 CONFIG = GPTConfig(sequence_len=16, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
 ROWS, STEPS = 32, 2  # 32 rows x 16 tokens per step
@@ -36,8 +36,8 @@ def run(mesh, accum_steps: int):
         micro = lambda a: jax.device_put(a.reshape(accum_steps, ROWS // accum_steps, -1), sharding)
         values = optim.schedule_values(step, num_iterations=10, warmup_ratio=0.0, warmdown_ratio=0.5,
                                        final_lr_frac=0.0, weight_decay=0.2)
-        schedule = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
-        params, opt_state, metrics = train_step(params, opt_state, micro(inputs), micro(targets), schedule)
+        params, opt_state, metrics = train_step(params, opt_state, micro(inputs), micro(targets),
+                                                optim.schedule_arrays(values))
         losses.append(float(metrics["loss"]))
     return np.array(losses), start, jax.tree.map(np.asarray, params)
 
@@ -77,8 +77,7 @@ def test_loss_falls_and_step_compiles_once():
     for step in range(8):
         values = optim.schedule_values(step, num_iterations=8, warmup_ratio=0.0, warmdown_ratio=0.5,
                                        final_lr_frac=0.0, weight_decay=0.2)
-        schedule = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
-        params, opt_state, metrics = train_step(params, opt_state, inputs, targets, schedule)
+        params, opt_state, metrics = train_step(params, opt_state, inputs, targets, optim.schedule_arrays(values))
         losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0] - 1.0  # memorising one batch
     assert train_step._cache_size() == 1
