@@ -39,6 +39,11 @@ from jaxchat.step import (ShardLoaders, default_dtype, global_batch, init_traini
                           prepare_data, shard_layout, step_batch)
 
 
+def model_tag(c: ConfigDict) -> str:
+    """The checkpoint (and TensorBoard) directory name: --model-tag, else d<depth> as in nanochat."""
+    return c.model_tag or f"d{c.depth}"
+
+
 @dataclasses.dataclass
 class LoopState:
     """What the loop carries between steps and across a resume (nanochat's scripts/base_train.py loop_state)."""
@@ -77,7 +82,7 @@ class Run:
 
     @property
     def model_tag(self) -> str:
-        return self.c.model_tag or f"d{self.c.depth}"
+        return model_tag(self.c)
 
     @property
     def user_config(self) -> dict:
@@ -164,15 +169,14 @@ def find_core_bundle(c: ConfigDict) -> str | None:
 def open_checkpoints(c: ConfigDict, stop_request: StopRequest, tok, config) -> tuple[Checkpointer, int | None, dict]:
     """(checkpointer, step to resume from or None, run inputs): the directory locked for this run (released on any
     exit) and the resume checked against this run, before anything compiles."""
-    model_tag = c.model_tag or f"d{c.depth}"
-    checkpointer = Checkpointer(checkpoint_dir(model_tag), lock=True, keep_last=c.keep_last)
+    checkpointer = Checkpointer(checkpoint_dir(model_tag(c)), lock=True, keep_last=c.keep_last)
     stop_request.on_exit.append(checkpointer.release)
     run_inputs = dict(tokenizer=tok.fingerprint(), data=c.data, total_batch_size=c.total_batch_size,
                       max_seq_len=c.max_seq_len, **({"recipe": c.recipe} if "recipe" in c else {}))
-    return checkpointer, resume_point(c, checkpointer, model_tag, dataclasses.asdict(config), run_inputs), run_inputs
+    return checkpointer, resume_point(c, checkpointer, dataclasses.asdict(config), run_inputs), run_inputs
 
 
-def resume_point(c, checkpointer: Checkpointer, model_tag: str, model_config: dict, inputs: dict) -> int | None:
+def resume_point(c, checkpointer: Checkpointer, model_config: dict, inputs: dict) -> int | None:
     """The checkpoint step to resume from (None: start at 0), checked against this run before anything compiles."""
     resume = str(c.resume_from_step)
     if resume == "last" and not checkpointer.steps():
@@ -185,7 +189,7 @@ def resume_point(c, checkpointer: Checkpointer, model_tag: str, model_config: di
     saved_model = meta["model_config"]
     if saved_model != model_config:  # before restoring: shapes would not fit
         differ = {k: (v, saved_model.get(k)) for k, v in model_config.items() if saved_model.get(k) != v}
-        raise UserError(f"checkpoint step {step} of {model_tag} was saved with another model "
+        raise UserError(f"checkpoint step {step} of {model_tag(c)} was saved with another model "
                         f"({', '.join(f'{k}: saved {b}, now {a}' for k, (a, b) in differ.items())}; vocab_size comes "
                         f"from the tokenizer): use the flags and tokenizer of the saving run")
     changes = input_changes(meta.get("inputs", {}), inputs)
@@ -194,7 +198,7 @@ def resume_point(c, checkpointer: Checkpointer, model_tag: str, model_config: di
     if changes:
         hint = (" (or accept the new --total-batch-size knowingly with --allow-batch-size-change=true)"
                 if "total_batch_size" in changes else "")
-        raise UserError(f"checkpoint step {step} of {model_tag} was trained with other inputs ("
+        raise UserError(f"checkpoint step {step} of {model_tag(c)} was trained with other inputs ("
                         + ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in changes.items())
                         + f"): resume with the saving run's inputs, or train a new --model-tag{hint}")
     shards = c.data_shards or jax.process_count()
