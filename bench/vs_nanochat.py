@@ -2,7 +2,8 @@
 
 Both projects run as they do by default on the backend: float32 compute on CPU, bfloat16 on GPU (nanochat: autocast
 on CUDA, `torch.compile` of the model as scripts/base_train.py does unless --torch-eager). Prints one JSON line: each
-side's median step, forward+backward and optimizer times, and `ratio` = jaxchat steps/s / nanochat steps/s.
+side's median step, forward+backward and optimizer times, and `ratio` = jaxchat steps/s / nanochat steps/s; also each
+step's CPU time, `cpu_ratio` and the load average, for a machine that other processes keep busy.
 
     git clone https://github.com/karpathy/nanochat /tmp/nanochat && git -C /tmp/nanochat checkout 348fbb3
     pip install -e ".[torch]"                            # torch: only here and in jaxchat.export
@@ -67,7 +68,8 @@ class NanochatSide:
 
     def __init__(self, nanochat_dir: str, config: GPTConfig, tokens: np.ndarray, eager: bool):
         if not os.path.isfile(os.path.join(nanochat_dir, "nanochat", "gpt.py")):
-            raise UserError(f"--nanochat-dir={nanochat_dir}: no nanochat/gpt.py there; clone nanochat and pass its root")
+            raise UserError(f"--nanochat-dir={nanochat_dir}: no nanochat/gpt.py there; clone nanochat and pass its "
+                            "root")
         try:
             import torch
         except ImportError:
@@ -97,10 +99,10 @@ class NanochatSide:
         if self.device == "cuda":
             self.torch.cuda.synchronize()
 
-    def step(self) -> tuple[float, float, float]:
-        """(step, forward+backward, optimizer) seconds for one training step."""
+    def step(self) -> tuple[float, float, float, float]:
+        """(step, forward+backward, optimizer, step's CPU time) seconds for one training step."""
         self.sync()
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         with self.autocast:
             loss = self.model(self.inputs, self.targets)
         loss.backward()
@@ -110,7 +112,7 @@ class NanochatSide:
         self.model.zero_grad(set_to_none=True)
         self.sync()
         t2 = time.perf_counter()
-        return t2 - t0, t1 - t0, t2 - t1
+        return t2 - t0, t1 - t0, t2 - t1, time.process_time() - c0
 
 
 class JaxchatSide:
@@ -139,18 +141,18 @@ class JaxchatSide:
         self.update_fn = jax.jit(lambda g, s, p: self.tx.update(g, optim.set_schedule(s, self.schedule), p))
         self.grads = None
 
-    def step(self) -> tuple[float, float, float]:
-        """(real step, forward+backward alone, optimizer alone) seconds."""
-        t0 = time.perf_counter()
+    def step(self) -> tuple[float, float, float, float]:
+        """(real step, forward+backward alone, optimizer alone, real step's CPU time) seconds."""
+        c0, t0 = time.process_time(), time.perf_counter()
         self.params, self.opt_state, metrics = self.train_step(self.params, self.opt_state, self.inputs,
                                                                self.targets, self.schedule)
         jax.block_until_ready(metrics)
-        t1 = time.perf_counter()
+        t1, cpu = time.perf_counter(), time.process_time() - c0
         loss, self.grads = jax.block_until_ready(self.grad_fn(self.params))
         t2 = time.perf_counter()
         jax.block_until_ready(self.update_fn(self.grads, self.opt_state, self.params))
         t3 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t2
+        return t1 - t0, t2 - t1, t3 - t2, cpu
 
 
 def cpu_name() -> str:
@@ -167,7 +169,8 @@ def bench(argv: list[str]) -> dict:
         raise UserError(f"--steps={a.steps} and --warmup={a.warmup} must be at least 1")
     config = model_config(a)
     tokens = np.random.default_rng(0).integers(0, a.vocab, (a.batch, a.seq_len + 1), dtype=np.int32)
-    sides = {"nanochat": NanochatSide(a.nanochat_dir, config, tokens, a.torch_eager), "jaxchat": JaxchatSide(config, tokens)}
+    sides = {"nanochat": NanochatSide(a.nanochat_dir, config, tokens, a.torch_eager),
+             "jaxchat": JaxchatSide(config, tokens)}
     times = {name: [] for name in sides}
     for i in range(a.warmup + a.steps):  # alternate, so load from elsewhere on the machine hits both sides alike
         for name, side in sides.items():
@@ -180,9 +183,14 @@ def bench(argv: list[str]) -> dict:
                   torch=sides["nanochat"].torch.__version__, torch_compile=not a.torch_eager,
                   xla_flags=os.environ.get("XLA_FLAGS", ""))
     for name, side in sides.items():
-        step, fwd_bwd, opt = (median_ms([t[j] for t in times[name]]) for j in range(3))
-        result[name] = dict(step_ms=step, fwd_bwd_ms=fwd_bwd, optimizer_ms=opt, compute_dtype=side.compute)
+        step, fwd_bwd, opt, cpu = (median_ms([t[j] for t in times[name]]) for j in range(4))
+        result[name] = dict(step_ms=step, fwd_bwd_ms=fwd_bwd, optimizer_ms=opt, step_cpu_ms=cpu,
+                            compute_dtype=side.compute)
     result["ratio"] = round(result["nanochat"]["step_ms"] / result["jaxchat"]["step_ms"], 3)
+    # CPU seconds per step (all threads): a second view when other processes load the machine, as a busy host slows
+    # a side whose threads wait on each other (torch's OpenMP barriers) more than its work alone would.
+    result["cpu_ratio"] = round(result["nanochat"]["step_cpu_ms"] / result["jaxchat"]["step_cpu_ms"], 3)
+    result["load_avg_1min"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result), flush=True)
     return result
 

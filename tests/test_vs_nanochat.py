@@ -28,7 +28,8 @@ def test_bench_runs_both_sides_and_prints_the_ratio():
     if nanochat_dir() is None:
         pytest.skip("no nanochat checkout: set NANOCHAT_DIR to a clone of github.com/karpathy/nanochat (e.g. 348fbb3)")
     cmd = [sys.executable, BENCH, f"--nanochat-dir={nanochat_dir()}", "--depth=2", "--width=64", "--head-dim=32",
-           "--seq-len=32", "--batch=2", "--vocab=256", "--window-pattern=SL", "--steps=2", "--warmup=1", "--torch-eager"]
+           "--seq-len=32", "--batch=2", "--vocab=256", "--window-pattern=SL", "--steps=2", "--warmup=1",
+           "--torch-eager"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
@@ -37,6 +38,8 @@ def test_bench_runs_both_sides_and_prints_the_ratio():
         r = result[side]
         assert r["step_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["optimizer_ms"] > 0 and r["compute_dtype"] == "float32"
     assert result["ratio"] == pytest.approx(result["nanochat"]["step_ms"] / result["jaxchat"]["step_ms"], abs=1e-3)
+    assert result["cpu_ratio"] == pytest.approx(result["nanochat"]["step_cpu_ms"] / result["jaxchat"]["step_cpu_ms"],
+                                                abs=1e-3)
     assert result["backend"] == "cpu" and result["machine"]
 
 
