@@ -4,7 +4,8 @@ ml_collections config files and overrides.
     python -m jaxchat.train --depth=26 --target-param-data-ratio=8.25 --device-batch-size=16 --run=my-run
     python -m jaxchat.train --config=configs/d26.py --config.device_batch_size=16
 
-Precedence: defaults < config file < `--config.key=value` < nanochat-style `--key=value` flags. Booleans take
+Precedence: defaults < the --recipe's defaults < config file < `--config.key=value` < nanochat-style `--key=value`
+flags. Booleans take
 `--flag` / `--no-flag` or nanochat's `--flag=True` / `--flag=False`.
 """
 
@@ -14,6 +15,7 @@ import os
 
 from ml_collections import ConfigDict
 
+from jaxchat import recipe as recipes
 from jaxchat.common import JAXCHAT_ONLY, HelpFormatter, UserError
 from jaxchat.memory import AUTO
 from jaxchat.model import REMAT_POLICIES
@@ -45,7 +47,8 @@ FLAGS = {
     "optimization": [
         ("device_batch_size", 32, "rows per device per micro-batch, or 'auto': the largest power of 2 <= 32 that is "
                                   "predicted to fit"),
-        ("total_batch_size", 524288, "tokens per optimizer step (micro-batches are accumulated to reach it)"),
+        ("total_batch_size", 524288, "tokens per optimizer step (micro-batches are accumulated to reach it); -1 = "
+                                     "auto from the horizon (recipe 92d63d4)"),
         ("embedding_lr", 0.3, "AdamW learning rate of the token embedding"),
         ("unembedding_lr", 0.004, "AdamW learning rate of the lm_head"),
         ("weight_decay", 0.2, "Muon weight decay at depth 12 (scaled by (12/depth)^2)"),
@@ -54,6 +57,7 @@ FLAGS = {
         ("adam_beta1", 0.8, "AdamW beta1"),
         ("adam_beta2", 0.95, "AdamW beta2"),
         ("warmup_ratio", 0.0, "fraction of the steps with a linear LR warmup"),
+        ("warmup_steps", -1, "steps of linear LR warmup, nanochat 92d63d4's flag (-1 = from --warmup-ratio)"),
         ("warmdown_ratio", 0.5, "fraction of the steps with a linear LR warmdown at the end"),
         ("final_lr_frac", 0.0, "LR at the end of the warmdown, as a fraction of the peak"),
         ("resume_from_step", "-1", "resume from this checkpoint step, or 'last' (-1 = start fresh); checkpoints "
@@ -69,6 +73,12 @@ FLAGS = {
     ],
     "output": [
         ("model_tag", "", "checkpoint directory name under base_checkpoints/ ('' = d<depth>)"),
+    ],
+    f"{JAXCHAT_GROUP}: recipe": [
+        ("recipe", recipes.DEFAULT, "nanochat commit whose recipe to train: 348fbb3 (January) or 92d63d4 (the record: "
+                                    "its model, optimizer, schedules, auto batch and defaults; explicit flags win)"),
+        ("dry_run", False, "print the plan (batch, steps, LR scale, weight decay) and exit: nothing is read or "
+                           "compiled"),
     ],
     f"{JAXCHAT_GROUP}: data, mesh and precision": [
         ("data", "fineweb-edu", "training data: fineweb-edu, climbmix or demo (built from the Python docs, offline)"),
@@ -191,6 +201,20 @@ def _user_line(e: Exception, path: str) -> int | None:
     return line
 
 
+def chosen_recipe(file_values, dotted: list[str], flags: list[str]) -> str:
+    """The --recipe a command line asks for (flag > --config.recipe > config file > default), read first: the
+    recipe's defaults sit below everything given explicitly."""
+    name = str(file_values.get("recipe", recipes.DEFAULT))
+    for item in dotted:
+        name = item.partition("=")[2] if item.startswith("recipe=") else name
+    for i, arg in enumerate(flags):
+        if arg.startswith("--recipe="):
+            name = arg.split("=", 1)[1]
+        elif arg == "--recipe" and i + 1 < len(flags):
+            name = flags[i + 1]
+    return name
+
+
 def parse_flags(argv: list[str]) -> ConfigDict:
     """The run's configuration from the command line (argv without the program name)."""
     config = defaults()
@@ -203,8 +227,10 @@ def parse_flags(argv: list[str]) -> ConfigDict:
             dotted.append(arg[len("--config."):])
         else:
             flags.append(arg)
+    file_values = load_config_file(config_file) if config_file else {}
+    config.update(dict(recipes.get(chosen_recipe(file_values, dotted, flags)).defaults))
     if config_file:
-        for key, value in load_config_file(config_file).items():
+        for key, value in file_values.items():
             if key not in config:
                 raise UserError(f"--config={config_file} sets unknown key {key!r}; known keys: {sorted(config)}")
             config[key] = _parse_flag(key, value, config[key], origin=f"--config={config_file}")
@@ -281,7 +307,8 @@ RANGES = {
     "depth": (1, None, ""), "aspect_ratio": (1, None, ""), "head_dim": (2, None, "even"),
     "max_seq_len": (2, None, "even"), "num_iterations": (-1, None, "-1 = from --target-*"),
     "target_flops": (-1, None, "-1 = off"), "target_param_data_ratio": (-1, None, "-1 = off"),
-    "device_batch_size": (0, None, "0 or 'auto' = largest that fits"), "total_batch_size": (1, None, ""),
+    "device_batch_size": (0, None, "0 or 'auto' = largest that fits"),
+    "total_batch_size": (-1, None, "-1 = auto, recipe 92d63d4"), "warmup_steps": (-1, None, "-1 = --warmup-ratio"),
     "embedding_lr": (0, None, ""), "unembedding_lr": (0, None, ""), "matrix_lr": (0, None, ""),
     "scalar_lr": (0, None, ""), "weight_decay": (0, None, ""), "adam_beta1": (0, 1, ""), "adam_beta2": (0, 1, ""),
     "warmup_ratio": (0, 1, ""), "warmdown_ratio": (0, 1, ""), "final_lr_frac": (0, 1, ""),
@@ -294,8 +321,8 @@ RANGES = {
     "init_timeout": (1, None, ""), "peer_timeout": (1, None, ""),
 }
 # Where -1 means off (or auto), values between -1 and the first real value make no sense (0, -0.5, -3).
-REAL_FROM = {"num_iterations": 1, "target_flops": 1e-300, "target_param_data_ratio": 1e-300, "eval_every": 1,
-             "core_metric_every": 1, "core_metric_max_per_task": 1, "sample_every": 1, "save_every": 1,
+REAL_FROM = {"num_iterations": 1, "total_batch_size": 1, "target_flops": 1e-300, "target_param_data_ratio": 1e-300,
+             "eval_every": 1, "core_metric_every": 1, "core_metric_max_per_task": 1, "sample_every": 1, "save_every": 1,
              "save_every_minutes": 1e-300}
 
 
@@ -327,7 +354,14 @@ def validate(c: ConfigDict) -> None:
     if c.depth % 2 and not c.allow_odd_depth:
         raise UserError(f"--depth={c.depth} is odd: its width gets nudged up to the next multiple of --head-dim, which "
                         f"nanochat does not recommend; use an even depth, or add --allow-odd-depth=true")
-    for key in ("total_batch_size", "max_seq_len", "aspect_ratio", "head_dim", "eval_tokens"):
+    r = recipes.get(c.recipe)
+    if c.total_batch_size == -1 and not r.auto_batch:
+        raise UserError(f"--total-batch-size=-1 (auto) is part of recipe 92d63d4, not {r.name}: give a batch in "
+                        f"tokens (e.g. 524288) or add --recipe=92d63d4")
+    if r.fixed_betas and (c.adam_beta1, c.adam_beta2) != (defaults().adam_beta1, defaults().adam_beta2):
+        raise UserError(f"--adam-beta1/--adam-beta2 do not exist in recipe {r.name}: each AdamW group has its own "
+                        f"betas (nanochat 92d63d4 GPT.setup_optimizer); drop them or use --recipe=348fbb3")
+    for key in ("max_seq_len", "aspect_ratio", "head_dim", "eval_tokens"):
         if c[key] <= 0:
             raise UserError(f"--{key.replace('_', '-')}={c[key]} must be positive")
     if c.device_batch_size < 0:  # 0 is memory.AUTO

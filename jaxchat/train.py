@@ -25,6 +25,7 @@ from ml_collections import ConfigDict
 from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
+from jaxchat import recipe as recipes
 from jaxchat import xla_flags
 from jaxchat.checkpoint import Checkpointer, checkpoint_dir, input_changes
 from jaxchat.common import UserError, base_dir, check_writable, print0, run_main
@@ -32,7 +33,6 @@ from jaxchat.config import parse_flags
 from jaxchat.distributed import gather_json, init_distributed
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
 from jaxchat.faults import SaveTimer, StopRequest
-from jaxchat.model import config_for_depth
 from jaxchat.monitor import Monitor, peak_flops, step_line
 from jaxchat.plan import Plan, device_batch_warning, make_plan
 from jaxchat.step import (ShardLoaders, default_dtype, global_batch, init_training, make_loaders, plan_and_compile,
@@ -77,7 +77,7 @@ class Run:
 
     def __post_init__(self):
         self.bpb_step = make_bpb_step(self.graphdef)
-        self.token_bytes = jnp.asarray(self.tok.get_token_bytes())
+        self.token_bytes = jnp.asarray(self.tok.get_token_bytes(raw=recipes.get(self.c.recipe).raw_token_bytes))
         self.batch_sharding, self.row_sharding = meshlib.batch_sharding(self.mesh), meshlib.row_sharding(self.mesh)
 
     @property
@@ -134,25 +134,44 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     check_writable(base_dir(), "base directory")  # data, tokenizer, logs: before anything is built or compiled
     tok, files = prepare_data(c.data)
     core_bundle = find_core_bundle(c)
-    config = config_for_depth(c.depth, aspect_ratio=c.aspect_ratio, head_dim=c.head_dim, max_seq_len=c.max_seq_len,
-                              vocab_size=tok.vocab_size, window_pattern=c.window_pattern)
-    checkpointer, resume_from, run_inputs = open_checkpoints(c, stop_request, tok, config)
-    tx, wd_scaled = build_optimizer(c, config, mesh, muon_dtype)
+    plan = run_plan(c, tok.vocab_size, device_batch_size=c.device_batch_size or 1)  # the batch and the transfer
+    config = plan.model
+    checkpointer, resume_from, run_inputs = open_checkpoints(c, stop_request, tok, config, plan.total_batch_size)
+    tx, wd_scaled = build_optimizer(c, plan, mesh, muon_dtype)
     graphdef, params, opt_state, train_step, targets = init_training(
         config, tx, mesh, seed=c.seed, compute_dtype=compute_dtype, remat=c.remat, loss_chunk=c.loss_chunk,
         embed_dtype=c.embed_dtype)
     step_memory = plan_and_compile(train_step, targets, mesh, device_batch_size=c.device_batch_size,
-                                   total_batch_size=c.total_batch_size, seq_len=c.max_seq_len,
+                                   total_batch_size=plan.total_batch_size, seq_len=c.max_seq_len,
                                    budget_gb=c.memory_budget_gb)
-    plan = make_plan(depth=c.depth, aspect_ratio=c.aspect_ratio, head_dim=c.head_dim, max_seq_len=c.max_seq_len,
-                     vocab_size=tok.vocab_size, window_pattern=c.window_pattern, num_iterations_flag=c.num_iterations,
-                     target_flops=c.target_flops, target_param_data_ratio=c.target_param_data_ratio,
-                     total_batch_size=c.total_batch_size, device_batch_size=step_memory.device_batch_size,
-                     data_parallel_size=jax.device_count())
+    plan = run_plan(c, tok.vocab_size, device_batch_size=step_memory.device_batch_size)
     report_plan(c, step_memory, plan)
     run = Run(c, mesh, plan, tok, files, graphdef, step_memory.compiled, step_memory, targets, wd_scaled, core_bundle,
               device_kind, checkpointer, resume_from, run_inputs)
     return run, params, opt_state
+
+
+def run_plan(c: ConfigDict, vocab_size: int, device_batch_size: int) -> Plan:
+    """The plan for the flags (jaxchat.plan): sizes, horizon, the batch (the recipe's auto batch for -1) and the
+    recipe's transfer of the LRs and the Muon weight decay."""
+    return make_plan(depth=c.depth, aspect_ratio=c.aspect_ratio, head_dim=c.head_dim, max_seq_len=c.max_seq_len,
+                     vocab_size=vocab_size, window_pattern=c.window_pattern, num_iterations_flag=c.num_iterations,
+                     target_flops=c.target_flops, target_param_data_ratio=c.target_param_data_ratio,
+                     total_batch_size=c.total_batch_size, device_batch_size=device_batch_size,
+                     data_parallel_size=jax.device_count(), recipe=c.recipe, weight_decay=c.weight_decay)
+
+
+def dry_run(c: ConfigDict) -> dict:
+    """--dry-run: the plan printed, nothing read, built or compiled (the vocabulary from the tokenizer if trained)."""
+    from jaxchat.tokenizer import Tokenizer, default_dir
+    try:
+        vocab_size, source = Tokenizer.load(default_dir(c.data)).vocab_size, "the tokenizer"
+    except UserError:
+        vocab_size, source = 32768, "nanochat's default: no tokenizer trained yet"
+    print0(f"--dry-run: vocabulary {vocab_size:,} ({source})")
+    plan = run_plan(c, vocab_size, device_batch_size=c.device_batch_size or 1)
+    print0("\n".join(plan.summary()))
+    return {"losses": {}, "loop": LoopState(), "plan": plan}
 
 
 def find_core_bundle(c: ConfigDict) -> str | None:
@@ -166,12 +185,13 @@ def find_core_bundle(c: ConfigDict) -> str | None:
     return bundle
 
 
-def open_checkpoints(c: ConfigDict, stop_request: StopRequest, tok, config) -> tuple[Checkpointer, int | None, dict]:
+def open_checkpoints(c: ConfigDict, stop_request: StopRequest, tok, config,
+                     total_batch_size: int) -> tuple[Checkpointer, int | None, dict]:
     """(checkpointer, step to resume from or None, run inputs): the directory locked for this run (released on any
     exit) and the resume checked against this run, before anything compiles."""
     checkpointer = Checkpointer(checkpoint_dir(model_tag(c)), lock=True, keep_last=c.keep_last)
     stop_request.on_exit.append(checkpointer.release)
-    run_inputs = dict(tokenizer=tok.fingerprint(), data=c.data, total_batch_size=c.total_batch_size,
+    run_inputs = dict(tokenizer=tok.fingerprint(), data=c.data, total_batch_size=total_batch_size,
                       max_seq_len=c.max_seq_len, **({"recipe": c.recipe} if "recipe" in c else {}))
     return checkpointer, resume_point(c, checkpointer, dataclasses.asdict(config), run_inputs), run_inputs
 
@@ -186,7 +206,10 @@ def resume_point(c, checkpointer: Checkpointer, model_config: dict, inputs: dict
         return None
     step = checkpointer.resolve_step(resume)
     meta = checkpointer.read_meta(step)
-    saved_model = meta["model_config"]
+    saved_model = {"recipe": recipes.DEFAULT, **meta["model_config"]}  # saved before recipes: 348fbb3's
+    if saved_model["recipe"] != c.recipe:
+        raise UserError(f"checkpoint step {step} of {model_tag(c)} was trained with --recipe={saved_model['recipe']}: "
+                        f"resume it with --recipe={saved_model['recipe']} (not {c.recipe}), or train a new --model-tag")
     if saved_model != model_config:  # before restoring: shapes would not fit
         differ = {k: (v, saved_model.get(k)) for k, v in model_config.items() if saved_model.get(k) != v}
         raise UserError(f"checkpoint step {step} of {model_tag(c)} was saved with another model "
@@ -209,24 +232,25 @@ def resume_point(c, checkpointer: Checkpointer, model_config: dict, inputs: dict
     return step
 
 
-def build_optimizer(c: ConfigDict, config, mesh, muon_dtype: str) -> tuple[Any, float]:
-    """(MuonAdamW, depth-scaled Muon weight decay) for the flags, as nanochat's scripts/base_train.py sets them up."""
-    wd_scaled = optim.depth_scaled_weight_decay(c.weight_decay, c.depth)
-    bls = optim.batch_lr_scale(c.total_batch_size)
-    tx = optim.make_optimizer(model_dim=config.n_embd, embedding_lr=c.embedding_lr, unembedding_lr=c.unembedding_lr,
-                              matrix_lr=c.matrix_lr, scalar_lr=c.scalar_lr, adam_betas=(c.adam_beta1, c.adam_beta2),
-                              weight_decay=wd_scaled, batch_lr_scale=bls, muon_dtype=jnp.dtype(muon_dtype),
-                              muon_stack_sharding=meshlib.muon_stack_sharding(mesh))
-    print0(f"Batch LR scale {bls:.6f}; Muon weight decay {c.weight_decay} x (12/{c.depth})^2 = {wd_scaled:.6f}; "
-           f"AdamW LR scale (n/768)^-0.5 = {(config.n_embd / 768) ** -0.5:.6f}")
-    return tx, wd_scaled
+def build_optimizer(c: ConfigDict, plan: Plan, mesh, muon_dtype: str) -> tuple[Any, float]:
+    """(MuonAdamW, scaled Muon weight decay) for the flags and the recipe, as nanochat's scripts/base_train.py sets
+    them up (the plan holds the batch LR scale and the weight decay its recipe's rule gives)."""
+    t = plan.transfer
+    tx = optim.make_optimizer(model_dim=plan.model.n_embd, embedding_lr=c.embedding_lr,
+                              unembedding_lr=c.unembedding_lr, matrix_lr=c.matrix_lr, scalar_lr=c.scalar_lr,
+                              adam_betas=(c.adam_beta1, c.adam_beta2), weight_decay=t.weight_decay_scaled,
+                              batch_lr_scale=t.batch_lr_scale, muon_dtype=jnp.dtype(muon_dtype),
+                              muon_stack_sharding=meshlib.muon_stack_sharding(mesh),
+                              **recipes.get(c.recipe).optimizer_options())
+    print0(plan.summary()[-1])  # the recipe, batch LR scale and Muon weight decay, before the long compile
+    return tx, t.weight_decay_scaled
 
 
 def report_plan(c: ConfigDict, step_memory: memory.StepMemory, plan: Plan) -> None:
     """The device batch auto chose, the memory prediction and its warnings, the plan's start-up facts."""
     if c.device_batch_size == memory.AUTO:
         print0(f"--device-batch-size=auto: {plan.device_batch_size} ({step_memory.grad_accum} accumulation steps for "
-               f"the total batch of {c.total_batch_size:,} tokens); predicted " + ", ".join(
+               f"the total batch of {plan.total_batch_size:,} tokens); predicted " + ", ".join(
                    f"{b}: {memory.fmt_bytes(n)}" for b, n in step_memory.tried.items()))
     print0(step_memory.summary())
     for warning in (memory.over_capacity_warning(step_memory), device_batch_warning(plan.device_batch_size)):
@@ -287,7 +311,7 @@ def evaluation_guard(what: str, step: int, checkpointer: Checkpointer):
 def evaluate_at_step(run: Run, state: TrainState, step: int, last: bool) -> None:
     """Validation bpb, CORE and samples when their --*-every (or the last step) says so."""
     c, loop, guard = run.c, state.loop, functools.partial(evaluation_guard, step=step, checkpointer=run.checkpointer)
-    flops = run.plan.flops_per_token * c.total_batch_size * step
+    flops = run.plan.flops_per_token * run.plan.total_batch_size * step
     if last or (c.eval_every > 0 and step % c.eval_every == 0):
         with guard("validation"):
             batches = (tuple(global_batch(np.asarray(a, np.int32), run.row_sharding) for a in rows)
@@ -322,7 +346,7 @@ def save(run: Run, state: TrainState, step: int, kind: str) -> None:
     kind = "step" if kind != "final" and run.c.save_every > 0 and step % run.c.save_every == 0 else kind
     meta = dict(step=step, val_bpb=loop.val_bpb, model_config=dataclasses.asdict(run.plan.model),
                 user_config=run.user_config, inputs=run.run_inputs, device_batch_size=run.plan.device_batch_size,
-                max_seq_len=run.c.max_seq_len, total_batch_size=run.c.total_batch_size,
+                max_seq_len=run.c.max_seq_len, total_batch_size=run.plan.total_batch_size,
                 dataloader_state_dict=loader_states[0], dataloader_states=loader_states,
                 loop_state=dict(min_val_bpb=loop.min_val_bpb, smooth_train_loss=loop.smooth_train_loss,
                                 total_training_time=loop.total_training_time), kind=kind)
@@ -341,7 +365,8 @@ def train_one_step(run: Run, state: TrainState, step: int, batch) -> tuple[float
     c, N = run.c, run.plan.num_iterations
     values = optim.schedule_values(step, num_iterations=N, warmup_ratio=c.warmup_ratio,
                                    warmdown_ratio=c.warmdown_ratio, final_lr_frac=c.final_lr_frac,
-                                   weight_decay=run.wd_scaled)
+                                   weight_decay=run.wd_scaled, warmup_steps=c.warmup_steps,
+                                   schedules=recipes.get(c.recipe).schedules)
     t0 = time.perf_counter()
     try:
         state.params, state.opt_state, metrics = run.train_step(state.params, state.opt_state, *batch,
@@ -377,16 +402,16 @@ def log_step(run: Run, state: TrainState, step: int, loss: float, dt: float, lrm
     debiased = loop.smooth_train_loss / (1 - 0.9 ** (step + 1))
     if step > 10:  # the first steps include compilation and warm-up (as in nanochat's scripts/base_train.py)
         loop.total_training_time += dt
-    flops_per_step = run.plan.flops_per_token * c.total_batch_size
+    flops_per_step = run.plan.flops_per_token * run.plan.total_batch_size
     mfu = 100 * flops_per_step / dt / (peak_flops(run.device_kind) * jax.device_count())
     eta = (N - step) * loop.total_training_time / (step - 10) if step > 10 else None
     if step % c.log_every == 0:
-        print0(step_line(step, N, debiased, lrm, dt, int(c.total_batch_size / dt), mfu, state.loader.epoch,
+        print0(step_line(step, N, debiased, lrm, dt, int(run.plan.total_batch_size / dt), mfu, state.loader.epoch,
                          loop.total_training_time, eta))
     if step % 100 == 0:
         state.monitor.log({"step": step, "total_training_flops": flops_per_step * step,
                            "total_training_time": loop.total_training_time, "train/loss": debiased, "train/lrm": lrm,
-                           "train/dt": dt, "train/tok_per_sec": c.total_batch_size / dt, "train/mfu": mfu,
+                           "train/dt": dt, "train/tok_per_sec": run.plan.total_batch_size / dt, "train/mfu": mfu,
                            "train/epoch": state.loader.epoch}, step)
 
 
@@ -454,6 +479,8 @@ def finish(run: Run, state: TrainState, stop_request: StopRequest, losses: dict[
 def train(argv: list[str]) -> dict:
     """Run training; returns {"losses": {step: loss}, "loop": LoopState} for tests and scripts."""
     c = parse_flags(argv)
+    if c.dry_run:
+        return dry_run(c)
     stop_request = StopRequest()  # from here on a signal ends the run cleanly (130 / 143, at most one line)
     try:
         run, params, opt_state = set_up(c, stop_request)

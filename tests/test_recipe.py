@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_fixture
-from jaxchat import optim, recipe
+from jaxchat import config, optim, recipe
 from jaxchat.common import UserError
 from jaxchat.plan import make_plan, transfer
 
@@ -92,6 +92,7 @@ def test_explicit_batch_wins_and_auto_needs_the_recipe():
 def test_recipe_tables():
     assert recipe.get("348fbb3").adamw_groups == optim.ADAMW_GROUPS_348FBB3
     assert [g.name for g in recipe.get("348fbb3").adamw_groups] == list(optim.ADAMW_GROUPS)
+    assert set(HEAD.defaults) <= set(config.defaults())  # the defaults a recipe changes are flags that exist
     assert HEAD.defaults["eval_tokens"] == 80 * 524288 and HEAD.defaults["unembedding_lr"] == 0.008
     with pytest.raises(UserError, match="choose one of 348fbb3, 92d63d4"):
         recipe.get("a825e63")
@@ -116,3 +117,52 @@ def test_92d63d4_groups_and_learning_rates():
     with pytest.raises(ValueError, match="no optimizer group"):
         optim.param_labels(params)  # 348fbb3 has no smear group
 
+
+def test_recipe_flag_defaults_and_precedence():
+    from jaxchat.config import parse_flags
+    head = parse_flags(["--recipe=92d63d4"])
+    assert {k: head[k] for k in HEAD.defaults} == dict(HEAD.defaults)
+    assert parse_flags([]).total_batch_size == 524288 and parse_flags([]).recipe == "348fbb3"
+    # explicit flags, --config.* and the config file all win over the recipe's defaults
+    assert parse_flags(["--recipe", "92d63d4", "--weight-decay=0.1", "--total-batch-size=524288"]).weight_decay == 0.1
+    assert parse_flags(["--recipe=92d63d4", "--config.data=demo"]).data == "demo"
+    speedrun = parse_flags(["--config=configs/speedrun.py"])
+    assert (speedrun.recipe, speedrun.depth, speedrun.target_param_data_ratio, speedrun.device_batch_size,
+            speedrun.total_batch_size, speedrun.unembedding_lr) == ("92d63d4", 24, 8.0, 16, -1, 0.008)
+    assert parse_flags(["--config=configs/speedrun.py", "--recipe=348fbb3"]).total_batch_size == 524288
+    for argv, message in ((["--total-batch-size=-1"], "part of recipe 92d63d4"),
+                          (["--recipe=92d63d4", "--adam-beta1=0.9"], "do not exist in recipe 92d63d4"),
+                          (["--recipe=run6"], "choose one of 348fbb3, 92d63d4")):
+        with pytest.raises(UserError, match=message):
+            parse_flags(argv)
+
+
+class SavedStep:
+    """A checkpoint directory with one step saved with `model_config` (what train.resume_point reads)."""
+
+    directory = "/nowhere/d4"
+
+    def __init__(self, model_config):
+        self.model_config = model_config
+
+    def steps(self):
+        return [5]
+
+    def resolve_step(self, resume):
+        return 5
+
+    def read_meta(self, step):
+        return {"model_config": self.model_config, "inputs": {}, "dataloader_state_dict": {}}
+
+
+def test_resuming_with_another_recipe_is_one_line():
+    import dataclasses
+
+    from jaxchat.config import parse_flags
+    from jaxchat.model import config_for_depth
+    from jaxchat.train import resume_point
+    c = parse_flags(["--recipe=92d63d4", "--depth=4", "--resume-from-step=5"])
+    saved = dataclasses.asdict(config_for_depth(4))
+    del saved["recipe"]  # a checkpoint from before recipes: 348fbb3's
+    with pytest.raises(UserError, match=r"trained with --recipe=348fbb3: resume it with --recipe=348fbb3 \(not 92d63d4\)"):
+        resume_point(c, SavedStep(saved), dataclasses.asdict(config_for_depth(4, recipe="92d63d4")), {})
