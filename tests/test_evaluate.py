@@ -32,28 +32,34 @@ def test_bpb_counts_nats_over_bytes_of_real_tokens_only():
     batches = [(rng.integers(0, CONFIG.vocab_size, (2, 16)).astype(np.int32),
                 rng.integers(0, CONFIG.vocab_size, (2, 16)).astype(np.int32)) for _ in range(3)]
     batches[0][1][0, :4] = -1  # ignored targets
-    nats = nbytes = 0.0
-    for inputs, targets in batches:  # the definition, op by op on the host
-        losses = np.asarray(nnx.merge(graphdef, params)(inputs, targets, reduction="none"))
-        counted = np.where(targets >= 0, token_bytes[np.maximum(targets, 0)], 0)
-        nats += float((losses * (counted > 0)).sum())
-        nbytes += float(counted.sum())
-    expected = nats / (math.log(2) * nbytes)
+    per_token = jax.jit(lambda p, x, y: nnx.merge(graphdef, p)(x, y, reduction="none"))
+
+    def expected(n: int) -> float:  # the definition, summed on the host over the first n batches
+        nats = nbytes = 0.0
+        for inputs, targets in batches[:n]:
+            losses = np.asarray(per_token(params, inputs, targets))
+            counted = np.where(targets >= 0, token_bytes[np.maximum(targets, 0)], 0)
+            nats += float((losses * (counted > 0)).sum())
+            nbytes += float(counted.sum())
+        return nats / (math.log(2) * nbytes)
+
     bpb_step = make_bpb_step(graphdef)
     got = evaluate_bpb(bpb_step, params, iter(batches), 3, jnp.asarray(token_bytes))
-    np.testing.assert_allclose(got, expected, rtol=1e-5)
-    with jax.disable_jit():
-        np.testing.assert_allclose(evaluate_bpb(bpb_step, params, iter(batches), 3, jnp.asarray(token_bytes)),
-                                   expected, rtol=1e-5)
+    np.testing.assert_allclose(got, expected(3), rtol=1e-5)
+    with jax.disable_jit():  # the same step op by op (one batch: slow without jit)
+        np.testing.assert_allclose(evaluate_bpb(bpb_step, params, iter(batches), 1, jnp.asarray(token_bytes)),
+                                   expected(1), rtol=1e-5)
     assert evaluate_bpb(bpb_step, params, iter(batches), 1, jnp.zeros_like(token_bytes)) == math.inf  # no bytes
 
 
-def full_forward_greedy(graphdef, params, prompt, max_tokens, stop_ids):
-    """The reference semantics: re-run the whole sequence and take the argmax of the last position."""
+def full_forward_greedy(forward, params, prompt, max_tokens, stop_ids):
+    """The reference semantics: re-run the whole sequence and take the argmax of its last position (padded to one
+    length, so one compilation serves every step: attention is causal, padding after a position cannot change it)."""
     tokens = list(prompt)
     for _ in range(max_tokens):
-        logits = nnx.merge(graphdef, params)(jnp.asarray([tokens], jnp.int32))
-        next_id = int(np.argmax(np.asarray(logits)[0, -1]))
+        padded = np.zeros((1, CONFIG.sequence_len), np.int32)
+        padded[0, : len(tokens)] = tokens
+        next_id = int(np.argmax(np.asarray(forward(params, padded))[0, len(tokens) - 1]))
         if next_id in stop_ids:
             break
         tokens.append(next_id)
@@ -64,7 +70,8 @@ def test_greedy_generation_with_the_kv_cache_equals_full_forward_passes():
     graphdef, params = model()
     prompts = [[5, 9, 2], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]]  # the last one
     # passes the sliding window (16 tokens for S layers at sequence_len 32)
-    expected = [full_forward_greedy(graphdef, params, p, 8, set()) for p in prompts]
+    forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
+    expected = [full_forward_greedy(forward, params, p, 8, set()) for p in prompts]
     assert greedy_generate(graphdef, params, prompts, 8, set(), bucket=16) == expected
     assert all(len(e) == 8 for e in expected)
     stop = expected[0][2]  # stopping at a token ends that prompt's continuation before it
