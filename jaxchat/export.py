@@ -83,20 +83,22 @@ def nanochat_meta(meta: dict, config) -> dict:
     return out
 
 
-def group_settings(user_config: dict, model_dim: int, schedule: dict) -> dict:
+def group_settings(user_config: dict, model_dim: int, schedule: dict, recipe) -> dict:
     """Each optimizer group's fields as nanochat's param_groups hold them after the last step (the LR multiplier,
     Muon momentum and weight decay of that step applied), by jaxchat optimizer label."""
+    betas = (user_config.get("adam_beta1", 0.8), user_config.get("adam_beta2", 0.95))  # recipes with fixed betas
     base = optim.group_hyperparams(
         model_dim=model_dim, embedding_lr=user_config["embedding_lr"], unembedding_lr=user_config["unembedding_lr"],
-        matrix_lr=user_config["matrix_lr"], scalar_lr=user_config["scalar_lr"],
-        adam_betas=(user_config["adam_beta1"], user_config["adam_beta2"]),
-        batch_lr_scale=optim.batch_lr_scale(user_config["total_batch_size"]))
+        matrix_lr=user_config["matrix_lr"], scalar_lr=user_config["scalar_lr"], adam_betas=betas,
+        batch_lr_scale=optim.batch_lr_scale(user_config["total_batch_size"]), adamw_groups=recipe.adamw_groups,
+        muon_variant=recipe.muon)
+    weight_decay = {g.name: g.weight_decay for g in recipe.adamw_groups}  # AdamW's is constant
     lrm = float(schedule["lrm"])
     out = {}
     for label, g in base.items():
         if g["kind"] == "adamw":
             out[label] = dict(kind="adamw", lr=g["lr"] * lrm, betas=list(g["betas"]), eps=optim.ADAMW_EPS,
-                              weight_decay=g.get("weight_decay", 0.0), initial_lr=g["lr"])
+                              weight_decay=weight_decay[label], initial_lr=g["lr"])
         else:
             out[label] = dict(kind="muon", lr=g["lr"] * lrm, momentum=float(schedule["momentum"]),
                               ns_steps=optim.NS_STEPS, beta2=g["beta2"], weight_decay=float(schedule["wd"]),
@@ -106,8 +108,9 @@ def group_settings(user_config: dict, model_dim: int, schedule: dict) -> dict:
 
 def optimizer_files(params: dict, opt: dict, meta: dict, config, world_size: int) -> list[dict]:
     """nanochat's optimizer state_dict of every rank for a jaxchat optimizer state."""
-    groups = nanochat_ckpt.reference_groups(params, config)
-    settings = group_settings(meta["user_config"], config.n_embd, opt["schedule"])
+    recipe = nanochat_ckpt.recipe_of(config)
+    groups = nanochat_ckpt.reference_groups(params, config, recipe.adamw_groups)
+    settings = group_settings(meta["user_config"], config.n_embd, opt["schedule"], recipe)
     return nanochat_ckpt.optimizer_shards(opt, config, groups, settings, world_size)
 
 

@@ -118,16 +118,23 @@ def _moments(opt: dict) -> tuple[dict, dict, dict[str, int]]:
     return _merge(firsts), _merge(seconds), counts
 
 
-def reference_groups(params_like: dict, config) -> list[dict]:
+def recipe_of(config):
+    """The training recipe (jaxchat.recipe) of a model config."""
+    from jaxchat import recipe
+
+    return recipe.get(config.recipe)
+
+
+def reference_groups(params_like: dict, config, adamw_groups: tuple) -> list[dict]:
     """nanochat's optimizer groups for jaxchat's parameters, in nanochat's order: [{kind, label, names, shapes}].
 
-    AdamW groups follow jaxchat's optimizer labels (optim.param_labels) in optim.ADAMW_GROUPS order; Muon takes the
-    block matrices, one group per shape in sorted order, each in `transformer.h.parameters()` order.
+    AdamW groups are the recipe's `adamw_groups` (optim.AdamWGroup, nanochat's order); Muon takes the block
+    matrices, one group per shape in sorted order, each in `transformer.h.parameters()` order.
     """
     from jaxchat import optim
 
-    labels = optim.param_labels(params_like)
-    order = list(dict.fromkeys(list(optim.ADAMW_GROUPS) + sorted({v for _, v in _items(labels)})))
+    labels = optim.param_labels(params_like, adamw_groups)
+    order = [g.name for g in adamw_groups] + ["muon"]
     # Views, not copies: a constant per leaf, laid out by to_reference as the reference lays out that parameter.
     coded = _map2(lambda lab, p: np.broadcast_to(np.int32(order.index(lab)), p.shape), labels, params_like)
     layout = {n: (order[int(v.flat[0])], tuple(v.shape)) for n, v in to_reference(coded, config).items()}
@@ -251,8 +258,8 @@ def optimizer_from_shards(shards: list[dict], config, groups: list[dict]) -> dic
 # Reading a nanochat checkpoint
 
 
-def find_model_file(source: str, tag: str = "", step: int | None = None) -> str:
-    """model_<step>.pt from a file, a checkpoint directory, or a base directory with base_checkpoints/<tag>."""
+def find_model_file(source: str) -> str:
+    """The newest model_<step>.pt of a file, a checkpoint directory, or a base directory with one model tag."""
     if os.path.isfile(source):
         return source
     if not os.path.isdir(source):
@@ -261,32 +268,38 @@ def find_model_file(source: str, tag: str = "", step: int | None = None) -> str:
     ckpts = os.path.join(source, "base_checkpoints")
     if os.path.isdir(ckpts):
         tags = sorted(t for t in os.listdir(ckpts) if os.path.isdir(os.path.join(ckpts, t)))
-        if tag and tag in tags:
-            tags = [tag]
         if len(tags) != 1:
-            raise UserError(f"--init-from={source} holds {len(tags)} model tags {tags}: point it at one of "
+            raise UserError(f"--init-from={source} holds {len(tags)} model tags {tags}: point it at one of them, "
                             f"{ckpts}/<tag>")
         source = os.path.join(ckpts, tags[0])
     steps = sorted(int(m.group(1)) for f in os.listdir(source) if (m := re.fullmatch(r"model_(\d+)\.pt", f)))
     if not steps:
         raise UserError(f"--init-from={source}: no model_<step>.pt in it")
-    if step is not None and step not in steps:
-        raise UserError(f"--init-from={source}: no step {step}; steps there: {steps}")
-    return os.path.join(source, f"model_{steps[-1] if step is None else step:06d}.pt")
+    return os.path.join(source, f"model_{steps[-1]:06d}.pt")
+
+
+def read_meta(model_path: str) -> dict:
+    """The meta json beside a nanochat model_<step>.pt."""
+    meta_path = re.sub(r"model_(\d+)\.pt$", r"meta_\1.json", model_path)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        config_from_dict(meta["model_config"])
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise UserError(f"cannot read {meta_path}, the meta of nanochat checkpoint {model_path}: {e}") from None
+    return meta
 
 
 def read_checkpoint(model_path: str) -> tuple:
     """(GPTConfig, reference state dict as float32 numpy, meta) of a nanochat model_<step>.pt and its meta json."""
     torch = torch_module()
-    meta_path = re.sub(r"model_(\d+)\.pt$", r"meta_\1.json", model_path)
+    meta = read_meta(model_path)
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
         state = torch.load(model_path, map_location="cpu", weights_only=True)
-        config = config_from_dict(meta["model_config"], recipe=recipe_of_state(state))  # nanochat's meta names no commit
-    except (OSError, KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot read nanochat checkpoint {model_path} with {meta_path}: {e}") from None
-    return config, to_numpy(state), meta
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"cannot read nanochat checkpoint {model_path}: {e}") from None
+    # nanochat's meta names no commit: the state dict's parameters tell the recipe
+    return config_from_dict(meta["model_config"], recipe=recipe_of_state(state)), to_numpy(state), meta
 
 
 def read_optimizer(model_path: str) -> list[dict]:
@@ -303,15 +316,25 @@ def read_optimizer(model_path: str) -> list[dict]:
 # Which training flag sets each model_config field (for the line that says how to match a checkpoint).
 FLAG_FOR = {"n_layer": "--depth", "n_embd": "--depth x --aspect-ratio (rounded to --head-dim)", "n_head": "--head-dim",
             "n_kv_head": "--head-dim", "sequence_len": "--max-seq-len", "window_pattern": "--window-pattern",
-            "vocab_size": "the tokenizer (--data)"}
+            "vocab_size": "the tokenizer (--data)", "recipe": "--recipe"}
 
 
 def check_config(config, saved, source: str) -> None:
-    """UserError naming every model_config field where the checkpoint and this run's flags differ."""
-    differ = [k for k in MODEL_CONFIG_KEYS if getattr(config, k) != getattr(saved, k)]
+    """UserError naming every model_config field (and the recipe) where the checkpoint and this run's flags differ."""
+    differ = [k for k in MODEL_CONFIG_KEYS + ("recipe",) if getattr(config, k) != getattr(saved, k)]
     if differ:
         raise UserError(f"--init-from={source} holds another model: " + "; ".join(
             f"{k} {getattr(saved, k)} there, {getattr(config, k)} here (set by {FLAG_FOR[k]})" for k in differ))
+
+
+def check_source(source: str, config) -> str:
+    """The model file --init-from names, its model_config checked against this run's before anything compiles (the
+    recipe, which the meta does not name, is checked once the state dict is read)."""
+    torch_module()
+    path = find_model_file(source)
+    saved = config_from_dict(read_meta(path)["model_config"], recipe=config.recipe)
+    check_config(config, saved, source)
+    return path
 
 
 def load_for_training(source: str, config, params_like: dict, with_optimizer: bool) -> tuple[dict, dict | None, dict]:
@@ -326,23 +349,52 @@ def load_for_training(source: str, config, params_like: dict, with_optimizer: bo
     params = from_reference(state, config)
     moments = None
     if with_optimizer:
-        moments = optimizer_from_shards(read_optimizer(path), config, reference_groups(params_like, config))
+        groups = reference_groups(params_like, config, recipe_of(config).adamw_groups)
+        moments = optimizer_from_shards(read_optimizer(path), config, groups)
     return params, moments, dict(meta, path=path)
 
 
-def optimizer_leaf(path: tuple[str, ...], moments: dict, fresh):
-    """The value of one leaf of jaxchat's optimizer state (its key path as names) from loaded moments; leaves that
-    are not moments (the schedule values) keep `fresh`."""
-    for i, key in enumerate(path):
-        tree = {"mu": "first", "momentum": "first", "nu": "second", "second_moment": "second"}.get(key)
-        if tree:
-            value = moments[tree]
-            for k in path[i + 1:]:
-                value = value[k]
-            return value
-        if key == "count":
-            return np.asarray(moments["count"], np.asarray(fresh).dtype)
-    return fresh
+def optimizer_leaf(names: tuple, moments: dict, fresh):
+    """One leaf of jaxchat's optimizer state (its key path as names, e.g. inner/inner_states/wte/inner_state/mu/wte)
+    from loaded moments; the schedule values, which are not moments, stay `fresh`."""
+    if "inner_state" not in names:
+        return fresh
+    field, rest = names[names.index("inner_state") + 1], names[names.index("inner_state") + 2:]
+    if field == "count":
+        return np.asarray(moments["count"])
+    value = moments[{"mu": "first", "momentum": "first", "nu": "second", "second_moment": "second"}[field]]
+    for k in rest:
+        value = value[k]
+    return value
+
+
+def start_from(source: str, config, targets: tuple, opt_state, with_optimizer: bool) -> tuple:
+    """(params, opt_state, meta) for --init-from: a nanochat checkpoint's weights (and with `with_optimizer` its
+    optimizer moments) placed like `targets` (abstract params and optimizer state with shardings); the rest of
+    `opt_state` (schedule values) is kept."""
+    import jax
+
+    params, moments, meta = load_for_training(source, config, targets[0], with_optimizer)
+    params = jax.tree.map(_place, params, targets[0])
+    if moments is not None:
+        opt_state = jax.tree_util.tree_map_with_path(
+            lambda path, t, fresh: _place(leaf, t) if (leaf := optimizer_leaf(_names(path), moments, fresh))
+            is not fresh else fresh, targets[1], opt_state)
+    return params, opt_state, meta
+
+
+def _place(value, target):
+    """A host array as a global array with the target's dtype and sharding (each process supplies its own shards)."""
+    import jax
+
+    value = np.asarray(value).astype(target.dtype)
+    if value.shape != target.shape:
+        raise UserError(f"a nanochat tensor of shape {value.shape} does not fit this model's {target.shape}")
+    return jax.make_array_from_callback(target.shape, target.sharding, lambda index: value[index])
+
+
+def _names(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

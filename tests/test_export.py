@@ -5,6 +5,7 @@ weights exported tensor for tensor as nanochat saved them, nanochat's own loader
 nanochat checkout is at /tmp/nanochat-348fbb3), refusals as one line with exit code 2.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -85,7 +86,7 @@ def test_round_trip_is_bit_identical(base_dir, trained, tmp_path, world_size):
     for k in ours:
         assert back[k].dtype == ours[k].dtype and np.array_equal(back[k], ours[k]), k
     # Optimizer moments: the same bits after nanochat's layout (per-shape stacks, rank shards) and back.
-    groups = nanochat_ckpt.reference_groups(params, config)
+    groups = nanochat_ckpt.reference_groups(params, config, nanochat_ckpt.recipe_of(config).adamw_groups)
     moments = nanochat_ckpt.optimizer_from_shards(shards, config, groups)
     first, second, counts = nanochat_ckpt._moments(opt)
     for mine, theirs in ((first, moments["first"]), (second, moments["second"])):
@@ -133,14 +134,13 @@ def fixture_checkpoint(name: str, tag: str, tokenizer_dir: Path) -> tuple:
 
     config, state, data = read_reference_npz(str(shared_fixture(name)))
     if set(to_reference_names(config)) != set(state):
-        pytest.skip(f"{name} ({FIXTURES[name]}) has parameters jaxchat's convert.py does not know yet")
+        pytest.skip(f"{name} has parameters jaxchat's convert.py does not know yet")
     assert Tokenizer.load(str(tokenizer_dir)).vocab_size == config.vocab_size
-    ckpt = Checkpointer(checkpoint_dir(tag), async_save=False)
-    meta = dict(step=0, val_bpb=None, model_config={k: getattr(config, k) for k in (
-        "sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern", "recipe")},
-        user_config={"data": "demo"}, device_batch_size=1, max_seq_len=config.sequence_len, total_batch_size=1024,
-        dataloader_state_dict={"pq_idx": 0, "rg_idx": 0, "epoch": 1},
-        loop_state=dict(min_val_bpb=None, smooth_train_loss=0.0, total_training_time=0.0))
+    ckpt = Checkpointer(checkpoint_dir(tag), async_save=False, lock=True)
+    meta = dict(step=0, val_bpb=None, model_config=dataclasses.asdict(config), user_config={"data": "demo"},
+                device_batch_size=1, max_seq_len=config.sequence_len, total_batch_size=1024,
+                dataloader_state_dict={"pq_idx": 0, "rg_idx": 0, "epoch": 1},
+                loop_state=dict(min_val_bpb=None, smooth_train_loss=0.0, total_training_time=0.0))
     ckpt.save(0, from_reference(state, config), {"unused": np.zeros(1, np.float32)}, meta)
     ckpt.close()
     return config, data
@@ -245,3 +245,74 @@ def test_help_describes_every_flag():
     assert len(actions) == 9 and all(len(a.help or "") > 20 for a in actions)
     run = run_export("--help")
     assert run.returncode == 0 and all(a.option_strings[0] in run.stdout for a in actions)
+
+
+# jaxchat.parity replays a fixture's optimizer settings for 348fbb3's groups: there all three steps are compared; for
+# 92d63d4 the first step's loss (before any update) is.
+@pytest.mark.parametrize("name, steps", [("nanochat_parity_d2_fp32muon.npz", 3), ("nanochat_head_d4.npz", 1)])
+def test_init_from_then_train_gives_the_reference_losses(base_dir, tokenizer_500, tmp_path, name, steps):
+    """--init-from's loading, then the training step on the fixture's batches: each step's loss is the reference's
+    (the weights are nanochat's, exported as nanochat saves them and read back through the .pt files)."""
+    import jax
+    from jaxchat import mesh as meshlib
+    from jaxchat import nanochat_ckpt, optim, parity
+    from jaxchat.train import abstract_training
+
+    jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity
+    config, data = fixture_checkpoint(name, "fx_init_" + config_tag(name), tokenizer_500)
+    run = run_export(f"--model-tag=fx_init_{config_tag(name)}", f"--to={tmp_path}", f"--tokenizer-dir={tokenizer_500}",
+                     "--no-optimizer")
+    assert run.returncode == 0, run.stderr
+    if steps > 1:
+        tx, values = parity.optimizer_from_settings(json.loads(str(data["opt/json"])), config.n_embd)
+    else:
+        tx = optim.make_optimizer(model_dim=config.n_embd, **nanochat_ckpt.recipe_of(config).optimizer_options())
+        values = {"lrm": 1.0, "momentum": 0.85, "wd": 0.0}
+    mesh = meshlib.make_mesh(1, devices=jax.devices()[:1])
+    _, train_step, targets = abstract_training(config, tx, mesh, compute_dtype="float32")
+    params, _, meta = nanochat_ckpt.start_from(str(tmp_path), config, targets, None, with_optimizer=False)
+    assert meta["path"].endswith("model_000000.pt")
+    opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda t: t.sharding, targets[1]))(params)
+    schedule = {k: np.float32(values[k]) for k in optim.SCHEDULE_KEYS}
+    for k in range(1, steps + 1):
+        inputs, targets_ = (np.asarray(data[f"step{k}_{x}"], np.int32)[None] for x in ("idx", "targets"))
+        params, opt_state, metrics = train_step(params, opt_state, inputs, targets_, schedule)
+        assert float(metrics["loss"]) == pytest.approx(float(data[f"step{k}_loss"]), abs=1e-5), k
+
+
+def config_tag(name: str) -> str:
+    return name.removesuffix(".npz").replace("nanochat_", "")
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_resume_optimizer_restores_every_moment(base_dir, trained, tmp_path, world_size):
+    """--init-from with --resume-optimizer: jaxchat's optimizer state, through nanochat's rank shards, comes back
+    bit for bit (Muon momentum and factored second moments, AdamW moments and step count)."""
+    import jax
+    from jaxchat import mesh as meshlib
+    from jaxchat import nanochat_ckpt, optim
+    from jaxchat.convert import config_from_dict
+    from jaxchat.export import export, read_jaxchat
+    from jaxchat.train import abstract_training
+
+    export([f"--model-tag={trained}", f"--to={tmp_path}", f"--world-size={world_size}"])
+    _, params, opt, meta = read_jaxchat(trained, None)
+    config = config_from_dict(meta["model_config"])
+    tx = optim.make_optimizer(model_dim=config.n_embd)
+    _, _, targets = abstract_training(config, tx, meshlib.make_mesh(2), compute_dtype="float32")
+    loaded, _, _ = nanochat_ckpt.start_from(str(tmp_path), config, targets, None, with_optimizer=False)
+    fresh = jax.jit(tx.init, out_shardings=jax.tree.map(lambda t: t.sharding, targets[1]))(loaded)
+    _, opt_state, _ = nanochat_ckpt.start_from(str(tmp_path), config, targets, fresh, with_optimizer=True)
+    compared = 0
+    for (path, leaf), target in zip(jax.tree_util.tree_flatten_with_path(opt_state)[0], jax.tree.leaves(targets[1])):
+        names = nanochat_ckpt._names(path)
+        saved = opt
+        for k in names:
+            saved = saved[k]
+        assert leaf.sharding == target.sharding and leaf.dtype == saved.dtype
+        if names[0] == "schedule":
+            continue
+        assert np.array_equal(np.asarray(leaf), saved), names
+        compared += 1
+    assert compared == 5 * 3 + 2 * 7  # five AdamW groups (count, mu, nu), Muon's two moments of seven matrices
+    assert all(np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)))
