@@ -19,7 +19,9 @@ from conftest import TINY_RUN, shared_fixture
 
 torch = pytest.importorskip("torch", reason="the export tests need PyTorch: pip install -e '.[torch]'")
 
-NANOCHAT_CHECKOUT = Path("/tmp/nanochat-348fbb3")
+# A nanochat checkout per commit (git archive of the commit; never part of this repository): tests that run nanochat's
+# own loader skip without it.
+CHECKOUTS = {rev: Path(f"/tmp/nanochat-{rev}") for rev in ("348fbb3", "92d63d4")}
 PROBE = Path(__file__).resolve().parent / "nanochat_probe.py"
 FIXTURES = {"nanochat_parity_d2.npz": "348fbb3", "nanochat_head_d4.npz": "92d63d4"}
 
@@ -178,25 +180,27 @@ def test_fixture_weights_export_as_nanochat_saved_them(base_dir, tokenizer_500, 
     assert token_bytes.dtype == torch.int32 and token_bytes.shape == (config.vocab_size,)
 
 
-def probe(base: Path, tag: str, *args: str) -> dict:
-    if not (NANOCHAT_CHECKOUT / "nanochat" / "checkpoint_manager.py").exists():
-        pytest.skip(f"no nanochat checkout at {NANOCHAT_CHECKOUT}: git -C <nanochat mirror> archive 348fbb3 | "
-                    f"tar -x -C {NANOCHAT_CHECKOUT}")
-    env = dict(os.environ, PYTHONPATH=str(NANOCHAT_CHECKOUT))
+def probe(base: Path, tag: str, *args: str, rev: str = "348fbb3") -> dict:
+    """nanochat's own loader (tests/nanochat_probe.py in a checkout of `rev`) on an exported directory."""
+    checkout = CHECKOUTS[rev]
+    if not (checkout / "nanochat" / "checkpoint_manager.py").exists():
+        pytest.skip(f"no nanochat checkout at {checkout}: git -C <nanochat mirror> archive {rev} | tar -x -C {checkout}")
+    env = dict(os.environ, PYTHONPATH=str(checkout))
     run = subprocess.run([sys.executable, str(PROBE), str(base), tag, *args], capture_output=True, text=True, env=env,
-                         timeout=600, cwd=NANOCHAT_CHECKOUT)
+                         timeout=600, cwd=checkout)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def test_nanochat_builds_the_exported_fixture(base_dir, tokenizer_500, tmp_path):
-    """nanochat 348fbb3's build_model loads the directory, and its forward gives the fixture's loss."""
-    name = "nanochat_parity_d2.npz"
-    config, data = fixture_checkpoint(name, "fx_probe", tokenizer_500)
-    run = run_export("--model-tag=fx_probe", f"--to={tmp_path}", f"--tokenizer-dir={tokenizer_500}", "--no-optimizer")
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_nanochat_builds_the_exported_fixture(base_dir, tokenizer_500, tmp_path, name):
+    """nanochat's build_model (at the fixture's commit) loads the directory, and its forward gives the fixture's loss."""
+    tag = "fx_probe_" + FIXTURES[name]
+    config, data = fixture_checkpoint(name, tag, tokenizer_500)
+    run = run_export(f"--model-tag={tag}", f"--to={tmp_path}", f"--tokenizer-dir={tokenizer_500}", "--no-optimizer")
     assert run.returncode == 0, run.stderr
     np.savez(tmp_path / "batch.npz", inputs=data["idx"][None], targets=data["targets"][None])
-    out = probe(tmp_path, "fx_probe", "--batch", str(tmp_path / "batch.npz"))
+    out = probe(tmp_path, tag, "--batch", str(tmp_path / "batch.npz"), rev=FIXTURES[name])
     assert out["step"] == 0 and out["vocab_size"] == 500
     assert set(out["state"]) == {k.removeprefix("param/") for k in data.files if k.startswith("param/")}
     assert out["losses"][0] == pytest.approx(float(data["loss"]), abs=1e-5)
@@ -247,12 +251,11 @@ def test_help_describes_every_flag():
     assert run.returncode == 0 and all(a.option_strings[0] in run.stdout for a in actions)
 
 
-# jaxchat.parity replays a fixture's optimizer settings for 348fbb3's groups: there all three steps are compared; for
-# 92d63d4 the first step's loss (before any update) is.
-@pytest.mark.parametrize("name, steps", [("nanochat_parity_d2_fp32muon.npz", 3), ("nanochat_head_d4.npz", 1)])
-def test_init_from_then_train_gives_the_reference_losses(base_dir, tokenizer_500, tmp_path, name, steps):
-    """--init-from's loading, then the training step on the fixture's batches: each step's loss is the reference's
-    (the weights are nanochat's, exported as nanochat saves them and read back through the .pt files)."""
+@pytest.mark.parametrize("name", ["nanochat_parity_d2_fp32muon.npz", "nanochat_head_d4.npz"])
+def test_init_from_then_train_gives_the_reference_losses(base_dir, tokenizer_500, tmp_path, name):
+    """--init-from's loading, then the training step on the fixture's batches with its recipe's optimizer: each
+    step's loss is the reference's (the weights are nanochat's, exported as nanochat saves them and read back
+    through the .pt files)."""
     import jax
     from jaxchat import mesh as meshlib
     from jaxchat import nanochat_ckpt, optim, parity
@@ -263,18 +266,14 @@ def test_init_from_then_train_gives_the_reference_losses(base_dir, tokenizer_500
     run = run_export(f"--model-tag=fx_init_{config_tag(name)}", f"--to={tmp_path}", f"--tokenizer-dir={tokenizer_500}",
                      "--no-optimizer")
     assert run.returncode == 0, run.stderr
-    if steps > 1:
-        tx, values = parity.optimizer_from_settings(json.loads(str(data["opt/json"])), config.n_embd)
-    else:
-        tx = optim.make_optimizer(model_dim=config.n_embd, **nanochat_ckpt.recipe_of(config).optimizer_options())
-        values = {"lrm": 1.0, "momentum": 0.85, "wd": 0.0}
+    tx, values = parity.optimizer_from_settings(json.loads(str(data["opt/json"])), config.n_embd, config.recipe)
     mesh = meshlib.make_mesh(1, devices=jax.devices()[:1])
     _, train_step, targets = abstract_training(config, tx, mesh, compute_dtype="float32")
     params, _, meta = nanochat_ckpt.start_from(str(tmp_path), config, targets, None, with_optimizer=False)
     assert meta["path"].endswith("model_000000.pt")
     opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda t: t.sharding, targets[1]))(params)
     schedule = {k: np.float32(values[k]) for k in optim.SCHEDULE_KEYS}
-    for k in range(1, steps + 1):
+    for k in (1, 2, 3):
         inputs, targets_ = (np.asarray(data[f"step{k}_{x}"], np.int32)[None] for x in ("idx", "targets"))
         params, opt_state, metrics = train_step(params, opt_state, inputs, targets_, schedule)
         assert float(metrics["loss"]) == pytest.approx(float(data[f"step{k}_loss"]), abs=1e-5), k
@@ -316,3 +315,53 @@ def test_resume_optimizer_restores_every_moment(base_dir, trained, tmp_path, wor
         compared += 1
     assert compared == 5 * 3 + 2 * 7  # five AdamW groups (count, mu, nu), Muon's two moments of seven matrices
     assert all(np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)))
+
+
+def test_record_recipe_optimizer_is_nanochats(base_dir, tokenizer_500, tmp_path):
+    """A 92d63d4 model's optimizer state after two real steps: exported in nanochat 92d63d4's groups (six AdamW
+    groups with the smear one, Muon by shape, each holding the parameters the fixture's reference groups list), loaded
+    by nanochat's own MuonAdamW (with a checkout), and read back bit for bit."""
+    import jax
+    from jaxchat import mesh as meshlib
+    from jaxchat import nanochat_ckpt, optim, parity
+    from jaxchat.checkpoint import Checkpointer, checkpoint_dir
+    from jaxchat.export import read_jaxchat
+    from jaxchat.train import abstract_training
+
+    name, tag = "nanochat_head_d4.npz", "fx_opt"
+    config, data = fixture_checkpoint(name, tag + "_weights", tokenizer_500)
+    settings = json.loads(str(data["opt/json"]))
+    tx, values = parity.optimizer_from_settings(settings, config.n_embd, config.recipe)
+    _, train_step, targets = abstract_training(config, tx, meshlib.make_mesh(1, devices=jax.devices()[:1]),
+                                               compute_dtype="float32")
+    run = run_export(f"--model-tag={tag}_weights", f"--to={tmp_path / 'w'}", f"--tokenizer-dir={tokenizer_500}",
+                     "--no-optimizer")
+    assert run.returncode == 0, run.stderr
+    params, _, _ = nanochat_ckpt.start_from(str(tmp_path / "w"), config, targets, None, with_optimizer=False)
+    opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda t: t.sharding, targets[1]))(params)
+    for k in (1, 2):
+        batch = (np.asarray(data[f"step{k}_{x}"], np.int32)[None] for x in ("idx", "targets"))
+        params, opt_state, _ = train_step(params, opt_state, *batch, {k: np.float32(values[k]) for k in values})
+    ckpt = Checkpointer(checkpoint_dir(tag), async_save=False, lock=True)
+    user_config = {k: settings[k] for k in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")}
+    ckpt.save(2, params, opt_state, dict(step=2, val_bpb=None, model_config=dataclasses.asdict(config),
+                                         user_config=dict(user_config, data="demo", total_batch_size=2**19),
+                                         loop_state={}))
+    ckpt.close()
+    run = run_export(f"--model-tag={tag}", f"--to={tmp_path / 'o'}", f"--tokenizer-dir={tokenizer_500}")
+    assert run.returncode == 0, run.stderr
+    _, _, (shard,) = read_export(tmp_path / "o", tag, 2)
+    _, saved_params, saved_opt, _ = read_jaxchat(tag, 2)
+    groups = nanochat_ckpt.reference_groups(saved_params, config, nanochat_ckpt.recipe_of(config).adamw_groups)
+    assert [g["names"] for g in groups] == [g["param_names"] for g in settings["groups"]]
+    for ours, ref in zip(shard["param_groups"], settings["groups"]):
+        fields = ("kind", "betas", "eps", "weight_decay") if ref["kind"] == "adamw" else ("kind", "beta2", "ns_steps")
+        assert {f: ours[f] for f in fields} == {f: ref[f] for f in fields}
+    moments = nanochat_ckpt.optimizer_from_shards([shard], config, groups)
+    first, second, counts = nanochat_ckpt._moments(saved_opt)
+    for mine, theirs in ((first, moments["first"]), (second, moments["second"])):
+        mine, theirs = flat(mine), flat(theirs)
+        assert mine.keys() == theirs.keys() and all(np.array_equal(mine[k], theirs[k]) for k in mine)
+    assert set(counts.values()) == {moments["count"]} == {2}
+    out = probe(tmp_path / "o", tag, "--optimizer", rev="92d63d4")
+    assert out["finite"] and [g["n"] for g in out["param_groups"]] == [len(g["names"]) for g in groups]
