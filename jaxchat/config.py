@@ -101,6 +101,10 @@ FLAGS = {
         ("save_every_minutes", -1.0, "also checkpoint every N minutes; these rotate (-1 = off)"),
         ("keep_last", 2, "timer and preemption checkpoints kept (older ones go once superseded)"),
         ("allow_batch_size_change", False, "resume a checkpoint saved with another --total-batch-size, knowingly"),
+        ("init_from", "", "start at step 0 from a nanochat base checkpoint's weights: a model_<step>.pt, its "
+                          "directory (newest step) or a nanochat base directory; the model flags must give its "
+                          "model_config (needs PyTorch)"),
+        ("resume_optimizer", False, "with --init-from: also load its MuonAdamW state (optim_<step>_rank<r>.pt)"),
         ("log_every", 1, "print the step line every N steps"),
         ("tensorboard", True, "write TensorBoard event files to $JAXCHAT_BASE_DIR/tensorboard/<model-tag>"),
     ],
@@ -349,6 +353,8 @@ def check_ranges(c: ConfigDict) -> None:
 def validate(c: ConfigDict) -> None:
     """Contradictions and impossible values, each as one line that says what to do (the model and the plan check
     their arguments too, but only here are the errors worded for the command line)."""
+    if c.resume_optimizer and not c.init_from:
+        raise UserError("--resume-optimizer loads a nanochat checkpoint's optimizer state: give it with --init-from")
     if c.depth <= 0:
         raise UserError(f"--depth={c.depth} must be a positive integer (e.g. --depth=12)")
     if c.depth % 2 and not c.allow_odd_depth:

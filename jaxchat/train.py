@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jaxchat import memory
+from jaxchat import memory, nanochat_ckpt
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import recipe as recipes
@@ -74,6 +74,7 @@ class Run:
     checkpointer: Checkpointer  # locked: one run writes the directory
     resume_from: int | None  # the checkpoint step to restore (checked against this run in resume_point)
     run_inputs: dict  # what the run depends on beyond the model's shape, saved and compared on resume
+    init_from: str | None = None  # --init-from's nanochat model file (checked against this run), for a fresh start
 
     def __post_init__(self):
         self.bpb_step = make_bpb_step(self.graphdef)
@@ -137,6 +138,8 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     plan = run_plan(c, tok.vocab_size, device_batch_size=c.device_batch_size or 1)  # the batch and the transfer
     config = plan.model
     checkpointer, resume_from, run_inputs = open_checkpoints(c, stop_request, tok, config, plan.total_batch_size)
+    # --init-from: a nanochat checkpoint's weights for a run that starts at step 0 (a resume continues instead).
+    init_from = nanochat_ckpt.check_source(c.init_from, config) if c.init_from and resume_from is None else None
     tx, wd_scaled = build_optimizer(c, plan, mesh, muon_dtype)
     graphdef, params, opt_state, train_step, targets = init_training(
         config, tx, mesh, seed=c.seed, compute_dtype=compute_dtype, remat=c.remat, loss_chunk=c.loss_chunk,
@@ -147,7 +150,7 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     plan = run_plan(c, tok.vocab_size, device_batch_size=step_memory.device_batch_size)
     report_plan(c, step_memory, plan)
     run = Run(c, mesh, plan, tok, files, graphdef, step_memory.compiled, step_memory, targets, wd_scaled, core_bundle,
-              device_kind, checkpointer, resume_from, run_inputs)
+              device_kind, checkpointer, resume_from, run_inputs, init_from)
     return run, params, opt_state
 
 
@@ -270,6 +273,11 @@ def restore_or_start(run: Run, params, opt_state) -> TrainState:
     loader, loop = run.loader("train"), LoopState()
     if run.resume_from is not None:
         params, opt_state, loop = restore(run, run.resume_from, loader)
+    elif run.init_from:
+        params, opt_state, meta = nanochat_ckpt.start_from(run.init_from, run.plan.model, run.targets, opt_state,
+                                                           c.resume_optimizer)
+        print0(f"Initialised from {run.init_from} (nanochat step {meta['step']}"
+               f"{', with its optimizer state' if c.resume_optimizer else ''})")
     # A rollback (or a fresh start over old checkpoints): newer steps would collide with this run's saves.
     if aside := checkpointer.move_aside_after(loop.step):
         print0(f"Checkpoints newer than step {loop.step} moved aside to {aside} (move them back to undo)")

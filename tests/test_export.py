@@ -259,7 +259,7 @@ def test_init_from_then_train_gives_the_reference_losses(base_dir, tokenizer_500
     import jax
     from jaxchat import mesh as meshlib
     from jaxchat import nanochat_ckpt, optim, parity
-    from jaxchat.train import abstract_training
+    from jaxchat.step import abstract_training
 
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity
     config, data = fixture_checkpoint(name, "fx_init_" + config_tag(name), tokenizer_500)
@@ -292,7 +292,7 @@ def test_resume_optimizer_restores_every_moment(base_dir, trained, tmp_path, wor
     from jaxchat import nanochat_ckpt, optim
     from jaxchat.convert import config_from_dict
     from jaxchat.export import export, read_jaxchat
-    from jaxchat.train import abstract_training
+    from jaxchat.step import abstract_training
 
     export([f"--model-tag={trained}", f"--to={tmp_path}", f"--world-size={world_size}"])
     _, params, opt, meta = read_jaxchat(trained, None)
@@ -326,7 +326,7 @@ def test_record_recipe_optimizer_is_nanochats(base_dir, tokenizer_500, tmp_path)
     from jaxchat import nanochat_ckpt, optim, parity
     from jaxchat.checkpoint import Checkpointer, checkpoint_dir
     from jaxchat.export import read_jaxchat
-    from jaxchat.train import abstract_training
+    from jaxchat.step import abstract_training
 
     name, tag = "nanochat_head_d4.npz", "fx_opt"
     config, data = fixture_checkpoint(name, tag + "_weights", tokenizer_500)
@@ -365,3 +365,53 @@ def test_record_recipe_optimizer_is_nanochats(base_dir, tokenizer_500, tmp_path)
     assert set(counts.values()) == {moments["count"]} == {2}
     out = probe(tmp_path / "o", tag, "--optimizer", rev="92d63d4")
     assert out["finite"] and [g["n"] for g in out["param_groups"]] == [len(g["names"]) for g in groups]
+
+
+def first_batch(argv: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The micro-batches of a run's first step (A, rows, T), read as the training loop reads them."""
+    from jaxchat.config import parse_flags
+    from jaxchat.step import make_loaders, prepare_data
+
+    c = parse_flags(argv)
+    tok, files = prepare_data(c.data)
+    loader = make_loaders(tok, files["train"], device_batch_size=c.device_batch_size, seq_len=c.max_seq_len,
+                          data_shards=c.data_shards)
+    micro = [next(loader) for _ in range(c.total_batch_size // (c.max_seq_len * c.device_batch_size * 8))]
+    return np.stack([m[0] for m in micro]), np.stack([m[1] for m in micro])
+
+
+def test_train_init_from_starts_from_nanochat_weights(base_dir, trained, tmp_path):
+    """`--init-from` a nanochat directory: the first step's loss is the loss of those weights on that batch, as
+    jaxchat's forward and (with a nanochat checkout) nanochat's own model compute it; --resume-optimizer trains on."""
+    from jaxchat import nanochat_ckpt
+    from jaxchat.convert import model_from_reference
+    from jaxchat.train import train
+
+    export_dir = tmp_path / "nanochat"
+    assert run_export(f"--model-tag={trained}", f"--to={export_dir}").returncode == 0
+    argv = TINY_RUN + ["--num-iterations=2", "--eval-every=-1", f"--init-from={export_dir}", "--model-tag=i",
+                       "--resume-optimizer=true"]
+    losses = train(argv)["losses"]
+    inputs, targets = first_batch(argv)
+    config, state, _ = nanochat_ckpt.read_checkpoint(nanochat_ckpt.find_model_file(str(export_dir)))
+    model = model_from_reference(config, state)
+    ours = np.mean([float(model(x, y)) for x, y in zip(inputs, targets)])
+    assert losses[0] == pytest.approx(ours, abs=1e-5) and np.isfinite(losses[1])
+    np.savez(tmp_path / "batch.npz", inputs=inputs, targets=targets)
+    reference = probe(export_dir, trained, "--batch", str(tmp_path / "batch.npz"))["losses"]
+    assert losses[0] == pytest.approx(np.mean(reference), abs=1e-5)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--depth=4"], "n_layer 2 there, 4 here (set by --depth)"),
+    (["--max-seq-len=128"], "sequence_len 64 there, 128 here (set by --max-seq-len)"),
+    (["--init-from=/nonexistent"], "--init-from=/nonexistent: no such file or directory"),
+    (["--init-from=", "--resume-optimizer=true"], "--resume-optimizer"),
+])
+def test_train_init_from_mismatch_is_one_line(base_dir, trained, tmp_path, flags, message):
+    export_dir = tmp_path / "nanochat"
+    assert run_export(f"--model-tag={trained}", f"--to={export_dir}", "--no-optimizer").returncode == 0
+    argv = TINY_RUN + ["--num-iterations=2", f"--init-from={export_dir}", "--model-tag=m"] + flags
+    run = subprocess.run([sys.executable, "-m", "jaxchat.train", *argv], capture_output=True, text=True,
+                         env=dict(os.environ), timeout=600)
+    assert run.returncode == 2 and message in run.stderr and run.stderr.strip().count("\n") == 0, run.stderr[-2000:]
