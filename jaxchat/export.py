@@ -83,14 +83,15 @@ def nanochat_meta(meta: dict, config) -> dict:
     return out
 
 
-def group_settings(user_config: dict, model_dim: int, schedule: dict, recipe) -> dict:
+def group_settings(user_config: dict, total_batch_size: int, model_dim: int, schedule: dict, recipe) -> dict:
     """Each optimizer group's fields as nanochat's param_groups hold them after the last step (the LR multiplier,
-    Muon momentum and weight decay of that step applied), by jaxchat optimizer label."""
+    Muon momentum and weight decay of that step applied), by jaxchat optimizer label; `total_batch_size` is the
+    batch the run trained with (the recipe's auto batch resolved)."""
     betas = (user_config.get("adam_beta1", 0.8), user_config.get("adam_beta2", 0.95))  # recipes with fixed betas
     base = optim.group_hyperparams(
         model_dim=model_dim, embedding_lr=user_config["embedding_lr"], unembedding_lr=user_config["unembedding_lr"],
         matrix_lr=user_config["matrix_lr"], scalar_lr=user_config["scalar_lr"], adam_betas=betas,
-        batch_lr_scale=optim.batch_lr_scale(user_config["total_batch_size"]), adamw_groups=recipe.adamw_groups,
+        batch_lr_scale=optim.batch_lr_scale(total_batch_size), adamw_groups=recipe.adamw_groups,
         muon_variant=recipe.muon)
     weight_decay = {g.name: g.weight_decay for g in recipe.adamw_groups}  # AdamW's is constant
     lrm = float(schedule["lrm"])
@@ -110,7 +111,8 @@ def optimizer_files(params: dict, opt: dict, meta: dict, config, world_size: int
     """nanochat's optimizer state_dict of every rank for a jaxchat optimizer state."""
     recipe = nanochat_ckpt.recipe_of(config)
     groups = nanochat_ckpt.reference_groups(params, config, recipe.adamw_groups)
-    settings = group_settings(meta["user_config"], config.n_embd, opt["schedule"], recipe)
+    total_batch_size = meta.get("total_batch_size") or meta["user_config"]["total_batch_size"]
+    settings = group_settings(meta["user_config"], total_batch_size, config.n_embd, opt["schedule"], recipe)
     return nanochat_ckpt.optimizer_shards(opt, config, groups, settings, world_size)
 
 
