@@ -87,6 +87,9 @@ FLAGS = {
                               "elsewhere)"),
         ("muon_dtype", "", "Muon's orthogonalisation dtype ('' = bfloat16 on GPU like nanochat, float32 elsewhere)"),
         ("embed_dtype", "float32", "storage dtype of wte and value_embeds (bfloat16 like nanochat on CUDA)"),
+        ("fp8", False, "train q, k, v, the projections, c_fc and lm_head in fp8 with dynamic tensorwise scales, like "
+                       "nanochat's --fp8 (92d63d4); evaluation stays bf16; faster only on CUDA compute capability "
+                       ">= 8.9"),
         ("allow_odd_depth", False, "allow an odd --depth (its width is nudged up, which nanochat does not recommend)"),
         ("seed", 42, "parameter initialisation seed"),
     ],

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxchat import fp8 as fp8lib
 from jaxchat.common import UserError
 
 SOFTCAP = 15.0
@@ -254,9 +255,9 @@ def _cross_entropy_and_logz(logits_BTV: jax.Array, targets_BT: jax.Array) -> tup
     return jnp.where(valid, logz_BT - picked_BT, 0.0), logz_BT
 
 
-def softcapped_logits(x_BTn: jax.Array, lm_head_nV: jax.Array, vocab_size: int) -> jax.Array:
+def softcapped_logits(x_BTn: jax.Array, lm_head_nV: jax.Array, vocab_size: int, matmul=None) -> jax.Array:
     """float32 logits over the real vocabulary, squashed into (-SOFTCAP, SOFTCAP)."""
-    logits = _matmul(x_BTn, lm_head_nV)[..., :vocab_size].astype(jnp.float32)
+    logits = (matmul or _matmul)(x_BTn, lm_head_nV)[..., :vocab_size].astype(jnp.float32)
     return SOFTCAP * jnp.tanh(logits / SOFTCAP)
 
 
@@ -293,8 +294,17 @@ def _softcapped_ce_bwd(vocab_size, residuals, g_BT):
 softcapped_cross_entropy.defvjp(_softcapped_ce_fwd, _softcapped_ce_bwd)
 
 
+def token_losses(x_BTn: jax.Array, lm_head_nV: jax.Array, targets_BT: jax.Array, vocab_size: int,
+                 matmul=None) -> jax.Array:
+    """Per-token losses of the softcapped logits: softcapped_cross_entropy's hand-written backward for the plain
+    lm_head; autodiff when the lm_head's matmul is another (fp8: its own custom backward quantises the gradient)."""
+    if matmul is None or matmul is _matmul:
+        return softcapped_cross_entropy(x_BTn, lm_head_nV, targets_BT, vocab_size)
+    return cross_entropy(softcapped_logits(x_BTn, lm_head_nV, vocab_size, matmul), targets_BT)
+
+
 def chunked_cross_entropy(x_BTn: jax.Array, lm_head_nV: jax.Array, targets_BT: jax.Array, vocab_size: int,
-                          chunk: int) -> jax.Array:
+                          chunk: int, matmul=None) -> jax.Array:
     """Per-token losses (B, T) computed `chunk` positions at a time, rematerialised in the backward pass, so the
     (B, T, V) float32 logits never exist at once: at most (B, chunk, V) does, forward and backward."""
     B, T, n = x_BTn.shape
@@ -308,7 +318,7 @@ def chunked_cross_entropy(x_BTn: jax.Array, lm_head_nV: jax.Array, targets_BT: j
 
     @jax.checkpoint  # keep only each chunk's inputs; its logits are recomputed in the backward pass
     def one_chunk(x_Bcn, targets_Bc):
-        return softcapped_cross_entropy(x_Bcn, lm_head_nV, targets_Bc, vocab_size)
+        return token_losses(x_Bcn, lm_head_nV, targets_Bc, vocab_size, matmul)
 
     _, losses_CBc = jax.lax.scan(lambda carry, xs: (carry, one_chunk(*xs)), None, (x_CBcn, targets_CBc))
     return losses_CBc.swapaxes(0, 1).reshape(B, n_chunks * chunk)[:, :T]
@@ -319,26 +329,32 @@ def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
 
 
-def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, cos, sin, config: GPTConfig):
+def _fp8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`_matmul` in fp8 for the layers nanochat converts (jaxchat.fp8.qualifies), unchanged for the others (gates)."""
+    return fp8lib.matmul(x, w) if fp8lib.qualifies(*w.shape) else _matmul(x, w)
+
+
+def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, cos, sin, config: GPTConfig, matmul=_matmul):
     """One transformer layer: lambda mix, attention (`attend(q, k, v)`, with the layer's value embedding if it has
-    one, i.e. `layer["value_embed"]` is not None), relu^2 MLP (nanochat gpt.py Block.forward)."""
+    one, i.e. `layer["value_embed"]` is not None), relu^2 MLP (nanochat gpt.py Block.forward); every dense layer
+    through `matmul(x, w)`."""
     B, T, n = x_BTn.shape
     c = config.constants
     dtype = x_BTn.dtype
     x = (layer["resid_lambda"] * x_BTn.astype(jnp.float32) + layer["x0_lambda"] * x0_BTn.astype(jnp.float32)).astype(dtype)
     a = rmsnorm(x)
-    q = _matmul(a, layer["c_q"]).reshape(B, T, config.n_head, config.head_dim)
-    k = _matmul(a, layer["c_k"]).reshape(B, T, config.n_kv_head, config.head_dim)
-    v = _matmul(a, layer["c_v"]).reshape(B, T, config.n_kv_head, config.head_dim)
+    q = matmul(a, layer["c_q"]).reshape(B, T, config.n_head, config.head_dim)
+    k = matmul(a, layer["c_k"]).reshape(B, T, config.n_kv_head, config.head_dim)
+    v = matmul(a, layer["c_v"]).reshape(B, T, config.n_kv_head, config.head_dim)
     if layer["value_embed"] is not None:
         ve = jnp.take(layer["value_embed"], idx_BT, axis=0).astype(dtype).reshape(v.shape)
-        gate_BTK = scale(jax.nn.sigmoid(_matmul(a[..., :c.ve_gate_channels], layer["ve_gate"])), c.ve_gate_scale)
+        gate_BTK = scale(jax.nn.sigmoid(matmul(a[..., :c.ve_gate_channels], layer["ve_gate"])), c.ve_gate_scale)
         v = v + gate_BTK[..., None] * ve
     q, k = (scale(rmsnorm(apply_rotary(t, cos, sin)), c.qk_scale) for t in (q, k))
     y = attend(q, k, v).reshape(B, T, n)
-    x = x + _matmul(y, layer["c_proj"])
-    h = jax.nn.relu(_matmul(rmsnorm(x), layer["c_fc"]))
-    return x + _matmul(h * h, layer["mlp_proj"])
+    x = x + matmul(y, layer["c_proj"])
+    h = jax.nn.relu(matmul(rmsnorm(x), layer["c_fc"]))
+    return x + matmul(h * h, layer["mlp_proj"])
 
 
 # Rematerialisation policies per transformer layer (--remat): what the backward pass keeps instead of recomputing.
@@ -441,9 +457,10 @@ class GPT(nnx.Module):
     and per recipe smear and backout."""
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, compute_dtype=jnp.float32, scan_layers: bool = True,
-                 remat: str = "none", loss_chunk: int = 0, embed_dtype=jnp.float32):
+                 remat: str = "none", loss_chunk: int = 0, embed_dtype=jnp.float32, fp8: bool = False):
         """remat: per-layer policy (REMAT_POLICIES); loss_chunk > 0: chunked cross-entropy over that many positions;
-        embed_dtype: storage dtype of wte and value_embeds (bfloat16 like the reference on CUDA)."""
+        embed_dtype: storage dtype of wte and value_embeds (bfloat16 like the reference on CUDA); fp8: the forward
+        and backward pass (`__call__`) run the qualifying dense layers in fp8 (jaxchat.fp8), decode_step never."""
         remat_layer(lambda: None, remat)  # validate the name now
         if loss_chunk < 0:  # config.validate words this for the command line
             raise ValueError(f"loss_chunk {loss_chunk} must be 0 (off) or a positive number of positions")
@@ -452,6 +469,7 @@ class GPT(nnx.Module):
         self.scan_layers = scan_layers
         self.remat = remat
         self.loss_chunk = loss_chunk
+        self.fp8 = fp8
         embed_dtype = jnp.dtype(embed_dtype)
         n, L, Vp, c = config.n_embd, config.n_layer, config.padded_vocab, config.constants
         bound = math.sqrt(3) / math.sqrt(n)
@@ -473,12 +491,12 @@ class GPT(nnx.Module):
         """Softcapped float32 logits (B, T, vocab), or with targets the mean loss (reduction='none': per-token losses)."""
         x_BTn = self.hidden_states(idx_BT)
         if targets_BT is None:
-            return softcapped_logits(x_BTn, self.lm_head[...], self.config.vocab_size)
+            return softcapped_logits(x_BTn, self.lm_head[...], self.config.vocab_size, self._dense)
         if self.loss_chunk:
             losses_BT = chunked_cross_entropy(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size,
-                                              self.loss_chunk)
+                                              self.loss_chunk, self._dense)
         else:
-            losses_BT = softcapped_cross_entropy(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size)
+            losses_BT = token_losses(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size, self._dense)
         if reduction == "none":
             return losses_BT
         return losses_BT.sum() / jnp.maximum((targets_BT >= 0).sum(), 1)
@@ -497,7 +515,7 @@ class GPT(nnx.Module):
         def layer_fn(window_left: int):
             attend = functools.partial(attention, window_left=window_left)
             return remat_layer(lambda x, layer: block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin,
-                                                              config=cfg), self.remat)
+                                                              config=cfg, matmul=self._dense), self.remat)
 
         return self._trunk(x0, lambda i, x, layer: layer_fn(cfg.window_sizes[i])(x, layer), self.scan_layers)
 
@@ -576,6 +594,11 @@ class GPT(nnx.Module):
         if x_mid is not None:  # nanochat 92d63d4 GPT.forward: subtract the mid-stack residual before the final norm
             x = x - self.backout_lambda[...].astype(x.dtype) * x_mid
         return rmsnorm(x)
+
+    @property
+    def _dense(self):
+        """The dense layers' matmul in the forward and backward pass: fp8 where it qualifies with fp8 on."""
+        return _fp8_matmul if self.fp8 else _matmul
 
     def _layer_arrays(self) -> dict[str, jax.Array]:
         """Per-layer arrays with a leading layer axis (PER_VE_LAYER arrays: leading VE-layer axis)."""

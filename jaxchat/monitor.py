@@ -26,10 +26,11 @@ def peak_flops(device_kind: str) -> float:
 
 
 def step_line(step: int, num_iterations: int, loss: float, lrm: float, dt: float, tokens_per_sec: int, mfu: float,
-              epoch: int, total_time: float, eta: float | None) -> str:
-    """nanochat's per-step print (scripts/base_train.py, the training loop at 348fbb3)."""
+              epoch: int, total_time: float, eta: float | None, mfu_label: str = "mfu") -> str:
+    """nanochat's per-step print (scripts/base_train.py, the training loop at 348fbb3); with fp8 the MFU is labelled
+    bf16_mfu, as nanochat 92d63d4 labels it."""
     line = (f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {loss:.6f} | "
-            f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tokens_per_sec:,} | mfu: {mfu:.2f} | "
+            f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tokens_per_sec:,} | {mfu_label}: {mfu:.2f} | "
             f"epoch: {epoch} | total time: {total_time / 60:.2f}m")
     return line + (f" | eta: {eta / 60:.1f}m" if eta is not None else "")
 

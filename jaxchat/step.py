@@ -39,6 +39,11 @@ def make_train_step(graphdef, tx, shardings: dict):
     """
 
     def train_step(params, opt_state, inputs_ART, targets_ART, schedule):
+        # the mesh in context: fp8 scales are taken per data-parallel shard (jaxchat.fp8.data_shard_axes)
+        with jax.sharding.use_abstract_mesh(shardings["replicated"].mesh.abstract_mesh):
+            return update(params, opt_state, inputs_ART, targets_ART, schedule)
+
+    def update(params, opt_state, inputs_ART, targets_ART, schedule):
         def micro_step(grad_sum, batch):
             inputs_RT, targets_RT = batch
             loss, grads = jax.value_and_grad(lambda p: nnx.merge(graphdef, p)(inputs_RT, targets_RT))(params)
@@ -61,7 +66,7 @@ def make_train_step(graphdef, tx, shardings: dict):
 def abstract_training(config: GPTConfig, tx, mesh, *, compute_dtype: str, **model_options):
     """(graphdef, train_step, (abstract params, abstract opt_state) with shardings): shapes only, nothing allocated.
 
-    model_options: GPT's scan_layers, remat, loss_chunk, embed_dtype."""
+    model_options: GPT's scan_layers, remat, loss_chunk, embed_dtype, fp8."""
     graphdef, abstract_state = nnx.split(abstract_model(config, compute_dtype=compute_dtype, **model_options))
     abstract_params = nnx.to_pure_dict(abstract_state)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -71,6 +76,13 @@ def abstract_training(config: GPTConfig, tx, mesh, *, compute_dtype: str, **mode
                      replicated=meshlib.replicated(mesh))
     targets = (abstract_like(abstract_params, shardings["params"]), abstract_like(abstract_opt, shardings["opt_state"]))
     return graphdef, make_train_step(graphdef, tx, shardings), targets
+
+
+def without_fp8(graphdef, params_like):
+    """The graphdef of the same model with fp8 off: evaluation, CORE and samples run in bf16, as in nanochat."""
+    model = nnx.merge(graphdef, params_like)
+    model.fp8 = False
+    return nnx.split(model)[0]
 
 
 def init_training(config: GPTConfig, tx, mesh, *, seed: int, compute_dtype: str, **model_options):

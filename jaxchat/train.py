@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from jaxchat import fp8
 from jaxchat import memory, nanochat_ckpt
 from jaxchat import mesh as meshlib
 from jaxchat import optim
@@ -36,7 +37,7 @@ from jaxchat.faults import SaveTimer, StopRequest
 from jaxchat.monitor import Monitor, peak_flops, step_line
 from jaxchat.plan import Plan, device_batch_warning, make_plan
 from jaxchat.step import (ShardLoaders, default_dtype, global_batch, init_training, make_loaders, plan_and_compile,
-                          prepare_data, shard_layout, step_batch)
+                          prepare_data, shard_layout, step_batch, without_fp8)
 
 
 def model_tag(c: ConfigDict) -> str:
@@ -64,7 +65,7 @@ class Run:
     plan: Plan
     tok: Any
     files: dict[str, list[str]]
-    graphdef: Any
+    graphdef: Any  # the model of evaluation, CORE and samples: never fp8 (nanochat evaluates in bf16)
     train_step: Any  # the compiled step of step_memory (memory.StepMemory.compiled)
     step_memory: memory.StepMemory
     targets: tuple  # abstract (params, opt_state) with shardings: the restore targets
@@ -132,6 +133,8 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     print0(f"Devices: {jax.device_count()} x {device_kind} over {jax.process_count()} process(es); "
            f"mesh {dict(mesh.shape)}; peak bf16 FLOP/s per device {peak_flops(device_kind):.3g}; compute {compute_dtype}, "
            f"Muon orthogonalisation {muon_dtype}")
+    if c.fp8 and (note := fp8.no_speedup_note(jax.devices()[0])):
+        print0(note)
     check_writable(base_dir(), "base directory")  # data, tokenizer, logs: before anything is built or compiled
     tok, files = prepare_data(c.data)
     core_bundle = find_core_bundle(c)
@@ -143,14 +146,15 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     tx, wd_scaled = build_optimizer(c, plan, mesh, muon_dtype)
     graphdef, params, opt_state, train_step, targets = init_training(
         config, tx, mesh, seed=c.seed, compute_dtype=compute_dtype, remat=c.remat, loss_chunk=c.loss_chunk,
-        embed_dtype=c.embed_dtype)
+        embed_dtype=c.embed_dtype, fp8=c.fp8)
     step_memory = plan_and_compile(train_step, targets, mesh, device_batch_size=c.device_batch_size,
                                    total_batch_size=plan.total_batch_size, seq_len=c.max_seq_len,
                                    budget_gb=c.memory_budget_gb)
     plan = run_plan(c, tok.vocab_size, device_batch_size=step_memory.device_batch_size)
     report_plan(c, step_memory, plan)
-    run = Run(c, mesh, plan, tok, files, graphdef, step_memory.compiled, step_memory, targets, wd_scaled, core_bundle,
-              device_kind, checkpointer, resume_from, run_inputs, init_from)
+    eval_graphdef = without_fp8(graphdef, targets[0]) if c.fp8 else graphdef
+    run = Run(c, mesh, plan, tok, files, eval_graphdef, step_memory.compiled, step_memory, targets, wd_scaled,
+              core_bundle, device_kind, checkpointer, resume_from, run_inputs, init_from)
     return run, params, opt_state
 
 
@@ -415,7 +419,7 @@ def log_step(run: Run, state: TrainState, step: int, loss: float, dt: float, lrm
     eta = (N - step) * loop.total_training_time / (step - 10) if step > 10 else None
     if step % c.log_every == 0:
         print0(step_line(step, N, debiased, lrm, dt, int(run.plan.total_batch_size / dt), mfu, state.loader.epoch,
-                         loop.total_training_time, eta))
+                         loop.total_training_time, eta, "bf16_mfu" if c.fp8 else "mfu"))
     if step % 100 == 0:
         state.monitor.log({"step": step, "total_training_flops": flops_per_step * step,
                            "total_training_time": loop.total_training_time, "train/loss": debiased, "train/lrm": lrm,
