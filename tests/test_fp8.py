@@ -1,6 +1,10 @@
 """fp8 matmuls (`--fp8`): parity with nanochat's fp8.py on its unit fixture, exact quantisation, per-shard scales."""
 
+import contextlib
+import io
+import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import shared_fixture
+from conftest import TINY_RUN, shared_fixture
 from jaxchat import fp8, parity
 from jaxchat import mesh as meshlib
 
@@ -132,3 +136,106 @@ def test_scales_per_data_parallel_shard(fsdp):
     assert np.array_equal(np.asarray(y), ref_y) and np.array_equal(np.asarray(grad_x), ref_gx)
     np.testing.assert_allclose(np.asarray(grad_w), ref_gw, rtol=1e-5, atol=1e-6 * np.abs(ref_gw).max())
     assert not np.allclose(np.asarray(fp8.matmul(jnp.asarray(x), jnp.asarray(w))), ref_y)  # one global scale differs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tiny model trained with --fp8 (width 128, so q, k, v, both projections, c_fc and lm_head qualify), on 8 devices
+
+FP8_TINY = TINY_RUN + ["--aspect-ratio=64", "--num-iterations=6", "--eval-every=3", "--save-every=3",
+                       "--tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("jaxchat_fp8")
+    old = os.environ.get("JAXCHAT_BASE_DIR")
+    os.environ["JAXCHAT_BASE_DIR"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["JAXCHAT_BASE_DIR"]
+    else:
+        os.environ["JAXCHAT_BASE_DIR"] = old
+
+
+def train_printing(argv: list[str]) -> tuple[dict, str]:
+    """train(argv) -> (its result, what it printed)."""
+    from jaxchat.train import train
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = train(argv)
+    return result, out.getvalue()
+
+
+def val_bpb(printed: str) -> dict[int, str]:
+    """{step: validation bpb as printed}."""
+    return {int(s): v for s, v in re.findall(r"Step (\d+) \| Validation bpb: (\S+)", printed)}
+
+
+@pytest.fixture(scope="module")
+def runs(base_dir):
+    """The same tiny run without and with --fp8: {name: (result, printed)}."""
+    return {name: train_printing(FP8_TINY + flags + [f"--model-tag={name}"])
+            for name, flags in (("plain", []), ("fp8", ["--fp8=true"]))}
+
+
+def test_fp8_run_tracks_the_unquantised_run(runs):
+    """Training losses within 2% of the run without fp8; validation (step 0, same weights) identical, because
+    evaluation never uses fp8; the MFU is labelled bf16_mfu; the CPU says it gets no speed-up, once."""
+    (plain, plain_out), (fp8_run, fp8_out) = runs["plain"], runs["fp8"]
+    assert sorted(fp8_run["losses"]) == list(range(6))
+    for step, loss in plain["losses"].items():
+        assert abs(fp8_run["losses"][step] - loss) <= 0.02 * abs(loss), (step, fp8_run["losses"][step], loss)
+    assert fp8_run["losses"] != plain["losses"]  # fp8 is really on
+    assert val_bpb(fp8_out)[0] == val_bpb(plain_out)[0]
+    assert fp8_out.count("has no fp8 matmuls") == 1 and "bf16_mfu:" in fp8_out
+    assert "has no fp8 matmuls" not in plain_out and "| mfu:" in plain_out
+
+
+@pytest.mark.parametrize("resume_flags", [["--fp8=true"], []], ids=["with-fp8", "without-fp8"])
+def test_fp8_checkpoint_resumes_bit_identically(base_dir, runs, resume_flags):
+    """A checkpoint saved with --fp8 resumes exactly: with --fp8 the continued losses equal the uninterrupted run's;
+    either way the evaluation right after the restore (bf16) equals the one the saving run printed at that step."""
+    fp8_run, fp8_out = runs["fp8"]
+    tag = "resume-" + ("fp8" if resume_flags else "plain")
+    ckpt = base_dir / "base_checkpoints"
+    shutil.copytree(ckpt / "fp8" / "3", ckpt / tag / "3")
+    resumed, out = train_printing(FP8_TINY + resume_flags + [f"--model-tag={tag}", "--resume-from-step=last"])
+    assert val_bpb(out)[3] == val_bpb(fp8_out)[3]
+    assert sorted(resumed["losses"]) == [3, 4, 5]
+    if resume_flags:
+        assert all(resumed["losses"][s] == fp8_run["losses"][s] for s in (3, 4, 5))
+    else:
+        assert all(abs(resumed["losses"][s] - fp8_run["losses"][s]) <= 0.02 * fp8_run["losses"][s] for s in (3, 4, 5))
+
+
+def test_fp8_quantises_only_the_qualifying_layers(monkeypatch):
+    """With fp8 on, exactly q, k, v, both projections, c_fc and lm_head go through fp8 (never the VE gate, the
+    embeddings or the scalars), decoding never does, and the gates' and embeddings' gradients keep the direction of
+    the unquantised model's (cosine > 0.99), float32 and in the same tree."""
+    from flax import nnx
+    from jaxchat.model import GPT, config_for_depth
+    config = config_for_depth(2, aspect_ratio=64, head_dim=32, max_seq_len=64, vocab_size=512)
+    n, Vp = config.n_embd, config.padded_vocab
+    idx = jnp.asarray(np.random.default_rng(0).integers(0, 512, (4, 65)), jnp.int32)
+    seen, real = [], fp8.matmul
+    monkeypatch.setattr(fp8, "matmul", lambda x, w: (seen.append(tuple(w.shape)), real(x, w))[1])
+    grads = {}
+    for fp8_on in (False, True):
+        graphdef, params = nnx.split(GPT(config, rngs=nnx.Rngs(0), fp8=fp8_on), nnx.Param)
+        # non-zero projections, so every layer's gradient flows (they start at zero, as in nanochat)
+        params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), params)
+        loss = lambda p: nnx.merge(graphdef, p)(idx[:, :-1], idx[:, 1:])  # noqa: E731
+        grads[fp8_on] = nnx.to_flat_state(jax.jit(jax.grad(loss))(params))
+    per_layer = [(n, n), (n, n), (n, n), (n, n), (n, 4 * n), (4 * n, n)]  # q, k, v, c_proj, c_fc, mlp_proj
+    assert sorted(seen) == sorted(per_layer * config.n_layer + [(n, Vp)])
+    seen.clear()
+    model = nnx.merge(graphdef, params)
+    model.decode_step(idx[:, 0], jnp.int32(0), model.init_cache(4, 8))
+    assert seen == []
+    cosine = {}
+    for (path, g0), (_, g1) in zip(grads[False], grads[True], strict=True):
+        a, b = np.asarray(g0[...]), np.asarray(g1[...])
+        assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
+        cosine["/".join(map(str, path))] = float(np.vdot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
+    print({k: round(v, 4) for k, v in cosine.items()})
+    assert all(cosine[name] > 0.99 for name in ("wte", "value_embeds", "blocks/ve_gate")), cosine
