@@ -3,6 +3,7 @@ scripts/base_train.py computes it at 348fbb3), median step time, compile time
 and peak memory, printed as one JSON line, then as the README performance table's row.
 
     python bench/throughput.py --depth=24 --device-batch-size=16            # real shapes: T 2048, vocab 32768
+    python bench/throughput.py --depth=24 --device-batch-size=16 --fp8      # the same with fp8 matmuls
     python bench/throughput.py --depth=2 --aspect-ratio=32 --head-dim=32 --seq-len=64 --vocab-size=256 \\
         --device-batch-size=2 --steps=3 --warmup=1                          # CI-sized, seconds on CPU
 """
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxchat import fp8
 from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
@@ -46,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--remat", default="none")
     parser.add_argument("--loss-chunk", type=int, default=0)
     parser.add_argument("--embed-dtype", default="float32")
+    parser.add_argument("--fp8", action="store_true", help="qualifying dense layers in fp8, as train --fp8 (MFU stays "
+                                                           "against the bf16 peak)")
     parser.add_argument("--no-xla-flags", action="store_true", help="without jaxchat's GPU XLA flags (baseline)")
     return parser.parse_args(argv)
 
@@ -63,7 +67,9 @@ def main(argv=None) -> dict:
                               muon_stack_sharding=meshlib.muon_stack_sharding(mesh))
     _, params, opt_state, train_step, (params_like, opt_like) = init_training(
         config, tx, mesh, seed=0, compute_dtype=compute_dtype, remat=args.remat, loss_chunk=args.loss_chunk,
-        embed_dtype=args.embed_dtype)
+        embed_dtype=args.embed_dtype, fp8=args.fp8)
+    if args.fp8 and (note := fp8.no_speedup_note(jax.devices()[0])):
+        print(note, flush=True)
     t0 = time.perf_counter()
     compiled = compile_step(train_step, params_like, opt_like, mesh, device_batch_size=args.device_batch_size,
                                    grad_accum=args.grad_accum, seq_len=args.seq_len)
@@ -94,7 +100,7 @@ def main(argv=None) -> dict:
         depth=args.depth, n_embd=config.n_embd, seq_len=args.seq_len, vocab_size=args.vocab_size,
         device_batch_size=args.device_batch_size, grad_accum=args.grad_accum, mesh=dict(mesh.shape),
         device=device.device_kind, backend=jax.default_backend(), jax=jax.__version__, compute_dtype=compute_dtype,
-        remat=args.remat, loss_chunk=args.loss_chunk, embed_dtype=args.embed_dtype,
+        remat=args.remat, loss_chunk=args.loss_chunk, embed_dtype=args.embed_dtype, fp8=args.fp8, mfu_peak="bf16",
         xla_flags=os.environ.get("XLA_FLAGS", ""), tokens_per_step=tokens_per_step, step_time_s=dt,
         step_times_s=times, tokens_per_s=tokens_per_step / dt,
         mfu=100 * flops_per_token * tokens_per_step / dt / peak, compile_s=compile_s,
@@ -112,7 +118,8 @@ def readme_row(r: dict) -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "-"
     peak = f"{r['peak_bytes'] / 2**30:.1f} GiB" if r["peak_bytes"] else "-"
-    return (f"| {r['device']} | {r['jax']} | {commit} | {r['depth']} | {r['device_batch_size']} | "
+    depth = f"{r['depth']} fp8" if r.get("fp8") else r["depth"]
+    return (f"| {r['device']} | {r['jax']} | {commit} | {depth} | {r['device_batch_size']} | "
             f"{r['tokens_per_s']:,.0f} | {r['mfu']:.1f}% | {r['step_time_s'] * 1000:.0f} ms | {r['compile_s']:.0f} s | "
             f"{peak} |")
 

@@ -2,9 +2,13 @@
 
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -239,3 +243,19 @@ def test_fp8_quantises_only_the_qualifying_layers(monkeypatch):
         cosine["/".join(map(str, path))] = float(np.vdot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
     print({k: round(v, 4) for k, v in cosine.items()})
     assert all(cosine[name] > 0.99 for name in ("wte", "value_embeds", "blocks/ve_gate")), cosine
+
+
+def test_throughput_benchmark_with_fp8():
+    """bench/throughput.py --fp8: the step trains in fp8 (CPU: the no-speed-up line), the JSON says so, MFU against the
+    bf16 peak, and the README row's depth reads '2 fp8'."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, str(root / "bench" / "throughput.py"), "--depth=2", "--aspect-ratio=64", "--head-dim=32",
+           "--seq-len=32", "--vocab-size=128", "--device-batch-size=1", "--grad-accum=2", "--steps=2", "--warmup=1",
+           "--fp8"]
+    lines = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300,
+                           check=True).stdout.strip().splitlines()
+    assert sum("has no fp8 matmuls" in line for line in lines) == 1
+    result = json.loads(lines[-2])
+    assert result["fp8"] is True and result["mfu_peak"] == "bf16" and result["loss"] > 0
+    assert lines[-1].split(" | ")[3] == "2 fp8"
