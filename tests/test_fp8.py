@@ -246,8 +246,8 @@ def test_fp8_quantises_only_the_qualifying_layers(monkeypatch):
 
 
 def test_throughput_benchmark_with_fp8():
-    """bench/throughput.py --fp8: the step trains in fp8 (CPU: the no-speed-up line), the JSON says so, MFU against the
-    bf16 peak, and the README row's depth reads '2 fp8'."""
+    """bench/throughput.py --fp8: the step trains in fp8 (CPU: the no-speed-up line), the JSON says so, MFU against
+    the bf16 peak, and the README row's depth reads "2 fp8"."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, str(root / "bench" / "throughput.py"), "--depth=2", "--aspect-ratio=64", "--head-dim=32",
