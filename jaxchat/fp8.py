@@ -15,6 +15,7 @@ amax is over the whole weight (with FSDP, GSPMD reduces it over the shards).
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -133,11 +134,8 @@ matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
 
 def has_fp8_matmuls(device) -> bool:
     """Whether XLA turns the fp8 pattern into fp8 GEMMs on this device (CUDA compute capability >= 8.9)."""
-    capability = getattr(device, "compute_capability", None)
-    if device.platform != "gpu" or not capability:
-        return False
-    major, minor = (int(v) for v in str(capability).split(".")[:2])
-    return (major, minor) >= (8, 9)
+    capability = re.fullmatch(r"(\d+)\.(\d+)", str(getattr(device, "compute_capability", "")))  # not on ROCm
+    return device.platform == "gpu" and capability is not None and tuple(map(int, capability.groups())) >= (8, 9)
 
 
 def no_speedup_note(device) -> str | None:

@@ -80,6 +80,18 @@ def test_qualifying_layers():
     assert not fp8.qualifies(64, 256) and not fp8.qualifies(136, 200)
 
 
+def test_which_devices_have_fp8_matmuls():
+    """CUDA compute capability 8.9 and up (Ada, Hopper, Blackwell); a CPU, an A100 or a ROCm device get the note."""
+    from types import SimpleNamespace
+    device = lambda platform, capability, kind: SimpleNamespace(platform=platform, compute_capability=capability,  # noqa: E731
+                                                                 device_kind=kind)
+    for capability in ("8.9", "9.0", "10.0"):
+        assert fp8.has_fp8_matmuls(device("gpu", capability, "GPU")) and fp8.no_speedup_note(device("gpu", capability,
+                                                                                                   "GPU")) is None
+    for d in (device("gpu", "8.0", "A100"), device("gpu", "gfx942", "MI300X"), device("cpu", None, "cpu")):
+        assert not fp8.has_fp8_matmuls(d) and d.device_kind in fp8.no_speedup_note(d)
+
+
 def dot_operands_are_scaled_fp8(hlo: str) -> list[bool]:
     """For each dot of an HLO module: whether both operands are multiply(convert(an fp8 value), broadcast(scalar))."""
     defs = dict(re.findall(r"^\s*(\S+) = (.*)$", hlo, re.M))
