@@ -82,14 +82,13 @@ def test_qualifying_layers():
 
 def test_which_devices_have_fp8_matmuls():
     """CUDA compute capability 8.9 and up (Ada, Hopper, Blackwell); a CPU, an A100 or a ROCm device get the note."""
-    from types import SimpleNamespace
-    device = lambda platform, capability, kind: SimpleNamespace(platform=platform, compute_capability=capability,  # noqa: E731
-                                                                 device_kind=kind)
+    from types import SimpleNamespace as Device
     for capability in ("8.9", "9.0", "10.0"):
-        assert fp8.has_fp8_matmuls(device("gpu", capability, "GPU")) and fp8.no_speedup_note(device("gpu", capability,
-                                                                                                   "GPU")) is None
-    for d in (device("gpu", "8.0", "A100"), device("gpu", "gfx942", "MI300X"), device("cpu", None, "cpu")):
-        assert not fp8.has_fp8_matmuls(d) and d.device_kind in fp8.no_speedup_note(d)
+        gpu = Device(platform="gpu", compute_capability=capability, device_kind="GPU")
+        assert fp8.has_fp8_matmuls(gpu) and fp8.no_speedup_note(gpu) is None
+    for platform, capability, kind in (("gpu", "8.0", "A100"), ("gpu", "gfx942", "MI300X"), ("cpu", None, "cpu")):
+        device = Device(platform=platform, compute_capability=capability, device_kind=kind)
+        assert not fp8.has_fp8_matmuls(device) and kind in fp8.no_speedup_note(device)
 
 
 def dot_operands_are_scaled_fp8(hlo: str) -> list[bool]:
