@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from conftest import TINY_RUN, shared_fixture
 from jaxchat import fp8, parity
 from jaxchat import mesh as meshlib
+from jaxchat.model import MODEL_RECIPES
 
 
 def test_unit_fixture_parity(tmp_path):
@@ -223,13 +224,14 @@ def test_fp8_checkpoint_resumes_bit_identically(base_dir, runs, resume_flags):
         assert all(abs(resumed["losses"][s] - fp8_run["losses"][s]) <= 0.02 * fp8_run["losses"][s] for s in (3, 4, 5))
 
 
-def test_fp8_quantises_only_the_qualifying_layers(monkeypatch):
-    """With fp8 on, exactly q, k, v, both projections, c_fc and lm_head go through fp8 (never the VE gate, the
-    embeddings or the scalars), decoding never does, and the gates' and embeddings' gradients keep the direction of
-    the unquantised model's (cosine > 0.99), float32 and in the same tree."""
+@pytest.mark.parametrize("recipe", MODEL_RECIPES)
+def test_fp8_quantises_only_the_qualifying_layers(monkeypatch, recipe):
+    """With fp8 on, exactly q, k, v, both projections, c_fc and lm_head go through fp8 (never the VE or smear gate,
+    the embeddings or the scalars), decoding never does, and the gates' and embeddings' gradients keep the direction
+    of the unquantised model's (cosine > 0.99), float32 and in the same tree; in both recipes."""
     from flax import nnx
     from jaxchat.model import GPT, config_for_depth
-    config = config_for_depth(2, aspect_ratio=64, head_dim=32, max_seq_len=64, vocab_size=512)
+    config = config_for_depth(2, aspect_ratio=64, head_dim=32, max_seq_len=64, vocab_size=512, recipe=recipe)
     n, Vp = config.n_embd, config.padded_vocab
     idx = jnp.asarray(np.random.default_rng(0).integers(0, 512, (4, 65)), jnp.int32)
     seen, real = [], fp8.matmul
@@ -253,7 +255,8 @@ def test_fp8_quantises_only_the_qualifying_layers(monkeypatch):
         assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
         cosine["/".join(map(str, path))] = float(np.vdot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
     print({k: round(v, 4) for k, v in cosine.items()})
-    assert all(cosine[name] > 0.99 for name in ("wte", "value_embeds", "blocks/ve_gate")), cosine
+    gates = ("wte", "value_embeds", "blocks/ve_gate") + (("smear_gate",) if "smear_gate" in cosine else ())
+    assert all(cosine[name] > 0.99 for name in gates), cosine
 
 
 def test_throughput_benchmark_with_fp8():
