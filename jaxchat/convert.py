@@ -1,4 +1,4 @@
-"""Move weights between nanochat's state dict (names and PyTorch layouts, spec §1.4) and jaxchat's parameter tree.
+"""Move weights between nanochat's state dict (names and PyTorch layouts of nanochat/gpt.py GPT) and jaxchat's parameter tree.
 
 The reference stores each Linear as (out, in) per layer; jaxchat stores kernels as (in, out) stacked over layers.
 The round trip is exact (transposes and stacking only).

@@ -1,4 +1,4 @@
-"""MuonAdamW (nanochat 348fbb3, spec §4; and 92d63d4's variant) as an optax transformation, and the schedules.
+"""MuonAdamW (nanochat/optim.py MuonAdamW at 348fbb3, and 92d63d4's variant) as an optax transformation, and the schedules.
 
     wd_scaled = depth_scaled_weight_decay(0.2, depth)
     tx = make_optimizer(model_dim=n, weight_decay=wd_scaled, batch_lr_scale=batch_lr_scale(total_batch_size))
@@ -92,7 +92,7 @@ class MuonVariant:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Schedules (spec §3.3, §5.1)
+# Schedules (scripts/base_train.py get_lr_multiplier, get_muon_momentum, get_weight_decay)
 
 def lr_multiplier(it: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
                   final_lr_frac: float, warmup_steps: int = -1) -> float:
@@ -230,7 +230,7 @@ def _lerp(start: jax.Array, end: jax.Array, weight: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# AdamW (spec §4.2)
+# AdamW (nanochat/optim.py adamw_step_fused)
 
 class AdamWState(NamedTuple):
     """Per-leaf step count and fp32 moments."""
@@ -274,7 +274,7 @@ def adamw(lr: float, b1: float, b2: float, eps: float = ADAMW_EPS,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Muon with Polar Express and NorMuon (spec §4.3)
+# Muon with Polar Express and NorMuon (nanochat/optim.py muon_step_fused)
 
 class MuonState(NamedTuple):
     """fp32 momentum buffers (param layout) and NorMuon second moments (reference orientation)."""
@@ -369,14 +369,14 @@ def muon_matrix_update(O_KRC: jax.Array, P_KRC: jax.Array, lr_eff: jax.Array, wd
     """−(lr_eff·O + lr_eff·wd·P·mask) with the cautious mask O⊙P ≥ 0 (lr_eff, wd already in O's dtype)."""
     f32 = jnp.float32
     mask = (O_KRC.astype(f32) * P_KRC) >= 0
-    lr_O = (lr_eff.astype(f32) * O_KRC.astype(f32)).astype(O_KRC.dtype).astype(f32)  # bf16 product in REF
+    lr_O = (lr_eff.astype(f32) * O_KRC.astype(f32)).astype(O_KRC.dtype).astype(f32)  # bf16 product in nanochat's muon_step_fused
     decay = (lr_eff.astype(f32) * wd.astype(f32)).astype(O_KRC.dtype).astype(f32) * P_KRC * mask
     return -(lr_O + decay)
 
 
 def spread_stacks(arrays: tuple[jax.Array, ...], sharding) -> tuple[jax.Array, ...]:
     """Zero-pad the leading (stack) axis to a multiple of `sharding`'s shards and split it over them, so every device
-    orthogonalises whole matrices whatever the depth (the reference pads its stacks the same way, spec §4.4).
+    orthogonalises whole matrices whatever the depth (nanochat/optim.py DistMuonAdamW._compute_muon pads its stacks the same way).
     Zero matrices stay zero through Polar Express and NorMuon; callers cut the padding off the results."""
     if sharding is None or arrays[0].ndim < 3:
         return arrays
@@ -388,7 +388,7 @@ def spread_stacks(arrays: tuple[jax.Array, ...], sharding) -> tuple[jax.Array, .
 
 def muon(lr: float, beta2: float = MUON_BETA2, dtype=jnp.bfloat16, ns_steps: int = NS_STEPS,
          stack_sharding=None, variant: MuonVariant = MuonVariant()) -> optax.GradientTransformationExtraArgs:
-    """Muon over a tree of stacked Flax kernels; extra args lrm, momentum, wd (spec §4.3, with the bf16 quirks).
+    """Muon over a tree of stacked Flax kernels; extra args lrm, momentum, wd (nanochat/optim.py muon_step_fused, with its bf16 quirks).
 
     stack_sharding (mesh.muon_stack_sharding): where the orthogonalisation runs; None: wherever the inputs live.
     variant: 92d63d4's options (its beta2 is ignored here: `beta2` is the group's).
@@ -406,7 +406,7 @@ def muon(lr: float, beta2: float = MUON_BETA2, dtype=jnp.bfloat16, ns_steps: int
         if params is None:
             raise ValueError("Muon needs params for its cautious weight decay: tx.update(grads, state, params, ...)")
         lrm, momentum, wd = _schedule(extra_args)
-        # REF casts the 0-d hyperparameters to the update's dtype after Polar Express (bf16 rounding, spec §4.3).
+        # muon_step_fused casts the 0-d hyperparameters to the update's dtype after Polar Express (bf16 rounding).
         beta2_t = jnp.float32(beta2).astype(out_dtype).astype(jnp.float32)
         wd_t = wd.astype(out_dtype)
 
@@ -436,7 +436,7 @@ def muon(lr: float, beta2: float = MUON_BETA2, dtype=jnp.bfloat16, ns_steps: int
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The combined optimizer (spec §4.1)
+# The combined optimizer (nanochat/gpt.py GPT.setup_optimizer)
 
 def param_labels(params: dict, groups: tuple[AdamWGroup, ...] = ADAMW_GROUPS_348FBB3) -> dict:
     """Optimizer group of every leaf: its AdamW group's name by top-level key, 'muon' under `blocks`."""

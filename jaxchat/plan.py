@@ -1,4 +1,4 @@
-"""The training plan in one place: model size from depth, horizon (spec §3.1), batch / accumulation (§3.2), and the
+"""The training plan in one place: model size from depth, horizon and batch / accumulation (scripts/base_train.py at 348fbb3), and the
 recipe's transfer rules (batch LR scale, Muon weight decay; 92d63d4's auto batch).
 
     python -m jaxchat.plan --depth=26 --target-param-data-ratio=8.25 --device-batch-size=16 --num-devices=8
@@ -113,7 +113,7 @@ class Plan:
         return float(self.flops_per_token) * self.total_tokens
 
     def summary(self) -> list[str]:
-        """The reference's start-up facts (spec §10): sizes, parameter table, FLOPs, horizon, batch."""
+        """The reference's start-up facts (scripts/base_train.py's print0 lines): sizes, parameter table, FLOPs, horizon, batch."""
         m = self.model
         lines = [f"Vocab size: {m.vocab_size:,}",
                  f"num_layers: {m.n_layer}, model_dim: {m.n_embd}, num_heads: {m.n_head}, head_dim: {m.head_dim}, "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPT-2 capability on one 8xGPU node, nanochat's leaderboard recipe: d24, ratio 12, device batch 16 (spec §12.1 run 1).
+# GPT-2 capability on one 8xGPU node, nanochat's leaderboard recipe: d24, ratio 12, device batch 16 (nanochat's runs/speedrun.sh, leaderboard run 1).
 # Usage: bash launch/speedrun.sh [extra train flags], e.g. --run=my-run for WandB.
 set -euo pipefail
 cd "$(dirname "$0")/.."

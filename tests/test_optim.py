@@ -1,4 +1,4 @@
-"""MuonAdamW pieces (spec §4) against float64 transcriptions of the reference, and the schedules (spec §5.1)."""
+"""MuonAdamW pieces (nanochat/optim.py) against float64 transcriptions of the reference, and the schedules (scripts/base_train.py)."""
 
 import dataclasses
 import math
@@ -36,7 +36,7 @@ def tiny_params(rng, n=32, L=2, Vp=64):
                         is_leaf=lambda s: isinstance(s, tuple))
 
 
-# ------------------------------------------------------------------ float64 transcriptions of REF (spec §4.2, §4.3)
+# ------------------------------------------------------------------ float64 transcriptions of nanochat/optim.py adamw_step_fused, muon_step_fused
 
 def ref_polar_express(X, norm=1.02):
     X = X / (np.linalg.norm(X, axis=(-2, -1), keepdims=True) * norm + 1e-6)
@@ -51,7 +51,7 @@ def ref_polar_express(X, norm=1.02):
 
 
 def ref_muon_step(G, P, M, S, *, lr, mu, wd, beta2=0.95, head=False):
-    """One REF Muon step on (K, rows, cols) in float64: returns (P, M, S); head: 92d63d4's muon_step_fused."""
+    """One reference Muon step on (K, rows, cols) in float64: returns (P, M, S); head: 92d63d4's muon_step_fused."""
     M = mu * M + (1 - mu) * G
     X = (1 - mu) * G + mu * M
     fro = lambda A: np.linalg.norm(A, axis=(-2, -1), keepdims=True)  # noqa: E731
@@ -116,16 +116,16 @@ def test_cautious_weight_decay_mask():
 
 def test_muon_lr_scale_uses_reference_orientation():
     n = 32
-    assert optim.muon_lr_scale((2, n, 4 * n)) == 2.0  # c_fc kernel (n, 4n) = REF (4n, n): tall
+    assert optim.muon_lr_scale((2, n, 4 * n)) == 2.0  # c_fc kernel (n, 4n) = reference (4n, n): tall
     assert optim.muon_lr_scale((2, 4 * n, n)) == 1.0  # mlp proj: wide
     assert optim.muon_lr_scale((2, n, n)) == 1.0
-    assert optim.muon_lr_scale((1, 32, 2)) == 1.0  # ve_gate kernel (32, Hkv) = REF (Hkv, 32): wide
+    assert optim.muon_lr_scale((1, 32, 2)) == 1.0  # ve_gate kernel (32, Hkv) = reference (Hkv, 32): wide
 
 
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("shape", [(2, 16, 64), (2, 64, 16), (1, 32, 32), (1, 32, 2)])  # Flax (K, fan_in, fan_out)
 def test_muon_matches_float64_reference_over_steps(shape, jit):
-    """Three fp32 Muon steps on Flax kernels == REF on the transposed (fan_out, fan_in) matrices."""
+    """Three fp32 Muon steps on Flax kernels == reference on the transposed (fan_out, fan_in) matrices."""
     rng = np.random.default_rng(3)
     P = jnp.asarray(rng.normal(size=shape) * 0.1, jnp.float32)
     tx = optim.muon(0.02, dtype=jnp.float32)
@@ -247,9 +247,9 @@ def test_make_optimizer_updates_every_group_and_state_layout():
     initial = {"lrm": np.float32(1.0), "momentum": np.float32(0.85), "wd": np.float32(0.2)}
     chex.assert_trees_all_equal(state.schedule, initial)
     muon_state = state.inner.inner_states["muon"].inner_state
-    assert muon_state.second_moment["blocks"]["c_fc"].shape == (2, 1, 128)  # per REF row (4n of them)
-    assert muon_state.second_moment["blocks"]["mlp_proj"].shape == (2, 128, 1)  # per REF column (4n)
-    assert muon_state.second_moment["blocks"]["ve_gate"].shape == (1, 32, 1)  # per REF column (32)
+    assert muon_state.second_moment["blocks"]["c_fc"].shape == (2, 1, 128)  # per reference row (4n of them)
+    assert muon_state.second_moment["blocks"]["mlp_proj"].shape == (2, 128, 1)  # per reference column (4n)
+    assert muon_state.second_moment["blocks"]["ve_gate"].shape == (1, 32, 1)  # per reference column (32)
     grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.01, params)
     updates, state = jax.jit(tx.update)(grads, state, params)
     chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
@@ -302,7 +302,7 @@ def test_missing_schedule_values_are_an_error():
         tx.update(p, tx.init(p), p)
 
 
-# ------------------------------------------------------------------ schedules (spec §3.3, §5.1)
+# ------------------------------------------------------------------ schedules (scripts/base_train.py)
 
 def test_lr_multiplier_reference_boundaries():
     N = 8715

@@ -1,4 +1,4 @@
-"""Sizing, counting, horizon and batch arithmetic against the reference tables (spec §2.3), and the README."""
+"""Sizing, counting, horizon and batch arithmetic against the reference tables (nanochat/gpt.py GPT.num_scaling_params, GPT.estimate_flops), and the README."""
 
 import re
 from pathlib import Path
