@@ -194,39 +194,11 @@ def apply_rotary(x_BTHD: jax.Array, cos_TD: jax.Array, sin_TD: jax.Array) -> jax
 
 def attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, window_left: int) -> jax.Array:
     """Causal attention where query t sees keys t-window_left..t; the cuDNN flash kernel on GPU, XLA elsewhere."""
-    if jax.default_backend() == "cpu":
-        return blocked_attention(q_BTHD, k_BTKD, v_BTKD, window_left)
     seq_len = q_BTHD.shape[1]
     local = None if window_left >= seq_len else (window_left, 0)  # plain causal is the fastest kernel
     on_gpu = jax.default_backend() == "gpu" and q_BTHD.dtype in (jnp.bfloat16, jnp.float16)
     return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, is_causal=True, local_window_size=local,
                                         implementation="cudnn" if on_gpu else "xla")
-
-
-def blocked_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, window_left: int,
-                      n_blocks: int = 2) -> jax.Array:
-    """attention() as XLA:CPU runs it fastest: the queries in `n_blocks` blocks, each against only the keys it can see.
-
-    jax.nn.dot_product_attention's XLA path scores every (query, key) pair and masks after; on a CPU the (B, H, T, T)
-    float32 scores, their softmax and its gradient are memory-bound, so the causal upper triangle (and keys left of
-    the window) that the blocks skip is time saved: about 30-40% of attention's cost at T 256-512 (2 blocks measured
-    best there). Scores and softmax in float32, probabilities cast to v's dtype, as in jax.nn.dot_product_attention.
-    """
-    B, T, H, D = q_BTHD.shape
-    K = k_BTKD.shape[2]
-    q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)  # GQA: query heads grouped by their kv head
-    block = -(-T // n_blocks)
-    outs = []
-    for start in range(0, T, block):
-        stop = min(start + block, T)
-        lo = max(0, start - window_left)  # the first key any query of this block sees
-        scores_BKGts = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD[:, start:stop], k_BTKD[:, lo:stop],
-                                  preferred_element_type=jnp.float32) / math.sqrt(D)
-        query_pos, key_pos = np.arange(start, stop)[:, None], np.arange(lo, stop)[None, :]
-        visible = (key_pos <= query_pos) & (key_pos >= query_pos - window_left)
-        probs = jax.nn.softmax(jnp.where(visible, scores_BKGts, -jnp.inf), axis=-1).astype(v_BTKD.dtype)
-        outs.append(jnp.einsum("bkgts,bskd->btkgd", probs, v_BTKD[:, lo:stop]))
-    return jnp.concatenate(outs, axis=1).reshape(B, T, H, D)
 
 
 def cached_attention(q_B1HD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, pos: jax.Array,
