@@ -128,7 +128,7 @@ def test_recipe_flag_defaults_and_precedence():
     assert parse_flags(["--recipe=92d63d4", "--config.data=demo"]).data == "demo"
     speedrun = parse_flags(["--config=configs/speedrun.py"])
     assert (speedrun.recipe, speedrun.depth, speedrun.target_param_data_ratio, speedrun.device_batch_size,
-            speedrun.total_batch_size, speedrun.unembedding_lr) == ("92d63d4", 24, 8.0, 16, -1, 0.008)
+            speedrun.total_batch_size, speedrun.unembedding_lr, speedrun.fp8) == ("92d63d4", 24, 8.0, 16, -1, 0.008, True)
     assert parse_flags(["--config=configs/speedrun.py", "--recipe=348fbb3"]).total_batch_size == 524288
     for argv, message in ((["--total-batch-size=-1"], "part of recipe 92d63d4"),
                           (["--recipe=92d63d4", "--adam-beta1=0.9"], "do not exist in recipe 92d63d4"),
