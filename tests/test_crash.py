@@ -95,7 +95,7 @@ def test_rollback_resume_moves_newer_checkpoints_aside(base_dir, uninterrupted):
 
 
 def test_ctrl_c_while_compiling_exits_130_with_one_line(base_dir):
-    code, output = run(base_dir, "compiling", resume=False, kill_at_line="Batch LR scale", sig=signal.SIGINT,
+    code, output = run(base_dir, "compiling", resume=False, kill_at_line="batch LR scale", sig=signal.SIGINT,
                        kill_delay=0.5)
     assert code == 130, output[-3000:]
     assert "Traceback" not in output and "Segmentation" not in output
