@@ -25,3 +25,16 @@ def shared_fixture(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"reference fixture {path} not found: clone the repo beside its shared/ folder to run parity tests")
     return path
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A fresh $JAXCHAT_BASE_DIR for the module's runs (test files with their own layout override it)."""
+    path = tmp_path_factory.mktemp("jaxchat_base")
+    old = os.environ.get("JAXCHAT_BASE_DIR")
+    os.environ["JAXCHAT_BASE_DIR"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["JAXCHAT_BASE_DIR"]
+    else:
+        os.environ["JAXCHAT_BASE_DIR"] = old

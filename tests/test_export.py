@@ -27,18 +27,6 @@ FIXTURES = {"nanochat_parity_d2.npz": "348fbb3", "nanochat_head_d4.npz": "92d63d
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("jaxchat_base")
-    old = os.environ.get("JAXCHAT_BASE_DIR")
-    os.environ["JAXCHAT_BASE_DIR"] = str(path)
-    yield path
-    if old is None:
-        del os.environ["JAXCHAT_BASE_DIR"]
-    else:
-        os.environ["JAXCHAT_BASE_DIR"] = old
-
-
-@pytest.fixture(scope="module")
 def trained(base_dir):
     """A real 3-step training run on the demo corpus, its final checkpoint at step 3."""
     from jaxchat.train import train
@@ -323,7 +311,7 @@ def test_record_recipe_optimizer_is_nanochats(base_dir, tokenizer_500, tmp_path)
     by nanochat's own MuonAdamW (with a checkout), and read back bit for bit."""
     import jax
     from jaxchat import mesh as meshlib
-    from jaxchat import nanochat_ckpt, optim, parity
+    from jaxchat import nanochat_ckpt, parity
     from jaxchat.checkpoint import Checkpointer, checkpoint_dir
     from jaxchat.export import read_jaxchat
     from jaxchat.step import abstract_training

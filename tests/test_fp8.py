@@ -161,18 +161,6 @@ FP8_TINY = TINY_RUN + ["--aspect-ratio=64", "--num-iterations=6", "--eval-every=
                        "--tensorboard=false"]
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("jaxchat_fp8")
-    old = os.environ.get("JAXCHAT_BASE_DIR")
-    os.environ["JAXCHAT_BASE_DIR"] = str(path)
-    yield path
-    if old is None:
-        del os.environ["JAXCHAT_BASE_DIR"]
-    else:
-        os.environ["JAXCHAT_BASE_DIR"] = old
-
-
 def train_printing(argv: list[str]) -> tuple[dict, str]:
     """train(argv) -> (its result, what it printed)."""
     from jaxchat.train import train

@@ -94,7 +94,6 @@ def test_muon_splits_stacks_that_do_not_divide_the_devices():
     import numpy as np
 
     from jaxchat import optim
-    from jaxchat.checkpoint import abstract_like
 
     config = dataclasses.replace(CONFIG, n_layer=6)
     model = GPT(config, rngs=nnx.Rngs(0))

@@ -16,18 +16,6 @@ TINY = TINY_RUN + ["--num-iterations=6", "--eval-every=3", "--save-every=3"]
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("jaxchat_base")
-    old = os.environ.get("JAXCHAT_BASE_DIR")
-    os.environ["JAXCHAT_BASE_DIR"] = str(path)
-    yield path
-    if old is None:
-        del os.environ["JAXCHAT_BASE_DIR"]
-    else:
-        os.environ["JAXCHAT_BASE_DIR"] = old
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(base_dir):
     from jaxchat.train import train
     return train(TINY + ["--model-tag=a", "--run=offline-test"])
