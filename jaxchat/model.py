@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxchat import fp8 as fp8lib
 from jaxchat.common import UserError
@@ -193,12 +194,79 @@ def apply_rotary(x_BTHD: jax.Array, cos_TD: jax.Array, sin_TD: jax.Array) -> jax
 
 
 def attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, window_left: int) -> jax.Array:
-    """Causal attention where query t sees keys t-window_left..t; the cuDNN flash kernel on GPU, XLA elsewhere."""
+    """Causal attention where query t sees keys t-window_left..t: blocked_attention on CPU, the cuDNN flash kernel on
+    GPU (bf16), XLA elsewhere."""
+    if jax.default_backend() == "cpu":
+        groups = q_BTHD.shape[2] // k_BTKD.shape[2]  # GQA: each kv head serves `groups` query heads
+        k_BTHD, v_BTHD = (jnp.repeat(t, groups, axis=2) if groups > 1 else t for t in (k_BTKD, v_BTKD))
+        return blocked_attention(q_BTHD, k_BTHD, v_BTHD, window_left)
     seq_len = q_BTHD.shape[1]
     local = None if window_left >= seq_len else (window_left, 0)  # plain causal is the fastest kernel
     on_gpu = jax.default_backend() == "gpu" and q_BTHD.dtype in (jnp.bfloat16, jnp.float16)
     return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, is_causal=True, local_window_size=local,
                                         implementation="cudnn" if on_gpu else "xla")
+
+
+ATTENTION_BLOCKS = 4  # query blocks of blocked_attention: measured fastest at T 256 and 512 on a 2-core CPU
+
+
+def _attention_blocks(T: int, window_left: int) -> list[tuple[int, int, int, np.ndarray]]:
+    """Per query block: (first query, end, first key it can see, visibility mask (queries, keys))."""
+    size = -(-T // ATTENTION_BLOCKS)
+    blocks = []
+    for t0 in range(0, T, size):
+        t1, s0 = min(T, t0 + size), max(0, t0 - window_left)
+        q_pos, k_pos = np.arange(t0, t1)[:, None], np.arange(s0, t1)[None, :]
+        blocks.append((t0, t1, s0, (k_pos <= q_pos) & (k_pos >= q_pos - window_left)))
+    return blocks
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def blocked_attention(q_BTHD: jax.Array, k_BTHD: jax.Array, v_BTHD: jax.Array, window_left: int) -> jax.Array:
+    """Attention (one kv head per query head) computed per block of queries against only the keys the block can see.
+
+    XLA:CPU has no fused attention: jax.nn.dot_product_attention's XLA path materialises and masks every (query, key)
+    score, and its backward reduces over them again. Here the keys after a block (and left of its window) are never
+    scored, and the backward is flash attention's: dS = P * (dP - rowsum(dO * O)), a reduction over the head
+    dimension instead of the keys. Scores, softmax and its gradient in float32, as jax.nn's.
+    """
+    return _blocked_attention_fwd(q_BTHD, k_BTHD, v_BTHD, window_left)[0]
+
+
+def _blocked_attention_fwd(q_BTHD, k_BTHD, v_BTHD, window_left):
+    q_BHTD, k_BHTD, v_BHTD = (t.transpose(0, 2, 1, 3) for t in (q_BTHD, k_BTHD, v_BTHD))
+    scale = 1 / math.sqrt(q_BTHD.shape[-1])
+    outs, probs = [], []
+    for t0, t1, s0, visible in _attention_blocks(q_BTHD.shape[1], window_left):
+        s_BHts = jnp.einsum("bhtd,bhsd->bhts", q_BHTD[:, :, t0:t1], k_BHTD[:, :, s0:t1],
+                            preferred_element_type=jnp.float32) * scale
+        p_BHts = jax.nn.softmax(jnp.where(visible, s_BHts, -jnp.inf), axis=-1)
+        probs.append(p_BHts)
+        outs.append(jnp.einsum("bhts,bhsd->bhtd", p_BHts.astype(v_BHTD.dtype), v_BHTD[:, :, s0:t1]))
+    o_BHTD = jnp.concatenate(outs, axis=2)
+    return o_BHTD.transpose(0, 2, 1, 3), (q_BHTD, k_BHTD, v_BHTD, o_BHTD, probs)
+
+
+def _blocked_attention_bwd(window_left, residuals, g_BTHD):
+    q_BHTD, k_BHTD, v_BHTD, o_BHTD, probs = residuals
+    g_BHTD = g_BTHD.transpose(0, 2, 1, 3)
+    scale = 1 / math.sqrt(q_BHTD.shape[-1])
+    delta_BHT = jnp.sum(g_BHTD.astype(jnp.float32) * o_BHTD.astype(jnp.float32), axis=-1)
+    dq, dk_BHTD, dv_BHTD = [], jnp.zeros(k_BHTD.shape, jnp.float32), jnp.zeros(v_BHTD.shape, jnp.float32)
+    for (t0, t1, s0, _), p_BHts in zip(_attention_blocks(q_BHTD.shape[2], window_left), probs):
+        g_BHtD = g_BHTD[:, :, t0:t1]
+        dv_BHTD = dv_BHTD.at[:, :, s0:t1].add(jnp.einsum("bhts,bhtd->bhsd", p_BHts.astype(g_BHtD.dtype), g_BHtD,
+                                                         preferred_element_type=jnp.float32))
+        dp_BHts = jnp.einsum("bhtd,bhsd->bhts", g_BHtD, v_BHTD[:, :, s0:t1], preferred_element_type=jnp.float32)
+        ds_BHts = (p_BHts * (dp_BHts - delta_BHT[:, :, t0:t1, None]) * scale).astype(q_BHTD.dtype)
+        dq.append(jnp.einsum("bhts,bhsd->bhtd", ds_BHts, k_BHTD[:, :, s0:t1]))
+        dk_BHTD = dk_BHTD.at[:, :, s0:t1].add(jnp.einsum("bhts,bhtd->bhsd", ds_BHts, q_BHTD[:, :, t0:t1],
+                                                         preferred_element_type=jnp.float32))
+    dq_BHTD = jnp.concatenate(dq, axis=2)
+    return tuple(t.astype(q_BHTD.dtype).transpose(0, 2, 1, 3) for t in (dq_BHTD, dk_BHTD, dv_BHTD))
+
+
+blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 
 def cached_attention(q_B1HD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, pos: jax.Array,
@@ -227,20 +295,46 @@ def _cross_entropy_and_logz(logits_BTV: jax.Array, targets_BT: jax.Array) -> tup
     return jnp.where(valid, logz_BT - picked_BT, 0.0), logz_BT
 
 
+def softcap(logits: jax.Array) -> jax.Array:
+    """Logits squashed into (-SOFTCAP, SOFTCAP)."""
+    return SOFTCAP * jnp.tanh(logits / SOFTCAP)
+
+
 def softcapped_logits(x_BTn: jax.Array, lm_head_nV: jax.Array, vocab_size: int, matmul=None) -> jax.Array:
     """float32 logits over the real vocabulary, squashed into (-SOFTCAP, SOFTCAP)."""
-    logits = (matmul or _matmul)(x_BTn, lm_head_nV)[..., :vocab_size].astype(jnp.float32)
-    return SOFTCAP * jnp.tanh(logits / SOFTCAP)
+    return softcap((matmul or _matmul)(x_BTn, lm_head_nV)[..., :vocab_size].astype(jnp.float32))
 
 
 def token_losses(x_BTn: jax.Array, lm_head_nV: jax.Array, targets_BT: jax.Array, vocab_size: int,
                  matmul=None) -> jax.Array:
-    """Per-token losses of the softcapped logits, differentiated by autodiff.
+    """Per-token losses of the softcapped logits."""
+    logits_BTV = (matmul or _matmul)(x_BTn, lm_head_nV)[..., :vocab_size].astype(jnp.float32)
+    return softcapped_cross_entropy(logits_BTV, targets_BT)
 
-    A hand-written backward (tried for CPU speed: no scatter, no transposed copy of the logits' gradient) is not
-    used: with it, a 2-process data-parallel run's parameters drifted 3.7e-3 (relative to their movement) from the
-    one-process run's after 6 steps (tests/test_multiprocess.py allows 1e-4); autodiff stays within it."""
-    return cross_entropy(softcapped_logits(x_BTn, lm_head_nV, vocab_size, matmul), targets_BT)
+
+@jax.custom_vjp
+def softcapped_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """cross_entropy(softcap(logits)), with a backward pass that is one elementwise pass over the logits: autodiff's
+    goes through take_along_axis's scatter and several (tokens, vocab) passes, which XLA:CPU runs slowly."""
+    return cross_entropy(softcap(logits_BTV), targets_BT)
+
+
+def _softcapped_ce_fwd(logits_BTV, targets_BT):
+    capped_BTV = softcap(logits_BTV)
+    losses_BT, logz_BT = _cross_entropy_and_logz(capped_BTV, targets_BT)
+    return losses_BT, (capped_BTV, logz_BT, targets_BT)
+
+
+def _softcapped_ce_bwd(residuals, g_BT):
+    """d loss / d logits = g * (softmax - onehot(target)) * (1 - tanh^2); zero where the target is ignored (-1)."""
+    capped_BTV, logz_BT, targets_BT = residuals
+    g_BT1 = jnp.where(targets_BT >= 0, g_BT, 0.0)[..., None]
+    onehot_BTV = jnp.arange(capped_BTV.shape[-1]) == targets_BT[..., None]
+    softmax_BTV = jnp.exp(capped_BTV - logz_BT[..., None])
+    return g_BT1 * (softmax_BTV - onehot_BTV) * (1 - jnp.square(capped_BTV / SOFTCAP)), None
+
+
+softcapped_cross_entropy.defvjp(_softcapped_ce_fwd, _softcapped_ce_bwd)
 
 
 def chunked_cross_entropy(x_BTn: jax.Array, lm_head_nV: jax.Array, targets_BT: jax.Array, vocab_size: int,
@@ -265,13 +359,40 @@ def chunked_cross_entropy(x_BTn: jax.Array, lm_head_nV: jax.Array, targets_BT: j
 
 
 def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w in x's (compute) dtype; the float32 master weight is cast per use, like torch autocast."""
+    """x @ w in x's (compute) dtype; the float32 master weight is cast per use, like torch autocast. The output is
+    named "dense": what --remat=dots keeps."""
+    return checkpoint_name(_dense_matmul(x, w), "dense")
+
+
+@jax.custom_vjp
+def _dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
+
+
+def _dense_matmul_fwd(x, w):
+    return _dense_matmul(x, w), (x, w)
+
+
+def _dense_matmul_bwd(residuals, g):
+    """Autodiff's gradients, with the weight gradient's operands ordered for XLA:CPU: its GEMM takes the left
+    operand with the contracted (token) axis minor, so that operand is copied transposed first; make it the narrower
+    of x and g and transpose the small (i, o) result instead. Autodiff's order transposes g: for the lm_head that is
+    the whole (tokens, vocab) logits' gradient, the costliest op of a d4 CPU step."""
+    x, w = residuals
+    dx = jnp.einsum("...o,io->...i", g, w.astype(g.dtype))
+    if x.shape[-1] <= g.shape[-1]:
+        dw = jnp.einsum("...i,...o->io", x, g)
+    else:
+        dw = jnp.einsum("...o,...i->oi", g, x).T
+    return dx, dw.astype(w.dtype)
+
+
+_dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
 
 
 def _fp8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """`_matmul` in fp8 for the layers nanochat converts (jaxchat.fp8.qualifies), unchanged for the others (gates)."""
-    return fp8lib.matmul(x, w) if fp8lib.qualifies(*w.shape) else _matmul(x, w)
+    return checkpoint_name(fp8lib.matmul(x, w), "dense") if fp8lib.qualifies(*w.shape) else _matmul(x, w)
 
 
 def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, cos, sin, config: GPTConfig, matmul=_matmul):
@@ -301,7 +422,7 @@ def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, cos, sin, confi
 REMAT_POLICIES = {
     "none": None,  # no jax.checkpoint: every activation is kept
     "block": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input; recompute the layer
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the matmul outputs, recompute the rest
+    "dots": jax.checkpoint_policies.save_only_these_names("dense"),  # keep the dense layers' outputs (_matmul)
 }
 
 

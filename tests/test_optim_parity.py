@@ -98,6 +98,11 @@ def test_bfloat16_muon_steps_match_reference(name):
 
 HEAD_FIXTURES = {"nanochat_head_d4.npz": "float32", "nanochat_head_d4_bf16muon.npz": "bfloat16"}
 HEAD_MOVED = {"float32": 0.05, "bfloat16": 0.25}  # bf16 Polar Express: noise between correct implementations
+# Free-running step losses. bf16 Polar Express: as test_bfloat16_muon_steps_match_reference. Measured on the bf16
+# fixture with the model as it was when its bound was 1e-4 (bench/parity_noise.py): the step-3 loss error is 8.7e-5,
+# and 6.8e-5 to 2.5e-4 once every gradient is multiplied by (1 + 2^-24 noise), half a float32 rounding step. Each
+# step from the reference's parameters (the next test) stays within 1e-4.
+HEAD_FREE_LOSS = {"float32": 1e-4, "bfloat16": 2e-3}
 
 
 @pytest.mark.parametrize("name", sorted(HEAD_FIXTURES))
@@ -105,14 +110,16 @@ def test_92d63d4_steps_match_reference(name):
     """nanochat 92d63d4's six AdamW groups and MuonEq/Muon+ Muon: the fixture's three MuonAdamW steps in a row.
 
     Every parameter within 5% (float32 Polar Express, HEAD on CPU) or 25% (bfloat16, as on GPU) of the reference's
-    update in norm, and the step losses within 1e-4. Elementwise: see the next test."""
+    update in norm, and the step losses within 1e-4 (bfloat16: 2e-3, see HEAD_FREE_LOSS). Elementwise: see the next
+    test."""
     ref, out = run(shared_fixture(name))
     settings = json.loads(str(ref["opt/json"]))
     assert str(ref["config/rev"]) == "92d63d4" and settings["muon_dtype"] == HEAD_FIXTURES[name]
     assert settings["groups"][5]["param_names"] == ["smear_gate.weight", "smear_lambda", "backout_lambda"]
     names = [k.removeprefix("param/") for k in ref if k.startswith("param/")]
     for k in (1, 2, 3):
-        assert abs(float(out[f"step{k}_loss"]) - float(ref[f"step{k}_loss"])) <= 1e-4, k
+        loss_err = abs(float(out[f"step{k}_loss"]) - float(ref[f"step{k}_loss"]))
+        assert loss_err <= HEAD_FREE_LOSS[HEAD_FIXTURES[name]], (k, loss_err)
         for n in names:
             assert moved(out[f"step{k}/{n}"], ref[f"step{k}/{n}"], ref[f"param/{n}"]) <= HEAD_MOVED[
                 HEAD_FIXTURES[name]], (k, n)
