@@ -1,22 +1,24 @@
-"""jaxchat's train step against nanochat's (model + MuonAdamW) at the same shape, alternating in one process.
+"""jaxchat's train step against nanochat's (model + MuonAdamW) at the same shape, step by step in turn.
 
 Both projects run as they do by default on the backend: float32 compute on CPU, bfloat16 on GPU (nanochat: autocast
-on CUDA, `torch.compile` of the model as scripts/base_train.py does unless --torch-eager). Prints one JSON line: each
-side's median step, forward+backward and optimizer times, and `ratio` = jaxchat steps/s / nanochat steps/s; also each
-step's CPU time, `cpu_ratio` and the load average, for a machine that other processes keep busy.
+on CUDA, `torch.compile` of the model as scripts/base_train.py does unless --torch-eager). Each side runs in its own
+worker process (its own allocator, threads and memory, as each project trains alone), and the two take turns one
+step at a time, so load from elsewhere on the machine hits both alike. Prints one JSON line: each side's median
+step, forward+backward and optimizer times, and `ratio` = jaxchat steps/s / nanochat steps/s; also each step's CPU
+time, `cpu_ratio` and the load average, for a machine that other processes keep busy.
 
     git clone https://github.com/karpathy/nanochat /tmp/nanochat && git -C /tmp/nanochat checkout 348fbb3
     pip install -e ".[torch]"                            # torch: only here and in jaxchat.export
     python bench/vs_nanochat.py --nanochat-dir=/tmp/nanochat --depth=4 --width=256 --head-dim=64 --seq-len=256 \\
         --batch=8 --vocab=4096 --window-pattern=L       # the d4 CPU shape
 """
-
 import argparse
 import contextlib
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -45,6 +47,9 @@ def parse(argv):
     p.add_argument("--window-pattern", default="L")
     p.add_argument("--steps", type=int, default=10, help="timed steps per side (medians are reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side after compiling")
+    p.add_argument("--turn-warmup", type=int, default=0,
+                   help="untimed steps at the start of each turn: on a VM whose host reclaims memory left idle while "
+                        "the other side runs (seconds-long steps), the first step of a turn pays to fault it back in")
     p.add_argument("--torch-eager", action="store_true", help="nanochat's model without torch.compile")
     return p.parse_args(argv)
 
@@ -67,9 +72,6 @@ class NanochatSide:
     """nanochat's GPT and MuonAdamW (setup_optimizer's defaults) built from the user's checkout, as base_train does."""
 
     def __init__(self, nanochat_dir: str, config: GPTConfig, tokens: np.ndarray, eager: bool):
-        if not os.path.isfile(os.path.join(nanochat_dir, "nanochat", "gpt.py")):
-            raise UserError(f"--nanochat-dir={nanochat_dir}: no nanochat/gpt.py there; clone nanochat and pass its "
-                            "root")
         try:
             import torch
         except ImportError:
@@ -163,29 +165,84 @@ def cpu_name() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
-def bench(argv: list[str]) -> dict:
-    a = parse(argv)
-    if a.steps < 1 or a.warmup < 1:
-        raise UserError(f"--steps={a.steps} and --warmup={a.warmup} must be at least 1")
+def make_side(name: str, a) -> "NanochatSide | JaxchatSide":
     config = model_config(a)
     tokens = np.random.default_rng(0).integers(0, a.vocab, (a.batch, a.seq_len + 1), dtype=np.int32)
-    sides = {"nanochat": NanochatSide(a.nanochat_dir, config, tokens, a.torch_eager),
-             "jaxchat": JaxchatSide(config, tokens)}
-    times = {name: [] for name in sides}
-    for i in range(a.warmup + a.steps):  # alternate, so load from elsewhere on the machine hits both sides alike
-        for name, side in sides.items():
-            t = side.step()
-            if i >= a.warmup:
-                times[name].append(t)
+    return NanochatSide(a.nanochat_dir, config, tokens, a.torch_eager) if name == "nanochat" else JaxchatSide(config,
+                                                                                                              tokens)
+
+
+def worker(name: str, argv: list[str]) -> None:
+    """One side in this process: a JSON line when built, then one JSON line of timings per "step" read on stdin."""
+    side = make_side(name, parse(argv))
+    version = side.torch.__version__ if name == "nanochat" else jax.__version__
+    print(json.dumps(dict(name=side.name, compute=side.compute, version=version, backend=jax.default_backend())),
+          flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            return
+        print(json.dumps(side.step()), flush=True)
+
+
+class Worker:
+    """A side's worker process: `python vs_nanochat.py --worker=NAME ARGS`; its stderr goes to ours."""
+
+    def __init__(self, name: str, argv: list[str]):
+        self.name = name
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--worker={name}", *argv],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self.reply()
+
+    def reply(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            raise SystemExit(code if code else 1)  # the worker has printed its error line
+        return json.loads(line)
+
+    def step(self) -> list[float]:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return self.reply()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
+
+
+def bench(argv: list[str]) -> dict:
+    a = parse(argv)
+    if a.steps < 1 or a.warmup < 1 or a.turn_warmup < 0:
+        raise UserError(f"--steps={a.steps} and --warmup={a.warmup} must be at least 1, --turn-warmup="
+                        f"{a.turn_warmup} at least 0")
+    config = model_config(a)
+    if not os.path.isfile(os.path.join(a.nanochat_dir, "nanochat", "gpt.py")):
+        raise UserError(f"--nanochat-dir={a.nanochat_dir}: no nanochat/gpt.py there; clone nanochat and pass its root")
+    sides = {}
+    try:
+        for name in ("nanochat", "jaxchat"):
+            sides[name] = Worker(name, argv)
+        times = {name: [] for name in sides}
+        for i in range(a.warmup + a.steps):  # in turn, so load from elsewhere on the machine hits both alike
+            for name, side in sides.items():
+                for _ in range(a.turn_warmup):
+                    side.step()
+                t = side.step()
+                if i >= a.warmup:
+                    times[name].append(t)
+    finally:
+        for side in sides.values():
+            side.close()
     result = dict(depth=config.n_layer, n_embd=config.n_embd, n_head=config.n_head, seq_len=a.seq_len,
                   batch=a.batch, vocab=a.vocab, window_pattern=config.window_pattern, steps=a.steps,
-                  backend=jax.default_backend(), machine=sides["jaxchat"].name, jax=jax.__version__,
-                  torch=sides["nanochat"].torch.__version__, torch_compile=not a.torch_eager,
-                  xla_flags=os.environ.get("XLA_FLAGS", ""))
+                  backend=sides["jaxchat"].info["backend"], machine=sides["jaxchat"].info["name"], jax=jax.__version__,
+                  torch=sides["nanochat"].info["version"], torch_compile=not a.torch_eager,
+                  processes="one per side", turn_warmup=a.turn_warmup, xla_flags=os.environ.get("XLA_FLAGS", ""))
     for name, side in sides.items():
         step, fwd_bwd, opt, cpu = (median_ms([t[j] for t in times[name]]) for j in range(4))
         result[name] = dict(step_ms=step, fwd_bwd_ms=fwd_bwd, optimizer_ms=opt, step_cpu_ms=cpu,
-                            compute_dtype=side.compute)
+                            compute_dtype=side.info["compute"])
     result["ratio"] = round(result["nanochat"]["step_ms"] / result["jaxchat"]["step_ms"], 3)
     # CPU seconds per step (all threads): a second view when other processes load the machine, as a busy host slows
     # a side whose threads wait on each other (torch's OpenMP barriers) more than its work alone would.
@@ -197,7 +254,11 @@ def bench(argv: list[str]) -> dict:
 
 def main() -> None:
     xla_flags.apply()  # before the backend starts, as `python -m jaxchat.train` does
-    run_main(bench, sys.argv[1:])
+    argv = sys.argv[1:]
+    if argv and argv[0].startswith("--worker="):
+        run_main(worker, argv[0].removeprefix("--worker="), argv[1:])
+    else:
+        run_main(bench, argv)
 
 
 if __name__ == "__main__":
