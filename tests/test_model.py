@@ -11,7 +11,8 @@ from jaxchat import parity
 import json
 
 from jaxchat.convert import read_reference_npz, to_reference
-from jaxchat.model import GPT, GPTConfig, config_for_depth, estimate_flops, layer_runs, num_scaling_params, rotary_tables
+from jaxchat.model import (GPT, GPTConfig, attention, config_for_depth, estimate_flops, layer_runs, num_scaling_params,
+                           rotary_tables)
 
 TINY = GPTConfig(sequence_len=32, vocab_size=100, n_layer=10, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SSSL")
 
@@ -229,8 +230,13 @@ def test_head_scanned_layers_equal_unrolled(use_jit):
     call = (lambda m, *a: nnx.jit(lambda m, *a: m(*a))(m, *a)) if use_jit else (lambda m, *a: m(*a))
     np.testing.assert_allclose(call(scanned, idx), call(unrolled, idx), atol=2e-5)
     np.testing.assert_allclose(call(scanned, idx, targets), call(unrolled, idx, targets), atol=1e-5)
+
+
+def test_head_scanned_layers_have_unrolled_gradients():
+    idx, targets = batch(HEAD)
     grad = nnx.jit(lambda m: nnx.grad(lambda m: m(idx, targets))(m))
-    g_scan, g_unroll = nnx.state(grad(scanned)), nnx.state(grad(unrolled))
+    g_scan = nnx.state(grad(make_model(HEAD, scan_layers=True)))
+    g_unroll = nnx.state(grad(make_model(HEAD, scan_layers=False)))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g_scan, g_unroll)
     assert float(jnp.abs(g_scan["backout_lambda"][...])) > 0 and float(jnp.abs(g_scan["smear_gate"][...]).max()) > 0
 
@@ -250,3 +256,56 @@ def test_head_rotary_tables_in_compute_dtype():
     np.testing.assert_allclose(cos, np.cos(angle), atol=1e-6)
     bf16 = GPT(HEAD, rngs=nnx.Rngs(0), compute_dtype=jnp.bfloat16)
     assert bf16._rotary(16)[0].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("T, window, kv_heads", [(32, 32, 2), (30, 12, 2), (21, 5, 1)])
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_cpu_attention_equals_jax_dot_product_attention(T, window, kv_heads, use_jit):
+    """model.attention on CPU (blocked, flash-style backward; T not divisible by the blocks, windows, GQA) gives
+    jax.nn.dot_product_attention's outputs and input gradients."""
+    q, k, v, g = (jax.random.normal(key, (2, T, n, 16)) for key, n in zip(jax.random.split(jax.random.key(0), 4),
+                                                                           (4, kv_heads, kv_heads, 4)))
+    local = None if window >= T else (window, 0)
+
+    def reference(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local, implementation="xla")
+
+    def ours(q, k, v):
+        return attention(q, k, v, window)
+
+    results = []
+    for fn in (reference, ours):
+        out, vjp = jax.vjp(jax.jit(fn) if use_jit else fn, q, k, v)
+        results.append((out, *vjp(g)))
+    for want, got in zip(*results):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_in, n_out", [(16, 48), (48, 16)])  # both operand orders of the weight gradient
+def test_dense_matmul_gradients_are_autodiffs(n_in, n_out):
+    from jaxchat.model import _matmul
+    x, w, g = (jax.random.normal(key, shape) for key, shape in zip(jax.random.split(jax.random.key(1), 3),
+                                                                   ((2, 5, n_in), (n_in, n_out), (2, 5, n_out))))
+    ours = jax.vjp(_matmul, x, w)[1](g)
+    plain = jax.vjp(lambda x, w: jnp.einsum("...i,io->...o", x, w), x, w)[1](g)
+    for a, b in zip(ours, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_softcapped_cross_entropy_gradient_is_autodiffs():
+    """The hand-written backward equals autodiff of the plain formula, ignored targets (-1) included."""
+    from jaxchat.model import SOFTCAP, softcapped_cross_entropy
+    logits = 20 * jax.random.normal(jax.random.key(2), (3, 7, 50))
+    targets = jax.random.randint(jax.random.key(3), (3, 7), 0, 50).at[0, :3].set(-1)
+
+    def plain(logits):
+        capped = SOFTCAP * jnp.tanh(logits / SOFTCAP)
+        picked = jnp.take_along_axis(capped, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+        return jnp.where(targets >= 0, jax.nn.logsumexp(capped, axis=-1) - picked, 0.0)
+
+    weights = jax.random.uniform(jax.random.key(4), (3, 7))
+    np.testing.assert_allclose(softcapped_cross_entropy(logits, targets), plain(logits), rtol=1e-5, atol=1e-5)
+    ours = jax.grad(lambda z: (softcapped_cross_entropy(z, targets) * weights).sum())(logits)
+    want = jax.grad(lambda z: (plain(z) * weights).sum())(logits)
+    np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-6)
+    assert not np.any(ours[0, :3])  # ignored positions get no gradient
