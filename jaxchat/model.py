@@ -287,16 +287,20 @@ def softcap(logits: jax.Array) -> jax.Array:
     return SOFTCAP * jnp.tanh(logits / SOFTCAP)
 
 
+def vocab_logits(x_BTn: jax.Array, lm_head_nV: jax.Array, vocab_size: int, matmul=None) -> jax.Array:
+    """float32 logits over the real vocabulary (the lm_head's padded columns cut off), before the softcap."""
+    return (matmul or _matmul)(x_BTn, lm_head_nV)[..., :vocab_size].astype(jnp.float32)
+
+
 def softcapped_logits(x_BTn: jax.Array, lm_head_nV: jax.Array, vocab_size: int, matmul=None) -> jax.Array:
     """float32 logits over the real vocabulary, squashed into (-SOFTCAP, SOFTCAP)."""
-    return softcap((matmul or _matmul)(x_BTn, lm_head_nV)[..., :vocab_size].astype(jnp.float32))
+    return softcap(vocab_logits(x_BTn, lm_head_nV, vocab_size, matmul))
 
 
 def token_losses(x_BTn: jax.Array, lm_head_nV: jax.Array, targets_BT: jax.Array, vocab_size: int,
                  matmul=None) -> jax.Array:
     """Per-token losses of the softcapped logits."""
-    logits_BTV = (matmul or _matmul)(x_BTn, lm_head_nV)[..., :vocab_size].astype(jnp.float32)
-    return softcapped_cross_entropy(logits_BTV, targets_BT)
+    return softcapped_cross_entropy(vocab_logits(x_BTn, lm_head_nV, vocab_size, matmul), targets_BT)
 
 
 @jax.custom_vjp

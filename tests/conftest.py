@@ -8,6 +8,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -17,6 +18,13 @@ LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # A tiny training run on the demo corpus (seconds on a CPU); tests append their horizon and overrides (last flag wins).
 TINY_RUN = ["--data=demo", "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64", "--device-batch-size=1",
             "--total-batch-size=1024", "--eval-tokens=1024", "--core-metric-every=-1", "--sample-every=-1"]
+
+
+def moved(ours: np.ndarray, ref: np.ndarray, start: np.ndarray, exclude: int = 0) -> float:
+    """‖ours − ref‖ / ‖ref − start‖ (how far from the reference, relative to how far the reference moved), leaving
+    out the `exclude` largest elementwise errors."""
+    err = np.sort(np.abs(ours.astype(np.float64) - ref).ravel())
+    return float(np.linalg.norm(err[:err.size - exclude]) / np.linalg.norm(ref.astype(np.float64) - start))
 
 
 def shared_fixture(name: str) -> Path:

@@ -17,7 +17,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import LOCAL_FIXTURES, shared_fixture
+from conftest import LOCAL_FIXTURES, moved, shared_fixture
 
 FP32_FIXTURES = ["shared:nanochat_parity_d2_fp32muon.npz", "ref_d3_v300_LSS_fp32muon.npz",
                  "ref_d10_v260_SSSL_fp32muon.npz"]
@@ -51,12 +51,6 @@ def run(path) -> tuple[dict, dict]:
         out[f"step{k}_loss"] = np.asarray(result["loss"])
         out.update({f"step{k}/{n}": v for n, v in to_reference(result["params"], config).items()})
     return {k: data[k] for k in data.files}, out
-
-
-def moved(ours: np.ndarray, ref: np.ndarray, start: np.ndarray, exclude: int = 0) -> float:
-    """‖ours − ref‖ / ‖ref − start‖, leaving out the `exclude` largest elementwise errors."""
-    err = np.sort(np.abs(ours.astype(np.float64) - ref).ravel())
-    return float(np.linalg.norm(err[:err.size - exclude]) / np.linalg.norm(ref.astype(np.float64) - start))
 
 
 def step_report(name: str) -> list[tuple[int, float, float, float, str]]:
