@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxchat import fp8
+from jaxchat import fp8, host_memory
 from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
@@ -58,6 +58,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if not args.no_xla_flags:
         xla_flags.apply()  # before the backend starts, as `python -m jaxchat.train` does
+        host_memory.keep_freed_memory()
 
     compute_dtype, muon_dtype = default_dtype(args.compute_dtype), default_dtype(args.muon_dtype)
     config = config_for_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,

@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxchat import mesh as meshlib
 from jaxchat import optim
-from jaxchat import xla_flags
+from jaxchat import host_memory, xla_flags
 from jaxchat.common import UserError, run_main
 from jaxchat.model import GPTConfig, config_for_depth
 from jaxchat.step import default_dtype, init_training
@@ -51,6 +51,9 @@ def parse(argv):
                    help="untimed steps at the start of each turn: on a VM whose host reclaims memory left idle while "
                         "the other side runs (seconds-long steps), the first step of a turn pays to fault it back in")
     p.add_argument("--torch-eager", action="store_true", help="nanochat's model without torch.compile")
+    p.add_argument("--nanochat-malloc", action="store_true",
+                   help="give nanochat's worker jaxchat's malloc setting too (jaxchat.host_memory; jaxchat's worker "
+                        "has it, as `python -m jaxchat.train` does): how much of the ratio is the allocator")
     return p.parse_args(argv)
 
 
@@ -174,10 +177,12 @@ def make_side(name: str, a) -> "NanochatSide | JaxchatSide":
 
 def worker(name: str, argv: list[str]) -> None:
     """One side in this process: a JSON line when built, then one JSON line of timings per "step" read on stdin."""
-    side = make_side(name, parse(argv))
+    a = parse(argv)
+    malloc = host_memory.keep_freed_memory() if name == "jaxchat" or a.nanochat_malloc else False
+    side = make_side(name, a)
     version = side.torch.__version__ if name == "nanochat" else jax.__version__
-    print(json.dumps(dict(name=side.name, compute=side.compute, version=version, backend=jax.default_backend())),
-          flush=True)
+    print(json.dumps(dict(name=side.name, compute=side.compute, version=version, backend=jax.default_backend(),
+                          malloc=malloc)), flush=True)
     for line in sys.stdin:
         if line.strip() != "step":
             return
@@ -242,7 +247,7 @@ def bench(argv: list[str]) -> dict:
     for name, side in sides.items():
         step, fwd_bwd, opt, cpu = (median_ms([t[j] for t in times[name]]) for j in range(4))
         result[name] = dict(step_ms=step, fwd_bwd_ms=fwd_bwd, optimizer_ms=opt, step_cpu_ms=cpu,
-                            compute_dtype=side.info["compute"])
+                            compute_dtype=side.info["compute"], keep_freed_memory=side.info["malloc"])
     result["ratio"] = round(result["nanochat"]["step_ms"] / result["jaxchat"]["step_ms"], 3)
     # CPU seconds per step (all threads): a second view when other processes load the machine, as a busy host slows
     # a side whose threads wait on each other (torch's OpenMP barriers) more than its work alone would.

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jaxchat import fp8
+from jaxchat import fp8, host_memory
 from jaxchat import memory, nanochat_ckpt
 from jaxchat import mesh as meshlib
 from jaxchat import optim
@@ -507,6 +507,7 @@ def train(argv: list[str]) -> dict:
 
 def main() -> None:
     xla_flags.apply()  # before the backend starts
+    host_memory.keep_freed_memory()  # before threads allocate
     run_main(train, sys.argv[1:])
 
 
