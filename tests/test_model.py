@@ -309,3 +309,51 @@ def test_softcapped_cross_entropy_gradient_is_autodiffs():
     want = jax.grad(lambda z: (plain(z) * weights).sum())(logits)
     np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-6)
     assert not np.any(ours[0, :3])  # ignored positions get no gradient
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_fused_mean_cross_entropy_equals_the_plain_loss_head(use_jit, monkeypatch):
+    """Loss and gradients (x, lm_head) of the blocked head with its gradients from the forward pass equal autodiff
+    of the plain head: several blocks, the last one padded, ignored targets, padded vocabulary columns, and a
+    cotangent other than 1 (gradient accumulation scales the loss)."""
+    from jaxchat import model as M
+    monkeypatch.setattr(M, "LOSS_BLOCK_TOKENS", 5)  # 3 x 7 = 21 tokens: 5 blocks of 5, the last padded by 4
+    vocab = 50  # padded to 64 columns
+    x = jax.random.normal(jax.random.key(5), (3, 7, 16))
+    lm_head = 0.5 * jax.random.normal(jax.random.key(6), (16, 64))
+    targets = jax.random.randint(jax.random.key(7), (3, 7), 0, vocab).at[0, :3].set(-1)
+
+    def plain(x, lm_head):
+        return 0.25 * M.token_losses(x, lm_head, targets, vocab).sum() / (targets >= 0).sum()
+
+    def fused(x, lm_head):
+        return 0.25 * M.fused_mean_cross_entropy(x, lm_head, targets, vocab)
+
+    grad = (lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1)))) if use_jit else (
+        lambda f: jax.value_and_grad(f, argnums=(0, 1)))
+    (loss, (dx, dw)), (want_loss, (want_dx, want_dw)) = grad(fused)(x, lm_head), grad(plain)(x, lm_head)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-7)
+    assert not np.any(dw[:, vocab:]) and not np.any(dx[0, :3])  # padded columns, ignored tokens: no gradient
+    np.testing.assert_allclose(fused(x, lm_head), want_loss, rtol=1e-6)  # undifferentiated: the plain head
+
+
+def test_model_mean_loss_uses_the_fused_head_on_cpu():
+    """GPT's mean loss and its gradients equal those of its per-token losses (the plain head) on CPU."""
+    model = make_model()
+    idx, targets = batch()
+    targets = targets.at[0, :4].set(-1)
+    graphdef, state = nnx.split(model)
+
+    def loss(state, reduction):
+        losses = nnx.merge(graphdef, state)(idx, targets, reduction=reduction)
+        return losses if reduction == "mean" else losses.sum() / (targets >= 0).sum()
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(state, "mean"))
+    assert "custom_vjp_call" in jaxpr and "scan" in jaxpr  # the fused head's custom_vjp over its blocks
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = (
+        jax.jit(jax.value_and_grad(loss), static_argnums=1)(state, r) for r in ("mean", "none"))
+    np.testing.assert_allclose(fused_loss, plain_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(plain_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
