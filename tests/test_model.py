@@ -223,11 +223,12 @@ def test_head_windows_and_runs():
     assert layer_runs(HEAD, scan=False) == [(i, 1, 1) for i in range(12)]
 
 
-@pytest.mark.parametrize("use_jit", [False, True])
-def test_head_scanned_layers_equal_unrolled(use_jit):
+def test_head_scanned_layers_equal_unrolled():
+    """Jitted only: the runs around backout are what is new here, and op by op (29 s) adds nothing that
+    test_scanned_layers_equal_unrolled's eager case does not check."""
     idx, targets = batch(HEAD)
     scanned, unrolled = make_model(HEAD, scan_layers=True), make_model(HEAD, scan_layers=False)
-    call = (lambda m, *a: nnx.jit(lambda m, *a: m(*a))(m, *a)) if use_jit else (lambda m, *a: m(*a))
+    call = lambda m, *a: nnx.jit(lambda m, *a: m(*a))(m, *a)  # noqa: E731
     np.testing.assert_allclose(call(scanned, idx), call(unrolled, idx), atol=2e-5)
     np.testing.assert_allclose(call(scanned, idx, targets), call(unrolled, idx, targets), atol=1e-5)
 
