@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# glibc's default malloc in the runs the tests start: jaxchat.host_memory's one arena costs the compile threads
+# about 2.5 s per tiny run (11.5 s against 14 s) and the tests' steps are too small to gain from it
+os.environ.setdefault("JAXCHAT_MALLOC", "0")
 
 from pathlib import Path  # noqa: E402
 

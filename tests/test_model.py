@@ -342,9 +342,9 @@ def test_fused_mean_cross_entropy_equals_the_plain_loss_head(use_jit, monkeypatc
 
 def test_model_mean_loss_uses_the_fused_head_on_cpu():
     """GPT's mean loss and its gradients equal those of its per-token losses (the plain head) on CPU."""
-    model = make_model()
-    idx, targets = batch()
-    targets = targets.at[0, :4].set(-1)
+    config = GPTConfig(sequence_len=32, vocab_size=100, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
+    model = make_model(config)
+    idx, targets = batch(config)
     graphdef, state = nnx.split(model)
 
     def loss(state, reduction):
