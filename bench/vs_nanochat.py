@@ -3,9 +3,10 @@
 Both projects run as they do by default on the backend: float32 compute on CPU, bfloat16 on GPU (nanochat: autocast
 on CUDA, `torch.compile` of the model as scripts/base_train.py does unless --torch-eager). Each side runs in its own
 worker process (its own allocator, threads and memory, as each project trains alone), and the two take turns one
-step at a time, so load from elsewhere on the machine hits both alike. Prints one JSON line: each side's median
-step, forward+backward and optimizer times, and `ratio` = jaxchat steps/s / nanochat steps/s; also each step's CPU
-time, `cpu_ratio` and the load average, for a machine that other processes keep busy.
+step at a time, so load from elsewhere on the machine hits both alike. jaxchat's worker sets glibc's malloc as
+`python -m jaxchat.train` does (jaxchat.host_memory); --nanochat-malloc gives nanochat's worker the same. Prints one
+JSON line: each side's median step, forward+backward and optimizer times, and `ratio` = jaxchat steps/s / nanochat
+steps/s; also each step's CPU time, `cpu_ratio` and the load average, for a machine that other processes keep busy.
 
     git clone https://github.com/karpathy/nanochat /tmp/nanochat && git -C /tmp/nanochat checkout 348fbb3
     pip install -e ".[torch]"                            # torch: only here and in jaxchat.export
