@@ -30,7 +30,7 @@ def test_bench_runs_both_sides_and_prints_the_ratio():
     cmd = [sys.executable, BENCH, f"--nanochat-dir={nanochat_dir()}", "--depth=2", "--width=64", "--head-dim=32",
            "--seq-len=32", "--batch=2", "--vocab=256", "--window-pattern=SL", "--steps=2", "--warmup=1",
            "--torch-eager"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", JAXCHAT_MALLOC="1")
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert (result["depth"], result["n_embd"], result["n_head"], result["batch"]) == (2, 64, 2, 2)
@@ -41,6 +41,8 @@ def test_bench_runs_both_sides_and_prints_the_ratio():
     assert result["cpu_ratio"] == pytest.approx(result["nanochat"]["step_cpu_ms"] / result["jaxchat"]["step_cpu_ms"],
                                                 abs=1e-3)
     assert result["backend"] == "cpu" and result["machine"]
+    # jaxchat's worker has jaxchat.train's malloc setting, nanochat's only with --nanochat-malloc
+    assert result["jaxchat"]["keep_freed_memory"] is True and result["nanochat"]["keep_freed_memory"] is False
 
 
 def test_a_directory_without_nanochat_is_one_line_and_exit_2():
