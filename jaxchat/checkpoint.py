@@ -330,14 +330,19 @@ def _chain(e: BaseException):
 
 class _HeldOrbaxErrors(logging.Filter):
     """Hold orbax's ERROR log records (a failed save logs its traceback from every thread, hundreds of lines) until
-    the failure is known: a failure translated into one line drops them, any other failure prints them."""
+    the failure is known: a failure translated into one line drops them, any other failure prints them.
+
+    Also held: asyncio's "Task exception was never retrieved" for orbax's coroutines. After a failed restore, the
+    failed reads' tasks are destroyed whenever their event loop lets go of them, on a busy machine after the
+    one-line error, even at exit, and each prints a traceback."""
 
     def __init__(self):
         super().__init__()
         self.records: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and "orbax" in record.pathname:
+        if record.levelno >= logging.ERROR and ("orbax" in record.pathname or
+                                                (record.name == "asyncio" and "orbax" in record.getMessage())):
             self.records.append(record)
             del self.records[:-200]
             return False
@@ -354,6 +359,7 @@ class _HeldOrbaxErrors(logging.Filter):
 
 _HELD = _HeldOrbaxErrors()
 logging.getLogger("absl").addFilter(_HELD)
+logging.getLogger("asyncio").addFilter(_HELD)
 
 
 @contextlib.contextmanager
