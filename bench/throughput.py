@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if not args.no_xla_flags:
         xla_flags.apply()  # before the backend starts, as `python -m jaxchat.train` does
-        host_memory.keep_freed_memory()
+    host_memory.keep_freed_memory()  # as jaxchat.train does; --no-xla-flags leaves out the XLA flags only
 
     compute_dtype, muon_dtype = default_dtype(args.compute_dtype), default_dtype(args.muon_dtype)
     config = config_for_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
