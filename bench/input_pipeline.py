@@ -15,27 +15,29 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jaxchat import backend
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import xla_flags
 from jaxchat.config import parse_flags
 from jaxchat.plan import make_plan
-from jaxchat.step import compile_step, default_dtype, init_training, make_loaders, prepare_data, step_batch
+from jaxchat.step import compile_step, init_training, make_loaders, prepare_data, step_batch
 
 
 def set_up(c, steps: int) -> tuple:
     """(plan, params, opt_state, compiled step, schedule, train loader) for the flags, on the demo data."""
     mesh = meshlib.make_mesh(c.fsdp)
+    dtype = backend.for_mesh(mesh).compute_dtype
     tok, files = prepare_data(c.data)
     plan = make_plan(depth=c.depth, aspect_ratio=c.aspect_ratio, head_dim=c.head_dim, max_seq_len=c.max_seq_len,
                      vocab_size=tok.vocab_size, window_pattern=c.window_pattern, num_iterations_flag=steps,
                      target_flops=-1, target_param_data_ratio=c.target_param_data_ratio,
                      total_batch_size=c.total_batch_size, device_batch_size=c.device_batch_size,
                      data_parallel_size=jax.device_count())
-    tx = optim.make_optimizer(model_dim=plan.model.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(default_dtype(None)),
+    tx = optim.make_optimizer(model_dim=plan.model.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(dtype),
                               muon_stack_sharding=meshlib.muon_stack_sharding(mesh))
     _, params, opt_state, train_step, targets = init_training(plan.model, tx, mesh, seed=0,
-                                                              compute_dtype=default_dtype(None))
+                                                              compute_dtype=dtype)
     step = compile_step(train_step, *targets, mesh, device_batch_size=c.device_batch_size,
                         grad_accum=plan.grad_accum_steps, seq_len=c.max_seq_len)
     values = optim.schedule_values(0, num_iterations=1000, warmup_ratio=0.0, warmdown_ratio=0.5, final_lr_frac=0.0,

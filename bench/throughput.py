@@ -20,14 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxchat import fp8, host_memory
+from jaxchat import backend, fp8, host_memory
 from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import xla_flags
 from jaxchat.model import config_for_depth, estimate_flops
 from jaxchat.monitor import peak_flops
-from jaxchat.step import compile_step, default_dtype, init_training
+from jaxchat.step import compile_step, init_training
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,7 +60,7 @@ def main(argv=None) -> dict:
         xla_flags.apply()  # before the backend starts, as `python -m jaxchat.train` does
     host_memory.keep_freed_memory()  # as jaxchat.train does; --no-xla-flags leaves out the XLA flags only
 
-    compute_dtype, muon_dtype = default_dtype(args.compute_dtype), default_dtype(args.muon_dtype)
+    compute_dtype, muon_dtype = (backend.local().default_dtype(flag) for flag in (args.compute_dtype, args.muon_dtype))
     config = config_for_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
                               max_seq_len=args.seq_len, vocab_size=args.vocab_size, window_pattern=args.window_pattern)
     mesh = meshlib.make_mesh(args.fsdp)

@@ -32,7 +32,8 @@ from jaxchat import optim
 from jaxchat import host_memory, xla_flags
 from jaxchat.common import UserError, run_main
 from jaxchat.model import GPTConfig, config_for_depth
-from jaxchat.step import default_dtype, init_training
+from jaxchat import backend
+from jaxchat.step import init_training
 
 
 def parse(argv):
@@ -125,7 +126,7 @@ class JaxchatSide:
     """jaxchat's real train step (the one `python -m jaxchat.train` runs) and its two halves, each jitted alone."""
 
     def __init__(self, config: GPTConfig, tokens: np.ndarray):
-        compute_dtype, muon_dtype = default_dtype(None), default_dtype(None)
+        compute_dtype = muon_dtype = backend.local().compute_dtype
         mesh = meshlib.make_mesh(1, devices=jax.devices()[:1])  # one device, like nanochat's single process
         self.tx = optim.make_optimizer(model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(muon_dtype),
                                        muon_stack_sharding=meshlib.muon_stack_sharding(mesh))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxchat import core_bundle, core_eval, dataset, mesh as meshlib
+from jaxchat import compile_cache, core_bundle, core_eval, dataset, mesh as meshlib
 from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, cli_parser, print0, run_main
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
 from jaxchat.model import GPT, abstract_model
@@ -162,6 +162,9 @@ def parser() -> argparse.ArgumentParser:
     bpb = p.add_argument_group("bits per byte")
     bpb.add_argument("--device-batch-size", type=int, default=32, help="rows per device per bpb forward pass")
     bpb.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens evaluated per split for bpb")
+    p.add_argument("--compile-cache", default=compile_cache.AUTO, help=JAXCHAT_ONLY + "directory of JAX's persistent "
+                   "compilation cache (auto = $JAX_COMPILATION_CACHE_DIR, else $JAXCHAT_BASE_DIR/jax_cache; '' or off "
+                   "= no cache)")
     return p
 
 
@@ -204,10 +207,14 @@ def load_model(args: argparse.Namespace) -> Loaded:
     return Loaded(model, tokenizer, name, step, source)
 
 
-def main(argv=None) -> None:
+def main(argv=None, compile_cache_on: bool = False) -> None:
+    """`python -m jaxchat.base_eval`; compile_cache_on: use --compile-cache (the command line does; in-process
+    callers keep their jax config)."""
     args = parse_args(argv)
     from jaxchat.distributed import init_distributed
 
+    if compile_cache_on:
+        compile_cache.enable(args.compile_cache)  # touches no backend: before the distributed start-up
     init_distributed()
     if args.dtype == "float32":
         # A float32 evaluation means float32 matmuls (no TF32/bf16 passes), so results match nanochat's CPU runs.
@@ -242,4 +249,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, None, True)  # with the persistent compilation cache

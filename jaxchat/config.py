@@ -111,6 +111,11 @@ FLAGS = {
         ("log_every", 1, "print the step line every N steps"),
         ("tensorboard", True, "write TensorBoard event files to $JAXCHAT_BASE_DIR/tensorboard/<model-tag>"),
     ],
+    f"{JAXCHAT_GROUP}: compilation": [
+        ("compile_cache", "auto", "directory of JAX's persistent compilation cache, so a restart loads its compiled "
+                                  "programs: auto = $JAX_COMPILATION_CACHE_DIR, else $JAXCHAT_BASE_DIR/jax_cache; "
+                                  "'' or off = no cache"),
+    ],
     f"{JAXCHAT_GROUP}: several processes (launch/multihost.md)": [
         ("coordinator_address", "", "host:port of process 0 ('' = single process, or SLURM / JAX_* variables)"),
         ("num_processes", 0, "number of processes (0 = from the environment, else 1)"),

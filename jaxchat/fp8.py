@@ -15,7 +15,6 @@ amax is over the whole weight (with FSDP, GSPMD reduces it over the shards).
 """
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +67,13 @@ def _dequantised(q: jax.Array, inv: jax.Array) -> jax.Array:
 
 
 def _dot(a, b, contract: tuple[int, int], out_dtype, precision) -> jax.Array:
+    """The dequantised operands' product accumulated in float32, then rounded to out_dtype.
+
+    A float32 output is what XLA's GPU GEMM rewriter folds into an fp8 GEMM (its output conversion fused in); asking
+    the dot for bf16 directly leaves a float32 x float32 -> bf16 GEMM that cuBLASLt has no kernel for (the step then
+    does not compile for an H100: "GEMM is not supported by cublasLt")."""
     return jax.lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())), precision=precision,
-                               preferred_element_type=out_dtype)
+                               preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 def _forward_local(x_Ri, q_w, inv_w):
@@ -132,15 +136,10 @@ def matmul(x: jax.Array, w_io: jax.Array) -> jax.Array:
 matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
 
 
-def has_fp8_matmuls(device) -> bool:
-    """Whether XLA turns the fp8 pattern into fp8 GEMMs on this device (CUDA compute capability >= 8.9)."""
-    capability = re.fullmatch(r"(\d+)\.(\d+)", str(getattr(device, "compute_capability", "")))  # not on ROCm
-    return device.platform == "gpu" and capability is not None and tuple(map(int, capability.groups())) >= (8, 9)
-
-
 def no_speedup_note(device) -> str | None:
-    """One line for a run with --fp8 on a device without fp8 matmuls; None where it has them."""
-    if has_fp8_matmuls(device):
+    """One line for a run with --fp8 on a device without fp8 GEMMs (jaxchat.backend); None where it has them."""
+    from jaxchat.backend import for_devices
+    if for_devices([device]).fp8_gemms:
         return None
     return (f"--fp8: {device.device_kind} ({device.platform}) has no fp8 matmuls; the same fp8 quantisation runs, "
             f"multiplied in float32, so it gives no speed-up here")

@@ -75,10 +75,12 @@ class StepMemory:
 
 
 def plan_step(compile_for: Callable[[int, int], jax.stages.Compiled], *, device_batch_size: int,
-              total_batch_size: int, seq_len: int, data_parallel_size: int, budget_gb: float = 0.0) -> StepMemory:
+              total_batch_size: int, seq_len: int, data_parallel_size: int, budget_gb: float = 0.0,
+              capacity: tuple[int, str] | None = None) -> StepMemory:
     """Compile the step (`compile_for(device_batch_size, grad_accum)`) and predict its memory; for AUTO, the largest
-    of AUTO_SIZES that divides the total batch and fits within SAFETY_MARGIN of the capacity."""
-    capacity, source = device_capacity(budget_gb)
+    of AUTO_SIZES that divides the total batch and fits within SAFETY_MARGIN of the capacity ((bytes, source): a
+    target's, when compiling for devices that are not here; None: this process's device)."""
+    capacity, source = capacity or device_capacity(budget_gb)
     if device_batch_size == AUTO:
         valid = valid_device_batch_sizes(total_batch_size, seq_len, data_parallel_size)
         candidates = [b for b in AUTO_SIZES if b in valid]

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxchat import backend as backendlib
 from jaxchat import fp8 as fp8lib
 from jaxchat.common import UserError
 
@@ -193,18 +194,18 @@ def apply_rotary(x_BTHD: jax.Array, cos_TD: jax.Array, sin_TD: jax.Array) -> jax
     return jnp.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], axis=-1)
 
 
-def attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, window_left: int) -> jax.Array:
-    """Causal attention where query t sees keys t-window_left..t: blocked_attention on CPU, the cuDNN flash kernel on
-    GPU (bf16), XLA elsewhere."""
-    if jax.default_backend() == "cpu":
+def attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, window_left: int, impl: str) -> jax.Array:
+    """Causal attention where query t sees keys t-window_left..t, by the backend's kernel (backend.ATTENTION):
+    "blocked" (jaxchat's, for XLA:CPU), "cudnn" (cuDNN flash attention) or "xla" (jax.nn's XLA path)."""
+    if impl == "blocked":
         groups = q_BTHD.shape[2] // k_BTKD.shape[2]  # GQA: each kv head serves `groups` query heads
         k_BTHD, v_BTHD = (jnp.repeat(t, groups, axis=2) if groups > 1 else t for t in (k_BTKD, v_BTKD))
-        return blocked_attention(q_BTHD, k_BTHD, v_BTHD, window_left)
+        with jax.named_scope("blocked_attention"):  # named in the compiled program: jaxchat.aot looks for it
+            return blocked_attention(q_BTHD, k_BTHD, v_BTHD, window_left)
     seq_len = q_BTHD.shape[1]
     local = None if window_left >= seq_len else (window_left, 0)  # plain causal is the fastest kernel
-    on_gpu = jax.default_backend() == "gpu" and q_BTHD.dtype in (jnp.bfloat16, jnp.float16)
     return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, is_causal=True, local_window_size=local,
-                                        implementation="cudnn" if on_gpu else "xla")
+                                        implementation=impl)
 
 
 ATTENTION_BLOCKS = 4  # query blocks of blocked_attention: measured fastest at T 256 and 512 on a 2-core CPU
@@ -333,13 +334,11 @@ def _softcapped_ce_bwd(residuals, g_BT):
 softcapped_cross_entropy.defvjp(_softcapped_ce_fwd, _softcapped_ce_bwd)
 
 
-LOSS_BLOCK_TOKENS = 1024  # fused_mean_cross_entropy's block: measured fastest at V 4096 and 32768 on a 2-core CPU
-
-
 def fused_mean_cross_entropy(x_BTn: jax.Array, lm_head_nV: jax.Array, targets_BT: jax.Array,
-                             vocab_size: int) -> jax.Array:
+                             vocab_size: int, block_tokens: int) -> jax.Array:
     """The mean loss over tokens whose target is not -1, as `token_losses(...)` summed and divided by their count,
-    with its gradients computed in the forward pass, LOSS_BLOCK_TOKENS tokens at a time (used on CPU).
+    with its gradients computed in the forward pass, about `block_tokens` tokens per device at a time
+    (Backend.fused_loss).
 
     The plain loss head writes the (tokens, vocab) float32 logits and reads them back in separate passes (softcap and
     logsumexp forward; softmax, one-hot and the softcap's derivative backward) between its three GEMMs. Per block
@@ -347,54 +346,58 @@ def fused_mean_cross_entropy(x_BTn: jax.Array, lm_head_nV: jax.Array, targets_BT
     the two gradient GEMMs (dx, and dW accumulated over blocks). The loss is a scalar, so its cotangent only scales
     the gradients: the backward pass multiplies by it. The (tokens, vocab) logits never exist whole. Without
     differentiation (evaluation) it computes the plain loss head.
+
+    A block is every row's next `t` positions, so the rows stay split over the data-parallel devices and each device
+    works on every block (blocks of whole rows would each live on one device).
     """
     B, T, n = x_BTn.shape
-    n_blocks = -(-B * T // LOSS_BLOCK_TOKENS)
-    block = -(-B * T // n_blocks)
-    pad = n_blocks * block - B * T  # padded tokens get target -1: no loss, no gradient
-    x_Nbn = jnp.pad(x_BTn.reshape(B * T, n), ((0, pad), (0, 0))).reshape(n_blocks, block, n)
-    targets_Nb = jnp.pad(targets_BT.reshape(B * T), (0, pad), constant_values=-1).reshape(n_blocks, block)
-    return _fused_mean_ce(x_Nbn, lm_head_nV, targets_Nb, vocab_size)
+    rows = max(1, B // math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in fp8lib.data_shard_axes()))
+    n_blocks = -(-T // max(1, block_tokens // rows))
+    t = -(-T // n_blocks)
+    pad = n_blocks * t - T  # padded positions get target -1: no loss, no gradient
+    x_NBtn = jnp.pad(x_BTn, ((0, 0), (0, pad), (0, 0))).reshape(B, n_blocks, t, n).swapaxes(0, 1)
+    targets_NBt = jnp.pad(targets_BT, ((0, 0), (0, pad)), constant_values=-1).reshape(B, n_blocks, t).swapaxes(0, 1)
+    return _fused_mean_ce(x_NBtn, lm_head_nV, targets_NBt, vocab_size)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused_mean_ce(x_Nbn, lm_head_nV, targets_Nb, vocab_size):
-    losses = token_losses(x_Nbn, lm_head_nV, targets_Nb, vocab_size)
-    return losses.sum() / jnp.maximum((targets_Nb >= 0).sum(), 1)
+def _fused_mean_ce(x_NBtn, lm_head_nV, targets_NBt, vocab_size):
+    losses = token_losses(x_NBtn, lm_head_nV, targets_NBt, vocab_size)
+    return losses.sum() / jnp.maximum((targets_NBt >= 0).sum(), 1)
 
 
-def _fused_mean_ce_fwd(x_Nbn, lm_head_nV, targets_Nb, vocab_size):
-    w_nV = lm_head_nV[:, :vocab_size].astype(x_Nbn.dtype)  # the padded vocabulary columns get no logits
-    count = jnp.maximum((targets_Nb >= 0).sum(), 1).astype(jnp.float32)
+def _fused_mean_ce_fwd(x_NBtn, lm_head_nV, targets_NBt, vocab_size):
+    w_nV = lm_head_nV[:, :vocab_size].astype(x_NBtn.dtype)  # the padded vocabulary columns get no logits
+    count = jnp.maximum((targets_NBt >= 0).sum(), 1).astype(jnp.float32)
 
     def one_block(carry, xs):
         loss, dw_nV = carry
-        x_bn, targets_b = xs
-        capped_bV = softcap(jnp.einsum("bi,iv->bv", x_bn, w_nV).astype(jnp.float32))
-        valid_b = targets_b >= 0
-        exp_bV = jnp.exp(capped_bV)  # |capped| < SOFTCAP: no max to subtract (see softcapped_cross_entropy)
-        sum_b = jnp.sum(exp_bV, axis=-1)
-        picked_b = jnp.take_along_axis(capped_bV, jnp.where(valid_b, targets_b, 0)[:, None], axis=-1)[:, 0]
-        loss = loss + jnp.sum(jnp.where(valid_b, jnp.log(sum_b) - picked_b, 0.0))
+        x_Btn, targets_Bt = xs
+        capped_BtV = softcap(jnp.einsum("bti,iv->btv", x_Btn, w_nV).astype(jnp.float32))
+        valid_Bt = targets_Bt >= 0
+        exp_BtV = jnp.exp(capped_BtV)  # |capped| < SOFTCAP: no max to subtract (see softcapped_cross_entropy)
+        sum_Bt = jnp.sum(exp_BtV, axis=-1)
+        picked_Bt = jnp.take_along_axis(capped_BtV, jnp.where(valid_Bt, targets_Bt, 0)[..., None], axis=-1)[..., 0]
+        loss = loss + jnp.sum(jnp.where(valid_Bt, jnp.log(sum_Bt) - picked_Bt, 0.0))
         # d mean / d logits = (softmax - onehot) * (1 - tanh^2) / count on valid tokens: _softcapped_ce_fwd and _bwd's
-        # formulas written out, reusing exp_bV; calling them recomputes the exponentials (64 against 80 ms, demo shape)
-        weight_b = jnp.where(valid_b, 1 / count, 0.0)
-        onehot_bV = jnp.arange(vocab_size) == targets_b[:, None]
-        g_bV = ((exp_bV * (weight_b / sum_b)[:, None] - jnp.where(onehot_bV, weight_b[:, None], 0.0))
-                * (1 - jnp.square(capped_bV / SOFTCAP))).astype(x_bn.dtype)
-        dx_bn = jnp.einsum("bv,iv->bi", g_bV, w_nV)
-        return (loss, dw_nV + jnp.einsum("bi,bv->iv", x_bn, g_bV, preferred_element_type=jnp.float32)), dx_bn
+        # formulas written out, reusing exp_BtV; calling them recomputes the exponentials (64 against 80 ms, demo shape)
+        weight_Bt = jnp.where(valid_Bt, 1 / count, 0.0)
+        onehot_BtV = jnp.arange(vocab_size) == targets_Bt[..., None]
+        g_BtV = ((exp_BtV * (weight_Bt / sum_Bt)[..., None] - jnp.where(onehot_BtV, weight_Bt[..., None], 0.0))
+                 * (1 - jnp.square(capped_BtV / SOFTCAP))).astype(x_Btn.dtype)
+        dx_Btn = jnp.einsum("btv,iv->bti", g_BtV, w_nV)
+        return (loss, dw_nV + jnp.einsum("bti,btv->iv", x_Btn, g_BtV, preferred_element_type=jnp.float32)), dx_Btn
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(w_nV.shape, jnp.float32))
-    (loss, dw_nV), dx_Nbn = jax.lax.scan(one_block, init, (x_Nbn, targets_Nb))
+    (loss, dw_nV), dx_NBtn = jax.lax.scan(one_block, init, (x_NBtn, targets_NBt))
     # rounded to the compute dtype once, as the plain head's one dW GEMM (and torch autocast's) rounds its output
-    dw_nV = jnp.pad(dw_nV.astype(x_Nbn.dtype), ((0, 0), (0, lm_head_nV.shape[1] - vocab_size)))
-    return loss / count, (dx_Nbn, dw_nV.astype(lm_head_nV.dtype))
+    dw_nV = jnp.pad(dw_nV.astype(x_NBtn.dtype), ((0, 0), (0, lm_head_nV.shape[1] - vocab_size)))
+    return loss / count, (dx_NBtn, dw_nV.astype(lm_head_nV.dtype))
 
 
 def _fused_mean_ce_bwd(vocab_size, residuals, g):
-    dx_Nbn, dw_nV = residuals
-    return (g * dx_Nbn).astype(dx_Nbn.dtype), (g * dw_nV).astype(dw_nV.dtype), None
+    dx_NBtn, dw_nV = residuals
+    return (g * dx_NBtn).astype(dx_NBtn.dtype), (g * dw_nV).astype(dw_nV.dtype), None
 
 
 _fused_mean_ce.defvjp(_fused_mean_ce_fwd, _fused_mean_ce_bwd)
@@ -581,10 +584,12 @@ class GPT(nnx.Module):
     and per recipe smear and backout."""
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, compute_dtype=jnp.float32, scan_layers: bool = True,
-                 remat: str = "none", loss_chunk: int = 0, embed_dtype=jnp.float32, fp8: bool = False):
+                 remat: str = "none", loss_chunk: int = 0, embed_dtype=jnp.float32, fp8: bool = False,
+                 backend: backendlib.Backend | None = None):
         """remat: per-layer policy (REMAT_POLICIES); loss_chunk > 0: chunked cross-entropy over that many positions;
         embed_dtype: storage dtype of wte and value_embeds (bfloat16 like the reference on CUDA); fp8: the forward
-        and backward pass (`__call__`) run the qualifying dense layers in fp8 (jaxchat.fp8), decode_step never."""
+        and backward pass (`__call__`) run the qualifying dense layers in fp8 (jaxchat.fp8), decode_step never;
+        backend: the attention kernel and loss head of the devices the model runs on (None: this process's)."""
         remat_layer(lambda: None, remat)  # validate the name now
         if loss_chunk < 0:  # config.validate words this for the command line
             raise ValueError(f"loss_chunk {loss_chunk} must be 0 (off) or a positive number of positions")
@@ -594,6 +599,7 @@ class GPT(nnx.Module):
         self.remat = remat
         self.loss_chunk = loss_chunk
         self.fp8 = fp8
+        self.backend = backend or backendlib.local(self.compute_dtype.name)
         embed_dtype = jnp.dtype(embed_dtype)
         n, L, Vp, c = config.n_embd, config.n_layer, config.padded_vocab, config.constants
         bound = math.sqrt(3) / math.sqrt(n)
@@ -616,8 +622,9 @@ class GPT(nnx.Module):
         x_BTn = self.hidden_states(idx_BT)
         if targets_BT is None:
             return softcapped_logits(x_BTn, self.lm_head[...], self.config.vocab_size, self._dense)
-        if reduction == "mean" and not self.loss_chunk and self._dense is _matmul and jax.default_backend() == "cpu":
-            return fused_mean_cross_entropy(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size)
+        if reduction == "mean" and not self.loss_chunk and not self.fp8 and self.backend.fused_loss:
+            return fused_mean_cross_entropy(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size,
+                                            self.backend.loss_block_tokens)
         if self.loss_chunk:
             losses_BT = chunked_cross_entropy(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size,
                                               self.loss_chunk, self._dense)
@@ -639,7 +646,7 @@ class GPT(nnx.Module):
 
         @functools.lru_cache(maxsize=None)  # one wrapped function per window size
         def layer_fn(window_left: int):
-            attend = functools.partial(attention, window_left=window_left)
+            attend = functools.partial(attention, window_left=window_left, impl=self.backend.attention)
             return remat_layer(lambda x, layer: block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin,
                                                               config=cfg, matmul=self._dense), self.remat)
 

@@ -117,7 +117,7 @@ def compile_step(train_step, params_like, opt_like, mesh, *, device_batch_size: 
 
 
 def plan_and_compile(train_step, targets, mesh, *, device_batch_size: int, total_batch_size: int, seq_len: int,
-                     budget_gb: float = 0.0) -> memory.StepMemory:
+                     budget_gb: float = 0.0, capacity: tuple[int, str] | None = None) -> memory.StepMemory:
     """The step compiled ahead of time for the device batch (memory.AUTO: the largest that is predicted to fit).
 
     XLA's buffer assignment predicts the peak memory per device before the first step; the compiled executable is
@@ -126,12 +126,7 @@ def plan_and_compile(train_step, targets, mesh, *, device_batch_size: int, total
         lambda b, accum: compile_step(train_step, *targets, mesh, device_batch_size=b, grad_accum=accum,
                                       seq_len=seq_len),
         device_batch_size=device_batch_size, total_batch_size=total_batch_size, seq_len=seq_len,
-        data_parallel_size=mesh.size, budget_gb=budget_gb)
-
-
-def default_dtype(flag: str | None) -> str:
-    """A dtype flag's value, else the backend's default: bfloat16 on GPU (the reference on CUDA), float32 elsewhere."""
-    return flag or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
+        data_parallel_size=mesh.size, budget_gb=budget_gb, capacity=capacity)
 
 
 # ----------------------------------------------------------------------------------------------------------------

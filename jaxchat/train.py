@@ -22,8 +22,8 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jaxchat import fp8, host_memory
-from jaxchat import memory, nanochat_ckpt
+from jaxchat import backend, fp8, host_memory
+from jaxchat import compile_cache, memory, nanochat_ckpt
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import recipe as recipes
@@ -36,7 +36,7 @@ from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make
 from jaxchat.faults import SaveTimer, StopRequest
 from jaxchat.monitor import Monitor, peak_flops, step_line
 from jaxchat.plan import Plan, device_batch_warning, make_plan
-from jaxchat.step import (ShardLoaders, default_dtype, global_batch, init_training, make_loaders, plan_and_compile,
+from jaxchat.step import (ShardLoaders, global_batch, init_training, make_loaders, plan_and_compile,
                           prepare_data, shard_layout, step_batch, without_fp8)
 
 
@@ -128,11 +128,14 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
                      c.process_id if c.process_id >= 0 else None, init_timeout=c.init_timeout,
                      peer_timeout=c.peer_timeout)
     mesh = meshlib.make_mesh(c.fsdp)
-    compute_dtype, muon_dtype = default_dtype(c.compute_dtype), default_dtype(c.muon_dtype)
+    run_backend = backend.for_mesh(mesh, c.compute_dtype or None)  # decided once: dtype, attention, loss head
+    compute_dtype, muon_dtype = run_backend.compute_dtype, run_backend.default_dtype(c.muon_dtype)
     device_kind = jax.devices()[0].device_kind
     print0(f"Devices: {jax.device_count()} x {device_kind} over {jax.process_count()} process(es); "
            f"mesh {dict(mesh.shape)}; peak bf16 FLOP/s per device {peak_flops(device_kind):.3g}; compute {compute_dtype}, "
            f"Muon orthogonalisation {muon_dtype}")
+    if run_backend.note:
+        print0(run_backend.note)
     if c.fp8 and (note := fp8.no_speedup_note(jax.devices()[0])):
         print0(note)
     check_writable(base_dir(), "base directory")  # data, tokenizer, logs: before anything is built or compiled
@@ -146,7 +149,7 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     tx, wd_scaled = build_optimizer(c, plan, mesh, muon_dtype)
     graphdef, params, opt_state, train_step, targets = init_training(
         config, tx, mesh, seed=c.seed, compute_dtype=compute_dtype, remat=c.remat, loss_chunk=c.loss_chunk,
-        embed_dtype=c.embed_dtype, fp8=c.fp8)
+        embed_dtype=c.embed_dtype, fp8=c.fp8, backend=run_backend)
     step_memory = plan_and_compile(train_step, targets, mesh, device_batch_size=c.device_batch_size,
                                    total_batch_size=plan.total_batch_size, seq_len=c.max_seq_len,
                                    budget_gb=c.memory_budget_gb)
@@ -158,23 +161,29 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     return run, params, opt_state
 
 
-def run_plan(c: ConfigDict, vocab_size: int, device_batch_size: int) -> Plan:
+def run_plan(c: ConfigDict, vocab_size: int, device_batch_size: int, data_parallel_size: int | None = None) -> Plan:
     """The plan for the flags (jaxchat.plan): sizes, horizon, the batch (the recipe's auto batch for -1) and the
-    recipe's transfer of the LRs and the Muon weight decay."""
+    recipe's transfer of the LRs and the Muon weight decay; over every device unless data_parallel_size says."""
     return make_plan(depth=c.depth, aspect_ratio=c.aspect_ratio, head_dim=c.head_dim, max_seq_len=c.max_seq_len,
                      vocab_size=vocab_size, window_pattern=c.window_pattern, num_iterations_flag=c.num_iterations,
                      target_flops=c.target_flops, target_param_data_ratio=c.target_param_data_ratio,
                      total_batch_size=c.total_batch_size, device_batch_size=device_batch_size,
-                     data_parallel_size=jax.device_count(), recipe=c.recipe, weight_decay=c.weight_decay)
+                     data_parallel_size=data_parallel_size or jax.device_count(), recipe=c.recipe,
+                     weight_decay=c.weight_decay)
+
+
+def planned_vocab(c: ConfigDict) -> tuple[int, str]:
+    """(vocabulary size, where it came from) without building anything: the tokenizer if trained, else nanochat's."""
+    from jaxchat.tokenizer import Tokenizer, default_dir
+    try:
+        return Tokenizer.load(default_dir(c.data)).vocab_size, "the tokenizer"
+    except UserError:
+        return 32768, "nanochat's default: no tokenizer trained yet"
 
 
 def dry_run(c: ConfigDict) -> dict:
     """--dry-run: the plan printed, nothing read, built or compiled (the vocabulary from the tokenizer if trained)."""
-    from jaxchat.tokenizer import Tokenizer, default_dir
-    try:
-        vocab_size, source = Tokenizer.load(default_dir(c.data)).vocab_size, "the tokenizer"
-    except UserError:
-        vocab_size, source = 32768, "nanochat's default: no tokenizer trained yet"
+    vocab_size, source = planned_vocab(c)
     print0(f"--dry-run: vocabulary {vocab_size:,} ({source})")
     plan = run_plan(c, vocab_size, device_batch_size=c.device_batch_size or 1)
     print0("\n".join(plan.summary()))
@@ -488,11 +497,15 @@ def finish(run: Run, state: TrainState, stop_request: StopRequest, losses: dict[
     return {"losses": losses, "loop": state.loop}
 
 
-def train(argv: list[str]) -> dict:
-    """Run training; returns {"losses": {step: loss}, "loop": LoopState} for tests and scripts."""
+def train(argv: list[str], compile_cache_on: bool = False) -> dict:
+    """Run training; returns {"losses": {step: loss}, "loop": LoopState} for tests and scripts.
+
+    compile_cache_on: use --compile-cache (the command line does; in-process callers keep their jax config)."""
     c = parse_flags(argv)
     if c.dry_run:
         return dry_run(c)
+    if compile_cache_on:
+        compile_cache.enable(c.compile_cache)  # before anything compiles; touches no backend (before distributed)
     stop_request = StopRequest()  # from here on a signal ends the run cleanly (130 / 143, at most one line)
     try:
         run, params, opt_state = set_up(c, stop_request)
@@ -508,7 +521,7 @@ def train(argv: list[str]) -> dict:
 def main() -> None:
     xla_flags.apply()  # before the backend starts
     host_memory.keep_freed_memory()  # before threads allocate
-    run_main(train, sys.argv[1:])
+    run_main(train, sys.argv[1:], True)  # with the persistent compilation cache
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import TINY_RUN, shared_fixture
-from jaxchat import fp8, parity
+from jaxchat import backend, fp8, parity
 from jaxchat import mesh as meshlib
 from jaxchat.model import MODEL_RECIPES
 
@@ -86,10 +86,10 @@ def test_which_devices_have_fp8_matmuls():
     from types import SimpleNamespace as Device
     for capability in ("8.9", "9.0", "10.0"):
         gpu = Device(platform="gpu", compute_capability=capability, device_kind="GPU")
-        assert fp8.has_fp8_matmuls(gpu) and fp8.no_speedup_note(gpu) is None
+        assert backend.for_devices([gpu]).fp8_gemms and fp8.no_speedup_note(gpu) is None
     for platform, capability, kind in (("gpu", "8.0", "A100"), ("gpu", "gfx942", "MI300X"), ("cpu", None, "cpu")):
         device = Device(platform=platform, compute_capability=capability, device_kind=kind)
-        assert not fp8.has_fp8_matmuls(device) and kind in fp8.no_speedup_note(device)
+        assert not backend.for_devices([device]).fp8_gemms and kind in fp8.no_speedup_note(device)
 
 
 def dot_operands_are_scaled_fp8(hlo: str) -> list[bool]:

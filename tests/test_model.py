@@ -265,7 +265,7 @@ def test_head_rotary_tables_in_compute_dtype():
 @pytest.mark.parametrize("T, window, kv_heads", [(32, 32, 2), (30, 12, 2), (21, 5, 1)])
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_cpu_attention_equals_jax_dot_product_attention(T, window, kv_heads, use_jit):
-    """model.attention on CPU (blocked, flash-style backward; T not divisible by the blocks, windows, GQA) gives
+    """model.attention's CPU kernel (blocked, flash-style backward; T not divisible by the blocks, windows, GQA) gives
     jax.nn.dot_product_attention's outputs and input gradients."""
     q, k, v, g = (jax.random.normal(key, (2, T, n, 16)) for key, n in zip(jax.random.split(jax.random.key(0), 4),
                                                                            (4, kv_heads, kv_heads, 4)))
@@ -275,7 +275,7 @@ def test_cpu_attention_equals_jax_dot_product_attention(T, window, kv_heads, use
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local, implementation="xla")
 
     def ours(q, k, v):
-        return attention(q, k, v, window)
+        return attention(q, k, v, window, "blocked")
 
     results = []
     for fn in (reference, ours):
@@ -316,12 +316,11 @@ def test_softcapped_cross_entropy_gradient_is_autodiffs():
 
 
 @pytest.mark.parametrize("use_jit", [False, True])
-def test_fused_mean_cross_entropy_equals_the_plain_loss_head(use_jit, monkeypatch):
+def test_fused_mean_cross_entropy_equals_the_plain_loss_head(use_jit):
     """Loss and gradients (x, lm_head) of the blocked head with its gradients from the forward pass equal autodiff
     of the plain head: several blocks, the last one padded, ignored targets, padded vocabulary columns, and a
     cotangent other than 1 (gradient accumulation scales the loss)."""
     from jaxchat import model as M
-    monkeypatch.setattr(M, "LOSS_BLOCK_TOKENS", 5)  # 3 x 7 = 21 tokens: 5 blocks of 5, the last padded by 4
     vocab = 50  # padded to 64 columns
     x = jax.random.normal(jax.random.key(5), (3, 7, 16))
     lm_head = 0.5 * jax.random.normal(jax.random.key(6), (16, 64))
@@ -331,7 +330,7 @@ def test_fused_mean_cross_entropy_equals_the_plain_loss_head(use_jit, monkeypatc
         return 0.25 * M.token_losses(x, lm_head, targets, vocab).sum() / (targets >= 0).sum()
 
     def fused(x, lm_head):
-        return 0.25 * M.fused_mean_cross_entropy(x, lm_head, targets, vocab)
+        return 0.25 * M.fused_mean_cross_entropy(x, lm_head, targets, vocab, block_tokens=6)  # 3 rows x 2 positions: 4 blocks, the last padded
 
     grad = (lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1)))) if use_jit else (
         lambda f: jax.value_and_grad(f, argnums=(0, 1)))

@@ -12,7 +12,7 @@ from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat.common import UserError
 from jaxchat.model import GPTConfig
-from jaxchat.step import (ShardLoaders, abstract_training, default_dtype, global_batch, init_training,
+from jaxchat.step import (ShardLoaders, abstract_training, global_batch, init_training,
                           plan_and_compile, shard_layout, step_batch, step_input_specs)
 
 CONFIG = GPTConfig(sequence_len=16, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
@@ -161,11 +161,9 @@ def test_step_batch_stacks_micro_batches_on_the_devices():
     np.testing.assert_array_equal(np.asarray(rows), np.arange(16).reshape(8, 2))
 
 
-def test_shard_layout_and_default_dtype():
+def test_shard_layout():
     rows = 2 * jax.local_device_count()  # device batch 2 on 8 host devices: 16 rows in this process
     assert shard_layout(0, 2) == (1, 1, 0)  # one shard per process
     assert shard_layout(4, 2) == (4, 4, 0)  # 4 ranks read by this one process, 4 rows each
     with pytest.raises(UserError, match=f"split each process's {rows} rows evenly"):
         shard_layout(3, 2)
-    assert default_dtype("bfloat16") == "bfloat16"
-    assert default_dtype("") == ("bfloat16" if jax.default_backend() == "gpu" else "float32")

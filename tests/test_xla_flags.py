@@ -37,3 +37,19 @@ def test_opt_out():
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAXCHAT_XLA_FLAGS="0")
     done = start_backend(env)
     assert done.returncode == 0 and done.stdout.strip() == ""
+
+
+def test_gpu_memory_fraction_is_set_unless_the_user_set_one(monkeypatch):
+    """JAX would take 75% of a GPU: jaxchat asks for MEMORY_FRACTION; the user's fraction or preallocation wins."""
+    for var in (xla_flags.MEMORY_FRACTION_VAR, "XLA_PYTHON_CLIENT_PREALLOCATE", "JAXCHAT_XLA_FLAGS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    xla_flags.apply()
+    assert os.environ[xla_flags.MEMORY_FRACTION_VAR] == str(xla_flags.MEMORY_FRACTION) and xla_flags.MEMORY_FRACTION > 0.75
+    monkeypatch.setenv(xla_flags.MEMORY_FRACTION_VAR, "0.5")
+    xla_flags.apply()
+    assert xla_flags.memory_fraction() == 0.5
+    monkeypatch.delenv(xla_flags.MEMORY_FRACTION_VAR)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    xla_flags.apply()
+    assert xla_flags.MEMORY_FRACTION_VAR not in os.environ

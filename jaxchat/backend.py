@@ -1,0 +1,75 @@
+"""The backend decision, made once at set-up from the devices a step is compiled for: compute dtype, attention
+kernel, loss head and whether fp8 matmuls become fp8 GEMMs.
+
+The model and the step receive it as data (`GPT(..., backend=...)`); nothing asks `jax.default_backend()` while
+tracing, so a step compiled ahead of time for GPUs that are not there (jaxchat.aot) is the one a GPU would run.
+"""
+
+import dataclasses
+import re
+
+import jax
+
+ATTENTION = ("blocked", "cudnn", "xla")  # jaxchat's blocked attention for XLA:CPU, cuDNN flash attention, jax.nn's XLA
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """What one platform runs; hashable, so it is static data of the model."""
+
+    platform: str  # "cpu", "gpu" or "tpu": of the mesh's devices
+    compute_dtype: str  # activations and matmuls
+    attention: str  # one of ATTENTION
+    fused_loss: bool  # the mean loss through loss head blocks whose logits never exist whole (model.fused_mean_...)
+    loss_block_tokens: int  # tokens per block of the fused loss head
+    fp8_gemms: bool  # XLA turns the fp8 pattern into fp8 GEMMs (CUDA compute capability >= 8.9)
+    note: str = ""  # one line for the user where the platform lacks what it would normally use
+
+    def default_dtype(self, flag: str | None) -> str:
+        """A dtype flag's value, else bfloat16 on GPU and TPU (the reference on CUDA), float32 on CPU."""
+        return flag or ("float32" if self.platform == "cpu" else "bfloat16")
+
+
+def _capability(device) -> tuple[int, int] | None:
+    """CUDA compute capability (major, minor); None on ROCm or where the device does not say."""
+    found = re.fullmatch(r"(\d+)\.(\d+)", str(getattr(device, "compute_capability", "")))
+    return tuple(map(int, found.groups())) if found else None
+
+
+def for_devices(devices, compute_dtype: str | None = None) -> "Backend":
+    """The backend of these devices (a mesh's), with --compute-dtype (None: the platform's default)."""
+    device = list(devices)[0]
+    platform = device.platform
+    cpu = platform == "cpu"
+    dtype = compute_dtype or ("float32" if cpu else "bfloat16")
+    capability = _capability(device)
+    note = ""
+    if cpu:
+        attention = "blocked"  # XLA:CPU has no fused attention; jaxchat's blocks skip the invisible keys
+    elif platform == "gpu" and capability is not None and capability >= (8, 0) and dtype in ("bfloat16", "float16"):
+        attention = "cudnn"  # cuDNN's flash attention (fused softmax, no (T, T) scores in memory)
+    else:
+        attention = "xla"
+        if platform == "gpu":
+            why = (f"compute dtype {dtype}" if dtype not in ("bfloat16", "float16")
+                   else f"{device.device_kind} has no cuDNN flash attention (needs CUDA compute capability >= 8.0)")
+            note = f"attention: XLA's (scores in memory), not cuDNN's: {why}"
+    return Backend(platform=platform, compute_dtype=dtype, attention=attention,
+                   # The fused head computes the loss head's gradients block by block in the forward pass: on CPU
+                   # it is faster (model.fused_mean_cross_entropy); on GPU it keeps the (tokens, vocab) float32
+                   # logits and their gradient out of memory (d24 at device batch 16: 4 GiB each).
+                   fused_loss=platform in ("cpu", "gpu"),
+                   # CPU: measured fastest at V 4096 and 32768 on 2 cores; GPU: a (8192, 32768) float32 block is
+                   # 1 GiB, and GEMMs of 8192 rows keep an H100 busy
+                   loss_block_tokens=1024 if cpu else 8192,
+                   fp8_gemms=platform == "gpu" and capability is not None and capability >= (8, 9), note=note)
+
+
+def for_mesh(mesh, compute_dtype: str | None = None) -> "Backend":
+    """The backend of a mesh's devices."""
+    return for_devices(mesh.devices.flat, compute_dtype)
+
+
+def local(compute_dtype: str | None = None) -> "Backend":
+    """The backend of this process's devices (the default for a model built without one)."""
+    return for_devices(jax.local_devices(), compute_dtype)

@@ -1,0 +1,96 @@
+"""The kernel inventory of an optimised XLA:GPU program (`compiled.as_text()`): library calls, GEMMs and collectives,
+each counted as often as it runs per step (loop bodies times their trip counts).
+
+    counts = inventory.count(compiled.as_text())
+    counts["cudnn_attention_fwd"], counts["fp8_gemms"], counts["async_collectives"], counts["cpu_attention"]
+"""
+
+import collections
+import re
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = .*?\s([\w\-]+)\((.*)$")
+_CALLEE = re.compile(r"(?:calls|to_apply|body|branch_computations|true_computation|false_computation)="
+                     r"(\{[^}]*\}|%?[\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def computations(hlo: str) -> tuple[dict[str, list[str]], str]:
+    """({computation name: its instruction lines}, the entry computation's name)."""
+    comps, entry, current = {}, None, None
+    for line in hlo.splitlines():
+        if current is None:
+            found = _COMPUTATION.match(line)
+            if found:
+                current = found.group(1)
+                comps[current] = []
+                entry = current if line.startswith("ENTRY") else entry
+        elif line.strip() == "}":
+            current = None
+        else:
+            comps[current].append(line)
+    return comps, entry
+
+
+def _own_counts(line: str, opcode: str, in_async: bool) -> collections.Counter:
+    """What one instruction is, counted once."""
+    counts = collections.Counter()
+    if opcode == "custom-call" and (target := _TARGET.search(line)):
+        name = target.group(1)
+        if name.startswith("__cudnn$fmha"):
+            counts["cudnn_attention_bwd" if name.endswith("Backward") else "cudnn_attention_fwd"] += 1
+        elif name.startswith("__cublas"):
+            counts["fp8_gemms" if name.endswith("$f8") else "cublas_gemms"] += 1
+            operand = re.search(r"custom-call\((\w+)\[", line)
+            counts["f32_gemms"] += bool(operand and operand.group(1) == "f32")
+        else:
+            counts[f"custom_call:{name}"] += 1
+    if '"kind":"__triton_gemm"' in line:
+        counts["triton_gemms"] += 1
+    for op in COLLECTIVES:
+        if opcode == f"{op}-start":
+            counts["async_collectives"] += 1
+            counts[f"async:{op}"] += 1
+        elif opcode == op:
+            counts["async_collectives" if in_async else "sync_collectives"] += 1
+            counts[f"{'async' if in_async else 'sync'}:{op}"] += 1
+    if "blocked_attention" in line:  # the op_name metadata of jaxchat's CPU attention (model.attention)
+        counts["cpu_attention"] += 1
+    return counts
+
+
+def count(hlo: str) -> collections.Counter:
+    """Every counted kind, weighted by how often its computation runs per call of the entry computation.
+
+    A while loop's body runs its known trip count times (1 if XLA does not know it: counted in "unknown_trip_counts");
+    a collective inside an async computation counts as async."""
+    comps, entry = computations(hlo)
+    memo = {}
+
+    def total(name: str, in_async: bool) -> collections.Counter:
+        if (name, in_async) in memo:
+            return memo[(name, in_async)]
+        counts = collections.Counter()
+        for line in comps.get(name, []):
+            found = _INSTRUCTION.match(line)
+            if not found:
+                continue
+            opcode = found.group(1)
+            counts += _own_counts(line, opcode, in_async)
+            trips = 1
+            if opcode == "while":
+                trip = _TRIP_COUNT.search(line)
+                trips = int(trip.group(1)) if trip else 1
+                counts["unknown_trip_counts"] += not trip
+            for callee in _CALLEE.finditer(line):
+                key = line[callee.start():callee.start() + 5]
+                for called in re.findall(r"%?([\w.\-]+)", callee.group(1)):
+                    factor = trips if key == "body=" else 1
+                    child = total(called, in_async or opcode == "async-start")
+                    counts += collections.Counter({k: v * factor for k, v in child.items()})
+        memo[(name, in_async)] = counts
+        return counts
+
+    return total(entry, False)
