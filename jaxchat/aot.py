@@ -62,14 +62,14 @@ def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int
     vocab_size, _ = planned_vocab(c)
     plan = run_plan(c, vocab_size, device_batch_size=c.device_batch_size or 1, data_parallel_size=mesh.size)
     tx, _ = build_optimizer(c, plan, mesh, run_backend.default_dtype(c.muon_dtype))
-    _, train_step, targets = step.abstract_training(
-        plan.model, tx, mesh, compute_dtype=run_backend.compute_dtype, remat=c.remat, loss_chunk=c.loss_chunk,
+    _, train_steps, targets = step.abstract_steps(
+        plan.model, tx, mesh, remat=c.remat, compute_dtype=run_backend.compute_dtype, loss_chunk=c.loss_chunk,
         embed_dtype=c.embed_dtype, fp8=c.fp8, backend=run_backend)
     gpu = GPU_TARGETS[target]
     usable = int(gpu.memory_bytes * xla_flags.memory_fraction())
     t0 = time.perf_counter()
     plan_memory = step.plan_and_compile(
-        train_step, targets, mesh, device_batch_size=c.device_batch_size, total_batch_size=plan.total_batch_size,
+        train_steps, targets, mesh, device_batch_size=c.device_batch_size, total_batch_size=plan.total_batch_size,
         seq_len=c.max_seq_len, budget_gb=c.memory_budget_gb,
         capacity=None if c.memory_budget_gb > 0 else (usable, f"{gpu.device_kind} x {xla_flags.memory_fraction()}"))
     compile_s = time.perf_counter() - t0
@@ -80,7 +80,7 @@ def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int
     return dict(
         target=target, device_kind=gpu.device_kind, devices=devices, hosts=hosts, mesh=dict(mesh.shape),
         depth=plan.model.n_layer, seq_len=c.max_seq_len, compute_dtype=run_backend.compute_dtype, fp8=c.fp8,
-        attention=run_backend.attention, remat=c.remat, device_batch_size=plan_memory.device_batch_size,
+        attention=run_backend.attention, remat=plan_memory.variant, device_batch_size=plan_memory.device_batch_size,
         grad_accum=plan_memory.grad_accum, auto_tried={str(k): v for k, v in plan_memory.tried.items()},
         argument_bytes=analysis.argument_size_in_bytes, temp_bytes=analysis.temp_size_in_bytes,
         peak_bytes=plan_memory.predicted_bytes, usable_bytes=plan_memory.capacity_bytes,

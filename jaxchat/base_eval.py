@@ -162,9 +162,9 @@ def parser() -> argparse.ArgumentParser:
     bpb = p.add_argument_group("bits per byte")
     bpb.add_argument("--device-batch-size", type=int, default=32, help="rows per device per bpb forward pass")
     bpb.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens evaluated per split for bpb")
-    p.add_argument("--compile-cache", default=compile_cache.AUTO, help=JAXCHAT_ONLY + "directory of JAX's persistent "
-                   "compilation cache (auto = $JAX_COMPILATION_CACHE_DIR, else $JAXCHAT_BASE_DIR/jax_cache; '' or off "
-                   "= no cache)")
+    p.add_argument("--compile-cache", default=compile_cache.AUTO, metavar="DIR",
+                   help=JAXCHAT_ONLY + "directory of JAX's persistent compilation cache (auto = "
+                   "$JAX_COMPILATION_CACHE_DIR, else $JAXCHAT_BASE_DIR/jax_cache; '' or off = no cache)")
     return p
 
 

@@ -94,7 +94,8 @@ FLAGS = {
         ("seed", 42, "parameter initialisation seed"),
     ],
     f"{JAXCHAT_GROUP}: memory": [
-        ("remat", "none", "recompute in the backward pass: none, block (each layer) or dots (keep matmul outputs)"),
+        ("remat", "auto", "recompute in the backward pass: none, block (each layer), dots (keep matmul and attention "
+                          "outputs) or auto (none where the step is predicted to fit, else dots)"),
         ("loss_chunk", 0, "cross-entropy over this many positions at a time, so the full logits never exist (0 = "
                           "off)"),
         ("memory_budget_gb", 0.0, "plan memory against this many GiB per device instead of its capacity (0 = the "
@@ -384,8 +385,9 @@ def validate(c: ConfigDict) -> None:
         raise UserError(f"--window-pattern={c.window_pattern!r} must use only the letters S and L, e.g. SSSL or L")
     if c.data not in ("fineweb-edu", "climbmix", "demo"):
         raise UserError(f"--data={c.data!r}: choose fineweb-edu, climbmix or demo")
-    if c.remat not in REMAT_POLICIES:
-        raise UserError(f"--remat={c.remat!r}: choose none, block (recompute each layer) or dots (keep matmul outputs)")
+    if c.remat not in (*REMAT_POLICIES, "auto"):
+        raise UserError(f"--remat={c.remat!r}: choose auto, none, block (recompute each layer) or dots (keep matmul "
+                        f"and attention outputs)")
     if c.embed_dtype not in ("bfloat16", "float32"):
         raise UserError(f"--embed-dtype={c.embed_dtype!r}: choose bfloat16 or float32")
     for key in ("compute_dtype", "muon_dtype"):

@@ -61,7 +61,8 @@ class StepMemory:
     capacity_bytes: int
     capacity_source: str
     compile_seconds: float
-    tried: dict[int, int]  # device batch size -> predicted bytes, for every size compiled
+    tried: dict[int, int]  # device batch size -> predicted bytes, for every size compiled (its last variant)
+    variant: str = ""  # the variant compiled (the remat policy, where several were tried)
 
     @property
     def fits(self) -> bool:
@@ -70,16 +71,18 @@ class StepMemory:
     def summary(self) -> str:
         return (f"Predicted peak memory per device: {fmt_bytes(self.predicted_bytes)} of "
                 f"{fmt_bytes(self.capacity_bytes)} ({self.capacity_source}) at --device-batch-size="
-                f"{self.device_batch_size}, {self.grad_accum} accumulation step(s); step compiled in "
+                f"{self.device_batch_size}, {self.grad_accum} accumulation step(s)"
+                + (f", --remat={self.variant}" if self.variant else "") + "; step compiled in "
                 f"{self.compile_seconds:.1f}s")
 
 
-def plan_step(compile_for: Callable[[int, int], jax.stages.Compiled], *, device_batch_size: int,
+def plan_step(compile_for: Callable[..., jax.stages.Compiled], *, device_batch_size: int,
               total_batch_size: int, seq_len: int, data_parallel_size: int, budget_gb: float = 0.0,
-              capacity: tuple[int, str] | None = None) -> StepMemory:
-    """Compile the step (`compile_for(device_batch_size, grad_accum)`) and predict its memory; for AUTO, the largest
-    of AUTO_SIZES that divides the total batch and fits within SAFETY_MARGIN of the capacity ((bytes, source): a
-    target's, when compiling for devices that are not here; None: this process's device)."""
+              capacity: tuple[int, str] | None = None, variants: tuple[str, ...] = ("",)) -> StepMemory:
+    """Compile the step (`compile_for(device_batch_size, grad_accum, variant)`) and predict its memory; for AUTO, the
+    largest of AUTO_SIZES that divides the total batch and fits within SAFETY_MARGIN of the capacity ((bytes, source):
+    a target's, when compiling for devices that are not here; None: this process's device). At each device batch the
+    variants (remat policies, cheapest first) are tried in order; the first that fits is taken."""
     capacity, source = capacity or device_capacity(budget_gb)
     if device_batch_size == AUTO:
         valid = valid_device_batch_sizes(total_batch_size, seq_len, data_parallel_size)
@@ -92,11 +95,15 @@ def plan_step(compile_for: Callable[[int, int], jax.stages.Compiled], *, device_
     tried = {}
     for b in candidates:
         accum = grad_accum_steps(total_batch_size, b, seq_len, data_parallel_size)  # a bad fixed batch fails here
-        t0 = time.perf_counter()
-        compiled = compile_for(b, accum)
-        plan = StepMemory(compiled, b, accum, peak_bytes(compiled), capacity, source, time.perf_counter() - t0, tried)
-        tried[b] = plan.predicted_bytes
-        if plan.fits or device_batch_size != AUTO:
+        for variant in variants:
+            t0 = time.perf_counter()
+            compiled = compile_for(b, accum, variant)
+            plan = StepMemory(compiled, b, accum, peak_bytes(compiled), capacity, source, time.perf_counter() - t0,
+                              tried, variant)
+            tried[b] = plan.predicted_bytes  # at the last variant tried
+            if plan.fits:
+                return plan
+        if device_batch_size != AUTO:
             return plan
     raise UserError(f"--device-batch-size=auto: even device batch {candidates[-1]} is predicted to need "
                     f"{fmt_bytes(plan.predicted_bytes)} per device, over {SAFETY_MARGIN:.0%} of "

@@ -166,6 +166,13 @@ def config_for_depth(depth: int, *, aspect_ratio: int = 64, head_dim: int = 128,
 # Building blocks
 
 
+# The elementwise steps computed in float32 inside a bf16 layer (norms, the lambda mix, relu^2) are wrapped in
+# jax.checkpoint: their backward pass recomputes the float32 intermediates from the bf16 input instead of keeping
+# them for every layer. Same arithmetic, same gradients; measured with jaxchat.aot for d26 at device batch 16 on an
+# H100, the float32 copies were most of the step's memory.
+
+
+@jax.checkpoint
 def rmsnorm(x: jax.Array) -> jax.Array:
     """x / sqrt(mean(x^2) + eps) over the last axis, computed in float32, returned in x's dtype; no gain."""
     x32 = x.astype(jnp.float32)
@@ -461,6 +468,27 @@ def _fp8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return checkpoint_name(fp8lib.matmul(x, w), "dense") if fp8lib.qualifies(*w.shape) else _matmul(x, w)
 
 
+def lookup(table_VD: jax.Array, idx_BT: jax.Array, dtype) -> jax.Array:
+    """Rows of an embedding table in the compute dtype, gathered from the table rounded to it (the same values as
+    rounding after the gather): the gathered rows and their gradient before the scatter-add into the table are then
+    bf16 in a bf16 step, as in nanochat, whose tables are bf16 on CUDA (gpt.py GPT.init_weights), not float32 copies
+    per token and layer (d26 at device batch 16: 2.6 GiB each, measured with jaxchat.aot)."""
+    return jnp.take(table_VD.astype(dtype), idx_BT, axis=0)
+
+
+@jax.checkpoint  # see rmsnorm
+def _mix(x_BTn, x0_BTn, resid_lambda, x0_lambda):
+    """resid_lambda * x + x0_lambda * x0 in float32, rounded to x's dtype (nanochat gpt.py GPT.forward)."""
+    return (resid_lambda * x_BTn.astype(jnp.float32) + x0_lambda * x0_BTn.astype(jnp.float32)).astype(x_BTn.dtype)
+
+
+@jax.checkpoint  # keep the MLP's input only, not relu's output and its mask as well
+def _relu_squared(h: jax.Array) -> jax.Array:
+    """relu(h)^2 (nanochat gpt.py MLP.forward)."""
+    h = jax.nn.relu(h)
+    return h * h
+
+
 def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, cos, sin, config: GPTConfig, matmul=_matmul):
     """One transformer layer: lambda mix, attention (`attend(q, k, v)`, with the layer's value embedding if it has
     one, i.e. `layer["value_embed"]` is not None), relu^2 MLP (nanochat gpt.py Block.forward); every dense layer
@@ -468,28 +496,39 @@ def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, cos, sin, confi
     B, T, n = x_BTn.shape
     c = config.constants
     dtype = x_BTn.dtype
-    x = (layer["resid_lambda"] * x_BTn.astype(jnp.float32) + layer["x0_lambda"] * x0_BTn.astype(jnp.float32)).astype(dtype)
+    x = _mix(x_BTn, x0_BTn, layer["resid_lambda"], layer["x0_lambda"])
     a = rmsnorm(x)
     q = matmul(a, layer["c_q"]).reshape(B, T, config.n_head, config.head_dim)
     k = matmul(a, layer["c_k"]).reshape(B, T, config.n_kv_head, config.head_dim)
     v = matmul(a, layer["c_v"]).reshape(B, T, config.n_kv_head, config.head_dim)
     if layer["value_embed"] is not None:
-        ve = jnp.take(layer["value_embed"], idx_BT, axis=0).astype(dtype).reshape(v.shape)
+        ve = lookup(layer["value_embed"], idx_BT, dtype).reshape(v.shape)
         gate_BTK = scale(jax.nn.sigmoid(matmul(a[..., :c.ve_gate_channels], layer["ve_gate"])), c.ve_gate_scale)
         v = v + gate_BTK[..., None] * ve
     q, k = (scale(rmsnorm(apply_rotary(t, cos, sin)), c.qk_scale) for t in (q, k))
     y = attend(q, k, v).reshape(B, T, n)
     x = x + matmul(y, layer["c_proj"])
-    h = jax.nn.relu(matmul(rmsnorm(x), layer["c_fc"]))
-    return x + matmul(h * h, layer["mlp_proj"])
+    return x + matmul(_relu_squared(matmul(rmsnorm(x), layer["c_fc"])), layer["mlp_proj"])
+
+
+def _attention_kernel_outputs(prim, *_, **__) -> bool:
+    """Whether a primitive is cuDNN flash attention's forward (its output and softmax statistics: what its backward
+    reads), so that a policy keeping it does not run the attention forward twice."""
+    return prim.name.startswith("dot_product_attention_fwd")
 
 
 # Rematerialisation policies per transformer layer (--remat): what the backward pass keeps instead of recomputing.
 REMAT_POLICIES = {
     "none": None,  # no jax.checkpoint: every activation is kept
     "block": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input; recompute the layer
-    "dots": jax.checkpoint_policies.save_only_these_names("dense"),  # keep the dense layers' outputs (_matmul)
+    # keep the dense layers' outputs (_matmul) and cuDNN attention's; recompute norms, rotary, relu^2 and the
+    # attention's inputs from them (elementwise work)
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.save_only_these_names("dense"),
+                                                            _attention_kernel_outputs),
 }
+
+
+REMAT_AUTO = ("none", "dots")  # --remat=auto tries these in order at each device batch: the first that fits
 
 
 def remat_layer(fn, remat: str):
@@ -688,7 +727,7 @@ class GPT(nnx.Module):
 
     def _embed(self, idx_BT: jax.Array) -> jax.Array:
         """Normalised token embeddings in the compute dtype."""
-        return rmsnorm(jnp.take(self.wte[...], idx_BT, axis=0).astype(self.compute_dtype))
+        return rmsnorm(lookup(self.wte[...], idx_BT, self.compute_dtype))
 
     def _rotary(self, length: int) -> tuple[jax.Array, jax.Array]:
         """The recipe's rotary tables for positions 0..length-1 (rounded to bf16 or to the compute dtype)."""

@@ -25,7 +25,7 @@ from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat.checkpoint import abstract_like
 from jaxchat.common import UserError
-from jaxchat.model import GPT, GPTConfig, abstract_model
+from jaxchat.model import GPT, REMAT_AUTO, GPTConfig, abstract_model
 
 # ----------------------------------------------------------------------------------------------------------------
 # Building the step and its state
@@ -78,6 +78,24 @@ def abstract_training(config: GPTConfig, tx, mesh, *, compute_dtype: str, **mode
     return graphdef, make_train_step(graphdef, tx, shardings), targets
 
 
+def abstract_steps(config: GPTConfig, tx, mesh, *, remat: str, compute_dtype: str, **model_options):
+    """({remat: graphdef}, {remat: train_step}, targets) for --remat: one policy, or for "auto" every policy of
+    model.REMAT_AUTO, cheapest first, for plan_and_compile to try (the parameters are the same for all)."""
+    built = {r: abstract_training(config, tx, mesh, compute_dtype=compute_dtype, remat=r, **model_options)
+             for r in (REMAT_AUTO if remat == "auto" else (remat,))}
+    return ({r: b[0] for r, b in built.items()}, {r: b[1] for r, b in built.items()},
+            next(iter(built.values()))[2])
+
+
+def init_state(config: GPTConfig, tx, targets, *, seed: int, compute_dtype: str, **model_options):
+    """(params, opt_state) created already sharded as the targets say (never a full copy on one device)."""
+    make_params = lambda: nnx.to_pure_dict(nnx.split(  # noqa: E731
+        GPT(config, rngs=nnx.Rngs(seed), compute_dtype=compute_dtype, **model_options))[1])
+    params = jax.jit(make_params, out_shardings=jax.tree.map(lambda t: t.sharding, targets[0]))()
+    opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda t: t.sharding, targets[1]))(params)
+    return params, opt_state
+
+
 def without_fp8(graphdef, params_like):
     """The graphdef of the same model with fp8 off: evaluation, CORE and samples run in bf16, as in nanochat."""
     model = nnx.merge(graphdef, params_like)
@@ -89,10 +107,7 @@ def init_training(config: GPTConfig, tx, mesh, *, seed: int, compute_dtype: str,
     """(graphdef, params, opt_state, train_step, restore targets): parameters and optimizer state are created
     already sharded on the mesh (never a full copy on one device)."""
     graphdef, train_step, targets = abstract_training(config, tx, mesh, compute_dtype=compute_dtype, **model_options)
-    make_params = lambda: nnx.to_pure_dict(nnx.split(  # noqa: E731
-        GPT(config, rngs=nnx.Rngs(seed), compute_dtype=compute_dtype, **model_options))[1])
-    params = jax.jit(make_params, out_shardings=jax.tree.map(lambda t: t.sharding, targets[0]))()
-    opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda t: t.sharding, targets[1]))(params)
+    params, opt_state = init_state(config, tx, targets, seed=seed, compute_dtype=compute_dtype, **model_options)
     return graphdef, params, opt_state, train_step, targets
 
 
@@ -119,14 +134,16 @@ def compile_step(train_step, params_like, opt_like, mesh, *, device_batch_size: 
 def plan_and_compile(train_step, targets, mesh, *, device_batch_size: int, total_batch_size: int, seq_len: int,
                      budget_gb: float = 0.0, capacity: tuple[int, str] | None = None) -> memory.StepMemory:
     """The step compiled ahead of time for the device batch (memory.AUTO: the largest that is predicted to fit).
+    `train_step`: the jitted step, or {remat policy: step} to try in that order (abstract_steps; --remat=auto).
 
     XLA's buffer assignment predicts the peak memory per device before the first step; the compiled executable is
     the one that trains, so this is the run's only compilation of the step."""
+    steps = train_step if isinstance(train_step, dict) else {"": train_step}
     return memory.plan_step(
-        lambda b, accum: compile_step(train_step, *targets, mesh, device_batch_size=b, grad_accum=accum,
-                                      seq_len=seq_len),
+        lambda b, accum, variant: compile_step(steps[variant], *targets, mesh, device_batch_size=b, grad_accum=accum,
+                                               seq_len=seq_len),
         device_batch_size=device_batch_size, total_batch_size=total_batch_size, seq_len=seq_len,
-        data_parallel_size=mesh.size, budget_gb=budget_gb, capacity=capacity)
+        data_parallel_size=mesh.size, budget_gb=budget_gb, capacity=capacity, variants=tuple(steps))
 
 
 # ----------------------------------------------------------------------------------------------------------------

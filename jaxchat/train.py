@@ -36,7 +36,7 @@ from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make
 from jaxchat.faults import SaveTimer, StopRequest
 from jaxchat.monitor import Monitor, peak_flops, step_line
 from jaxchat.plan import Plan, device_batch_warning, make_plan
-from jaxchat.step import (ShardLoaders, global_batch, init_training, make_loaders, plan_and_compile,
+from jaxchat.step import (ShardLoaders, abstract_steps, global_batch, init_state, make_loaders, plan_and_compile,
                           prepare_data, shard_layout, step_batch, without_fp8)
 
 
@@ -147,12 +147,14 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     # --init-from: a nanochat checkpoint's weights for a run that starts at step 0 (a resume continues instead).
     init_from = nanochat_ckpt.check_source(c.init_from, config) if c.init_from and resume_from is None else None
     tx, wd_scaled = build_optimizer(c, plan, mesh, muon_dtype)
-    graphdef, params, opt_state, train_step, targets = init_training(
-        config, tx, mesh, seed=c.seed, compute_dtype=compute_dtype, remat=c.remat, loss_chunk=c.loss_chunk,
-        embed_dtype=c.embed_dtype, fp8=c.fp8, backend=run_backend)
-    step_memory = plan_and_compile(train_step, targets, mesh, device_batch_size=c.device_batch_size,
+    model_options = dict(compute_dtype=compute_dtype, loss_chunk=c.loss_chunk, embed_dtype=c.embed_dtype, fp8=c.fp8,
+                         backend=run_backend)
+    graphdefs, train_steps, targets = abstract_steps(config, tx, mesh, remat=c.remat, **model_options)
+    step_memory = plan_and_compile(train_steps, targets, mesh, device_batch_size=c.device_batch_size,
                                    total_batch_size=plan.total_batch_size, seq_len=c.max_seq_len,
                                    budget_gb=c.memory_budget_gb)
+    graphdef = graphdefs[step_memory.variant]
+    params, opt_state = init_state(config, tx, targets, seed=c.seed, remat=step_memory.variant, **model_options)
     plan = run_plan(c, tok.vocab_size, device_batch_size=step_memory.device_batch_size)
     report_plan(c, step_memory, plan)
     eval_graphdef = without_fp8(graphdef, targets[0]) if c.fp8 else graphdef

@@ -28,7 +28,7 @@ def test_nanochat_flags_and_config_files():
 
 
 def test_remat_and_window_pattern_are_checked_here_with_the_flag_named():
-    with pytest.raises(UserError, match="--remat='everything': choose none, block"):
+    with pytest.raises(UserError, match="--remat=.everything.: choose auto, none, block"):
         parse_flags(["--remat=everything"])
     with pytest.raises(UserError, match="--window-pattern='SXL' must use only the letters S and L"):
         parse_flags(["--window-pattern=SXL"])

@@ -1,0 +1,129 @@
+"""The train step compiled for 8 H100s by XLA's own GPU compiler (no GPU: the CUDA plugin compiles on the host):
+cuDNN attention in every layer, fp8 GEMMs for every qualifying layer under --fp8, async gradient collectives, no CPU
+attention, and a predicted peak within the target's capacity. Also the kernel inventory's counting itself."""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxchat import aot, inventory
+
+CUDA_PLUGIN = any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+needs_plugin = pytest.mark.skipif(not CUDA_PLUGIN, reason="the CUDA plugin is not installed: pip install "
+                                  "\"jax[cuda12]==<the installed jax version>\" (.ci/run installs it)")
+D12 = ["--depth=12", "--max-seq-len=2048", "--device-batch-size=8"]  # a real-width model at T 2048
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """compile_for_target, once per flag set (in a fresh base directory: nanochat's vocabulary, 32768)."""
+    cache = {}
+
+    def get(*flags: str, **where) -> dict:
+        key = (flags, tuple(sorted(where.items())))
+        if key not in cache:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("JAXCHAT_BASE_DIR", str(tmp_path_factory.mktemp("base")))
+                cache[key] = aot.compile_for_target(list(flags), target="h100", devices=8, **where)
+        return cache[key]
+    return get
+
+
+def test_inventory_weights_loop_bodies_by_trip_count_and_sees_async_collectives():
+    """A while body's calls count trip-count times; a collective started async counts as async, a bare one as sync;
+    fp8, f32 and bf16 GEMMs are told apart; jaxchat's CPU attention is seen by its name."""
+    hlo = """HloModule m
+
+%body (p: (s32[], bf16[8,8])) -> (s32[], bf16[8,8]) {
+  %a = bf16[8,8]{1,0} custom-call(bf16[8,8]{1,0} %x, bf16[8,8]{1,0} %y), custom_call_target="__cublas$lt$matmul"
+  %b = bf16[8,8]{1,0} custom-call(f8e4m3fn[8,8]{1,0} %x, f8e4m3fn[8,8]{1,0} %y), custom_call_target="__cublas$lt$matmul$f8"
+  %c = bf16[8,8]{1,0} custom-call(bf16[8,8]{1,0} %q), custom_call_target="__cudnn$fmhaSoftmax"
+  ROOT %t = (s32[], bf16[8,8]) tuple(%i, %a)
+}
+
+%cond (p: (s32[], bf16[8,8])) -> pred[] {
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: bf16[8,8]) -> bf16[8,8] {
+  %w = (s32[], bf16[8,8]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"6"}}
+  %d = bf16[8,8]{1,0} custom-call(bf16[8,8]{1,0} %g), custom_call_target="__cudnn$fmhaSoftmaxBackward"
+  %e = f32[8,8]{1,0} custom-call(f32[8,8]{1,0} %u, f32[8,8]{1,0} %v), custom_call_target="__cublas$lt$matmul"
+  %s = f32[8]{0} all-reduce-start(f32[8]{0} %z), replica_groups={}
+  %r = f32[8]{0} all-gather(f32[1]{0} %z), dimensions={0}
+  ROOT %m = bf16[8,8]{1,0} multiply(%d, %d), metadata={op_name="jit(step)/blocked_attention/mul"}
+}
+"""
+    counts = inventory.count(hlo)
+    assert counts["cublas_gemms"] == 6 + 1 and counts["fp8_gemms"] == 6 and counts["f32_gemms"] == 1
+    assert counts["cudnn_attention_fwd"] == 6 and counts["cudnn_attention_bwd"] == 1
+    assert counts["async:all-reduce"] == 1 and counts["sync:all-gather"] == 1 and counts["sync_collectives"] == 1
+    assert counts["cpu_attention"] == 1 and counts["unknown_trip_counts"] == 0
+
+
+@needs_plugin
+def test_h100_bf16_step_has_cudnn_attention_in_every_layer_and_fits(compiled):
+    r = compiled(*D12)
+    assert r["attention"] == "cudnn" and r["compute_dtype"] == "bfloat16" and r["grad_accum"] == 2
+    assert r["cudnn_attention_per_layer"] == [1.0, 1.0]  # layers x micro-batches forward and backward calls
+    assert r["cpu_attention"] == 0 and r["f32_gemms"] == 0 and r["triton_gemms"] == 0 and r["cublas_gemms"] > 0
+    assert r["async_collectives"].get("all-reduce", 0) + r["async_collectives"].get("reduce-scatter", 0) > 0
+    assert r["sync_collectives"] == {} and r["unknown_trip_counts"] == 0
+    assert r["fits"] and r["peak_bytes"] <= 0.9 * r["usable_bytes"] and r["problems"] == []
+
+
+@needs_plugin
+def test_h100_fp8_step_has_three_fp8_gemms_per_qualifying_layer(compiled):
+    """--fp8: the forward GEMM and both backward GEMMs of q, k, v, c_proj, c_fc, mlp_proj and lm_head in fp8."""
+    r = compiled(*D12, "--fp8")
+    assert r["fp8_gemms"] == 3 * (6 * 12 + 1) * r["grad_accum"] and r["fp8_gemms_per_qualifying_layer"] == 3.0
+    assert r["cudnn_attention_per_layer"] == [1.0, 1.0] and r["cpu_attention"] == 0 and r["f32_gemms"] == 0
+    assert r["fits"] and r["problems"] == []
+
+
+@needs_plugin
+def test_h100_fsdp_step_gathers_parameters_asynchronously(compiled):
+    """--fsdp=8: parameters sharded over all 8 GPUs, gathered for the layers with async all-gathers."""
+    r = compiled(*D12, "--fsdp=8")
+    assert r["mesh"] == {"data": 1, "fsdp": 8}
+    assert r["async_collectives"].get("all-gather", 0) > 0 and r["sync_collectives"] == {}
+    assert r["cudnn_attention_per_layer"] == [1.0, 1.0] and r["fits"] and r["problems"] == []
+
+
+@needs_plugin
+def test_inventory_catches_cpu_attention_in_a_gpu_step(compiled, monkeypatch):
+    """The check can fail: a GPU step traced with the CPU attention (the fault jaxchat once had) is reported."""
+    from jaxchat import backend
+    real = backend.for_mesh
+    monkeypatch.setattr(backend, "for_mesh", lambda *a, **k: dataclasses.replace(real(*a, **k), attention="blocked"))
+    r = compiled("--depth=2", "--max-seq-len=256", "--device-batch-size=1", "--total-batch-size=2048")
+    assert r["cpu_attention"] > 0 and r["cudnn_attention_per_layer"] == [0.0, 0.0]
+    assert "jaxchat's CPU attention" in r["problems"]
+
+
+@needs_plugin
+def test_command_prints_a_table_and_one_json_line(tmp_path):
+    """python -m jaxchat.aot: the table, then one JSON line; exit 0 when the step fits and nothing is wrong."""
+    env = dict(os.environ, JAXCHAT_BASE_DIR=str(tmp_path))
+    env.pop("JAX_PLATFORMS", None)  # the command sets it itself
+    done = subprocess.run([sys.executable, "-m", "jaxchat.aot", "--target=a100", "--devices=2", "--depth=2",
+                           "--max-seq-len=256", "--device-batch-size=auto", "--total-batch-size=2048"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["device_kind"] == "NVIDIA A100-SXM4-80GB" and result["device_batch_size"] == 4  # auto: 2048/256/2
+    assert "cuDNN attention" in done.stdout and result["attention"] == "cudnn"
+    assert result["fp8_gemms"] == 0
+
+
+def test_missing_plugin_is_one_line(monkeypatch):
+    """Without the CUDA plugin: one line naming what to install, exit code 2."""
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    from jaxchat.common import UserError
+    with pytest.raises(UserError, match=r'pip install "jax\[cuda12\]=='):
+        aot.topology_devices("h100", 8, 1)
