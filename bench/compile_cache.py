@@ -69,7 +69,7 @@ def main() -> None:
                 all_runs[name].append(start(base, "off" if name == "off" else cache, f"bench_cc_{name}_{i}",
                                             args.iterations, args.extra))
         entries = [f for f in Path(cache).iterdir() if f.name.endswith("-cache")]
-        runs = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0] if key != "devices"}
+        runs = {name: {key: round(statistics.median(r[key] for r in rs), 2) for key in rs[0] if key != "devices"}
                 for name, rs in all_runs.items()}
         result = {"jax": importlib.metadata.version("jax"), "jaxlib": importlib.metadata.version("jaxlib"),
                   "devices": all_runs["warm"][0]["devices"], "iterations": args.iterations, "extra": args.extra,
@@ -80,8 +80,8 @@ def main() -> None:
     print(json.dumps(result))
     for name in ("off", "cold", "warm"):
         r = runs[name]
-        print(f"| {name} | {r['first_step_s']:.1f} s | {r['total_s']:.1f} s | {r['loaded']} | "
-              f"{r['compiled_and_written'] if name != 'off' else '–'} |")
+        print(f"| {name} | {r['first_step_s']:.1f} s | {r['total_s']:.1f} s | {r['loaded']:g} | "
+              f"{format(r['compiled_and_written'], 'g') if name != 'off' else '–'} |")
 
 
 if __name__ == "__main__":
