@@ -1,66 +1,63 @@
-"""Predicted peak memory per device of the train step (XLA's buffer assignment of the compiled step; nothing is
-allocated) for depths x device batch sizes x memory options, as a Markdown table.
+"""Predicted peak memory per device of the train step compiled for GPUs by XLA's own GPU compiler (jaxchat.aot: the
+CUDA plugin, no GPU), for depths x device batch sizes, bf16 and --fp8, as the README's Markdown table.
 
-    python bench/memory.py                                   # d12 d20 d24 d26 at 8 16 32, T 2048, vocab 32768
-    python bench/memory.py --depths 12 --batches 8 --options plain,chunk   # a subset (each cell is a compile)
+    python bench/memory.py                                  # d12 d20 d24 d26 at 8 16 32, bf16 and fp8, 8 x H100
+    python bench/memory.py --depths 12 --batches 8          # a subset (each cell is a compile: 20-200 s on 2 cores)
 
-Options: plain | chunk (--loss-chunk=256) | remat (--remat=block) | bf16emb (--embed-dtype=bfloat16) | all.
-On CPU the attention is XLA's (it materialises the (B, H, T, T) scores), not cuDNN's flash kernel: the CPU figures
-over-state what a GPU needs.
+Each cell is `python -m jaxchat.aot --target=T --devices=N --depth=D --device-batch-size=B [--fp8]` (jaxchat.train's
+defaults otherwise: T 2048, nanochat's vocabulary and total batch, --remat=auto), run in its own process.
 """
 
 import argparse
-import time
+import json
+import subprocess
+import sys
 
-import jax
-import jax.numpy as jnp
 
-from jaxchat import memory
-from jaxchat import mesh as meshlib
-from jaxchat import optim
-from jaxchat.model import config_for_depth
-from jaxchat.step import abstract_training, compile_step
+def compile_cell(target: str, devices: int, depth: int, batch: int, fp8: bool) -> dict:
+    """jaxchat.aot's JSON line for one cell."""
+    argv = [sys.executable, "-m", "jaxchat.aot", f"--target={target}", f"--devices={devices}", f"--depth={depth}",
+            f"--device-batch-size={batch}"] + (["--fp8"] if fp8 else [])
+    done = subprocess.run(argv, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if not lines or not lines[-1].startswith("{"):
+        raise SystemExit(f"{' '.join(argv[1:])} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1])
 
-OPTIONS = {
-    "plain": {},
-    "chunk": dict(loss_chunk=256),
-    "remat": dict(remat="block"),
-    "bf16emb": dict(embed_dtype="bfloat16"),
-    "all": dict(loss_chunk=256, remat="block", embed_dtype="bfloat16"),
-}
+
+def cell(r: dict) -> str:
+    """Peak GiB, the remat policy --remat=auto chose, and a mark where it is over 90% of the usable memory."""
+    return f"{r['peak_bytes'] / 2**30:.1f} ({r['remat']}){'' if r['fits'] else ' over'}"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="h100")
+    parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--depths", type=int, nargs="+", default=[12, 20, 24, 26])
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--options", default="plain,chunk,remat,bf16emb,all")
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--vocab-size", type=int, default=32768)
-    parser.add_argument("--grad-accum", type=int, default=2)
-    parser.add_argument("--compute-dtype", default="bfloat16")
     args = parser.parse_args(argv)
-    options = args.options.split(",")
-    mesh = meshlib.make_mesh(devices=jax.devices()[:1])
-    print(f"Predicted peak memory per device (GiB), backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-          f"jax {jax.__version__}, T={args.seq_len}, vocab {args.vocab_size}, {args.grad_accum} micro-batches, compute "
-          f"{args.compute_dtype}; capacity {memory.fmt_bytes(memory.device_capacity()[0])}", flush=True)
-    print("| depth | device batch | " + " | ".join(options) + " | compile s |", flush=True)
-    print("|---|---|" + "---|" * len(options) + "---|", flush=True)
+    import jax
+
+    from jaxchat import xla_flags
+    from jaxchat.targets import GPU_TARGETS
+    usable = GPU_TARGETS[args.target].memory_bytes * xla_flags.memory_fraction() / 2**30
+    print(f"XLA's predicted peak per device (GiB; --remat=auto's choice), {args.devices} x "
+          f"{GPU_TARGETS[args.target].device_kind}, usable {usable:.1f} GiB (90%: {0.9 * usable:.1f}); "
+          f"jax {jax.__version__}; 'over': above 90%")
+    print("| depth | device batch | bf16 | fp8 | compile s | flags |")
+    print("|---|---|---|---|---|---|", flush=True)
     for depth in args.depths:
-        config = config_for_depth(depth, max_seq_len=args.seq_len, vocab_size=args.vocab_size)
-        tx = optim.make_optimizer(model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.bfloat16,
-                                  muon_stack_sharding=meshlib.muon_stack_sharding(mesh))
-        for b in args.batches:
-            cells, t0 = [], time.perf_counter()
-            for name in options:
-                _, step, (params_like, opt_like) = abstract_training(config, tx, mesh,
-                                                                     compute_dtype=args.compute_dtype, **OPTIONS[name])
-                compiled = compile_step(step, params_like, opt_like, mesh, device_batch_size=b,
-                                               grad_accum=args.grad_accum, seq_len=args.seq_len)
-                cells.append(f"{memory.peak_bytes(compiled) / memory.GiB:.1f}")
-            seconds = (time.perf_counter() - t0) / len(options)
-            print(f"| d{depth} | {b} | " + " | ".join(cells) + f" | {seconds:.0f} |", flush=True)
+        for batch in args.batches:
+            bf16, fp8 = (compile_cell(args.target, args.devices, depth, batch, f) for f in (False, True))
+            print(row(depth, batch, bf16, fp8), flush=True)
+            print(json.dumps(dict(depth=depth, batch=batch, bf16=bf16, fp8=fp8)), file=sys.stderr, flush=True)
+
+
+def row(depth: int, batch: int, bf16: dict, fp8: dict) -> str:
+    """One table row."""
+    return (f"| d{depth} | {batch} | {cell(bf16)} | {cell(fp8)} | {bf16['compile_s']:.0f} / {fp8['compile_s']:.0f} "
+            f"| `--depth={depth} --device-batch-size={batch}` |")
 
 
 if __name__ == "__main__":

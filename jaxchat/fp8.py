@@ -5,9 +5,12 @@ inverse scale 1 / scale. Forward: the input (compute dtype) and the float32 mast
 output gradient goes to e5m2, and grad_input and grad_weight are computed from the fp8 operands saved by the forward.
 
 Each matmul is written as XLA's GPU GEMM rewriter expects an fp8 GEMM: dot(convert(q_a) * inv_a, convert(q_b) * inv_b)
-with scalar inverse scales. On CUDA devices of compute capability >= 8.9 it becomes a cuBLASLt fp8 GEMM (the forward
-at Precision.DEFAULT, i.e. with fast accumulation like `_scaled_mm(use_fast_accum=True)`; the backward at HIGHEST,
-without); elsewhere the same quantised numbers are multiplied in float32, which gives the same results and no speed-up.
+with scalar inverse scales and a float32 result, rounded afterwards. Checked by compiling the train step for 8 H100s
+(jaxchat.aot, tests/test_aot.py): every qualifying layer's forward GEMM and both backward GEMMs become
+`__cublas$lt$matmul$f8` calls, the forward at operand precision DEFAULT (fast accumulation, like
+`_scaled_mm(use_fast_accum=True)`), the backward at HIGHEST; not run on a GPU yet. Small layers are the exception:
+XLA merges the dots of q, k and v when they are small (d4, width 256) into one GEMM, which is then not fp8. Elsewhere
+(CPU, A100) the same quantised numbers are multiplied in float32: the same results, no speed-up.
 
 Scales are per data-parallel shard, like each nanochat rank's (no cross-device amax): under a mesh context whose data
 axes split the batch, the activation and gradient quantisation run inside a shard_map over those axes. The weight's

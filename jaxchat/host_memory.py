@@ -19,15 +19,19 @@ import os
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 
 
-def _accelerator_plugin() -> bool:
-    """A jaxlib GPU plugin is installed: the big buffers are on the device."""
-    return any(importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin",
-                                                           "jax_rocm60_plugin", "jax_rocm7_plugin"))
+def _gpu_host() -> bool:
+    """A GPU host: a jaxlib GPU plugin installed and a GPU driver's device node present (the plugin alone is not
+    enough: CPU machines install it to compile for GPUs that are not there, jaxchat.aot)."""
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        return False
+    plugin = any(importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin",
+                                                             "jax_rocm60_plugin", "jax_rocm7_plugin"))
+    return plugin and any(os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/kfd"))
 
 
 def keep_freed_memory() -> bool:
     """Set glibc's malloc to reuse freed blocks (call at process start, before threads allocate); True if applied."""
-    if os.environ.get("JAXCHAT_MALLOC", "1") == "0" or _accelerator_plugin():
+    if os.environ.get("JAXCHAT_MALLOC", "1") == "0" or _gpu_host():
         return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt

@@ -10,7 +10,7 @@ import re
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = .*?\s([\w\-]+)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \(*(?:(\w+)\[)?.*?\s([\w\-]+)\((.*)$")
 _CALLEE = re.compile(r"(?:calls|to_apply|body|branch_computations|true_computation|false_computation)="
                      r"(\{[^}]*\}|%?[\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
@@ -34,8 +34,8 @@ def computations(hlo: str) -> tuple[dict[str, list[str]], str]:
     return comps, entry
 
 
-def _own_counts(line: str, opcode: str, in_async: bool) -> collections.Counter:
-    """What one instruction is, counted once."""
+def _own_counts(line: str, opcode: str, in_async: bool, dtypes: dict[str, str]) -> collections.Counter:
+    """What one instruction is, counted once (dtypes: the element type of each value of its computation)."""
     counts = collections.Counter()
     if opcode == "custom-call" and (target := _TARGET.search(line)):
         name = target.group(1)
@@ -43,8 +43,9 @@ def _own_counts(line: str, opcode: str, in_async: bool) -> collections.Counter:
             counts["cudnn_attention_bwd" if name.endswith("Backward") else "cudnn_attention_fwd"] += 1
         elif name.startswith("__cublas"):
             counts["fp8_gemms" if name.endswith("$f8") else "cublas_gemms"] += 1
-            operand = re.search(r"custom-call\((\w+)\[", line)
-            counts["f32_gemms"] += bool(operand and operand.group(1) == "f32")
+            operands = re.search(r"custom-call\(([^)]*)\)", line).group(1)
+            types = [dtypes.get(o.strip().lstrip("%")) for o in operands.split(",")[:2]]  # operands by name
+            counts["f32_gemms"] += types == ["f32", "f32"]
         else:
             counts[f"custom_call:{name}"] += 1
     if '"kind":"__triton_gemm"' in line:
@@ -73,12 +74,13 @@ def count(hlo: str) -> collections.Counter:
         if (name, in_async) in memo:
             return memo[(name, in_async)]
         counts = collections.Counter()
-        for line in comps.get(name, []):
-            found = _INSTRUCTION.match(line)
+        found_lines = [(line, _INSTRUCTION.match(line)) for line in comps.get(name, [])]
+        dtypes = {found.group(1): found.group(2) for _, found in found_lines if found}
+        for line, found in found_lines:
             if not found:
                 continue
-            opcode = found.group(1)
-            counts += _own_counts(line, opcode, in_async)
+            opcode = found.group(3)
+            counts += _own_counts(line, opcode, in_async, dtypes)
             trips = 1
             if opcode == "while":
                 trip = _TRIP_COUNT.search(line)

@@ -168,8 +168,8 @@ def config_for_depth(depth: int, *, aspect_ratio: int = 64, head_dim: int = 128,
 
 # The elementwise steps computed in float32 inside a bf16 layer (norms, the lambda mix, relu^2) are wrapped in
 # jax.checkpoint: their backward pass recomputes the float32 intermediates from the bf16 input instead of keeping
-# them for every layer. Same arithmetic, same gradients; measured with jaxchat.aot for d26 at device batch 16 on an
-# H100, the float32 copies were most of the step's memory.
+# them for every layer. Same arithmetic, same gradients; compiled for H100s (jaxchat.aot), d26 at device batch 16
+# needs 92.9 GiB per device instead of 110.3.
 
 
 @jax.checkpoint
