@@ -145,6 +145,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--hosts", type=int, default=1, help="hosts (processes) they are spread over")
     args, train_argv = parser.parse_known_args(argv)
     xla_flags.apply()  # the flags `python -m jaxchat.train` runs with, before the backend starts
+    # No persistent compilation cache here: a compile-only client cannot load a cached executable ("PjRtCompiler
+    # must be constructed with a Client"), so every run compiles.
     result = compile_for_target(train_argv, target=args.target, devices=args.devices, hosts=args.hosts)
     print(table(result))
     print(json.dumps(result))

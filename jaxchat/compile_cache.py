@@ -77,6 +77,11 @@ def enable(cache_dir: str | None = None) -> str | None:
         # raise) skip validation, sampling and CORE's programs at small sizes. -1: no floor, and none imposed later.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+        # cuDNN attention is partitioned by jax's custom_partitioning, which writes its Python callback's address into
+        # the program: every process would get a new key and a GPU step would never hit (seen: jaxchat.aot compiling
+        # for H100s missed on every run). The partitioning is done before the executable is stored, and the callback
+        # is jax's own (its version is in the key), so the address is left out of the key.
+        jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", True)
         _atomic_writes()
         _one_line_warnings()
     from jax.experimental.compilation_cache import compilation_cache

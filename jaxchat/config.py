@@ -95,7 +95,8 @@ FLAGS = {
     ],
     f"{JAXCHAT_GROUP}: memory": [
         ("remat", "auto", "recompute in the backward pass: none, block (each layer), dots (keep matmul and attention "
-                          "outputs) or auto (none where the step is predicted to fit, else dots)"),
+                          "outputs), dots_no_mlp (dots but the MLP up-projection) or auto (the first of none, dots, "
+                          "dots_no_mlp predicted to fit)"),
         ("loss_chunk", 0, "cross-entropy over this many positions at a time, so the full logits never exist (0 = "
                           "off)"),
         ("memory_budget_gb", 0.0, "plan memory against this many GiB per device instead of its capacity (0 = the "
@@ -386,8 +387,8 @@ def validate(c: ConfigDict) -> None:
     if c.data not in ("fineweb-edu", "climbmix", "demo"):
         raise UserError(f"--data={c.data!r}: choose fineweb-edu, climbmix or demo")
     if c.remat not in (*REMAT_POLICIES, "auto"):
-        raise UserError(f"--remat={c.remat!r}: choose auto, none, block (recompute each layer) or dots (keep matmul "
-                        f"and attention outputs)")
+        raise UserError(f"--remat={c.remat!r}: choose auto, none, block (recompute each layer), dots (keep matmul "
+                        f"and attention outputs) or dots_no_mlp")
     if c.embed_dtype not in ("bfloat16", "float32"):
         raise UserError(f"--embed-dtype={c.embed_dtype!r}: choose bfloat16 or float32")
     for key in ("compute_dtype", "muon_dtype"):

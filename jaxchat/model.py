@@ -431,10 +431,10 @@ def chunked_cross_entropy(x_BTn: jax.Array, lm_head_nV: jax.Array, targets_BT: j
     return losses_CBc.swapaxes(0, 1).reshape(B, n_chunks * chunk)[:, :T]
 
 
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+def _matmul(x: jax.Array, w: jax.Array, name: str = "dense") -> jax.Array:
     """x @ w in x's (compute) dtype; the float32 master weight is cast per use, like torch autocast. The output is
-    named "dense": what --remat=dots keeps."""
-    return checkpoint_name(_dense_matmul(x, w), "dense")
+    named `name` ("dense"; "mlp_up" for the MLP's up-projection): what the --remat=dots policies keep."""
+    return checkpoint_name(_dense_matmul(x, w), name)
 
 
 @jax.custom_vjp
@@ -463,9 +463,9 @@ def _dense_matmul_bwd(residuals, g):
 _dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
 
 
-def _fp8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+def _fp8_matmul(x: jax.Array, w: jax.Array, name: str = "dense") -> jax.Array:
     """`_matmul` in fp8 for the layers nanochat converts (jaxchat.fp8.qualifies), unchanged for the others (gates)."""
-    return checkpoint_name(fp8lib.matmul(x, w), "dense") if fp8lib.qualifies(*w.shape) else _matmul(x, w)
+    return checkpoint_name(fp8lib.matmul(x, w), name) if fp8lib.qualifies(*w.shape) else _matmul(x, w, name)
 
 
 def lookup(table_VD: jax.Array, idx_BT: jax.Array, dtype) -> jax.Array:
@@ -508,7 +508,7 @@ def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, cos, sin, confi
     q, k = (scale(rmsnorm(apply_rotary(t, cos, sin)), c.qk_scale) for t in (q, k))
     y = attend(q, k, v).reshape(B, T, n)
     x = x + matmul(y, layer["c_proj"])
-    return x + matmul(_relu_squared(matmul(rmsnorm(x), layer["c_fc"])), layer["mlp_proj"])
+    return x + matmul(_relu_squared(matmul(rmsnorm(x), layer["c_fc"], name="mlp_up")), layer["mlp_proj"])
 
 
 def _attention_kernel_outputs(prim, *_, **__) -> bool:
@@ -523,12 +523,16 @@ REMAT_POLICIES = {
     "block": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input; recompute the layer
     # keep the dense layers' outputs (_matmul) and cuDNN attention's; recompute norms, rotary, relu^2 and the
     # attention's inputs from them (elementwise work)
-    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.save_only_these_names("dense"),
-                                                            _attention_kernel_outputs),
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names("dense", "mlp_up"), _attention_kernel_outputs),
+    # as dots, but the MLP's up-projection (4 x width per token, the largest output) is computed again: one GEMM
+    # of the layer's six more in the backward pass
+    "dots_no_mlp": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names("dense"), _attention_kernel_outputs),
 }
 
 
-REMAT_AUTO = ("none", "dots")  # --remat=auto tries these in order at each device batch: the first that fits
+REMAT_AUTO = ("none", "dots", "dots_no_mlp")  # --remat=auto tries these in order at each device batch: the first that fits
 
 
 def remat_layer(fn, remat: str):

@@ -138,3 +138,29 @@ def test_flag_places_and_off(tmp_path, monkeypatch, jax_cache_config):
     assert compile_cache.enable("off") is None and not jax.config.jax_enable_compilation_cache
     assert compile_cache.enable(None) == str(tmp_path / "theirs") and jax.config.jax_enable_compilation_cache
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "theirs") and os.path.isdir(tmp_path / "theirs")
+
+
+GPU_PROGRAM = """
+import sys
+from jaxchat import aot, compile_cache
+compile_cache.enable(sys.argv[1])
+aot.compile_for_target(["--depth=2", "--max-seq-len=256", "--total-batch-size=2048", "--device-batch-size=2"],
+                       target="h100", devices=2)
+"""
+
+
+@pytest.mark.skipif(not any(__import__("importlib").util.find_spec(p) for p in ("jax_cuda12_plugin",
+                                                                                "jax_cuda13_plugin")),
+                    reason="the CUDA plugin is not installed: pip install -e \".[cuda12]\"")
+def test_a_gpu_step_with_cudnn_attention_has_the_same_key_in_every_process(tmp_path):
+    """cuDNN attention's custom_partitioning writes a Python address into the program; left out of the key, two
+    processes compiling the same H100 step (jaxchat.aot's compile, no GPU) name the same entry, so a relaunch on GPUs
+    finds it. (A compile-only client cannot load the entry: one line, then it compiles.)"""
+    cache = tmp_path / "cache"
+    env = dict(os.environ, JAXCHAT_BASE_DIR=str(tmp_path))
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", GPU_PROGRAM, str(cache)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert len(entries(str(cache))) == 1  # one program, one key: the second process looked up the first's entry
+    assert sum(WARNING in line for line in done.stderr.splitlines()) == 1

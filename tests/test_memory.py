@@ -63,7 +63,7 @@ def test_chunked_cross_entropy_equals_plain():
     np.testing.assert_array_equal(logits_chunked, logits_plain)  # logits without targets are not chunked
 
 
-@pytest.mark.parametrize("remat", ["block", "dots"])
+@pytest.mark.parametrize("remat", ["block", "dots", "dots_no_mlp"])
 def test_remat_gives_identical_loss_and_grads(remat):
     idx, targets = batch()
     assert_same_loss_and_grads(loss_and_grads(make_model(remat=remat), idx, targets),
