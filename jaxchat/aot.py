@@ -50,7 +50,10 @@ def qualifying_fp8_layers(config) -> int:
 
 
 def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int = 1) -> dict:
-    """The train step of these train flags compiled for the target; its memory plan and kernel inventory as a dict."""
+    """The train step of these train flags compiled for the target; its memory plan and kernel inventory as a dict.
+
+    jaxchat's XLA flags must be in $XLA_FLAGS before the process's first backend starts (`main` and the tests'
+    conftest call xla_flags.apply()): with XLA's defaults every GEMM is a Triton fusion and there is no fp8 GEMM."""
     from jaxchat import backend, inventory, step
     from jaxchat import mesh as meshlib
     from jaxchat.config import parse_flags

@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxchat.mesh import DATA_AXES
+from jaxchat.mesh import data_shard_axes
 
 E4M3 = jnp.float8_e4m3fn  # input and weight: more mantissa, max 448
 E5M2 = jnp.float8_e5m2  # output gradient: more range, max 57344
@@ -94,14 +94,6 @@ def _backward_local(g_Ro, q_x, inv_x, q_w, inv_w):
     grad_x = _dot(g, _dequantised(q_w, inv_w), (1, 1), g_Ro.dtype, highest)
     grad_w = _dot(_dequantised(q_x, inv_x[0]), g, (0, 0), g_Ro.dtype, highest)  # bf16 like _scaled_mm's out_dtype
     return grad_x, grad_w.astype(jnp.float32)[None]
-
-
-def data_shard_axes() -> tuple[str, ...]:
-    """The ambient mesh's axes that split the batch (none without a mesh context or on one device)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return ()
-    return tuple(a for a in DATA_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
 
 
 def _per_shard(fn, in_specs: tuple, out_specs: tuple):

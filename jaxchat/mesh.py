@@ -91,6 +91,28 @@ def muon_stack_sharding(mesh: Mesh) -> NamedSharding | None:
     return NamedSharding(mesh, P(DATA_AXES)) if mesh.size > 1 else None
 
 
+def data_shard_axes() -> tuple[str, ...]:
+    """The ambient mesh's axes that split the batch (none without a mesh context or on one device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    return tuple(a for a in DATA_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def data_shards() -> int:
+    """How many ways the ambient mesh splits the batch (1 without a mesh context)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return int(np.prod([mesh.shape[a] for a in data_shard_axes()]))
+
+
+def split_by_rows(x: jax.Array) -> jax.Array:
+    """x constrained to be split over the data axes by its first (batch) dimension and whole otherwise; unchanged
+    without a mesh context. Attention's inputs: with FSDP, GSPMD would otherwise carry the weights' split of the model
+    dimension over to the heads, which cuDNN attention's partitioner refuses (6 heads over 8 devices at d12)."""
+    axes = data_shard_axes()
+    return jax.lax.with_sharding_constraint(x, P(axes)) if axes else x
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Micro-batched tokens (accum, rows, T): rows split over every device."""
     return NamedSharding(mesh, P(None, DATA_AXES, None))

@@ -28,6 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxchat import backend as backendlib
 from jaxchat import fp8 as fp8lib
+from jaxchat import mesh as meshlib
 from jaxchat.common import UserError
 
 SOFTCAP = 15.0
@@ -166,13 +167,22 @@ def config_for_depth(depth: int, *, aspect_ratio: int = 64, head_dim: int = 128,
 # Building blocks
 
 
-# The elementwise steps computed in float32 inside a bf16 layer (norms, the lambda mix, relu^2) are wrapped in
-# jax.checkpoint: their backward pass recomputes the float32 intermediates from the bf16 input instead of keeping
-# them for every layer. Same arithmetic, same gradients; compiled for H100s (jaxchat.aot), d26 at device batch 16
-# needs 92.9 GiB per device instead of 110.3.
+def recomputed_when_narrow(fn):
+    """fn under jax.checkpoint when its first input is narrower than float32, as is otherwise.
+
+    The elementwise steps computed in float32 inside a bf16 layer (norms, the lambda mix, relu^2) would keep their
+    float32 intermediates for the backward pass, in every layer; recomputed from the bf16 input instead, the
+    arithmetic and the gradients are the same. Compiled for H100s (jaxchat.aot), d26 at device batch 16 needs 92.9 GiB
+    per device instead of 110.3. In a float32 step (CPU) there is no narrower input to keep: nothing is recomputed."""
+    checkpointed = jax.checkpoint(fn)
+
+    @functools.wraps(fn)
+    def wrapper(x, *args):
+        return (checkpointed if jnp.dtype(x.dtype).itemsize < 4 else fn)(x, *args)
+    return wrapper
 
 
-@jax.checkpoint
+@recomputed_when_narrow
 def rmsnorm(x: jax.Array) -> jax.Array:
     """x / sqrt(mean(x^2) + eps) over the last axis, computed in float32, returned in x's dtype; no gain."""
     x32 = x.astype(jnp.float32)
@@ -211,6 +221,7 @@ def attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, window_le
             return blocked_attention(q_BTHD, k_BTHD, v_BTHD, window_left)
     seq_len = q_BTHD.shape[1]
     local = None if window_left >= seq_len else (window_left, 0)  # plain causal is the fastest kernel
+    q_BTHD, k_BTKD, v_BTKD = (meshlib.split_by_rows(t) for t in (q_BTHD, k_BTKD, v_BTKD))
     return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, is_causal=True, local_window_size=local,
                                         implementation=impl)
 
@@ -358,7 +369,7 @@ def fused_mean_cross_entropy(x_BTn: jax.Array, lm_head_nV: jax.Array, targets_BT
     works on every block (blocks of whole rows would each live on one device).
     """
     B, T, n = x_BTn.shape
-    rows = max(1, B // math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in fp8lib.data_shard_axes()))
+    rows = max(1, B // meshlib.data_shards())
     n_blocks = -(-T // max(1, block_tokens // rows))
     t = -(-T // n_blocks)
     pad = n_blocks * t - T  # padded positions get target -1: no loss, no gradient
@@ -476,13 +487,13 @@ def lookup(table_VD: jax.Array, idx_BT: jax.Array, dtype) -> jax.Array:
     return jnp.take(table_VD.astype(dtype), idx_BT, axis=0)
 
 
-@jax.checkpoint  # see rmsnorm
+@recomputed_when_narrow
 def _mix(x_BTn, x0_BTn, resid_lambda, x0_lambda):
     """resid_lambda * x + x0_lambda * x0 in float32, rounded to x's dtype (nanochat gpt.py GPT.forward)."""
     return (resid_lambda * x_BTn.astype(jnp.float32) + x0_lambda * x0_BTn.astype(jnp.float32)).astype(x_BTn.dtype)
 
 
-@jax.checkpoint  # keep the MLP's input only, not relu's output and its mask as well
+@recomputed_when_narrow  # and keep the MLP's input only, not relu's output and its mask as well
 def _relu_squared(h: jax.Array) -> jax.Array:
     """relu(h)^2 (nanochat gpt.py MLP.forward)."""
     h = jax.nn.relu(h)

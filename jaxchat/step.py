@@ -39,7 +39,7 @@ def make_train_step(graphdef, tx, shardings: dict):
     """
 
     def train_step(params, opt_state, inputs_ART, targets_ART, schedule):
-        # the mesh in context: fp8 scales are taken per data-parallel shard (jaxchat.fp8.data_shard_axes)
+        # the mesh in context: fp8 scales are taken per data-parallel shard (jaxchat.mesh.data_shard_axes)
         with jax.sharding.use_abstract_mesh(shardings["replicated"].mesh.abstract_mesh):
             return update(params, opt_state, inputs_ART, targets_ART, schedule)
 

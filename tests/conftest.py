@@ -3,6 +3,11 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# jaxchat's GPU flags, as `python -m jaxchat.train` sets them: XLA reads them once, when the process's first backend
+# starts, and tests/test_aot.py compiles for H100s in this process (CPU compiles ignore them)
+from jaxchat import xla_flags  # noqa: E402
+
+xla_flags.apply()
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # glibc's default malloc in the runs the tests start: jaxchat.host_memory's one arena costs the compile threads
