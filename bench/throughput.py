@@ -60,16 +60,17 @@ def main(argv=None) -> dict:
         xla_flags.apply()  # before the backend starts, as `python -m jaxchat.train` does
     host_memory.keep_freed_memory()  # as jaxchat.train does; --no-xla-flags leaves out the XLA flags only
 
-    compute_dtype, muon_dtype = (backend.local().default_dtype(flag) for flag in (args.compute_dtype, args.muon_dtype))
     config = config_for_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
                               max_seq_len=args.seq_len, vocab_size=args.vocab_size, window_pattern=args.window_pattern)
     mesh = meshlib.make_mesh(args.fsdp)
+    run_backend = backend.for_mesh(mesh)
+    compute_dtype, muon_dtype = (run_backend.default_dtype(flag) for flag in (args.compute_dtype, args.muon_dtype))
     tx = optim.make_optimizer(model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(muon_dtype),
                               muon_stack_sharding=meshlib.muon_stack_sharding(mesh))
     _, params, opt_state, train_step, (params_like, opt_like) = init_training(
         config, tx, mesh, seed=0, compute_dtype=compute_dtype, remat=args.remat, loss_chunk=args.loss_chunk,
         embed_dtype=args.embed_dtype, fp8=args.fp8)
-    if args.fp8 and (note := fp8.no_speedup_note(jax.devices()[0])):
+    if args.fp8 and (note := fp8.no_speedup_note(run_backend)):
         print(note, flush=True)
     t0 = time.perf_counter()
     compiled = compile_step(train_step, params_like, opt_like, mesh, device_batch_size=args.device_batch_size,

@@ -18,6 +18,7 @@ class Backend:
     """What one platform runs; hashable, so it is static data of the model."""
 
     platform: str  # "cpu", "gpu" or "tpu": of the mesh's devices
+    device_kind: str
     compute_dtype: str  # activations and matmuls
     attention: str  # one of ATTENTION
     fused_loss: bool  # the mean loss through loss head blocks whose logits never exist whole (model.fused_mean_...)
@@ -26,8 +27,13 @@ class Backend:
     note: str = ""  # one line for the user where the platform lacks what it would normally use
 
     def default_dtype(self, flag: str | None) -> str:
-        """A dtype flag's value, else bfloat16 on GPU and TPU (the reference on CUDA), float32 on CPU."""
-        return flag or ("float32" if self.platform == "cpu" else "bfloat16")
+        """A dtype flag's value, else the platform's (_platform_dtype)."""
+        return flag or _platform_dtype(self.platform)
+
+
+def _platform_dtype(platform: str) -> str:
+    """bfloat16 on GPU and TPU (the reference on CUDA), float32 on CPU."""
+    return "float32" if platform == "cpu" else "bfloat16"
 
 
 def _capability(device) -> tuple[int, int] | None:
@@ -41,7 +47,7 @@ def for_devices(devices, compute_dtype: str | None = None) -> "Backend":
     device = list(devices)[0]
     platform = device.platform
     cpu = platform == "cpu"
-    dtype = compute_dtype or ("float32" if cpu else "bfloat16")
+    dtype = compute_dtype or _platform_dtype(platform)
     capability = _capability(device)
     note = ""
     if cpu:
@@ -54,7 +60,7 @@ def for_devices(devices, compute_dtype: str | None = None) -> "Backend":
             why = (f"compute dtype {dtype}" if dtype not in ("bfloat16", "float16")
                    else f"{device.device_kind} has no cuDNN flash attention (needs CUDA compute capability >= 8.0)")
             note = f"attention: XLA's (scores in memory), not cuDNN's: {why}"
-    return Backend(platform=platform, compute_dtype=dtype, attention=attention,
+    return Backend(platform=platform, device_kind=device.device_kind, compute_dtype=dtype, attention=attention,
                    # The fused head computes the loss head's gradients block by block in the forward pass: on CPU
                    # it is faster (model.fused_mean_cross_entropy); on GPU it keeps the (tokens, vocab) float32
                    # logits and their gradient out of memory (d24 at device batch 16: 4 GiB each).

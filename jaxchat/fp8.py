@@ -131,12 +131,11 @@ def matmul(x: jax.Array, w_io: jax.Array) -> jax.Array:
 matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
 
 
-def no_speedup_note(device) -> str | None:
-    """One line for a run with --fp8 on a device without fp8 GEMMs (jaxchat.backend); None where it has them."""
-    from jaxchat.backend import for_devices
-    if for_devices([device]).fp8_gemms:
+def no_speedup_note(backend) -> str | None:
+    """One line for a run with --fp8 on a backend (jaxchat.backend) without fp8 GEMMs; None where it has them."""
+    if backend.fp8_gemms:
         return None
-    return (f"--fp8: {device.device_kind} ({device.platform}) has no fp8 matmuls; the same fp8 quantisation runs, "
+    return (f"--fp8: {backend.device_kind} ({backend.platform}) has no fp8 matmuls; the same fp8 quantisation runs, "
             f"multiplied in float32, so it gives no speed-up here")
 
 

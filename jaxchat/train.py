@@ -136,7 +136,7 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
            f"Muon orthogonalisation {muon_dtype}")
     if run_backend.note:
         print0(run_backend.note)
-    if c.fp8 and (note := fp8.no_speedup_note(jax.devices()[0])):
+    if c.fp8 and (note := fp8.no_speedup_note(run_backend)):
         print0(note)
     check_writable(base_dir(), "base directory")  # data, tokenizer, logs: before anything is built or compiled
     tok, files = prepare_data(c.data)

@@ -86,10 +86,11 @@ def test_which_devices_have_fp8_matmuls():
     from types import SimpleNamespace as Device
     for capability in ("8.9", "9.0", "10.0"):
         gpu = Device(platform="gpu", compute_capability=capability, device_kind="GPU")
-        assert backend.for_devices([gpu]).fp8_gemms and fp8.no_speedup_note(gpu) is None
+        b = backend.for_devices([gpu])
+        assert b.fp8_gemms and fp8.no_speedup_note(b) is None
     for platform, capability, kind in (("gpu", "8.0", "A100"), ("gpu", "gfx942", "MI300X"), ("cpu", None, "cpu")):
-        device = Device(platform=platform, compute_capability=capability, device_kind=kind)
-        assert not backend.for_devices([device]).fp8_gemms and kind in fp8.no_speedup_note(device)
+        b = backend.for_devices([Device(platform=platform, compute_capability=capability, device_kind=kind)])
+        assert not b.fp8_gemms and kind in fp8.no_speedup_note(b)
 
 
 def dot_operands_are_scaled_fp8(hlo: str) -> list[bool]:
