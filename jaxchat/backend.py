@@ -21,7 +21,7 @@ class Backend:
     device_kind: str
     compute_dtype: str  # activations and matmuls
     attention: str  # one of ATTENTION
-    fused_loss: bool  # the mean loss through loss head blocks whose logits never exist whole (model.fused_mean_...)
+    fused_loss: bool  # the mean loss through loss head blocks whose logits never exist whole (loss.fused_mean_cross_entropy)
     loss_block_tokens: int  # tokens per block of the fused loss head
     fp8_gemms: bool  # XLA turns the fp8 pattern into fp8 GEMMs (CUDA compute capability >= 8.9)
     note: str = ""  # one line for the user where the platform lacks what it would normally use
@@ -62,7 +62,7 @@ def for_devices(devices, compute_dtype: str | None = None) -> "Backend":
             note = f"attention: XLA's (scores in memory), not cuDNN's: {why}"
     return Backend(platform=platform, device_kind=device.device_kind, compute_dtype=dtype, attention=attention,
                    # The fused head computes the loss head's gradients block by block in the forward pass: on CPU
-                   # it is faster (model.fused_mean_cross_entropy); on GPU it keeps the (tokens, vocab) float32
+                   # it is faster (loss.fused_mean_cross_entropy); on GPU it keeps the (tokens, vocab) float32
                    # logits and their gradient out of memory (d24 at device batch 16: 4 GiB each).
                    fused_loss=platform in ("cpu", "gpu"),
                    # CPU: measured fastest at V 4096 and 32768 on 2 cores; GPU: a (8192, 32768) float32 block is

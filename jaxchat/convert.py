@@ -13,7 +13,8 @@ import numpy as np
 from flax import nnx
 
 from jaxchat.common import UserError
-from jaxchat.model import DEFAULT_RECIPE, SOFTCAP, GPT, GPTConfig, abstract_model
+from jaxchat.loss import SOFTCAP
+from jaxchat.model import DEFAULT_RECIPE, GPT, GPTConfig, abstract_model
 
 # jaxchat blocks/<name> -> reference transformer.h.{i}.<name>
 BLOCK_NAMES = {

@@ -28,10 +28,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxchat import backend as backendlib
 from jaxchat import fp8 as fp8lib
+from jaxchat import loss as losslib
 from jaxchat import mesh as meshlib
 from jaxchat.common import UserError
 
-SOFTCAP = 15.0
 VOCAB_PAD = 64
 RMS_EPS = float(np.finfo(np.float32).eps)  # torch F.rms_norm(eps=None) uses float32 eps, also for bf16 inputs
 
@@ -301,147 +301,6 @@ def cached_attention(q_B1HD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, po
     return jnp.einsum("bkgs,bskd->bkgd", probs, v_BSKD).reshape(B, 1, H, D)
 
 
-def softcap(logits: jax.Array) -> jax.Array:
-    """Logits squashed into (-SOFTCAP, SOFTCAP)."""
-    return SOFTCAP * jnp.tanh(logits / SOFTCAP)
-
-
-def vocab_logits(x_BTn: jax.Array, lm_head_nV: jax.Array, vocab_size: int, matmul=None) -> jax.Array:
-    """float32 logits over the real vocabulary (the lm_head's padded columns cut off), before the softcap."""
-    return (matmul or _matmul)(x_BTn, lm_head_nV)[..., :vocab_size].astype(jnp.float32)
-
-
-def softcapped_logits(x_BTn: jax.Array, lm_head_nV: jax.Array, vocab_size: int, matmul=None) -> jax.Array:
-    """float32 logits over the real vocabulary, squashed into (-SOFTCAP, SOFTCAP)."""
-    return softcap(vocab_logits(x_BTn, lm_head_nV, vocab_size, matmul))
-
-
-def token_losses(x_BTn: jax.Array, lm_head_nV: jax.Array, targets_BT: jax.Array, vocab_size: int,
-                 matmul=None) -> jax.Array:
-    """Per-token losses of the softcapped logits."""
-    return softcapped_cross_entropy(vocab_logits(x_BTn, lm_head_nV, vocab_size, matmul), targets_BT)
-
-
-@jax.custom_vjp
-def softcapped_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-    """Per-token cross-entropy of softcap(logits) in float32; targets of -1 are ignored and give 0.
-
-    The backward pass is one elementwise pass over the logits; autodiff's goes through take_along_axis's scatter and
-    several (tokens, vocab) passes, which XLA:CPU runs slowly."""
-    return _softcapped_ce_fwd(logits_BTV, targets_BT)[0]
-
-
-def _softcapped_ce_fwd(logits_BTV, targets_BT):
-    capped_BTV = softcap(logits_BTV)
-    valid_BT = targets_BT >= 0
-    # |capped| < SOFTCAP, so exp cannot overflow: no max to subtract first (one pass fewer over the logits)
-    logz_BT = jnp.log(jnp.sum(jnp.exp(capped_BTV), axis=-1))
-    picked_BT = jnp.take_along_axis(capped_BTV, jnp.where(valid_BT, targets_BT, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(valid_BT, logz_BT - picked_BT, 0.0), (capped_BTV, logz_BT, targets_BT)
-
-
-def _softcapped_ce_bwd(residuals, g_BT):
-    """d loss / d logits = g * (softmax - onehot(target)) * (1 - tanh^2); zero where the target is ignored (-1)."""
-    capped_BTV, logz_BT, targets_BT = residuals
-    g_BT1 = jnp.where(targets_BT >= 0, g_BT, 0.0)[..., None]
-    onehot_BTV = jnp.arange(capped_BTV.shape[-1]) == targets_BT[..., None]
-    softmax_BTV = jnp.exp(capped_BTV - logz_BT[..., None])
-    return g_BT1 * (softmax_BTV - onehot_BTV) * (1 - jnp.square(capped_BTV / SOFTCAP)), None
-
-
-softcapped_cross_entropy.defvjp(_softcapped_ce_fwd, _softcapped_ce_bwd)
-
-
-def fused_mean_cross_entropy(x_BTn: jax.Array, lm_head_nV: jax.Array, targets_BT: jax.Array,
-                             vocab_size: int, block_tokens: int) -> jax.Array:
-    """The mean loss over tokens whose target is not -1, as `token_losses(...)` summed and divided by their count,
-    with its gradients computed in the forward pass, about `block_tokens` tokens per device at a time
-    (Backend.fused_loss).
-
-    The plain loss head writes the (tokens, vocab) float32 logits and reads them back in separate passes (softcap and
-    logsumexp forward; softmax, one-hot and the softcap's derivative backward) between its three GEMMs. Per block
-    of tokens here, the block's logits feed the loss and, still in cache, their gradient, which goes straight into
-    the two gradient GEMMs (dx, and dW accumulated over blocks). The loss is a scalar, so its cotangent only scales
-    the gradients: the backward pass multiplies by it. The (tokens, vocab) logits never exist whole. Without
-    differentiation (evaluation) it computes the plain loss head.
-
-    A block is every row's next `t` positions, so the rows stay split over the data-parallel devices and each device
-    works on every block (blocks of whole rows would each live on one device).
-    """
-    B, T, n = x_BTn.shape
-    rows = max(1, B // meshlib.data_shards())
-    n_blocks = -(-T // max(1, block_tokens // rows))
-    t = -(-T // n_blocks)
-    pad = n_blocks * t - T  # padded positions get target -1: no loss, no gradient
-    x_NBtn = jnp.pad(x_BTn, ((0, 0), (0, pad), (0, 0))).reshape(B, n_blocks, t, n).swapaxes(0, 1)
-    targets_NBt = jnp.pad(targets_BT, ((0, 0), (0, pad)), constant_values=-1).reshape(B, n_blocks, t).swapaxes(0, 1)
-    return _fused_mean_ce(x_NBtn, lm_head_nV, targets_NBt, vocab_size)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused_mean_ce(x_NBtn, lm_head_nV, targets_NBt, vocab_size):
-    losses = token_losses(x_NBtn, lm_head_nV, targets_NBt, vocab_size)
-    return losses.sum() / jnp.maximum((targets_NBt >= 0).sum(), 1)
-
-
-def _fused_mean_ce_fwd(x_NBtn, lm_head_nV, targets_NBt, vocab_size):
-    w_nV = lm_head_nV[:, :vocab_size].astype(x_NBtn.dtype)  # the padded vocabulary columns get no logits
-    count = jnp.maximum((targets_NBt >= 0).sum(), 1).astype(jnp.float32)
-
-    def one_block(carry, xs):
-        loss, dw_nV = carry
-        x_Btn, targets_Bt = xs
-        capped_BtV = softcap(jnp.einsum("bti,iv->btv", x_Btn, w_nV).astype(jnp.float32))
-        valid_Bt = targets_Bt >= 0
-        exp_BtV = jnp.exp(capped_BtV)  # |capped| < SOFTCAP: no max to subtract (see softcapped_cross_entropy)
-        sum_Bt = jnp.sum(exp_BtV, axis=-1)
-        picked_Bt = jnp.take_along_axis(capped_BtV, jnp.where(valid_Bt, targets_Bt, 0)[..., None], axis=-1)[..., 0]
-        loss = loss + jnp.sum(jnp.where(valid_Bt, jnp.log(sum_Bt) - picked_Bt, 0.0))
-        # d mean / d logits = (softmax - onehot) * (1 - tanh^2) / count on valid tokens: _softcapped_ce_fwd and _bwd's
-        # formulas written out, reusing exp_BtV; calling them recomputes the exponentials (64 against 80 ms, demo shape)
-        weight_Bt = jnp.where(valid_Bt, 1 / count, 0.0)
-        onehot_BtV = jnp.arange(vocab_size) == targets_Bt[..., None]
-        g_BtV = ((exp_BtV * (weight_Bt / sum_Bt)[..., None] - jnp.where(onehot_BtV, weight_Bt[..., None], 0.0))
-                 * (1 - jnp.square(capped_BtV / SOFTCAP))).astype(x_Btn.dtype)
-        dx_Btn = jnp.einsum("btv,iv->bti", g_BtV, w_nV)
-        return (loss, dw_nV + jnp.einsum("bti,btv->iv", x_Btn, g_BtV, preferred_element_type=jnp.float32)), dx_Btn
-
-    init = (jnp.zeros((), jnp.float32), jnp.zeros(w_nV.shape, jnp.float32))
-    (loss, dw_nV), dx_NBtn = jax.lax.scan(one_block, init, (x_NBtn, targets_NBt))
-    # rounded to the compute dtype once, as the plain head's one dW GEMM (and torch autocast's) rounds its output
-    dw_nV = jnp.pad(dw_nV.astype(x_NBtn.dtype), ((0, 0), (0, lm_head_nV.shape[1] - vocab_size)))
-    return loss / count, (dx_NBtn, dw_nV.astype(lm_head_nV.dtype))
-
-
-def _fused_mean_ce_bwd(vocab_size, residuals, g):
-    dx_NBtn, dw_nV = residuals
-    return (g * dx_NBtn).astype(dx_NBtn.dtype), (g * dw_nV).astype(dw_nV.dtype), None
-
-
-_fused_mean_ce.defvjp(_fused_mean_ce_fwd, _fused_mean_ce_bwd)
-
-
-def chunked_cross_entropy(x_BTn: jax.Array, lm_head_nV: jax.Array, targets_BT: jax.Array, vocab_size: int,
-                          chunk: int, matmul=None) -> jax.Array:
-    """Per-token losses (B, T) computed `chunk` positions at a time, rematerialised in the backward pass, so the
-    (B, T, V) float32 logits never exist at once: at most (B, chunk, V) does, forward and backward."""
-    B, T, n = x_BTn.shape
-    n_chunks = -(-T // chunk)
-    pad = n_chunks * chunk - T
-    if pad:  # padded positions get target -1, hence loss 0, and are cut off below
-        x_BTn = jnp.pad(x_BTn, ((0, 0), (0, pad), (0, 0)))
-        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)), constant_values=-1)
-    x_CBcn = x_BTn.reshape(B, n_chunks, chunk, n).swapaxes(0, 1)
-    targets_CBc = targets_BT.reshape(B, n_chunks, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint  # keep only each chunk's inputs; its logits are recomputed in the backward pass
-    def one_chunk(x_Bcn, targets_Bc):
-        return token_losses(x_Bcn, lm_head_nV, targets_Bc, vocab_size, matmul)
-
-    _, losses_CBc = jax.lax.scan(lambda carry, xs: (carry, one_chunk(*xs)), None, (x_CBcn, targets_CBc))
-    return losses_CBc.swapaxes(0, 1).reshape(B, n_chunks * chunk)[:, :T]
-
-
 def _matmul(x: jax.Array, w: jax.Array, name: str = "dense") -> jax.Array:
     """x @ w in x's (compute) dtype; the float32 master weight is cast per use, like torch autocast. The output is
     named `name` ("dense"; "mlp_up" for the MLP's up-projection): what the --remat=dots policies keep."""
@@ -645,15 +504,13 @@ class GPT(nnx.Module):
         and backward pass (`__call__`) run the qualifying dense layers in fp8 (jaxchat.fp8), decode_step never;
         backend: the attention kernel and loss head of the devices the model runs on (None: this process's)."""
         remat_layer(lambda: None, remat)  # validate the name now
-        if loss_chunk < 0:  # config.validate words this for the command line
-            raise ValueError(f"loss_chunk {loss_chunk} must be 0 (off) or a positive number of positions")
         self.config = config
         self.compute_dtype = jnp.dtype(compute_dtype)
         self.scan_layers = scan_layers
         self.remat = remat
-        self.loss_chunk = loss_chunk
         self.fp8 = fp8
         self.backend = backend or backendlib.local(self.compute_dtype.name)
+        self.loss_head = losslib.choose(self.backend, loss_chunk, fp8)
         embed_dtype = jnp.dtype(embed_dtype)
         n, L, Vp, c = config.n_embd, config.n_layer, config.padded_vocab, config.constants
         bound = math.sqrt(3) / math.sqrt(n)
@@ -675,18 +532,10 @@ class GPT(nnx.Module):
         """Softcapped float32 logits (B, T, vocab), or with targets the mean loss (reduction='none': per-token losses)."""
         x_BTn = self.hidden_states(idx_BT)
         if targets_BT is None:
-            return softcapped_logits(x_BTn, self.lm_head[...], self.config.vocab_size, self._dense)
-        if reduction == "mean" and not self.loss_chunk and not self.fp8 and self.backend.fused_loss:
-            return fused_mean_cross_entropy(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size,
-                                            self.backend.loss_block_tokens)
-        if self.loss_chunk:
-            losses_BT = chunked_cross_entropy(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size,
-                                              self.loss_chunk, self._dense)
-        else:
-            losses_BT = token_losses(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size, self._dense)
+            return losslib.softcapped_logits(x_BTn, self.lm_head[...], self.config.vocab_size, self._dense)
         if reduction == "none":
-            return losses_BT
-        return losses_BT.sum() / jnp.maximum((targets_BT >= 0).sum(), 1)
+            return self.loss_head.per_token(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size, self._dense)
+        return self.loss_head.mean(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size, self._dense)
 
     def hidden_states(self, idx_BT: jax.Array) -> jax.Array:
         """Final normalised hidden states (B, T, n) before the lm_head."""
@@ -730,7 +579,7 @@ class GPT(nnx.Module):
             return block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin, config=cfg)
 
         x = self._trunk(x0, layer_call, scan=False)
-        logits = softcapped_logits(x, self.lm_head[...], cfg.vocab_size)[:, 0]
+        logits = losslib.softcapped_logits(x, self.lm_head[...], cfg.vocab_size, _matmul)[:, 0]
         return logits, {"k": jnp.stack(new_k), "v": jnp.stack(new_v), "prev": embedding.astype(cache["prev"].dtype)}
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:

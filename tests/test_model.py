@@ -296,52 +296,6 @@ def test_dense_matmul_gradients_are_autodiffs(n_in, n_out):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_softcapped_cross_entropy_gradient_is_autodiffs():
-    """The hand-written backward equals autodiff of the plain formula, ignored targets (-1) included."""
-    from jaxchat.model import SOFTCAP, softcapped_cross_entropy
-    logits = 20 * jax.random.normal(jax.random.key(2), (3, 7, 50))
-    targets = jax.random.randint(jax.random.key(3), (3, 7), 0, 50).at[0, :3].set(-1)
-
-    def plain(logits):
-        capped = SOFTCAP * jnp.tanh(logits / SOFTCAP)
-        picked = jnp.take_along_axis(capped, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
-        return jnp.where(targets >= 0, jax.nn.logsumexp(capped, axis=-1) - picked, 0.0)
-
-    weights = jax.random.uniform(jax.random.key(4), (3, 7))
-    np.testing.assert_allclose(softcapped_cross_entropy(logits, targets), plain(logits), rtol=1e-5, atol=1e-5)
-    ours = jax.grad(lambda z: (softcapped_cross_entropy(z, targets) * weights).sum())(logits)
-    want = jax.grad(lambda z: (plain(z) * weights).sum())(logits)
-    np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-6)
-    assert not np.any(ours[0, :3])  # ignored positions get no gradient
-
-
-@pytest.mark.parametrize("use_jit", [False, True])
-def test_fused_mean_cross_entropy_equals_the_plain_loss_head(use_jit):
-    """Loss and gradients (x, lm_head) of the blocked head with its gradients from the forward pass equal autodiff
-    of the plain head: several blocks, the last one padded, ignored targets, padded vocabulary columns, and a
-    cotangent other than 1 (gradient accumulation scales the loss)."""
-    from jaxchat import model as M
-    vocab = 50  # padded to 64 columns
-    x = jax.random.normal(jax.random.key(5), (3, 7, 16))
-    lm_head = 0.5 * jax.random.normal(jax.random.key(6), (16, 64))
-    targets = jax.random.randint(jax.random.key(7), (3, 7), 0, vocab).at[0, :3].set(-1)
-
-    def plain(x, lm_head):
-        return 0.25 * M.token_losses(x, lm_head, targets, vocab).sum() / (targets >= 0).sum()
-
-    def fused(x, lm_head):
-        return 0.25 * M.fused_mean_cross_entropy(x, lm_head, targets, vocab, block_tokens=6)  # 3 rows x 2 positions: 4 blocks, the last padded
-
-    grad = (lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1)))) if use_jit else (
-        lambda f: jax.value_and_grad(f, argnums=(0, 1)))
-    (loss, (dx, dw)), (want_loss, (want_dx, want_dw)) = grad(fused)(x, lm_head), grad(plain)(x, lm_head)
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
-    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-7)
-    assert not np.any(dw[:, vocab:]) and not np.any(dx[0, :3])  # padded columns, ignored tokens: no gradient
-    np.testing.assert_allclose(fused(x, lm_head), want_loss, rtol=1e-6)  # undifferentiated: the plain head
-
-
 def test_model_mean_loss_uses_the_fused_head_on_cpu():
     """GPT's mean loss and its gradients equal those of its per-token losses (the plain head) on CPU."""
     config = GPTConfig(sequence_len=32, vocab_size=100, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
