@@ -27,7 +27,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxchat import backend as backendlib
-from jaxchat import fp8 as fp8lib
+from jaxchat import dense
 from jaxchat import loss as losslib
 from jaxchat import mesh as meshlib
 from jaxchat.common import UserError
@@ -301,43 +301,6 @@ def cached_attention(q_B1HD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, po
     return jnp.einsum("bkgs,bskd->bkgd", probs, v_BSKD).reshape(B, 1, H, D)
 
 
-def _matmul(x: jax.Array, w: jax.Array, name: str = "dense") -> jax.Array:
-    """x @ w in x's (compute) dtype; the float32 master weight is cast per use, like torch autocast. The output is
-    named `name` ("dense"; "mlp_up" for the MLP's up-projection): what the --remat=dots policies keep."""
-    return checkpoint_name(_dense_matmul(x, w), name)
-
-
-@jax.custom_vjp
-def _dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
-
-
-def _dense_matmul_fwd(x, w):
-    return _dense_matmul(x, w), (x, w)
-
-
-def _dense_matmul_bwd(residuals, g):
-    """Autodiff's gradients, with the weight gradient's operands ordered for XLA:CPU: its GEMM takes the left
-    operand with the contracted (token) axis minor, so that operand is copied transposed first; make it the narrower
-    of x and g and transpose the small (i, o) result instead. Autodiff's order transposes g: for the lm_head that is
-    the whole (tokens, vocab) logits' gradient, the costliest op of a d4 CPU step."""
-    x, w = residuals
-    dx = jnp.einsum("...o,io->...i", g, w.astype(g.dtype))
-    if x.shape[-1] <= g.shape[-1]:
-        dw = jnp.einsum("...i,...o->io", x, g)
-    else:
-        dw = jnp.einsum("...o,...i->oi", g, x).T
-    return dx, dw.astype(w.dtype)
-
-
-_dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
-
-
-def _fp8_matmul(x: jax.Array, w: jax.Array, name: str = "dense") -> jax.Array:
-    """`_matmul` in fp8 for the layers nanochat converts (jaxchat.fp8.qualifies), unchanged for the others (gates)."""
-    return checkpoint_name(fp8lib.matmul(x, w), name) if fp8lib.qualifies(*w.shape) else _matmul(x, w, name)
-
-
 def lookup(table_VD: jax.Array, idx_BT: jax.Array, dtype) -> jax.Array:
     """Rows of an embedding table in the compute dtype, gathered from the table rounded to it (the same values as
     rounding after the gather): the gathered rows and their gradient before the scatter-add into the table are then
@@ -359,7 +322,7 @@ def _relu_squared(h: jax.Array) -> jax.Array:
     return h * h
 
 
-def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, cos, sin, config: GPTConfig, matmul=_matmul):
+def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, cos, sin, config: GPTConfig, matmul):
     """One transformer layer: lambda mix, attention (`attend(q, k, v)`, with the layer's value embedding if it has
     one, i.e. `layer["value_embed"]` is not None), relu^2 MLP (nanochat gpt.py Block.forward); every dense layer
     through `matmul(x, w)`."""
@@ -391,7 +354,7 @@ def _attention_kernel_outputs(prim, *_, **__) -> bool:
 REMAT_POLICIES = {
     "none": None,  # no jax.checkpoint: every activation is kept
     "block": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input; recompute the layer
-    # keep the dense layers' outputs (_matmul) and cuDNN attention's; recompute norms, rotary, relu^2 and the
+    # keep the dense layers' outputs (jaxchat.dense) and cuDNN attention's; recompute norms, rotary, relu^2 and the
     # attention's inputs from them (elementwise work)
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.save_only_these_names("dense", "mlp_up"), _attention_kernel_outputs),
@@ -511,6 +474,8 @@ class GPT(nnx.Module):
         self.fp8 = fp8
         self.backend = backend or backendlib.local(self.compute_dtype.name)
         self.loss_head = losslib.choose(self.backend, loss_chunk, fp8)
+        self.matmul = dense.choose(self.backend)  # decoding and the smear gate: never fp8
+        self.dense = dense.choose(self.backend, fp8)  # the forward and backward pass's dense layers
         embed_dtype = jnp.dtype(embed_dtype)
         n, L, Vp, c = config.n_embd, config.n_layer, config.padded_vocab, config.constants
         bound = math.sqrt(3) / math.sqrt(n)
@@ -532,10 +497,10 @@ class GPT(nnx.Module):
         """Softcapped float32 logits (B, T, vocab), or with targets the mean loss (reduction='none': per-token losses)."""
         x_BTn = self.hidden_states(idx_BT)
         if targets_BT is None:
-            return losslib.softcapped_logits(x_BTn, self.lm_head[...], self.config.vocab_size, self._dense)
+            return losslib.softcapped_logits(x_BTn, self.lm_head[...], self.config.vocab_size, self.dense)
         if reduction == "none":
-            return self.loss_head.per_token(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size, self._dense)
-        return self.loss_head.mean(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size, self._dense)
+            return self.loss_head.per_token(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size, self.dense)
+        return self.loss_head.mean(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size, self.dense)
 
     def hidden_states(self, idx_BT: jax.Array) -> jax.Array:
         """Final normalised hidden states (B, T, n) before the lm_head."""
@@ -551,7 +516,7 @@ class GPT(nnx.Module):
         def layer_fn(window_left: int):
             attend = functools.partial(attention, window_left=window_left, impl=self.backend.attention)
             return remat_layer(lambda x, layer: block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin,
-                                                              config=cfg, matmul=self._dense), self.remat)
+                                                              config=cfg, matmul=self.dense), self.remat)
 
         return self._trunk(x0, lambda i, x, layer: layer_fn(cfg.window_sizes[i])(x, layer), self.scan_layers)
 
@@ -576,10 +541,11 @@ class GPT(nnx.Module):
                 new_k.append(k_cache)
                 new_v.append(v_cache)
                 return cached_attention(q, k_cache, v_cache, pos, cfg.window_sizes[i])
-            return block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin, config=cfg)
+            return block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin, config=cfg,
+                                 matmul=self.matmul)
 
         x = self._trunk(x0, layer_call, scan=False)
-        logits = losslib.softcapped_logits(x, self.lm_head[...], cfg.vocab_size, _matmul)[:, 0]
+        logits = losslib.softcapped_logits(x, self.lm_head[...], cfg.vocab_size, self.matmul)[:, 0]
         return logits, {"k": jnp.stack(new_k), "v": jnp.stack(new_v), "prev": embedding.astype(cache["prev"].dtype)}
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
@@ -606,7 +572,7 @@ class GPT(nnx.Module):
         if not channels:
             return x_BTn
         gate_BT1 = self.smear_lambda[...].astype(x_BTn.dtype) * jax.nn.sigmoid(
-            _matmul(x_BTn[..., :channels], self.smear_gate[...]))
+            self.matmul(x_BTn[..., :channels], self.smear_gate[...]))
         return x_BTn + gate_BT1 * prev_BTn
 
     def _trunk(self, x0_BTn: jax.Array, layer_call, scan: bool) -> jax.Array:
@@ -630,11 +596,6 @@ class GPT(nnx.Module):
         if x_mid is not None:  # nanochat 92d63d4 GPT.forward: subtract the mid-stack residual before the final norm
             x = x - self.backout_lambda[...].astype(x.dtype) * x_mid
         return rmsnorm(x)
-
-    @property
-    def _dense(self):
-        """The dense layers' matmul in the forward and backward pass: fp8 where it qualifies with fp8 on."""
-        return _fp8_matmul if self.fp8 else _matmul
 
     def _layer_arrays(self) -> dict[str, jax.Array]:
         """Per-layer arrays with a leading layer axis (PER_VE_LAYER arrays: leading VE-layer axis)."""
