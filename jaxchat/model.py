@@ -323,9 +323,9 @@ def _relu_squared(h: jax.Array) -> jax.Array:
 
 
 def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, cos, sin, config: GPTConfig, matmul):
-    """One transformer layer: lambda mix, attention (`attend(q, k, v)`, with the layer's value embedding if it has
-    one, i.e. `layer["value_embed"]` is not None), relu^2 MLP (nanochat gpt.py Block.forward); every dense layer
-    through `matmul(x, w)`."""
+    """One transformer layer: lambda mix, attention (`attend(q, k, v)` -> (output, anything the caller wants back),
+    with the layer's value embedding if it has one, i.e. `layer["value_embed"]` is not None), relu^2 MLP (nanochat
+    gpt.py Block.forward); every dense layer through `matmul(x, w)`. Returns (x, attend's second output)."""
     B, T, n = x_BTn.shape
     c = config.constants
     dtype = x_BTn.dtype
@@ -339,9 +339,9 @@ def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, cos, sin, confi
         gate_BTK = scale(jax.nn.sigmoid(matmul(a[..., :c.ve_gate_channels], layer["ve_gate"])), c.ve_gate_scale)
         v = v + gate_BTK[..., None] * ve
     q, k = (scale(rmsnorm(apply_rotary(t, cos, sin)), c.qk_scale) for t in (q, k))
-    y = attend(q, k, v).reshape(B, T, n)
-    x = x + matmul(y, layer["c_proj"])
-    return x + matmul(_relu_squared(matmul(rmsnorm(x), layer["c_fc"], name="mlp_up")), layer["mlp_proj"])
+    y, kept = attend(q, k, v)
+    x = x + matmul(y.reshape(B, T, n), layer["c_proj"])
+    return x + matmul(_relu_squared(matmul(rmsnorm(x), layer["c_fc"], name="mlp_up")), layer["mlp_proj"]), kept
 
 
 def _attention_kernel_outputs(prim, *_, **__) -> bool:
@@ -471,11 +471,10 @@ class GPT(nnx.Module):
         self.compute_dtype = jnp.dtype(compute_dtype)
         self.scan_layers = scan_layers
         self.remat = remat
-        self.fp8 = fp8
+        self.loss_chunk = loss_chunk
         self.backend = backend or backendlib.local(self.compute_dtype.name)
-        self.loss_head = losslib.choose(self.backend, loss_chunk, fp8)
         self.matmul = dense.choose(self.backend)  # decoding and the smear gate: never fp8
-        self.dense = dense.choose(self.backend, fp8)  # the forward and backward pass's dense layers
+        self.set_fp8(fp8)
         embed_dtype = jnp.dtype(embed_dtype)
         n, L, Vp, c = config.n_embd, config.n_layer, config.padded_vocab, config.constants
         bound = math.sqrt(3) / math.sqrt(n)
@@ -502,6 +501,12 @@ class GPT(nnx.Module):
             return self.loss_head.per_token(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size, self.dense)
         return self.loss_head.mean(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size, self.dense)
 
+    def set_fp8(self, fp8: bool) -> None:
+        """fp8 on or off in the forward and backward pass: the dense layers' matmul and the loss head that goes with it."""
+        self.fp8 = fp8
+        self.dense = dense.choose(self.backend, fp8)
+        self.loss_head = losslib.choose(self.backend, self.loss_chunk, fp8)
+
     def hidden_states(self, idx_BT: jax.Array) -> jax.Array:
         """Final normalised hidden states (B, T, n) before the lm_head."""
         cfg = self.config
@@ -514,11 +519,13 @@ class GPT(nnx.Module):
 
         @functools.lru_cache(maxsize=None)  # one wrapped function per window size
         def layer_fn(window_left: int):
-            attend = functools.partial(attention, window_left=window_left, impl=self.backend.attention)
+            def attend(q, k, v):  # -> (output, nothing kept)
+                return attention(q, k, v, window_left=window_left, impl=self.backend.attention), None
             return remat_layer(lambda x, layer: block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin,
                                                               config=cfg, matmul=self.dense), self.remat)
 
-        return self._trunk(x0, lambda i, x, layer: layer_fn(cfg.window_sizes[i])(x, layer), self.scan_layers)
+        x, _ = self._trunk(x0, lambda i, x, layer: layer_fn(cfg.window_sizes[i])(x, layer), self.scan_layers)
+        return x
 
     def decode_step(self, token_B: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
         """One token per row at position `pos` with a cache of fixed shape: (logits (B, vocab), updated cache).
@@ -532,21 +539,18 @@ class GPT(nnx.Module):
         cos, sin = (jax.lax.dynamic_slice_in_dim(t, pos, 1) for t in self._rotary(cache["k"].shape[2]))
         embedding = self._embed(idx_BT)
         x0 = self._smear(embedding, cache["prev"])
-        new_k, new_v = [], []
 
         def layer_call(i, x, layer):
-            def attend(q, k, v):
+            def attend(q, k, v):  # -> (output, this layer's updated caches)
                 k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"][i], k.astype(cache["k"].dtype), pos, axis=1)
                 v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"][i], v.astype(cache["v"].dtype), pos, axis=1)
-                new_k.append(k_cache)
-                new_v.append(v_cache)
-                return cached_attention(q, k_cache, v_cache, pos, cfg.window_sizes[i])
-            return block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin, config=cfg,
-                                 matmul=self.matmul)
+                return cached_attention(q, k_cache, v_cache, pos, cfg.window_sizes[i]), (k_cache, v_cache)
+            return block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin, config=cfg, matmul=self.matmul)
 
-        x = self._trunk(x0, layer_call, scan=False)
+        x, caches = self._trunk(x0, layer_call, scan=False)
         logits = losslib.softcapped_logits(x, self.lm_head[...], cfg.vocab_size, self.matmul)[:, 0]
-        return logits, {"k": jnp.stack(new_k), "v": jnp.stack(new_v), "prev": embedding.astype(cache["prev"].dtype)}
+        return logits, {"k": jnp.stack([k for k, _ in caches]), "v": jnp.stack([v for _, v in caches]),
+                        "prev": embedding.astype(cache["prev"].dtype)}
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         """An empty cache for `decode_step`."""
@@ -575,27 +579,32 @@ class GPT(nnx.Module):
             self.matmul(x_BTn[..., :channels], self.smear_gate[...]))
         return x_BTn + gate_BT1 * prev_BTn
 
-    def _trunk(self, x0_BTn: jax.Array, layer_call, scan: bool) -> jax.Array:
-        """Every layer in order, then backout and the final norm. `layer_call(i, x, layer)` applies layer i; runs of
-        repeated layers are scanned when `scan` (layer_call must then depend on i only through its window)."""
+    def _trunk(self, x0_BTn: jax.Array, layer_call, scan: bool) -> tuple[jax.Array, list]:
+        """Every layer in order, then backout and the final norm: (x, each layer's output). `layer_call(i, x, layer)`
+        applies layer i and returns (x, output); runs of repeated layers are scanned when `scan` (layer_call must
+        then depend on i only through its window)."""
         cfg = self.config
         layers = self._layer_arrays()
-        x, x_mid = x0_BTn, None
+        x, x_mid, outputs = x0_BTn, None, []
         for start, period, repeats in layer_runs(cfg, scan):
             def body(x, arrays, start=start, period=period):
+                outs = []
                 for j in range(period):
-                    x = layer_call(start + j, x, layer_at(arrays, cfg, start, j))
-                return x, None
+                    x, out = layer_call(start + j, x, layer_at(arrays, cfg, start, j))
+                    outs.append(out)
+                return x, tuple(outs)
             arrays = run_arrays(layers, cfg, start, period, repeats)
             if repeats > 1:
-                x, _ = jax.lax.scan(body, x, arrays)
+                x, outs = jax.lax.scan(body, x, arrays)  # each output stacked over the repeats
+                outputs += [jax.tree.map(lambda t, r=r: t[r], outs[j]) for r in range(repeats) for j in range(period)]
             else:
-                x, _ = body(x, {k: v[0] for k, v in arrays.items()})
+                x, outs = body(x, {k: v[0] for k, v in arrays.items()})
+                outputs += list(outs)
             if start + period * repeats - 1 == cfg.backout_layer:
                 x_mid = x
         if x_mid is not None:  # nanochat 92d63d4 GPT.forward: subtract the mid-stack residual before the final norm
             x = x - self.backout_lambda[...].astype(x.dtype) * x_mid
-        return rmsnorm(x)
+        return rmsnorm(x), outputs
 
     def _layer_arrays(self) -> dict[str, jax.Array]:
         """Per-layer arrays with a leading layer axis (PER_VE_LAYER arrays: leading VE-layer axis)."""

@@ -99,7 +99,7 @@ def init_state(config: GPTConfig, tx, targets, *, seed: int, compute_dtype: str,
 def without_fp8(graphdef, params_like):
     """The graphdef of the same model with fp8 off: evaluation, CORE and samples run in bf16, as in nanochat."""
     model = nnx.merge(graphdef, params_like)
-    model.fp8 = False
+    model.set_fp8(False)
     return nnx.split(model)[0]
 
 
