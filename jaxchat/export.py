@@ -154,8 +154,8 @@ def _same_file(a: str, b: str) -> bool:
 def export(argv: list[str]) -> dict[str, str]:
     """Run the export; returns the paths written."""
     args = parse_args(argv)
-    nanochat_ckpt.torch_module()  # before reading anything: one line if PyTorch is missing
     check_output(args.to, "--to", directory=True)  # before reading anything
+    nanochat_ckpt.torch_module()  # before reading anything: one line if PyTorch is missing
     from jaxchat.checkpoint import recorded_tokenizer  # orbax: slow to import, so not for --help
 
     opened = open_jaxchat(args.model_tag, args.step)
