@@ -215,7 +215,7 @@ class Checkpointer:
         others = [s for s in self.steps() if s != step]
         move = f"move {self.directory}/{step} out of {self.directory} (keep it for inspection)"
         return (f"use another step with {self.step_flag}=N, N in {others[-5:]}, or {move}" if others else
-                f"it is the only checkpoint there: {move} and start afresh, or restore it from a copy")
+                f"it is the only checkpoint there: restore it from a copy, or {move}")
 
     def close(self) -> None:
         """Finish the save in flight (reporting it), rotate, and release the directory."""

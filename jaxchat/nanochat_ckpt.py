@@ -455,6 +455,8 @@ def load_for_training(source: str | Source, config, params_like: dict, with_opti
     """
     if not isinstance(source, Source):
         source = check_source(source, config, with_optimizer)
+    if with_optimizer and source.shards is None:  # read without them
+        source = source._replace(shards=read_optimizer(source.path))
     params = from_reference(to_numpy(source.state), config)
     moments = None
     if with_optimizer:

@@ -74,7 +74,7 @@ def train_tokenizer(source: str, vocab_size: int, max_chars: int, doc_cap: int, 
           flush=True)
     if kept:
         print(f"The tokenizer it replaces is kept in {kept}: `{toklib.train_command(out_dir)} "
-              f"--restore={os.path.basename(kept).rsplit('.', 1)[-1]}` puts it back", flush=True)
+              f"--restore={kept[len(toklib.kept_dir(out_dir, '')):]}` puts it back", flush=True)
     if tok.vocab_size < vocab_size:
         print(f"note: the corpus only supported {tok.vocab_size} of the {vocab_size} tokens asked for", flush=True)
     return tok
@@ -114,7 +114,7 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--out-dir", default=None,
                       help=JAXCHAT_ONLY + "where to save "
                       "(default: $JAXCHAT_BASE_DIR/tokenizer, tokenizer_demo with --demo)")
-    data.add_argument("--force", action="store_true",
+    data.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
                       help=JAXCHAT_ONLY + "replace a tokenizer even if checkpoints were trained with it (it is kept "
                       "aside as <out-dir>.<fingerprint>, never deleted)")
     data.add_argument("--restore", default=None, metavar="FINGERPRINT_OR_DIR",
