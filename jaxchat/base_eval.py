@@ -203,7 +203,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
     if args.nanochat_checkpoint:
         # A nanochat base directory's tokenizer/ is the one its models were trained with.
         recorded_at = nanochat_ckpt.tokenizer_of(args.nanochat_checkpoint)
-        if not (args.nanochat_checkpoint.endswith(".pt") and os.path.isfile(os.path.join(recorded_at, "tokenizer.pkl"))):
+        if not args.nanochat_checkpoint.endswith(".pt") or not os.path.exists(f"{recorded_at}/tokenizer.pkl"):
             recorded_at = None
         tokenizer = Tokenizer.load(args.tokenizer_dir or recorded_at or default_dir("fineweb-edu"))
         if recorded_at and args.tokenizer_dir:

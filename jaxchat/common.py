@@ -71,7 +71,8 @@ def read_input(path: str, read, what: str, fix: str):
         raise
     except Exception as e:  # unpickling, unzipping and parsing garbage raise many different types
         if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EISDIR):
-            raise UserError(f"cannot read the {what} {path} ({e.strerror}): check the path and its permissions") from None
+            raise UserError(f"cannot read the {what} {path} ({e.strerror}): check the path and its "
+                            f"permissions") from None
         first = (str(e).strip().splitlines() or [""])[0][:120]
         raise UserError(f"the {what} {path} is corrupt or truncated ({os.path.getsize(path):,} bytes; "
                         f"{type(e).__name__}: {first}): {fix}") from None

@@ -161,7 +161,8 @@ def export(argv: list[str]) -> dict[str, str]:
     opened = open_jaxchat(args.model_tag, args.step)
     _, step, meta = opened
     config = config_from_dict(meta["model_config"])
-    tok = toklib.Tokenizer.load(args.tokenizer_dir or toklib.default_dir(meta["user_config"].get("data", "fineweb-edu")))
+    source = meta["user_config"].get("data", "fineweb-edu")
+    tok = toklib.Tokenizer.load(args.tokenizer_dir or toklib.default_dir(source))
     tok = toklib.check_recorded(tok, recorded_tokenizer(meta), f"step {step} of {args.model_tag}",
                                 flag="--tokenizer-dir", chosen=bool(args.tokenizer_dir))
     tokenizer_pkl, token_bytes = tokenizer_files(tok, config.vocab_size)

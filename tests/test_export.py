@@ -474,7 +474,8 @@ def test_corrupt_nanochat_files_are_one_line_before_compiling(base_dir, trained,
     cases = [  # (file, how it is broken, --resume-optimizer, what the line says)
         ("model_000003.pt", garbage, False, "is corrupt or truncated (4,000 bytes; ValueError: not a complete zip"),
         ("model_000003.pt", truncated, False, "is corrupt or truncated"),
-        ("model_000003.pt", lambda p: torch.save(state, p), False, "lm_head.weight has shape (4096, 16), the model of its meta file (4096, 64)"),
+        ("model_000003.pt", lambda p: torch.save(state, p), False,
+         "lm_head.weight has shape (4096, 16), the model of its meta file (4096, 64)"),
         ("meta_000003.json", lambda p: p.write_text('{"model_config": {"n_layer": 2'), False, "JSONDecodeError"),
         ("optim_000003_rank0.pt", truncated, True, "or start without --resume-optimizer"),
     ]
