@@ -408,9 +408,9 @@ def test_train_init_from_mismatch_is_one_line(base_dir, trained, tmp_path, flags
 
 def test_export_and_init_from_check_the_recorded_tokenizer(base_dir, trained, tmp_path, capsys):
     """The demo tokenizer replaced by another of the same size (Tokenizer.save keeps the old one aside): export ships
-    the one the checkpoint records, found by its fingerprint; an explicit wrong --tokenizer-dir and --init-from from
-    a directory of the other tokenizer are refused in one line naming where the right one is; --force over another
-    tokenizer in --to keeps that one aside too."""
+    the one the checkpoint records, found by its fingerprint; an explicit wrong --tokenizer-dir, and --init-from a
+    nanochat directory of the original tokenizer into a run of the other, are refused in one line naming where the
+    right one is; --force over another tokenizer in --to keeps that one aside too."""
     from jaxchat import tokenizer as toklib
     from jaxchat.common import UserError
     from jaxchat.export import export
