@@ -8,13 +8,14 @@ On CPU with the small fixture (../shared/fixtures/core_small: model.npz, tokeniz
 
 import argparse
 import json
+import os
 import time
 
 import jax
 
 from jaxchat import core_bundle, core_eval
 from jaxchat.base_eval import DTYPES, load_model
-from jaxchat.common import print0, run_main
+from jaxchat.common import check_output, print0, run_main
 
 
 def main(argv=None) -> None:
@@ -33,6 +34,8 @@ def main(argv=None) -> None:
     if args.dtype == "float32":
         jax.config.update("jax_default_matmul_precision", "highest")
     bundle = core_bundle.find_bundle(args.bundle)
+    if args.json:
+        args.json = check_output(args.json, "--json")  # before the passes, not after them
     model, tokenizer, name = load_model(args)[:3]
 
     compiles = []
@@ -59,6 +62,7 @@ def main(argv=None) -> None:
                f"(XLA: {p['backend_compiles']}) | {p['batches']} batches, {p['rows']} rows, "
                f"{p['tokens']} tokens, padding efficiency {p['tokens'] / max(p['padded_tokens'], 1):.1%}")
     if args.json and jax.process_index() == 0:
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"model": name, "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
                        "max_per_task": args.max_per_task, "passes": passes}, f, indent=1)

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxchat import compile_cache, core_bundle, core_eval, dataset, mesh as meshlib
-from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, cli_parser, print0, run_main
+from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, check_output, cli_parser, print0, run_main
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
 from jaxchat.model import GPT, abstract_model
-from jaxchat.tokenizer import Tokenizer, default_dir
+from jaxchat.tokenizer import Tokenizer, check_recorded, default_dir
 
 EVALS = ("core", "bpb", "sample")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -32,13 +32,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def load_nanochat_checkpoint(path: str, compute_dtype=jnp.float32) -> tuple:
     """(model, step or None) from a parity-format .npz or a nanochat .pt checkpoint."""
-    from jaxchat.convert import read_reference_npz, read_reference_pt
-    from jaxchat.convert import model_from_reference
+    from jaxchat import nanochat_ckpt
+    from jaxchat.convert import model_from_reference, read_reference_npz
 
     if not os.path.exists(path):
         raise UserError(f"--nanochat-checkpoint {path} does not exist")
     if path.endswith(".pt"):
-        config, state = read_reference_pt(path)
+        config, state, _ = nanochat_ckpt.read_checkpoint(path)
         match = re.search(r"model_(\d+)\.pt$", path)
         step = int(match.group(1)) if match else None
     else:
@@ -56,17 +56,22 @@ def largest_model_tag() -> str:
     return max(tags, key=lambda t: int(t[1:]))
 
 
-def load_model_for_eval(model_tag: str, step: int | str = "last", compute_dtype=None) -> tuple[GPT, dict]:
-    """(model, meta) of a saved jaxchat checkpoint, parameters on this process's first device.
+def open_checkpoint(model_tag: str, step: int | str = "last"):
+    """(reader, step, meta record) of a saved jaxchat checkpoint, nothing restored yet."""
+    from jaxchat import checkpoint  # imported lazily: orbax is slow to import and not needed for .npz models
+
+    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(model_tag), async_save=False, step_flag="--step")
+    step = ckpt.resolve_step(step)
+    return ckpt, step, ckpt.read_meta(step)
+
+
+def restore_model(ckpt, step: int, meta: dict, compute_dtype=None) -> tuple[GPT, dict]:
+    """(model, meta) of an opened checkpoint, parameters on this process's first device (the reader is closed).
 
     As nanochat/checkpoint_manager.py load_model with phase="eval".
     """
-    from jaxchat import checkpoint  # imported lazily: orbax is slow to import and not needed for .npz models
     from jaxchat.convert import config_from_dict
 
-    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(model_tag), async_save=False)
-    step = ckpt.resolve_step(step)
-    meta = ckpt.read_meta(step)
     config = config_from_dict(meta["model_config"])
     kwargs = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
     graphdef, abstract = nnx.split(abstract_model(config, **kwargs))
@@ -77,10 +82,9 @@ def load_model_for_eval(model_tag: str, step: int | str = "last", compute_dtype=
     return nnx.merge(graphdef, params), meta
 
 
-def load_jaxchat_checkpoint(model_tag: str, step: int | None, compute_dtype=jnp.float32) -> tuple:
-    """(model, step, data source it was trained on) of a jaxchat training checkpoint."""
-    model, meta = load_model_for_eval(model_tag, "last" if step is None else step, compute_dtype=compute_dtype)
-    return model, int(meta["step"]), meta["user_config"].get("data", "fineweb-edu")
+def load_model_for_eval(model_tag: str, step: int | str = "last", compute_dtype=None) -> tuple[GPT, dict]:
+    """(model, meta) of a saved jaxchat checkpoint, parameters on this process's first device."""
+    return restore_model(*open_checkpoint(model_tag, step), compute_dtype=compute_dtype)
 
 
 def write_csv(path: str, results: dict) -> str:
@@ -191,16 +195,33 @@ class Loaded(NamedTuple):
 
 
 def load_model(args: argparse.Namespace) -> Loaded:
-    """The model, tokenizer, name, step and data source of the command-line choice of model."""
+    """The model, tokenizer, name, step and data source of the command-line choice of model; the tokenizer is the one
+    the checkpoint records (checked before the parameters are read)."""
+    from jaxchat import nanochat_ckpt
+
     compute_dtype = DTYPES[args.dtype]
     if args.nanochat_checkpoint:
+        # A nanochat base directory's tokenizer/ is the one its models were trained with.
+        recorded_at = nanochat_ckpt.tokenizer_of(args.nanochat_checkpoint)
+        if not args.nanochat_checkpoint.endswith(".pt") or not os.path.exists(f"{recorded_at}/tokenizer.pkl"):
+            recorded_at = None
+        tokenizer = Tokenizer.load(args.tokenizer_dir or recorded_at or default_dir("fineweb-edu"))
+        if recorded_at and args.tokenizer_dir:
+            tokenizer = check_recorded(tokenizer, Tokenizer.load(recorded_at).fingerprint(), args.nanochat_checkpoint,
+                                       flag="--tokenizer-dir", chosen=True, recorded_at=recorded_at)
         model, step = load_nanochat_checkpoint(args.nanochat_checkpoint, compute_dtype)
         name, source = os.path.basename(args.nanochat_checkpoint), "fineweb-edu"
     else:
+        from jaxchat.checkpoint import recorded_tokenizer
+
         model_tag = args.model_tag or largest_model_tag()
-        model, step, source = load_jaxchat_checkpoint(model_tag, args.step, compute_dtype)
+        ckpt, step, meta = open_checkpoint(model_tag, "last" if args.step is None else args.step)
+        source = meta["user_config"].get("data", "fineweb-edu")
+        tokenizer = Tokenizer.load(args.tokenizer_dir or default_dir(source))  # the demo model uses the demo tokenizer
+        tokenizer = check_recorded(tokenizer, recorded_tokenizer(meta), f"step {step} of {model_tag}",
+                                   flag="--tokenizer-dir", chosen=bool(args.tokenizer_dir))
+        model, _ = restore_model(ckpt, step, meta, compute_dtype)
         name = f"base_model (step {step})"
-    tokenizer = Tokenizer.load(args.tokenizer_dir or default_dir(source))  # the demo model uses the demo tokenizer
     if tokenizer.vocab_size != model.config.vocab_size:
         raise UserError(f"tokenizer vocabulary {tokenizer.vocab_size} != model vocabulary {model.config.vocab_size}: "
                         f"pass the model's --tokenizer-dir")
@@ -219,8 +240,13 @@ def main(argv=None, compile_cache_on: bool = False) -> None:
     if args.dtype == "float32":
         # A float32 evaluation means float32 matmuls (no TF32/bf16 passes), so results match nanochat's CPU runs.
         jax.config.update("jax_default_matmul_precision", "highest")
-    # Check the bundle before loading the model: a missing bundle should fail in a second, not after a long load.
+    # Check the bundle and the outputs before loading the model: they should fail in a second, not after a long load
+    # or, for the outputs, after the whole evaluation.
     bundle = core_bundle.find_bundle(args.bundle) if "core" in args.evals else None
+    if "core" in args.evals and jax.process_index() == 0:
+        check_output(os.path.join(base_dir(), "base_eval"), "the CORE results directory", directory=True)
+        if args.json:
+            args.json = check_output(args.json, "--json")
     model, tokenizer, name, step, source = load_model(args)
     if "sample" in args.evals:
         run_samples(model, tokenizer)
@@ -243,8 +269,10 @@ def main(argv=None, compile_cache_on: bool = False) -> None:
     if args.json:
         out = {"core": results["core"], "tasks": {label: {k: r[k] for k in ("accuracy", "centered", "correct")}
                                                   for label, r in results["tasks"].items()}}
-        with open(args.json, "w") as f:
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)  # checked at start-up (check_output)
+        with open(args.json + ".tmp", "w") as f:
             json.dump(out, f)
+        os.replace(args.json + ".tmp", args.json)
         print(f"wrote {args.json}")
 
 

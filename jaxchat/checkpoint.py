@@ -12,6 +12,7 @@ is printed once a save is committed; a resume from an older step moves the newer
 import atexit
 import contextlib
 import errno
+import glob
 import json
 import logging
 import os
@@ -38,8 +39,10 @@ def checkpoint_dir(model_tag: str) -> str:
 class Checkpointer:
     """Saves and restores training state for one model tag (a writer locks the directory: lock=True)."""
 
-    def __init__(self, directory: str, *, async_save: bool = True, lock: bool = False, keep_last: int | None = None):
+    def __init__(self, directory: str, *, async_save: bool = True, lock: bool = False, keep_last: int | None = None,
+                 step_flag: str = "--resume-from-step"):
         self.directory = os.path.abspath(directory)
+        self.step_flag = step_flag  # the reading command's flag that picks a step, for the advice in its errors
         self.keep_last = keep_last
         self.lock = DirectoryLock(self.directory) if lock else None
         self._pending: int | None = None  # step of the save in flight, printed once committed
@@ -195,10 +198,8 @@ class Checkpointer:
             with _quiet_on_failure():
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, OSError, TypeError) as e:
-            others = [s for s in self.steps() if s != step]
             raise UserError(f"checkpoint {self.directory}/{step} is corrupt or incomplete ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:100]}...); resume from an earlier one with "
-                            f"--resume-from-step=N, N in {others[-5:]}, or delete it") from None
+                            f"{str(e).splitlines()[0][:100]}...); {self._other_steps(step)}") from None
         return restored["params"], restored.get("opt_state") if abstract_opt_state is not None else None, restored["meta"]
 
     def read_meta(self, step: int) -> dict:
@@ -206,8 +207,15 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         except (ValueError, KeyError, OSError, TypeError) as e:
             raise UserError(f"checkpoint {self.directory}/{step} has no readable meta record ({type(e).__name__}); "
-                            f"move it away, or resume from another step with --resume-from-step=N") from None
+                            f"{self._other_steps(step)}") from None
         return restored["meta"]
+
+    def _other_steps(self, step: int) -> str:
+        """What to do about an unreadable step: pick another with this command's flag, or move it out of the way."""
+        others = [s for s in self.steps() if s != step]
+        move = f"move {self.directory}/{step} out of {self.directory} (keep it for inspection)"
+        return (f"use another step with {self.step_flag}=N, N in {others[-5:]}, or {move}" if others else
+                f"it is the only checkpoint there: restore it from a copy, or {move}")
 
     def close(self) -> None:
         """Finish the save in flight (reporting it), rotate, and release the directory."""
@@ -222,6 +230,31 @@ class Checkpointer:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+def recorded_tokenizer(meta: dict) -> str | None:
+    """The fingerprint of the tokenizer a checkpoint was trained with (None: saved before jaxchat recorded it)."""
+    return (meta.get("inputs") or {}).get("tokenizer")
+
+
+def tokenizer_users(fingerprint: str) -> list[str]:
+    """'<tag> step <N>' of every checkpoint under base_checkpoints (rolled-back ones too) whose meta record names the
+    tokenizer `fingerprint`: what tok_train must not make unusable. Meta records are read as files (no orbax)."""
+    root = os.path.join(base_dir(), "base_checkpoints")
+    users = []
+    for path in sorted(glob.glob(os.path.join(root, "*", "*", "meta", "metadata")) +
+                       glob.glob(os.path.join(root, "*", "rolled_back", "*", "*", "meta", "metadata"))):
+        step_dir = os.path.dirname(os.path.dirname(path))
+        if not os.path.basename(step_dir).isdigit():  # a save in progress (*.orbax-checkpoint-tmp-*)
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                recorded = recorded_tokenizer(json.load(f))
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable: it cannot be resumed whatever the tokenizer
+        if recorded == fingerprint:
+            users.append(f"{os.path.relpath(os.path.dirname(step_dir), root)} step {os.path.basename(step_dir)}")
+    return users
 
 
 def input_changes(saved: dict, now: dict) -> dict:

@@ -1,6 +1,8 @@
-"""Small shared helpers: the base directory, user-facing errors, rank-0 printing, command-line help."""
+"""Small shared helpers: the base directory, user-facing errors, input and output files, rank-0 printing, command-line
+help."""
 
 import argparse
+import errno
 import os
 import sys
 import tempfile
@@ -32,6 +34,48 @@ def check_writable(path: str, what: str) -> None:
     except OSError as e:
         raise UserError(f"cannot write to the {what} {path} ({e.strerror or type(e).__name__}): check its "
                         f"permissions and free space, or set JAXCHAT_BASE_DIR to a writable directory") from None
+
+
+def check_output(path: str, what: str, directory: bool = False) -> str:
+    """The absolute path of an output a command writes (a file, or with `directory` a folder), checked before the
+    work that produces it, creating nothing: no file where a folder goes or folder where the file goes, and the
+    nearest existing folder on its way writable. Every output path a command is given comes through here."""
+    path = os.path.abspath(path)
+    if directory and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{what} {path} is a file, not a directory: choose another {what}")
+    if not directory and os.path.isdir(path):
+        raise UserError(f"{what} {path} is a directory: give a file name")
+    existing = path if directory else os.path.dirname(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot write {what} {path}: {existing} is a file, not a directory; choose another {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {what} {path}: {existing} is not writable (permissions or read-only storage); "
+                        f"choose another {what}")
+    return path
+
+
+def read_input(path: str, read, what: str, fix: str):
+    """`read(path)` of an input file; a missing, unreadable, corrupt or truncated file is one line naming it and `fix`.
+
+    Every file jaxchat reads that orbax and parquet do not (tokenizer pickles, .pt, .npz and meta json files) comes
+    through here, so a damaged file is one line, never a traceback from inside torch, pickle or numpy. `read` raises
+    ValueError for contents that parse but are not what it expects.
+    """
+    if not os.path.exists(path):
+        raise UserError(f"no {what} at {path}: {fix}")
+    try:
+        return read(path)
+    except (UserError, MemoryError):
+        raise
+    except Exception as e:  # unpickling, unzipping and parsing garbage raise many different types
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EISDIR):
+            raise UserError(f"cannot read the {what} {path} ({e.strerror}): check the path and its "
+                            f"permissions") from None
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise UserError(f"the {what} {path} is corrupt or truncated ({os.path.getsize(path):,} bytes; "
+                        f"{type(e).__name__}: {first}): {fix}") from None
 
 
 def print0(*args, **kwargs) -> None:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxchat.common import UserError
+from jaxchat.common import UserError, read_input
 from jaxchat.loss import SOFTCAP
 from jaxchat.model import DEFAULT_RECIPE, GPT, GPTConfig, abstract_model
 
@@ -131,10 +131,7 @@ def config_from_dict(model_config: dict, recipe: str | None = None) -> GPTConfig
 
 def read_reference_npz(path: str) -> tuple[GPTConfig, dict[str, np.ndarray], "np.lib.npyio.NpzFile"]:
     """A parity-fixture-format .npz: (config from config/*, reference state dict from param/*, the open file)."""
-    try:
-        data = np.load(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} as a .npz file ({e}); pass a file in the parity-fixture format") from None
+    data = read_input(path, _read_npz, ".npz file", "pass a file in the parity-fixture format")
     model_config = {k.removeprefix("config/"): data[k].item() for k in data.files if k.startswith("config/")
                     and k != "config/window_sizes"}
     config = config_from_dict(model_config, recipe=model_config.get("rev"))  # config/rev: the nanochat commit
@@ -145,6 +142,13 @@ def read_reference_npz(path: str) -> tuple[GPTConfig, dict[str, np.ndarray], "np
                         f"{list(config.window_sizes)}")
     state = {k.removeprefix("param/"): data[k] for k in data.files if k.startswith("param/")}
     return config, state, data
+
+
+def _read_npz(path: str):
+    data = np.load(path)
+    for k in data.files:  # every member read once now: a truncated file fails here, through read_input
+        _ = data[k]
+    return data
 
 
 def recipe_of_state(state: dict) -> str:
@@ -164,20 +168,3 @@ def check_constants(config: GPTConfig, constants: dict, path: str) -> None:
     differ = {k: (constants[k], v) for k, v in ours.items() if k in constants and constants[k] != v}
     if differ:
         raise UserError(f"{path}: model constants (fixture, jaxchat recipe {config.recipe}) differ: {differ}")
-
-
-def read_reference_pt(path: str) -> tuple[GPTConfig, dict[str, np.ndarray]]:
-    """A nanochat model_XXXXXX.pt beside its meta_XXXXXX.json (needs torch installed)."""
-    try:
-        import torch
-    except ImportError:
-        raise UserError(f"reading {path} needs PyTorch: pip install torch (or convert it to .npz elsewhere)") from None
-    meta_path = path.replace("model_", "meta_").removesuffix(".pt") + ".json"
-    try:
-        with open(meta_path) as f:
-            model_config = json.load(f)["model_config"]
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, KeyError, RuntimeError) as e:
-        raise UserError(f"cannot read nanochat checkpoint {path} with {meta_path}: {e}") from None
-    config = config_from_dict(model_config, recipe=recipe_of_state(state))
-    return config, {k: v.float().numpy() for k, v in state.items()}

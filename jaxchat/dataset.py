@@ -159,8 +159,9 @@ def _is_text(kind: pa.DataType) -> bool:
 
 def _unreadable(path: str, e: Exception) -> UserError:
     first = (str(e).strip().splitlines() or [""])[0]
-    return UserError(f"cannot read shard {path} ({type(e).__name__}: {first[:100]}); delete it and re-run the "
-                     f"command that fetched it (python -m jaxchat.dataset ...)")
+    gone = not os.path.exists(path)  # removed meanwhile: nothing to delete, only to fetch again
+    return UserError(f"cannot read shard {path} ({type(e).__name__}: {first[:100]}); {'' if gone else 'delete it and '}"
+                     f"re-run the command that fetched it (python -m jaxchat.dataset ...)")
 
 
 def download_shard(index: int, source: str, out_dir: str, attempts: int = ATTEMPTS) -> str:

@@ -16,7 +16,8 @@ import sys
 import numpy as np
 
 from jaxchat import nanochat_ckpt, optim
-from jaxchat.common import UserError, run_main
+from jaxchat import tokenizer as toklib
+from jaxchat.common import UserError, check_output, run_main
 from jaxchat.convert import config_from_dict
 
 
@@ -52,13 +53,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def read_jaxchat(model_tag: str, step: int | None) -> tuple[int, dict, dict, dict]:
-    """(step, params, optimizer state, meta) of a jaxchat checkpoint, as saved (numpy; no model or optimizer built)."""
-    import orbax.checkpoint as ocp
+def open_jaxchat(model_tag: str, step: int | None) -> tuple:
+    """(reader, step, meta) of a jaxchat checkpoint, nothing restored yet."""
     from jaxchat.checkpoint import Checkpointer, checkpoint_dir
 
-    ckpt = Checkpointer(checkpoint_dir(model_tag), async_save=False)
+    ckpt = Checkpointer(checkpoint_dir(model_tag), async_save=False, step_flag="--step")
     step = ckpt.resolve_step("last" if step is None else step)
+    return ckpt, step, ckpt.read_meta(step)
+
+
+def read_jaxchat(model_tag: str, step: int | None, opened: tuple | None = None) -> tuple[int, dict, dict, dict]:
+    """(step, params, optimizer state, meta) of a jaxchat checkpoint (`opened` by open_jaxchat, else opened here),
+    as saved (numpy; no model or optimizer built)."""
+    import orbax.checkpoint as ocp
+
+    ckpt, step, _ = opened or open_jaxchat(model_tag, step)
     items = dict(params=ocp.args.StandardRestore(), opt_state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
     try:
         restored = ckpt.manager.restore(step, args=ocp.args.Composite(**items))
@@ -116,16 +125,13 @@ def optimizer_files(params: dict, opt: dict, meta: dict, config, world_size: int
     return nanochat_ckpt.optimizer_shards(opt, config, groups, settings, world_size)
 
 
-def tokenizer_files(directory: str, vocab_size: int) -> tuple[str, object]:
+def tokenizer_files(tok, vocab_size: int) -> tuple[str, object]:
     """(tokenizer.pkl path, token_bytes tensor) of the run's tokenizer, checked against the model's vocabulary."""
-    from jaxchat.tokenizer import Tokenizer
-
-    tok = Tokenizer.load(directory)
     if tok.vocab_size != vocab_size:
-        raise UserError(f"the tokenizer in {directory} has {tok.vocab_size} tokens, the model {vocab_size} (nanochat "
-                        f"checks they match): pass the run's tokenizer with --tokenizer-dir")
+        raise UserError(f"the tokenizer in {tok.directory} has {tok.vocab_size} tokens, the model {vocab_size} "
+                        f"(nanochat checks they match): pass the run's tokenizer with --tokenizer-dir")
     torch = nanochat_ckpt.torch_module()
-    return os.path.join(directory, "tokenizer.pkl"), torch.from_numpy(tok.get_token_bytes().astype(np.int32))
+    return os.path.join(tok.directory, "tokenizer.pkl"), torch.from_numpy(tok.get_token_bytes().astype(np.int32))
 
 
 def check_targets(files: dict[str, str], tokenizer_pkl: str, force: bool) -> None:
@@ -148,17 +154,23 @@ def _same_file(a: str, b: str) -> bool:
 def export(argv: list[str]) -> dict[str, str]:
     """Run the export; returns the paths written."""
     args = parse_args(argv)
+    check_output(args.to, "--to", directory=True)  # before reading anything
     nanochat_ckpt.torch_module()  # before reading anything: one line if PyTorch is missing
-    from jaxchat import tokenizer as toklib
+    from jaxchat.checkpoint import recorded_tokenizer  # orbax: slow to import, so not for --help
 
-    step, params, opt, meta = read_jaxchat(args.model_tag, args.step)
+    opened = open_jaxchat(args.model_tag, args.step)
+    _, step, meta = opened
     config = config_from_dict(meta["model_config"])
-    tok_dir = args.tokenizer_dir or toklib.default_dir(meta["user_config"].get("data", "fineweb-edu"))
-    tokenizer_pkl, token_bytes = tokenizer_files(tok_dir, config.vocab_size)
+    source = meta["user_config"].get("data", "fineweb-edu")
+    tok = toklib.Tokenizer.load(args.tokenizer_dir or toklib.default_dir(source))
+    tok = toklib.check_recorded(tok, recorded_tokenizer(meta), f"step {step} of {args.model_tag}",
+                                flag="--tokenizer-dir", chosen=bool(args.tokenizer_dir))
+    tokenizer_pkl, token_bytes = tokenizer_files(tok, config.vocab_size)
     files = nanochat_ckpt.paths(args.to, args.tag or args.model_tag, step)
     if not args.no_optimizer:
         files.update({f"optim{r}": nanochat_ckpt.optim_path(files["model"], r) for r in range(args.world_size)})
     check_targets(files, tokenizer_pkl, args.force)
+    step, params, opt, meta = read_jaxchat(args.model_tag, step, opened)
 
     state = nanochat_ckpt.model_state(params, config, args.embed_dtype)
     shards = [] if args.no_optimizer else optimizer_files(params, opt, meta, config, args.world_size)  # may refuse
@@ -167,6 +179,9 @@ def export(argv: list[str]) -> dict[str, str]:
         nanochat_ckpt.save(shard, files[f"optim{rank}"], os.path.basename(files[f"optim{rank}"]))
     nanochat_ckpt.write_json(nanochat_meta(meta, config), files["meta"])
     if not _same_file(files["tokenizer"], tokenizer_pkl):
+        # --force over another tokenizer: the nanochat checkpoints already in --to need it, so it is kept aside
+        if kept := toklib.keep_aside(os.path.dirname(files["tokenizer"]), unless=tok.fingerprint()):
+            print(f"The tokenizer in {os.path.dirname(files['tokenizer'])} is another one: kept in {kept}")
         os.makedirs(os.path.dirname(files["tokenizer"]), exist_ok=True)
         shutil.copyfile(tokenizer_pkl, files["tokenizer"] + ".tmp")
         os.replace(files["tokenizer"] + ".tmp", files["tokenizer"])

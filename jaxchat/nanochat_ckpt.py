@@ -14,15 +14,18 @@ second_momentum_buffer, transposed to (out, in) and split into the rank shards o
 PyTorch is needed only here, imported when a function needs it.
 """
 
+import functools
 import io
 import json
 import math
 import os
 import re
+import zipfile
+from typing import NamedTuple
 
 import numpy as np
 
-from jaxchat.common import UserError
+from jaxchat.common import UserError, read_input
 from jaxchat.convert import config_from_dict, from_reference, recipe_of_state, to_reference
 
 # nanochat's GPTConfig fields: GPT(GPTConfig(**model_config)) rejects any other key.
@@ -39,6 +42,7 @@ ADAMW_ORDER = ("lm_head.weight", "transformer.wte.weight", "value_embeds.", "res
 # Order of a block's parameters in `transformer.h.parameters()` (module registration order), which orders Muon groups.
 BLOCK_ORDER = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.c_proj.weight", "attn.ve_gate.weight",
                "mlp.c_fc.weight", "mlp.c_proj.weight")
+REFETCH = "copy or export it again (python -m jaxchat.export writes nanochat's files)"
 LARGE_WRITE = 16 * 2**20  # bytes from which a write shows a progress bar (on a terminal)
 
 
@@ -279,38 +283,104 @@ def find_model_file(source: str) -> str:
 
 
 def read_meta(model_path: str) -> dict:
-    """The meta json beside a nanochat model_<step>.pt."""
+    """The meta json beside a nanochat model_<step>.pt (its model_config checked)."""
     meta_path = re.sub(r"model_(\d+)\.pt$", r"meta_\1.json", model_path)
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        config_from_dict(meta["model_config"])
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        raise UserError(f"cannot read {meta_path}, the meta of nanochat checkpoint {model_path}: {e}") from None
+    return read_input(meta_path, _read_meta_json, f"meta file of {os.path.basename(model_path)}", REFETCH)
+
+
+def _read_meta_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    config_from_dict(meta["model_config"])  # KeyError / ValueError / TypeError: not nanochat's meta
     return meta
 
 
-def read_checkpoint(model_path: str) -> tuple:
-    """(GPTConfig, reference state dict as float32 numpy, meta) of a nanochat model_<step>.pt and its meta json."""
+def read_torch(path: str, what: str, fix: str | None = None):
+    """A torch.save file, its tensors memory-mapped (read from disk only when used), through read_input: a garbage
+    or truncated file is one line naming it."""
     torch = torch_module()
+
+    def read(p):
+        if not zipfile.is_zipfile(p):  # the archive's directory is at its end: a truncated file has none
+            raise ValueError("not a complete zip archive, which torch.save writes")
+        return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+
+    return read_input(path, read, what, fix or REFETCH)
+
+
+def read_state(model_path: str) -> dict:
+    """A nanochat model_<step>.pt: {name: tensor} (memory-mapped)."""
+    state = read_torch(model_path, "nanochat model file")
+    torch = torch_module()
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{model_path} holds a {type(state).__name__}, not a state dict of tensors: {REFETCH}")
+    return state
+
+
+def check_state(state: dict, config, model_path: str) -> None:
+    """Every parameter of `config`'s model, with its shape, and nothing else: checked on the file's tensors before
+    anything is read into memory or compiled."""
+    expected = reference_shapes(config)
+    shapes = {k.removeprefix("_orig_mod."): tuple(v.shape) for k, v in state.items()}
+    if set(shapes) != set(expected):
+        missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+        raise UserError(f"{model_path} does not hold the model its meta file describes: missing {missing[:4]}, "
+                        f"unexpected {extra[:4]}: {REFETCH}")
+    if wrong := [k for k in expected if shapes[k] != expected[k]]:
+        raise UserError(f"{model_path}: {wrong[0]} has shape {shapes[wrong[0]]}, the model of its meta file "
+                        f"{expected[wrong[0]]} ({len(wrong)} tensor(s) differ): {REFETCH}")
+
+
+def reference_shapes(config) -> dict[str, tuple]:
+    """{name: shape} of nanochat's state dict for a model config (from shapes only, nothing allocated)."""
+    import jax
+
+    views = jax.tree.map(lambda s: np.broadcast_to(np.float32(0), s.shape), _abstract_params(config))  # no memory
+    return {k: tuple(v.shape) for k, v in to_reference(views, config).items()}
+
+
+def read_checkpoint(model_path: str) -> tuple:
+    """(GPTConfig, reference state dict as float32 numpy, meta) of a nanochat model_<step>.pt and its meta json: the
+    one reader of nanochat model files (base_eval's --nanochat-checkpoint, --init-from), every file checked."""
     meta = read_meta(model_path)
-    try:
-        state = torch.load(model_path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(f"cannot read nanochat checkpoint {model_path}: {e}") from None
-    # nanochat's meta names no commit: the state dict's parameters tell the recipe
-    return config_from_dict(meta["model_config"], recipe=recipe_of_state(state)), to_numpy(state), meta
+    state = read_state(model_path)
+    config = config_from_dict(meta["model_config"], recipe=recipe_of_state(state))  # the meta names no commit
+    check_state(state, config, model_path)
+    return config, to_numpy(state), meta
 
 
 def read_optimizer(model_path: str) -> list[dict]:
-    """Every rank's optimizer state_dict saved beside a model file, in rank order (UserError if there is none)."""
-    torch = torch_module()
+    """Every rank's optimizer state_dict saved beside a model file, in rank order (memory-mapped, each checked to be
+    a MuonAdamW state_dict), or a UserError if there is none."""
+    fix = "copy it again, or start without --resume-optimizer"
     shards = []
     while os.path.exists(path := optim_path(model_path, len(shards))):
-        shards.append(torch.load(path, map_location="cpu", weights_only=True))
+        shard = read_torch(path, "nanochat optimizer file", fix)
+        if not (isinstance(shard, dict) and isinstance(shard.get("state"), dict)
+                and isinstance(shard.get("param_groups"), list)
+                and all(isinstance(g, dict) and "params" in g for g in shard["param_groups"])):
+            raise UserError(f"{path} is not an optimizer state_dict (state and param_groups): {fix}")
+        shards.append(shard)
     if not shards:
         raise UserError(f"--resume-optimizer: no {optim_path(model_path, 0)}; start without --resume-optimizer")
     return shards
+
+
+def check_optimizer(shards: list[dict], groups: list[dict], model_path: str) -> None:
+    """The optimizer files' groups against this model's (sizes, and each group's state entries in every rank's
+    file), before anything is compiled or read into memory."""
+    saved = shards[0]["param_groups"]
+    if [len(g["params"]) for g in saved] != [len(g["names"]) for g in groups]:
+        raise UserError(f"the optimizer file's groups ({[len(g['params']) for g in saved]} parameters) differ from "
+                        f"this model's ({[len(g['names']) for g in groups]}): start without --resume-optimizer")
+    for rank, shard in enumerate(shards):
+        for g, s in zip(groups, shard["param_groups"]):
+            keys = ("step", "exp_avg", "exp_avg_sq") if g["kind"] == "adamw" else ("momentum_buffer",
+                                                                                   "second_momentum_buffer")
+            for i in s["params"] if g["kind"] == "adamw" else s["params"][:1]:
+                if not all(k in shard["state"].get(i, {}) for k in keys):
+                    raise UserError(f"{optim_path(model_path, rank)} lacks the {'/'.join(keys)} of parameter {i}: "
+                                    f"copy it again, or start without --resume-optimizer")
 
 
 # Which training flag sets each model_config field (for the line that says how to match a checkpoint).
@@ -327,31 +397,76 @@ def check_config(config, saved, source: str) -> None:
             f"{k} {getattr(saved, k)} there, {getattr(config, k)} here (set by {FLAG_FOR[k]})" for k in differ))
 
 
-def check_source(source: str, config) -> str:
-    """The model file --init-from names, its model_config checked against this run's before anything compiles (the
-    recipe, which the meta does not name, is checked once the state dict is read)."""
+class Source(NamedTuple):
+    """--init-from's checkpoint, read and checked against this run (before anything compiles); tensors are
+    memory-mapped from the files until placed."""
+
+    path: str  # the model_<step>.pt
+    meta: dict
+    state: dict  # nanochat's state dict
+    shards: list | None  # every rank's optimizer state_dict (with --resume-optimizer)
+
+
+def check_source(source: str, config, with_optimizer: bool, tok=None) -> Source:
+    """--init-from's files (model, meta, optimizer with `with_optimizer`) read and checked against this run's model
+    config, recipe and tokenizer (`tok`; the one in the nanochat base directory's tokenizer/, when there is one)."""
     torch_module()
     path = find_model_file(source)
-    saved = config_from_dict(read_meta(path)["model_config"], recipe=config.recipe)
-    check_config(config, saved, source)
-    return path
+    meta = read_meta(path)
+    # The tokenizer first: another one also explains a vocab_size that differs below.
+    if tok is not None and os.path.isfile(os.path.join(tok_dir := tokenizer_of(path), "tokenizer.pkl")):
+        from jaxchat.tokenizer import Tokenizer, check_recorded
+        check_recorded(tok, Tokenizer.load(tok_dir).fingerprint(), f"--init-from={source}", recorded_at=tok_dir,
+                       otherwise="--init-from a model trained with this run's tokenizer")
+    check_config(config, config_from_dict(meta["model_config"], recipe=config.recipe), source)
+    state = read_state(path)
+    # nanochat's meta names no commit: the state dict's parameters tell the recipe
+    check_config(config, config_from_dict(meta["model_config"], recipe=recipe_of_state(state)), source)
+    check_state(state, config, path)
+    shards = None
+    if with_optimizer:
+        shards = read_optimizer(path)
+        check_optimizer(shards, reference_groups(_abstract_params(config), config, recipe_of(config).adamw_groups),
+                        path)
+    return Source(path, meta, state, shards)
 
 
-def load_for_training(source: str, config, params_like: dict, with_optimizer: bool) -> tuple[dict, dict | None, dict]:
+def tokenizer_of(model_path: str) -> str:
+    """The tokenizer directory of a nanochat base directory holding `model_path` (base_checkpoints/<tag>/model_*.pt),
+    as nanochat's tok_train and jaxchat.export write it."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(model_path)))), "tokenizer")
+
+
+@functools.lru_cache(maxsize=4)
+def _abstract_params(config) -> dict:
+    """The model's parameter tree as shapes (read only: cached)."""
+    from flax import nnx
+
+    from jaxchat.model import abstract_model
+
+    return nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
+
+
+def load_for_training(source: str | Source, config, params_like: dict, with_optimizer: bool) -> tuple:
     """(parameters, optimizer moments or None, meta) of a nanochat checkpoint, checked against this run's model.
 
-    source: a model_<step>.pt, its directory, or a nanochat base directory; params_like: this run's parameter tree
-    (shapes only), which decides the reference optimizer groups the file must have.
+    source: a Source, or a model_<step>.pt, its directory, or a nanochat base directory; params_like: this run's
+    parameter tree (shapes only), which decides the reference optimizer groups the file must have.
     """
-    path = find_model_file(source)
-    saved, state, meta = read_checkpoint(path)
-    check_config(config, saved, source)
-    params = from_reference(state, config)
+    if not isinstance(source, Source):
+        source = check_source(source, config, with_optimizer)
+    if with_optimizer and source.shards is None:  # read without them
+        source = source._replace(shards=read_optimizer(source.path))
+    params = from_reference(to_numpy(source.state), config)
     moments = None
     if with_optimizer:
         groups = reference_groups(params_like, config, recipe_of(config).adamw_groups)
-        moments = optimizer_from_shards(read_optimizer(path), config, groups)
-    return params, moments, dict(meta, path=path)
+        try:
+            moments = optimizer_from_shards(source.shards, config, groups)
+        except (KeyError, IndexError, ValueError, TypeError) as e:  # tensors of the wrong shapes
+            raise UserError(f"cannot use the optimizer state beside {source.path} ({type(e).__name__}: "
+                            f"{str(e)[:100]}): start without --resume-optimizer") from None
+    return params, moments, dict(source.meta, path=source.path)
 
 
 def optimizer_leaf(names: tuple, moments: dict, fresh):
@@ -368,7 +483,7 @@ def optimizer_leaf(names: tuple, moments: dict, fresh):
     return value
 
 
-def start_from(source: str, config, targets: tuple, opt_state, with_optimizer: bool) -> tuple:
+def start_from(source: str | Source, config, targets: tuple, opt_state, with_optimizer: bool) -> tuple:
     """(params, opt_state, meta) for --init-from: a nanochat checkpoint's weights (and with `with_optimizer` its
     optimizer moments) placed like `targets` (abstract params and optimizer state with shardings); the rest of
     `opt_state` (schedule values) is kept."""

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from jaxchat import fp8, optim, recipe as recipes
-from jaxchat.common import UserError, run_main
+from jaxchat.common import UserError, check_output, read_input, run_main
 from jaxchat.convert import model_from_reference, read_reference_npz, to_reference
 from jaxchat.model import GPT
 
@@ -102,7 +102,7 @@ def compute_forward(fixture_path: str) -> tuple[dict[str, np.ndarray], GPT, "np.
 
 def compute(fixture_path: str) -> dict[str, np.ndarray]:
     """Everything jaxchat computes for a fixture, keyed as in the fixture."""
-    with np.load(fixture_path) as data:
+    with read_input(fixture_path, np.load, "fixture", "pass a reference fixture .npz") as data:
         if {"x", "w", "go"} <= set(data.files):
             return fp8.unit_fixture_outputs(data["x"], data["w"], data["go"])
     out, model, data = compute_forward(fixture_path)
@@ -122,6 +122,7 @@ def main(argv=None) -> None:
     parser.add_argument("fixture", help="reference fixture .npz (config/*, param/*, idx, targets, ...)")
     parser.add_argument("--out", required=True, help="where to write jaxchat's results (.npz)")
     args = parser.parse_args(argv)
+    args.out = check_output(args.out, "--out")  # before the work
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity, no TF32/bf16 passes
     out = compute(args.fixture)
     np.savez(args.out, **out)

@@ -2,9 +2,14 @@
 
     python -m jaxchat.tok_train                   # FineWeb-EDU, 2e9 chars, vocab 32768 -> $JAXCHAT_BASE_DIR/tokenizer
     python -m jaxchat.tok_train --demo            # demo corpus, vocab 4096 -> $JAXCHAT_BASE_DIR/tokenizer_demo
+    python -m jaxchat.tok_train --demo --restore=FINGERPRINT   # put a replaced tokenizer back
+
+A tokenizer that checkpoints were trained with is not replaced without --force; a replaced tokenizer is kept beside
+its directory as <directory>.<fingerprint>/ (the fingerprint a checkpoint records), never deleted.
 """
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -12,7 +17,8 @@ from collections.abc import Iterator
 import rustbpe
 
 from jaxchat import dataset
-from jaxchat.common import JAXCHAT_ONLY, UserError, cli_parser, run_main
+from jaxchat import tokenizer as toklib
+from jaxchat.common import JAXCHAT_ONLY, UserError, check_output, cli_parser, run_main
 from jaxchat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, default_dir, encoding_from_ranks
 
 ROUND_TRIP_TEXT = """Hello world! This is a test.
@@ -60,15 +66,37 @@ def train_tokenizer(source: str, vocab_size: int, max_chars: int, doc_cap: int, 
     train_s = time.perf_counter() - t0
     if tok.decode(tok.encode(ROUND_TRIP_TEXT)) != ROUND_TRIP_TEXT:
         raise RuntimeError("tokenizer round trip failed")
-    tok.save(out_dir)
+    kept = tok.save(out_dir)
     token_bytes = tok.get_token_bytes()
     nonzero = token_bytes[token_bytes > 0]
     print(f"Trained vocab {tok.vocab_size} (BOS {tok.bos_id}) on {len(files)} shard(s) in {train_s:.1f}s; "
           f"token bytes min {nonzero.min()} max {nonzero.max()} mean {nonzero.mean():.2f}; saved to {out_dir}",
           flush=True)
+    if kept:
+        print(f"The tokenizer it replaces is kept in {kept}: `{toklib.train_command(out_dir)} "
+              f"--restore={kept[len(toklib.kept_dir(out_dir, '')):]}` puts it back", flush=True)
     if tok.vocab_size < vocab_size:
         print(f"note: the corpus only supported {tok.vocab_size} of the {vocab_size} tokens asked for", flush=True)
     return tok
+
+
+def check_replace(out_dir: str, force: bool) -> None:
+    """Before training: refuse (without --force) to replace a tokenizer that checkpoints were trained with (they
+    could not be resumed or evaluated with another), and check out_dir can be written."""
+    check_output(out_dir, "--out-dir", directory=True)
+    try:
+        old = Tokenizer.load(out_dir) if os.path.exists(os.path.join(out_dir, "tokenizer.pkl")) else None
+    except UserError:
+        old = None  # unreadable: nothing can use it as it is (it is kept aside all the same)
+    if old is None or force:
+        return
+    from jaxchat.checkpoint import tokenizer_users  # orbax is slow to import: only when there is a tokenizer
+
+    if users := tokenizer_users(old.fingerprint()):
+        raise UserError(f"{out_dir} holds tokenizer {old.fingerprint()}, which checkpoints were trained with "
+                        f"({'; '.join(users[:4])}{'; ...' if len(users) > 4 else ''}): pass --force to train a new "
+                        f"one anyway (the old one is kept in {toklib.kept_dir(out_dir, old.fingerprint())}, and "
+                        f"--restore={old.fingerprint()} puts it back), or train into another --out-dir")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -86,6 +114,13 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--out-dir", default=None,
                       help=JAXCHAT_ONLY + "where to save "
                       "(default: $JAXCHAT_BASE_DIR/tokenizer, tokenizer_demo with --demo)")
+    data.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
+                      help=JAXCHAT_ONLY + "replace a tokenizer even if checkpoints were trained with it (it is kept "
+                      "aside as <out-dir>.<fingerprint>, never deleted)")
+    data.add_argument("--restore", default=None, metavar="FINGERPRINT_OR_DIR",
+                      help=JAXCHAT_ONLY + "instead of training, put back a kept tokenizer (the fingerprint a "
+                      "checkpoint records) or copy one from a directory holding tokenizer.pkl; the current one is "
+                      "kept aside")
     return p
 
 
@@ -93,10 +128,17 @@ def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
     source = "demo" if args.demo else args.source
     vocab_size = (4096 if args.demo else 32768) if args.vocab_size is None else args.vocab_size
+    out_dir = args.out_dir or default_dir(source)
+    if args.restore:
+        tok, aside = toklib.restore(out_dir, args.restore)
+        print(f"Tokenizer {tok.fingerprint()} (vocab {tok.vocab_size}) is in {out_dir}"
+              + (f"; the one it replaces is kept in {aside}" if aside else ""), flush=True)
+        return
     check_sizes(vocab_size, int(args.max_chars), args.doc_cap)  # before building anything
+    check_replace(out_dir, args.force)
     if args.demo:
         dataset.build_demo_corpus()
-    train_tokenizer(source, vocab_size, int(args.max_chars), args.doc_cap, args.out_dir or default_dir(source))
+    train_tokenizer(source, vocab_size, int(args.max_chars), args.doc_cap, out_dir)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import recipe as recipes
 from jaxchat import xla_flags
-from jaxchat.checkpoint import Checkpointer, checkpoint_dir, input_changes
+from jaxchat.checkpoint import Checkpointer, checkpoint_dir, input_changes, recorded_tokenizer
 from jaxchat.common import UserError, base_dir, check_writable, print0, run_main
 from jaxchat.config import parse_flags
 from jaxchat.distributed import gather_json, init_distributed
@@ -38,6 +38,7 @@ from jaxchat.monitor import Monitor, peak_flops, step_line
 from jaxchat.plan import Plan, device_batch_warning, make_plan
 from jaxchat.step import (ShardLoaders, abstract_steps, global_batch, init_state, make_loaders, plan_and_compile,
                           prepare_data, shard_layout, step_batch, without_fp8)
+from jaxchat.tokenizer import check_recorded
 
 
 def model_tag(c: ConfigDict) -> str:
@@ -75,7 +76,7 @@ class Run:
     checkpointer: Checkpointer  # locked: one run writes the directory
     resume_from: int | None  # the checkpoint step to restore (checked against this run in resume_point)
     run_inputs: dict  # what the run depends on beyond the model's shape, saved and compared on resume
-    init_from: str | None = None  # --init-from's nanochat model file (checked against this run), for a fresh start
+    init_from: nanochat_ckpt.Source | None = None  # --init-from's files (read, checked against this run): a fresh start
 
     def __post_init__(self):
         self.bpb_step = make_bpb_step(self.graphdef)
@@ -145,7 +146,8 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     config = plan.model
     checkpointer, resume_from, run_inputs = open_checkpoints(c, stop_request, tok, config, plan.total_batch_size)
     # --init-from: a nanochat checkpoint's weights for a run that starts at step 0 (a resume continues instead).
-    init_from = nanochat_ckpt.check_source(c.init_from, config) if c.init_from and resume_from is None else None
+    init_from = (nanochat_ckpt.check_source(c.init_from, config, c.resume_optimizer, tok)  # every file read now
+                 if c.init_from and resume_from is None else None)
     tx, wd_scaled = build_optimizer(c, plan, mesh, muon_dtype)
     model_options = dict(compute_dtype=compute_dtype, loss_chunk=c.loss_chunk, embed_dtype=c.embed_dtype, fp8=c.fp8,
                          backend=run_backend)
@@ -211,10 +213,10 @@ def open_checkpoints(c: ConfigDict, stop_request: StopRequest, tok, config,
     stop_request.on_exit.append(checkpointer.release)
     run_inputs = dict(tokenizer=tok.fingerprint(), data=c.data, total_batch_size=total_batch_size,
                       max_seq_len=c.max_seq_len, **({"recipe": c.recipe} if "recipe" in c else {}))
-    return checkpointer, resume_point(c, checkpointer, dataclasses.asdict(config), run_inputs), run_inputs
+    return checkpointer, resume_point(c, checkpointer, dataclasses.asdict(config), run_inputs, tok), run_inputs
 
 
-def resume_point(c, checkpointer: Checkpointer, model_config: dict, inputs: dict) -> int | None:
+def resume_point(c, checkpointer: Checkpointer, model_config: dict, inputs: dict, tok) -> int | None:
     """The checkpoint step to resume from (None: start at 0), checked against this run before anything compiles."""
     resume = str(c.resume_from_step)
     if resume == "last" and not checkpointer.steps():
@@ -224,6 +226,9 @@ def resume_point(c, checkpointer: Checkpointer, model_config: dict, inputs: dict
         return None
     step = checkpointer.resolve_step(resume)
     meta = checkpointer.read_meta(step)
+    # The tokenizer first: another one (a retrained tok_train) also explains a vocab_size that differs below.
+    check_recorded(tok, recorded_tokenizer(meta), f"checkpoint step {step} of {model_tag(c)}",
+                   otherwise="train a new --model-tag")
     saved_model = {"recipe": recipes.DEFAULT, **meta["model_config"]}  # saved before recipes: 348fbb3's
     if saved_model["recipe"] != c.recipe:
         raise UserError(f"checkpoint step {step} of {model_tag(c)} was trained with --recipe={saved_model['recipe']}: "
@@ -291,7 +296,7 @@ def restore_or_start(run: Run, params, opt_state) -> TrainState:
     elif run.init_from:
         params, opt_state, meta = nanochat_ckpt.start_from(run.init_from, run.plan.model, run.targets, opt_state,
                                                            c.resume_optimizer)
-        print0(f"Initialised from {run.init_from} (nanochat step {meta['step']}"
+        print0(f"Initialised from {run.init_from.path} (nanochat step {meta['step']}"
                f"{', with its optimizer state' if c.resume_optimizer else ''})")
     # A rollback (or a fresh start over old checkpoints): newer steps would collide with this run's saves.
     if aside := checkpointer.move_aside_after(loop.step):

@@ -1,5 +1,6 @@
 """Bad command lines and configs: each is one line that says what to do (a UserError, exit code 2), never a traceback."""
 
+import importlib.util
 import json
 import os
 import re
@@ -90,7 +91,9 @@ def test_checkpoint_with_another_tokenizer_vocabulary(base_dir):
     shutil.move(tok_dir, base_dir / "tokenizer_demo_4096")
     shutil.copytree(base_dir / "tok1024", tok_dir)
     try:
-        with pytest.raises(UserError, match="vocab_size: saved 4096, now 1024.*tokenizer of the saving run"):
+        # the tokenizer is named first: it is what explains the vocabulary that differs
+        with pytest.raises(UserError, match=r"checkpoint step 2 of tiny was trained with tokenizer [0-9a-f]{16}, but "
+                                            r"\S*tokenizer_demo holds [0-9a-f]{16}"):
             train(TINY + ["--model-tag=tiny", "--resume-from-step=2"])
     finally:
         shutil.rmtree(tok_dir)
@@ -285,11 +288,70 @@ def test_resume_with_another_tokenizer_of_the_same_size(base_dir):
     shutil.move(tok_dir, base_dir / "tokenizer_demo_orig")
     try:
         Tokenizer(encoding_from_ranks(ranks, enc._pat_str)).save(str(tok_dir))
-        with pytest.raises(UserError, match=r"other inputs \(tokenizer: saved [0-9a-f]{16}, now [0-9a-f]{16}\)"):
+        with pytest.raises(UserError, match=r"trained with tokenizer [0-9a-f]{16}, but \S*tokenizer_demo holds "
+                                            r"[0-9a-f]{16}.* or train a new --model-tag"):
             train(TINY + ["--model-tag=tiny", "--resume-from-step=2"])
     finally:
         shutil.rmtree(tok_dir, ignore_errors=True)
         shutil.move(base_dir / "tokenizer_demo_orig", tok_dir)
+
+
+def test_retrained_tokenizer_is_refused_then_kept_and_found(base_dir):
+    """tok_train over the tokenizer checkpoint 'tiny' was trained with: refused without --force; with it, the old one
+    is kept as tokenizer_demo.<fingerprint>; a resume names the command that puts it back, base_eval finds and uses
+    it, an explicit --tokenizer-dir of the wrong one is refused; --restore puts it back and nothing was deleted."""
+    from jaxchat import base_eval, tok_train
+    from jaxchat.tokenizer import Tokenizer, kept_dir, kept_fingerprints
+    from jaxchat.train import train
+    tok_dir = base_dir / "tokenizer_demo"
+    original = Tokenizer.load(str(tok_dir)).fingerprint()
+    with pytest.raises(UserError, match=rf"holds tokenizer {original}, which checkpoints were trained with \(tiny "
+                                        rf"step 2\): pass --force"):
+        tok_train.main(["--demo", "--vocab-size=300", "--max-chars=100000"])
+    assert Tokenizer.load(str(tok_dir)).fingerprint() == original  # refused before anything was written
+    kept = kept_dir(str(tok_dir), original)
+    try:
+        tok_train.main(["--demo", "--vocab-size=300", "--max-chars=100000", "--force"])
+        retrained = Tokenizer.load(str(tok_dir))
+        assert Tokenizer.load(kept).fingerprint() == original and retrained.vocab_size == 300
+        with pytest.raises(UserError, match=rf"step 2 of tiny was trained with tokenizer {original}, but .* the one it "
+                                            rf"needs is in {kept}: put it in place with `python -m jaxchat.tok_train "
+                                            rf"--demo --restore={original}`"):
+            train(TINY + ["--model-tag=tiny", "--resume-from-step=2"])
+        loaded = base_eval.load_model(base_eval.parse_args(["--model-tag=tiny", "--eval=sample"]))
+        assert loaded.tokenizer.directory == kept and loaded.tokenizer.fingerprint() == original
+        with pytest.raises(UserError, match=f"pass --tokenizer-dir={kept}"):
+            base_eval.load_model(base_eval.parse_args(["--model-tag=tiny", f"--tokenizer-dir={tok_dir}"]))
+    finally:
+        tok_train.main(["--demo", f"--restore={original}"])
+    assert Tokenizer.load(str(tok_dir)).fingerprint() == original
+    assert {original, retrained.fingerprint()} <= set(kept_fingerprints(str(tok_dir)))  # both kept, none deleted
+
+
+def test_output_paths_are_checked_before_the_work(base_dir, tmp_path):
+    """Every output flag (base_eval --json, export --to, tok_train --out-dir, parity --out) goes through
+    common.check_output before any reading, training or evaluating: one line naming the flag."""
+    from jaxchat import base_eval, parity, tok_train
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    bundle = write_bundle(tmp_path / "bundle", LM_TASK, {"lm.jsonl": '{"context": "a", "continuation": "b"}\n'})
+    eval_argv = ["--model-tag=tiny", "--eval=core", f"--bundle={bundle}"]
+    cases = [
+        (base_eval.main, eval_argv + [f"--json={a_file}/x.json"], f"cannot write --json {a_file}/x.json: {a_file} is a "
+                                                                  f"file, not a directory"),
+        (base_eval.main, eval_argv + [f"--json={tmp_path}"], f"--json {tmp_path} is a directory: give a file name"),
+        (tok_train.main, ["--demo", f"--out-dir={a_file}"], f"--out-dir {a_file} is a file, not a directory"),
+        (parity.main, [str(a_file), "--out", str(tmp_path)], f"--out {tmp_path} is a directory"),
+    ]
+    if importlib.util.find_spec("torch"):
+        from jaxchat import export
+        cases.append((export.export, ["--model-tag=tiny", f"--to={a_file}"], f"--to {a_file} is a file, not a "
+                                                                              f"directory: choose another --to"))
+    for main, argv, message in cases:
+        with pytest.raises(UserError) as e:
+            main(argv)
+        assert message in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
+    assert not (base_dir / "base_eval").exists()  # refused before the evaluation
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -107,7 +107,12 @@ def test_a_corrupt_checkpoint_is_one_line_naming_the_others(tmp_path):
                      abstract_like(opt, jax.tree.map(lambda x: x.sharding, opt)))
     assert f"checkpoint {tmp_path / 'run'}/2 is corrupt or incomplete" in str(e.value)
     assert "--resume-from-step=N, N in [1]" in str(e.value) and "\n" not in str(e.value)
+    assert f"or move {tmp_path / 'run'}/2 out of" in str(e.value) and "delete" not in str(e.value)
     ckpt.close()
+    # A reader (base_eval, export) picks a step with --step: its advice names that flag.
+    reader = Checkpointer(str(tmp_path / "run"), async_save=False, step_flag="--step")
+    with pytest.raises(UserError, match=r"use another step with --step=N, N in \[1\]"):
+        reader.restore(2, abstract_like(params, jax.tree.map(lambda x: x.sharding, params)))
 
 
 def test_asyncio_tracebacks_of_orbax_tasks_are_held(caplog):

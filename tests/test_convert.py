@@ -47,13 +47,13 @@ def test_pt_file_when_torch_is_installed(tmp_path):
     torch = pytest.importorskip("torch", reason="torch not installed: .pt import is optional")
     import json
 
-    from jaxchat.convert import read_reference_pt
+    from jaxchat.nanochat_ckpt import read_checkpoint
     config, state, _ = read_reference_npz(shared_fixture("nanochat_parity_d2.npz"))
     torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "model_000010.pt")
     model_config = {k: getattr(config, k) for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head",
                                                     "n_embd", "window_pattern")}
     (tmp_path / "meta_000010.json").write_text(json.dumps({"model_config": model_config}))
-    config2, state2 = read_reference_pt(str(tmp_path / "model_000010.pt"))
+    config2, state2, _ = read_checkpoint(str(tmp_path / "model_000010.pt"))
     assert config2 == config
     for k in state:
         np.testing.assert_array_equal(state2[k], state[k])
@@ -99,10 +99,10 @@ def test_head_model_round_trip_and_recipe_of_a_config_dict():
 
 def test_head_pt_file_is_recognised_by_its_smear_gate(tmp_path):
     torch = pytest.importorskip("torch", reason="torch not installed: .pt import is optional")
-    from jaxchat.convert import read_reference_pt
+    from jaxchat.nanochat_ckpt import read_checkpoint
     config, state, _ = read_reference_npz(shared_fixture("nanochat_head_d4.npz"))
     torch.save({f"_orig_mod.{k}": torch.from_numpy(v) for k, v in state.items()}, tmp_path / "model_000001.pt")
     model_config = {k: getattr(config, k) for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head",
                                                     "n_embd", "window_pattern")}
     (tmp_path / "meta_000001.json").write_text(json.dumps({"model_config": model_config}))
-    assert read_reference_pt(str(tmp_path / "model_000001.pt"))[0] == config
+    assert read_checkpoint(str(tmp_path / "model_000001.pt"))[0] == config

@@ -186,7 +186,7 @@ def _run_cli(args: list[str], base: Path) -> subprocess.CompletedProcess:
 
 def test_base_eval_json_end_to_end(tmp_path):
     root = fixture_dir()
-    out = tmp_path / "core.json"
+    out = tmp_path / "results" / "core.json"  # a folder not there yet: checked at start-up, created at the end
     proc = _run_cli(["--nanochat-checkpoint", str(root / "model.npz"), "--tokenizer-dir", str(root / "tokenizer"),
                      "--bundle", str(root / "eval_bundle"), "--eval", "core", "--max-per-task", "8",
                      "--json", str(out)], tmp_path)

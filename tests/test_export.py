@@ -8,6 +8,7 @@ nanochat checkout is at /tmp/nanochat-348fbb3), refusals as one line with exit c
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -403,3 +404,113 @@ def test_train_init_from_mismatch_is_one_line(base_dir, trained, tmp_path, flags
     run = subprocess.run([sys.executable, "-m", "jaxchat.train", *argv], capture_output=True, text=True,
                          env=dict(os.environ), timeout=600)
     assert run.returncode == 2 and message in run.stderr and run.stderr.strip().count("\n") == 0, run.stderr[-2000:]
+
+
+def test_export_and_init_from_check_the_recorded_tokenizer(base_dir, trained, tmp_path, capsys):
+    """The demo tokenizer replaced by another of the same size (Tokenizer.save keeps the old one aside): export ships
+    the one the checkpoint records, found by its fingerprint; an explicit wrong --tokenizer-dir, and --init-from a
+    nanochat directory of the original tokenizer into a run of the other, are refused in one line naming where the
+    right one is; --force over another tokenizer in --to keeps that one aside too."""
+    from jaxchat import tokenizer as toklib
+    from jaxchat.common import UserError
+    from jaxchat.export import export
+    from jaxchat.train import train
+    tok_dir = base_dir / "tokenizer_demo"
+    export([f"--model-tag={trained}", f"--to={tmp_path / 'before'}", "--no-optimizer"])
+    enc = toklib.Tokenizer.load(str(tok_dir)).enc
+    original = toklib.Tokenizer(enc).fingerprint()
+    ranks = dict(enc._mergeable_ranks)
+    a, b = [t for t, r in ranks.items() if r in (300, 301)]
+    ranks[a], ranks[b] = ranks[b], ranks[a]
+    other = toklib.Tokenizer(toklib.encoding_from_ranks(ranks, enc._pat_str))
+    kept = other.save(str(tok_dir))
+    try:
+        assert kept == toklib.kept_dir(str(tok_dir), original)
+        export([f"--model-tag={trained}", f"--to={tmp_path / 'after'}", "--no-optimizer"])
+        assert f"Tokenizer: {kept}, the one step 3 of {trained} was trained with" in capsys.readouterr().out
+        shipped = (tmp_path / "after" / "tokenizer" / "tokenizer.pkl").read_bytes()
+        assert shipped == (tmp_path / "before" / "tokenizer" / "tokenizer.pkl").read_bytes()
+        with pytest.raises(UserError, match=f"trained with tokenizer {original}, but {tok_dir} holds "
+                                            f"{other.fingerprint()}; the one it needs is in {kept}: pass "
+                                            f"--tokenizer-dir={kept}"):
+            export([f"--model-tag={trained}", f"--to={tmp_path / 'x'}", f"--tokenizer-dir={tok_dir}"])
+        with pytest.raises(UserError, match=f"--init-from={tmp_path / 'before'} was trained with tokenizer {original}"
+                                            f".*`python -m jaxchat.tok_train --demo --restore={tmp_path / 'before'}/"
+                                            f"tokenizer`"):
+            train(TINY_RUN + ["--num-iterations=1", f"--init-from={tmp_path / 'before'}", "--model-tag=tk"])
+        # --force into a nanochat directory holding another tokenizer: that one is kept aside, not overwritten
+        (tmp_path / "after" / "tokenizer").rename(tmp_path / "mine")
+        other.save(str(tmp_path / "after" / "tokenizer"))
+        export([f"--model-tag={trained}", f"--to={tmp_path / 'after'}", "--no-optimizer", "--force"])
+        aside = tmp_path / "after" / f"tokenizer.{other.fingerprint()}"
+        assert toklib.Tokenizer.load(str(aside)).fingerprint() == other.fingerprint()
+        assert (tmp_path / "after" / "tokenizer" / "tokenizer.pkl").read_bytes() == shipped
+    finally:
+        toklib.restore(str(tok_dir), original)
+    assert toklib.Tokenizer.load(str(tok_dir)).fingerprint() == original
+
+
+def test_corrupt_nanochat_files_are_one_line_before_compiling(base_dir, trained, tmp_path, capsys):
+    """Garbage, truncated or mismatched nanochat files for --init-from (model, meta, optimizer with
+    --resume-optimizer) and base_eval --nanochat-checkpoint: one line naming the file, before anything compiles."""
+    import shutil
+
+    from jaxchat.base_eval import load_nanochat_checkpoint
+    from jaxchat.common import UserError
+    from jaxchat.export import export
+    from jaxchat.train import train
+    good = tmp_path / "good"
+    export([f"--model-tag={trained}", f"--to={good}"])
+    model = good / "base_checkpoints" / trained / "model_000003.pt"
+    state = torch.load(model, weights_only=True)
+    state["lm_head.weight"] = state["lm_head.weight"][:, :16].clone()
+
+    def garbage(path):
+        path.write_bytes(os.urandom(4000))
+
+    def truncated(path):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    cases = [  # (file, how it is broken, --resume-optimizer, what the line says)
+        ("model_000003.pt", garbage, False, "is corrupt or truncated (4,000 bytes; ValueError: not a complete zip"),
+        ("model_000003.pt", truncated, False, "is corrupt or truncated"),
+        ("model_000003.pt", lambda p: torch.save(state, p), False,
+         "lm_head.weight has shape (4096, 16), the model of its meta file (4096, 64)"),
+        ("meta_000003.json", lambda p: p.write_text('{"model_config": {"n_layer": 2'), False, "JSONDecodeError"),
+        ("optim_000003_rank0.pt", truncated, True, "or start without --resume-optimizer"),
+    ]
+    for i, (name, breaks, optimizer, message) in enumerate(cases):
+        broken = tmp_path / f"broken{i}"
+        shutil.copytree(good, broken)
+        path = broken / "base_checkpoints" / trained / name
+        breaks(path)
+        with pytest.raises(UserError) as e:
+            train(TINY_RUN + ["--num-iterations=1", f"--init-from={broken}", "--model-tag=c",
+                              f"--resume-optimizer={optimizer}"])
+        assert str(path) in str(e.value) and message in str(e.value) and "\n" not in str(e.value), str(e.value)
+        if not optimizer:
+            with pytest.raises(UserError, match=re.escape(str(path))):
+                load_nanochat_checkpoint(str(broken / "base_checkpoints" / trained / "model_000003.pt"))
+    assert "step compiled in" not in capsys.readouterr().out
+
+
+def test_refusals_exit_2_in_one_line_from_the_command_line(base_dir, trained, tmp_path):
+    """tok_train over a tokenizer a checkpoint uses and base_eval of a garbage nanochat model, as commands (started
+    together): exit code 2, one line, no traceback, nothing replaced."""
+    from jaxchat.tokenizer import Tokenizer
+    garbage = tmp_path / "nc" / "base_checkpoints" / "x" / "model_000001.pt"
+    garbage.parent.mkdir(parents=True)
+    garbage.write_bytes(os.urandom(3000))
+    model_config = dict(sequence_len=64, vocab_size=4096, n_layer=2, n_head=1, n_kv_head=1, n_embd=64,
+                        window_pattern="L")
+    (garbage.parent / "meta_000001.json").write_text(json.dumps({"step": 1, "model_config": model_config}))
+    before = Tokenizer.load(str(base_dir / "tokenizer_demo")).fingerprint()
+    commands = {"tok_train": ["jaxchat.tok_train", "--demo", "--vocab-size=300"],
+                "base_eval": ["jaxchat.base_eval", f"--nanochat-checkpoint={garbage}", "--eval=sample"]}
+    procs = {name: subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=dict(os.environ)) for name, argv in commands.items()}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and err.startswith("error: ") and err.count("\n") == 1, (name, err[-2000:])
+        assert "Traceback" not in out + err
+    assert Tokenizer.load(str(base_dir / "tokenizer_demo")).fingerprint() == before

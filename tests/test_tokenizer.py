@@ -1,5 +1,6 @@
 """Tokenizer: rustbpe training on a small demo corpus, special tokens, token_bytes, file format, errors."""
 
+import os
 import pickle
 
 import numpy as np
@@ -104,3 +105,22 @@ def test_tok_train_rejects_impossible_sizes(argv, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="must be"):
         tok_train.main(argv)
     assert not (tmp_path / "base_data_demo").exists()  # refused before building anything
+
+
+def test_a_replaced_tokenizer_is_kept_never_deleted(trained, tmp_path):
+    """Tokenizer.save over another tokenizer, even an unreadable one, keeps it beside the directory; a truncated
+    tokenizer.pkl is one line naming it (common.read_input)."""
+    from jaxchat.tokenizer import kept_fingerprints, restore
+    tok, out = trained
+    target = tmp_path / "tok"
+    assert tok.save(str(target)) is None  # nothing there before
+    (target / "tokenizer.pkl").write_bytes((out / "tokenizer.pkl").read_bytes()[:100])
+    with pytest.raises(UserError, match=rf"{target}/tokenizer.pkl is corrupt or truncated \(100 bytes; "):
+        Tokenizer.load(str(target))
+    kept = tok.save(str(target))
+    assert kept.startswith(f"{target}.unreadable-") and os.path.getsize(os.path.join(kept, "tokenizer.pkl")) == 100
+    assert tok.save(str(target)) is None  # the same tokens again: nothing to keep
+    assert Tokenizer.load(str(target)).fingerprint() == tok.fingerprint()
+    with pytest.raises(UserError, match="kept ones: unreadable-"):
+        restore(str(target), "0123456789abcdef")
+    assert kept_fingerprints(str(target)) == [os.path.basename(kept).split(".", 1)[1]]
