@@ -106,6 +106,8 @@ FLAGS = {
         ("save_every_minutes", -1.0, "also checkpoint every N minutes; these rotate (-1 = off)"),
         ("keep_last", 2, "timer and preemption checkpoints kept (older ones go once superseded)"),
         ("allow_batch_size_change", False, "resume a checkpoint saved with another --total-batch-size, knowingly"),
+        ("allow_data_change", False, "resume a checkpoint whose train shards were removed or rewritten since, "
+                                     "knowingly (the position is found by file name)"),
         ("init_from", "", "start at step 0 from a nanochat base checkpoint's weights: a model_<step>.pt, its "
                           "directory (newest step) or a nanochat base directory; the model flags must give its "
                           "model_config (needs PyTorch)"),
