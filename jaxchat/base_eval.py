@@ -221,6 +221,8 @@ def main(argv=None, compile_cache_on: bool = False) -> None:
         jax.config.update("jax_default_matmul_precision", "highest")
     # Check the bundle before loading the model: a missing bundle should fail in a second, not after a long load.
     bundle = core_bundle.find_bundle(args.bundle) if "core" in args.evals else None
+    if bundle:  # and --max-per-task against its tasks' few-shot counts (nanochat #550)
+        core_eval.check_max_per_task(core_eval.load_tasks(bundle), args.max_per_task, "--max-per-task")
     model, tokenizer, name, step, source = load_model(args)
     if "sample" in args.evals:
         run_samples(model, tokenizer)

@@ -90,8 +90,8 @@ def check_resume_shards(state: dict, now: list, allow_change: bool = False,
                         f"where the run stopped, or add {ALLOW_FLAG} to continue on the shards present now")
     if parts:
         return (f"train shards changed since {where} ({'; '.join(parts + ([added] if added else []))}): continuing "
-                f"as {ALLOW_FLAG} asks, from the recorded file by name; documents of removed or rewritten files in "
-                f"the loader's buffer are dropped")
+                f"as {ALLOW_FLAG} asks, at the recorded position found by file name (past a removed file: the next "
+                f"name; in a rewritten one: its start); buffered documents of those files are dropped")
     return f"train shards added since {where}: {added}; the documents read so far are unchanged"
 
 
@@ -363,8 +363,7 @@ class DataLoader(_QuietClose, grain.DatasetIterator):
 
     def set_state(self, state: dict, allow_data_change: bool = False) -> None:
         """Continue where `state` stopped; a UserError if its shards were removed or rewritten since, unless
-        allow_data_change (then the position is found by file name: see
-        check_resume_shards)."""
+        allow_data_change (then the position is found by file name: check_resume_shards)."""
         check_resume_shards(state, self.shards(), allow_data_change)
         self._it.set_state(_renumber(state, self.shards(), self.rank) if "shards" in state else state)
 

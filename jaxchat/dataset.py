@@ -218,7 +218,10 @@ def download(n: int, source: str = "fineweb-edu", workers: int = 4) -> str:
     from tqdm import tqdm
 
     max_index = SOURCES[source]["max_index"]
-    count = max_index + 1 if n < 0 else min(n, max_index + 1)
+    if n < -1:  # nanochat/dataset.py takes -1 for all; other negatives would mean all too, silently
+        raise UserError(f"-n/--num-files={n} is not a number of shards: give 0 or more (train shards 0..n-1; the "
+                        f"validation shard always comes too), or -1 for all {max_index + 1} shards of {source}")
+    count = max_index + 1 if n == -1 else min(n, max_index + 1)
     indices = sorted(set(range(count)) | {max_index})
     out_dir = data_dir(source)
     os.makedirs(out_dir, exist_ok=True)

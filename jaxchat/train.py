@@ -199,7 +199,7 @@ def find_core_bundle(c: ConfigDict) -> str | None:
     from jaxchat import core_eval
     from jaxchat.core_bundle import find_bundle
     bundle = find_bundle(download=False)  # the error names the download command
-    core_eval.check_bundle(bundle)  # every task file
+    core_eval.check_bundle(bundle, c.core_metric_max_per_task, "--core-metric-max-per-task")  # every task file
     return bundle
 
 
