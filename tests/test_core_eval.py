@@ -197,8 +197,8 @@ def test_duplicate_labels_and_too_few_examples_are_one_line(tmp_path):
     task = "- label: {}\n  dataset_uri: t.jsonl\n  num_fewshot: [{}]\n  icl_task_type: language_modeling\n"
     (tmp_path / "eval_meta_data.csv").write_text("Eval Task,Random baseline\nt,0\nu,0\n")
     (tmp_path / "eval_data" / "t.jsonl").write_text('{"context": "a", "continuation": "b"}\n' * 2)
-    (tmp_path / "core.yaml").write_text("icl_tasks:\n" + "".join(task.format(*t) for t in [("t", 0), ("u", 0),
-                                                                                            ("t", 1)]))
+    labels = [("t", 0), ("u", 0), ("t", 1)]
+    (tmp_path / "core.yaml").write_text("icl_tasks:\n" + "".join(task.format(*t) for t in labels))
     with pytest.raises(UserError, match=r"core\.yaml: tasks 0 and 2 are both labelled 't'; give each task its own"):
         core_eval.load_tasks(str(tmp_path))
     (tmp_path / "core.yaml").write_text("icl_tasks:\n" + task.format("t", 2))

@@ -229,7 +229,12 @@ def test_resume_on_changed_shards_refuses_or_continues_by_name(fx, w1, tmp_path)
     resumed.set_state(state)
     assert_same(take(resumed, 4)[0], batches[k + 1:k + 5])
 
-    # A state saved before states named their shards: a file number that no longer exists is one line.
+    # A state saved before states named their shards resumes as it did (exactly, by file number), with a line where
+    # it is checked before compiling; a file number that no longer exists is one line.
     legacy = {key: v for key, v in state.items() if key != "shards"}
+    assert "resuming by file number" in check_resume_shards(legacy, loader(fx["files"]["train"]).shards())
+    resumed = loader(fx["files"]["train"])
+    resumed.set_state(legacy)
+    assert_same(take(resumed, 4)[0], batches[k + 1:k + 5])
     with pytest.raises(UserError, match="reading train shard number 2, but only 2 train shard"):
         loader(files[:2]).set_state(legacy)
