@@ -316,7 +316,7 @@ def test_resume_with_another_tokenizer_of_the_same_size(base_dir):
         shutil.move(base_dir / "tokenizer_demo_orig", tok_dir)
 
 
-def test_resume_on_changed_train_shards(base_dir, tmp_path, monkeypatch, capsys):
+def test_resume_on_changed_train_shards(base_dir, tmp_path, monkeypatch):
     """A train shard rewritten or removed since the checkpoint: one line naming it and the flag, before compiling
     (the loader state names its shards; tests/test_dataloader.py checks the resume that the flag accepts)."""
     from jaxchat.train import train

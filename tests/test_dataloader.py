@@ -176,7 +176,6 @@ def test_rank_without_row_groups_is_a_user_error(fx):
     loader.close()
 
 
-
 def _copies(fx, directory, names=None) -> list[str]:
     """Copies of the train shards (all, or those named) in a new directory: the same names and contents, new files."""
     directory.mkdir()
@@ -213,7 +212,7 @@ def test_resume_on_changed_shards_refuses_or_continues_by_name(fx, w1, tmp_path)
     x, _ = take(resumed, 1)[0][0]
     assert (x[:, 0] == fx["tok"].bos_id).all()
 
-    # A shard rewritten with other documents under the same name (a state of an untouched copy resumes exactly).
+    # A shard rewritten with other documents under the same name.
     files = _copies(fx, tmp_path / "rewritten")
     with open(files[1], "wb") as f, open(files[0], "rb") as g:
         f.write(g.read())
