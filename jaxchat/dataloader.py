@@ -83,8 +83,7 @@ def check_resume_shards(state: dict, now: list, allow_change: bool = False,
     parts = ([f"removed: {_names(changes['removed'])}"] if changes["removed"] else []) + (
         [f"other content: {_names([f'{n} (size {saved[n][0]}, now {current[n][0]})' for n in changes['changed']])}"]
         if changes["changed"] else [])
-    added = (f"{len(changes['added'])} added ({_names(changes['added'])}): read when the loader reaches them in name "
-             f"order") if changes["added"] else ""
+    added = f"{len(changes['added'])} added ({_names(changes['added'])})" if changes["added"] else ""
     if parts and not allow_change:
         raise UserError(f"the train shards changed since {where} ({'; '.join(parts)}): restore them to resume exactly "
                         f"where the run stopped, or add {ALLOW_FLAG} to continue on the shards present now")
@@ -92,7 +91,8 @@ def check_resume_shards(state: dict, now: list, allow_change: bool = False,
         return (f"train shards changed since {where} ({'; '.join(parts + ([added] if added else []))}): continuing "
                 f"as {ALLOW_FLAG} asks, at the recorded position found by file name (past a removed file: the next "
                 f"name; in a rewritten one: its start); buffered documents of those files are dropped")
-    return f"train shards added since {where}: {added}; the documents read so far are unchanged"
+    return (f"train shards added since {where} ({_names(changes['added'])}): the loader reads them when it reaches "
+            f"them in name order; the documents read so far are unchanged")
 
 
 def _renumber(state: dict, now: list, rank: int) -> dict:
