@@ -106,6 +106,8 @@ FLAGS = {
         ("save_every_minutes", -1.0, "also checkpoint every N minutes; these rotate (-1 = off)"),
         ("keep_last", 2, "timer and preemption checkpoints kept (older ones go once superseded)"),
         ("allow_batch_size_change", False, "resume a checkpoint saved with another --total-batch-size, knowingly"),
+        ("allow_data_change", False, "resume a checkpoint whose train shards were removed or rewritten since, "
+                                     "knowingly (the position is found by file name)"),
         ("init_from", "", "start at step 0 from a nanochat base checkpoint's weights: a model_<step>.pt, its "
                           "directory (newest step) or a nanochat base directory; the model flags must give its "
                           "model_config (needs PyTorch)"),
@@ -327,7 +329,8 @@ RANGES = {
     "scalar_lr": (0, None, ""), "weight_decay": (0, None, ""), "adam_beta1": (0, 1, ""), "adam_beta2": (0, 1, ""),
     "warmup_ratio": (0, 1, ""), "warmdown_ratio": (0, 1, ""), "final_lr_frac": (0, 1, ""),
     "eval_every": (-1, None, OFF), "eval_tokens": (1, None, ""), "core_metric_every": (-1, None, OFF),
-    "core_metric_max_per_task": (-1, None, "-1 = all"), "sample_every": (-1, None, OFF),
+    "core_metric_max_per_task": (-1, None, "-1 = all; more than any CORE task's few-shot count"),
+    "sample_every": (-1, None, OFF),
     "save_every": (-1, None, OFF), "save_every_minutes": (-1, None, OFF), "keep_last": (1, None, ""),
     "fsdp": (1, None, ""), "loss_chunk": (0, None, "0 = off"), "memory_budget_gb": (0, None, "0 = device capacity"),
     "seed": (0, None, ""), "log_every": (1, None, ""), "num_processes": (0, None, "0 = auto"),

@@ -77,6 +77,9 @@ def load_tasks(bundle: str) -> list[Task]:
     for i, entry in enumerate(entries):
         try:
             label = entry["label"]
+            if label in [t.label for t in tasks]:  # results are keyed by label: one task would vanish from CORE
+                raise UserError(f"{yaml_path}: tasks {[t.label for t in tasks].index(label)} and {i} are both "
+                                f"labelled {label!r}; give each task its own label, or {fix}")
             if entry["icl_task_type"] not in TASK_TYPES:
                 raise UserError(f"{yaml_path}: task {label} has unknown icl_task_type {entry['icl_task_type']!r}")
             if label not in baselines:
@@ -90,16 +93,32 @@ def load_tasks(bundle: str) -> list[Task]:
     return tasks
 
 
-def check_bundle(bundle: str) -> list[Task]:
-    """Every task of the bundle and its data file readable (a training run checks this at start-up)."""
+def check_max_per_task(tasks: list[Task], max_per_task: int, flag: str = "max_per_task") -> None:
+    """-1 (all) or enough examples per task for its few-shot prompts, which are drawn from the task's other examples
+    after the cut (nanochat/core_eval.py evaluate_example's random.sample fails below that: nanochat #550)."""
+    if max_per_task == -1:
+        return
+    worst = max(tasks, key=lambda t: t.num_fewshot)
+    need = worst.num_fewshot + 1
+    if max_per_task < need:
+        reason = ("is not a number of examples" if max_per_task < 1 else
+                  f"leaves task {worst.label} too few examples to draw its {worst.num_fewshot}-shot prompts from")
+        raise UserError(f"{flag}={max_per_task} {reason}: use {flag}={need} or more, or -1 for all")
+
+
+def check_bundle(bundle: str, max_per_task: int = -1, flag: str = "max_per_task") -> list[Task]:
+    """Every task of the bundle and its data file readable, with enough examples for `max_per_task` (a training run
+    checks this at start-up, naming its flag)."""
     tasks = load_tasks(bundle)
+    check_max_per_task(tasks, max_per_task, flag)
     for task in tasks:
         load_task_data(bundle, task, max_per_task=1)
     return tasks
 
 
 def load_task_data(bundle: str, task: Task, max_per_task: int = -1) -> list[dict]:
-    """The task's JSONL rows, shuffled with Random(1337) and cut to max_per_task (when > 0)."""
+    """The task's JSONL rows, shuffled with Random(1337) and cut to max_per_task (when > 0); a file with fewer
+    examples than its few-shot prompts need is one line."""
     path = os.path.join(bundle, "eval_data", task.dataset_uri)
     try:
         with open(path, encoding="utf-8") as f:
@@ -107,8 +126,9 @@ def load_task_data(bundle: str, task: Task, max_per_task: int = -1) -> list[dict
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"task {task.label}: cannot read {path} ({type(e).__name__}: {str(e)[:100]}); restore the "
                         f"bundle with `rm -r {bundle} && {core_bundle.DOWNLOAD_COMMAND}`") from None
-    if not data:
-        raise UserError(f"task {task.label}: {path} holds no examples; restore the bundle with "
+    if len(data) <= task.num_fewshot:  # each example's shots are drawn from the others
+        what = "no examples" if not data else f"{len(data)} example(s), too few for {task.num_fewshot}-shot prompts"
+        raise UserError(f"task {task.label}: {path} holds {what}; restore the bundle with "
                         f"`rm -r {bundle} && {core_bundle.DOWNLOAD_COMMAND}`")
     random.Random(1337).shuffle(data)
     return data[:max_per_task] if max_per_task > 0 else data
@@ -355,6 +375,7 @@ def evaluate_core(model: nnx.Module, tokenizer: Tokenizer, bundle_dir: str | Non
     """CORE: {"core", "tasks": {label: {"accuracy", "centered", "correct"}}, "compilations", "seconds", "stats"}."""
     bundle = find_bundle(bundle_dir)
     tasks = load_tasks(bundle)
+    check_max_per_task(tasks, max_per_task)  # before the first task: not after an hour of the others
     scorer = RowScorer(model, tokenizer.bos_id, tokens_per_device)  # BOS pads, as in stack_sequences
     results, t_start = {}, time.time()
     for task in tasks:

@@ -9,7 +9,10 @@ Pipeline: _ChunkIterator (read this rank's row groups, tokenize 128-doc chunks) 
 element it hands out, so get_state() always describes what the caller consumed, never what is prefetched.
 
 The state names documents by (file, row group, row) instead of storing tokens: a fresh loader re-reads and
-re-tokenizes the buffered documents and then continues bit for bit (nanochat drops its buffer on resume).
+re-tokenizes the buffered documents and then continues bit for bit (nanochat drops its buffer on resume). File numbers
+index the list of shards the state also records, each by name, size and footer hash (dataset.shard_identity): a
+resume on shards that were removed or rewritten since is refused in one line (a file number would otherwise name
+another file), or, when the caller accepts the change, continues by name on what is present.
 """
 
 import copy
@@ -21,7 +24,7 @@ import numpy as np
 from grain.experimental import ThreadPrefetchDatasetIterator
 
 from jaxchat.common import UserError
-from jaxchat.dataset import open_shard, read_texts
+from jaxchat.dataset import open_shard, read_texts, shard_identities
 from jaxchat.tokenizer import Tokenizer
 
 CHUNK_PREFETCH = 16  # tokenized chunks read ahead; a refill takes up to ~8 of them at the start
@@ -35,6 +38,90 @@ def _no_documents(files: list[str], rank: int, world: int) -> UserError:
                          f"the command that fetched them (python -m jaxchat.dataset ...)")
     return UserError(f"rank {rank} of {world} gets no row group of {len(files)} file(s) starting {files[0]}: use "
                      f"fewer processes or --data-shards, or more/larger shards")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shards a state was saved on against the shards present now
+
+ALLOW_FLAG = "--allow-data-change=true"  # the training flag that accepts changed shards on resume
+
+
+def shard_changes(saved: list, now: list) -> dict[str, list[str]]:
+    """{"removed", "changed", "added": file names} between two shard lists (dataset.shard_identities)."""
+    old = {name: tuple(rest) for name, *rest in saved}
+    new = {name: tuple(rest) for name, *rest in now}
+    return {"removed": [n for n in old if n not in new], "changed": [n for n in old if n in new and old[n] != new[n]],
+            "added": [n for n in new if n not in old]}
+
+
+def _names(names: list[str], limit: int = 3) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_resume_shards(state: dict, now: list, allow_change: bool = False,
+                        where: str = "the loader state was saved") -> str | None:
+    """None when `state` was saved on the shards `now` (dataset.shard_identities of this loader's files); else a line
+    that says what the resume does (shards only added, or changes accepted with allow_change), or a UserError that
+    says what changed and how to continue.
+
+    A state without a shard list (saved before states recorded one, or nanochat's) can only be checked for file
+    numbers that no longer exist."""
+    if "shards" not in state:
+        numbers = [int(state.get("pq_idx", 0)), int(state.get("next", {}).get("pq_idx", 0))]
+        numbers += [int(p) for p, _, _ in state.get("buffer", [])]
+        if max(numbers) >= len(now):
+            raise UserError(f"{where} reading train shard number {max(numbers)}, but only {len(now)} train shard(s) "
+                            f"are present: restore the shards the run was trained on")
+        return (f"{where} before loader states named their shards: resuming by file number, without checking that "
+                f"the files are the same")
+    changes = shard_changes(state["shards"], now)
+    if not any(changes.values()):
+        return None
+    saved = {name: rest for name, *rest in state["shards"]}
+    current = {name: rest for name, *rest in now}
+    parts = ([f"removed: {_names(changes['removed'])}"] if changes["removed"] else []) + (
+        [f"other content: {_names([f'{n} (size {saved[n][0]}, now {current[n][0]})' for n in changes['changed']])}"]
+        if changes["changed"] else [])
+    added = f"{len(changes['added'])} added ({_names(changes['added'])})" if changes["added"] else ""
+    if parts and not allow_change:
+        raise UserError(f"the train shards changed since {where} ({'; '.join(parts)}): restore them to resume exactly "
+                        f"where the run stopped, or add {ALLOW_FLAG} to continue on the shards present now")
+    if parts:
+        return (f"train shards changed since {where} ({'; '.join(parts + ([added] if added else []))}): continuing "
+                f"as {ALLOW_FLAG} asks, at the recorded position found by file name (past a removed file: the next "
+                f"name; in a rewritten one: its start); buffered documents of those files are dropped")
+    return (f"train shards added since {where} ({_names(changes['added'])}): the loader reads them when it reaches "
+            f"them in name order; the documents read so far are unchanged")
+
+
+def _renumber(state: dict, now: list, rank: int) -> dict:
+    """The state's file numbers moved to the same files' places in `now`; buffered documents of removed or rewritten
+    files dropped; a position in such a file moved to the start of the rewritten file, or to the next file by name."""
+    saved = state["shards"]
+    index = {name: i for i, (name, *_) in enumerate(now)}
+    same = {i: index[name] for i, (name, *rest) in enumerate(saved)
+            if name in index and list(now[index[name]][1:]) == list(rest)}
+
+    def place(p: int) -> tuple[int, bool]:  # (file number now, whether the position inside the file still holds)
+        if p in same:
+            return same[p], True
+        if p >= len(saved):  # past the last file: the next epoch
+            return len(now), False
+        name = saved[p][0]
+        if name in index:
+            return index[name], False
+        return next((i for i, (n, *_) in enumerate(now) if n > name), len(now)), False  # len(now): the next epoch
+
+    state = {k: v for k, v in state.items() if k != "shards"}
+    pq_idx, _ = place(int(state["pq_idx"]))
+    state["pq_idx"] = pq_idx
+    if "next" in state:
+        p, kept = place(int(state["next"]["pq_idx"]))
+        state["next"] = dict(state["next"], pq_idx=p) if kept else dict(state["next"], pq_idx=p, rg_idx=rank, row=0)
+    if "buffer" in state:
+        state["buffer"] = [[same[p], g, rows] for p, g, rows in state["buffer"] if p in same]
+    return state
 
 
 class _QuietClose:
@@ -256,17 +343,29 @@ class DataLoader(_QuietClose, grain.DatasetIterator):
             world_size = jax.process_count() if world_size is None else world_size
         dataset = BestFitDataset(tokenizer, files, B, T, rank, world_size, buffer_size, tokenizer_batch_size,
                                  tokenizer_threads)
+        self.files, self.rank = files, rank
+        self._shards: list | None = None
         self._it = _Prefetch(iter(dataset), prefetch)
         super().__init__(self._it)
 
     def __next__(self) -> tuple[np.ndarray, np.ndarray]:
         return next(self._it)
 
-    def get_state(self) -> dict:
-        return copy.deepcopy(self._it.get_state())
+    def shards(self) -> list:
+        """The files' dataset.shard_identities, read once (on first use: a validation loader never needs them)."""
+        if self._shards is None:
+            self._shards = shard_identities(self.files)
+        return self._shards
 
-    def set_state(self, state: dict) -> None:
-        self._it.set_state(state)
+    def get_state(self) -> dict:
+        # The shard list is the same object every step (never modified), so only the small part is copied.
+        return {**copy.deepcopy(self._it.get_state()), "shards": self.shards()}
+
+    def set_state(self, state: dict, allow_data_change: bool = False) -> None:
+        """Continue where `state` stopped; a UserError if its shards were removed or rewritten since, unless
+        allow_data_change (then the position is found by file name: check_resume_shards)."""
+        check_resume_shards(state, self.shards(), allow_data_change)
+        self._it.set_state(_renumber(state, self.shards(), self.rank) if "shards" in state else state)
 
     @property
     def epoch(self) -> int:

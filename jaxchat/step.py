@@ -24,7 +24,7 @@ from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat.checkpoint import abstract_like
-from jaxchat.common import UserError
+from jaxchat.common import UserError, print0
 from jaxchat.model import GPT, REMAT_AUTO, GPTConfig, abstract_model
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -170,6 +170,18 @@ def prepare_data(data: str) -> tuple:
     return tokenizer.Tokenizer.load(tok_dir), files
 
 
+def check_resume_data(meta: dict, data: str, allow_change: bool, where: str) -> None:
+    """Before compiling: a checkpoint's loader state against the train shards present now (dataloader.
+    check_resume_shards: changed shards are one line, accepted ones print what the resume does)."""
+    from jaxchat import dataset
+    from jaxchat.dataloader import check_resume_shards
+
+    state = (meta.get("dataloader_states") or [meta["dataloader_state_dict"]])[0]  # every rank's lists the same shards
+    note = check_resume_shards(state, dataset.shard_identities(dataset.list_shards(data, "train")), allow_change, where)
+    if note:
+        print0(note)
+
+
 def shard_layout(data_shards: int, device_batch_size: int) -> tuple[int, int, int]:
     """(data shards in all, shards of this process, this process's first shard) for --data-shards (0: one per
     process); each shard is one loader rank, like one of nanochat's DDP ranks."""
@@ -213,9 +225,9 @@ class ShardLoaders:
     def get_state(self) -> list[dict]:
         return [loader.get_state() for loader in self.loaders]
 
-    def set_state(self, states: list[dict]) -> None:
+    def set_state(self, states: list[dict], allow_data_change: bool = False) -> None:
         for loader, state in zip(self.loaders, states, strict=True):
-            loader.set_state(state)
+            loader.set_state(state, allow_data_change)
 
     @property
     def epoch(self) -> int:

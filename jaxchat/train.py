@@ -36,8 +36,8 @@ from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make
 from jaxchat.faults import SaveTimer, StopRequest
 from jaxchat.monitor import Monitor, peak_flops, step_line
 from jaxchat.plan import Plan, device_batch_warning, make_plan
-from jaxchat.step import (ShardLoaders, abstract_steps, global_batch, init_state, make_loaders, plan_and_compile,
-                          prepare_data, shard_layout, step_batch, without_fp8)
+from jaxchat.step import (ShardLoaders, abstract_steps, check_resume_data, global_batch, init_state, make_loaders,
+                          plan_and_compile, prepare_data, shard_layout, step_batch, without_fp8)
 from jaxchat.tokenizer import check_recorded
 
 
@@ -201,7 +201,7 @@ def find_core_bundle(c: ConfigDict) -> str | None:
     from jaxchat import core_eval
     from jaxchat.core_bundle import find_bundle
     bundle = find_bundle(download=False)  # the error names the download command
-    core_eval.check_bundle(bundle)  # every task file
+    core_eval.check_bundle(bundle, c.core_metric_max_per_task, "--core-metric-max-per-task")  # every task file
     return bundle
 
 
@@ -252,6 +252,7 @@ def resume_point(c, checkpointer: Checkpointer, model_config: dict, inputs: dict
     if saved_shards != shards:
         raise UserError(f"checkpoint step {step} was saved with {saved_shards} data shard(s), this run reads "
                         f"{shards}: resume with --data-shards={saved_shards} (a multiple of the process count)")
+    check_resume_data(meta, c.data, c.allow_data_change, f"checkpoint step {step} of {model_tag(c)} was saved")
     return step
 
 
@@ -313,7 +314,7 @@ def restore(run: Run, step: int, loader: ShardLoaders) -> tuple[Any, Any, LoopSt
     params, opt_state, meta = run.checkpointer.restore(step, *run.targets)
     states = meta.get("dataloader_states") or [meta["dataloader_state_dict"]]  # one per data shard
     _, per_process, first = shard_layout(run.c.data_shards, run.plan.device_batch_size)
-    loader.set_state(states[first:][:per_process])
+    loader.set_state(states[first:][:per_process], allow_data_change=run.c.allow_data_change)
     print0(f"Resumed from step {step} of {run.checkpointer.directory}")
     return params, opt_state, LoopState(step=step, val_bpb=meta["val_bpb"], **meta["loop_state"])
 

@@ -276,6 +276,30 @@ def test_broken_bundle_fails_at_start_up(base_dir, tmp_path, monkeypatch, core_y
     assert not (tmp_path / "base_checkpoints" / "core").exists()  # refused before anything was written
 
 
+def test_core_settings_checked_against_the_bundle_at_start_up(base_dir, tmp_path, monkeypatch):
+    """--core-metric-max-per-task below a task's few-shot count (nanochat #550) and repeated task labels: one line
+    before compiling, not at the first CORE step hours in."""
+    from jaxchat.train import train
+    shutil.copytree(base_dir / "base_data_demo", tmp_path / "base_data_demo")
+    shutil.copytree(base_dir / "tokenizer_demo", tmp_path / "tokenizer_demo")
+    three_shot = LM_TASK.replace("num_fewshot: [0]", "num_fewshot: [3]")
+    examples = '{"context": "a", "continuation": "b"}\n' * 5
+    bundle = write_bundle(tmp_path / "eval_bundle", three_shot, {"lm.jsonl": examples})
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
+    run = TINY + ["--core-metric-every=1", "--model-tag=core"]
+    for value, message in [("3", "--core-metric-max-per-task=3 leaves task lm too few examples to draw its 3-shot "
+                                 "prompts from: use --core-metric-max-per-task=4 or more, or -1 for all"),
+                           ("0", "--core-metric-max-per-task=0 is out of range: use -1 or >= 1 (-1 = all; more than "
+                                 "any CORE task's few-shot count)")]:
+        with pytest.raises(UserError) as e:
+            train(run + [f"--core-metric-max-per-task={value}"])
+        assert str(e.value) == message
+    (bundle / "core.yaml").write_text(LM_TASK + LM_TASK.replace("icl_tasks:\n", ""))
+    with pytest.raises(UserError, match=r"tasks 0 and 1 are both labelled 'lm'"):
+        train(run)
+    assert not (tmp_path / "base_checkpoints" / "core").exists()  # refused before anything was written
+
+
 def test_resume_with_another_tokenizer_of_the_same_size(base_dir):
     """Same vocabulary size, other tokens (a retrained tokenizer): the model fits, the recorded inputs differ."""
     from jaxchat.tokenizer import Tokenizer, encoding_from_ranks
@@ -352,6 +376,25 @@ def test_output_paths_are_checked_before_the_work(base_dir, tmp_path):
             main(argv)
         assert message in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
     assert not (base_dir / "base_eval").exists()  # refused before the evaluation
+def test_resume_on_changed_train_shards(base_dir, tmp_path, monkeypatch):
+    """A train shard rewritten or removed since the checkpoint: one line naming it and the flag, before compiling
+    (the loader state names its shards; tests/test_dataloader.py checks the resume that the flag accepts)."""
+    from jaxchat.train import train
+    shutil.copytree(base_dir / "base_data_demo", tmp_path / "base_data_demo")
+    shutil.copytree(base_dir / "tokenizer_demo", tmp_path / "tokenizer_demo")
+    shutil.copytree(base_dir / "base_checkpoints" / "tiny", tmp_path / "base_checkpoints" / "tiny")
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
+    data = tmp_path / "base_data_demo"
+    (data / "shard_00001.parquet").write_bytes((data / "shard_00000.parquet").read_bytes())  # other documents
+    resume = TINY + ["--model-tag=tiny", "--resume-from-step=2"]
+    with pytest.raises(UserError) as e:
+        train(resume)
+    assert "since checkpoint step 2 of tiny was saved (other content: shard_00001.parquet (size " in str(e.value)
+    assert "--allow-data-change=true" in str(e.value) and "\n" not in str(e.value)
+    (data / "shard_00000.parquet").unlink()  # the shard the checkpoint was reading
+    with pytest.raises(UserError, match=r"removed: shard_00000\.parquet; other content: shard_00001"):
+        train(resume)
+    assert sorted(p.name for p in (tmp_path / "base_checkpoints" / "tiny").iterdir()) == ["2"]  # nothing moved
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -173,6 +173,39 @@ def test_buckets():
         core_eval.bucket_length(1281, 1280)
 
 
+def test_max_per_task_below_a_tasks_fewshot_count_is_one_line():
+    """nanochat #550: few-shot examples come from the task's other examples after the cut, so random.sample failed
+    below num_fewshot + 1; 0 and negatives other than -1 meant 'all'. Now one line naming the smallest valid value."""
+    bundle = str(fixture_dir() / "eval_bundle")
+    tasks = core_eval.load_tasks(bundle)  # arith is 3-shot: 4 examples at least
+    for value, reason in [(3, "leaves task arith too few examples to draw its 3-shot prompts from"),
+                          (0, "is not a number of examples"), (-5, "is not a number of examples")]:
+        with pytest.raises(UserError) as e:
+            core_eval.check_max_per_task(tasks, value, "--max-per-task")
+        assert str(e.value) == f"--max-per-task={value} {reason}: use --max-per-task=4 or more, or -1 for all"
+    for value in (-1, 4):
+        core_eval.check_max_per_task(tasks, value, "--max-per-task")
+    # every caller of evaluate_core too, before any task is scored (no model is needed to get there)
+    with pytest.raises(UserError, match="max_per_task=2 leaves task arith"):
+        core_eval.evaluate_core(None, None, bundle, max_per_task=2)
+
+
+def test_duplicate_labels_and_too_few_examples_are_one_line(tmp_path):
+    """Results are keyed by label: a repeated label dropped a task from CORE's average; a task file with no more
+    examples than its shots cannot build a prompt."""
+    (tmp_path / "eval_data").mkdir()
+    task = "- label: {}\n  dataset_uri: t.jsonl\n  num_fewshot: [{}]\n  icl_task_type: language_modeling\n"
+    (tmp_path / "eval_meta_data.csv").write_text("Eval Task,Random baseline\nt,0\nu,0\n")
+    (tmp_path / "eval_data" / "t.jsonl").write_text('{"context": "a", "continuation": "b"}\n' * 2)
+    labels = [("t", 0), ("u", 0), ("t", 1)]
+    (tmp_path / "core.yaml").write_text("icl_tasks:\n" + "".join(task.format(*t) for t in labels))
+    with pytest.raises(UserError, match=r"core\.yaml: tasks 0 and 2 are both labelled 't'; give each task its own"):
+        core_eval.load_tasks(str(tmp_path))
+    (tmp_path / "core.yaml").write_text("icl_tasks:\n" + task.format("t", 2))
+    with pytest.raises(UserError, match=r"task t: .*t\.jsonl holds 2 example\(s\), too few for 2-shot prompts"):
+        core_eval.check_bundle(str(tmp_path))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The command line
 
@@ -207,6 +240,17 @@ def test_base_eval_missing_bundle_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert "python -m jaxchat.core_eval --download" in proc.stderr
+
+
+def test_base_eval_max_per_task_below_fewshot_is_one_line_before_loading(tmp_path):
+    """In process (a UserError is one line and exit code 2 in every command: run_main); bfloat16 leaves this
+    process's matmul precision alone."""
+    from jaxchat import base_eval
+    args = ["--nanochat-checkpoint", str(tmp_path / "never_read.npz"), "--bundle", str(fixture_dir() / "eval_bundle"),
+            "--dtype", "bfloat16"]
+    for value in ("3", "0"):  # the model file is never opened: checked first
+        with pytest.raises(UserError, match=f"--max-per-task={value} .*: use --max-per-task=4 or more, or -1 for all"):
+            base_eval.main([*args, "--max-per-task", value])
 
 
 def test_base_eval_model_tag_without_checkpoint_is_one_line(tmp_path):

@@ -2,6 +2,8 @@
 tokenizing_distributed_data_loader_with_state_bos_bestfit, and exact resume."""
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -9,7 +11,7 @@ import pytest
 from conftest import shared_fixture
 
 from jaxchat.common import UserError
-from jaxchat.dataloader import DataLoader
+from jaxchat.dataloader import DataLoader, check_resume_shards
 from jaxchat.dataset import list_shards
 from jaxchat.tokenizer import Tokenizer
 
@@ -172,3 +174,66 @@ def test_rank_without_row_groups_is_a_user_error(fx):
     with pytest.raises(UserError, match="rank 2 of 3"):
         next(loader)
     loader.close()
+
+
+def _copies(fx, directory, names=None) -> list[str]:
+    """Copies of the train shards (all, or those named) in a new directory: the same names and contents, new files."""
+    directory.mkdir()
+    return sorted(shutil.copy(path, directory) for path in fx["files"]["train"]
+                  if names is None or os.path.basename(path) in names)
+
+
+def test_resume_on_changed_shards_refuses_or_continues_by_name(fx, w1, tmp_path):
+    """The state names its shards: a removed or rewritten file is one line naming it and the flag; with the flag the
+    position is found by name (file numbers shift); with shards only added the resume stays bit for bit."""
+    batches, states = w1
+    k = 10  # shards 0 and 1 consumed, the loader reads shard 2 (the fixture's w1_state)
+    assert (states[k]["pq_idx"], states[k]["epoch"]) == (2, 1) and states[k + 5]["epoch"] == 1
+    state = json.loads(json.dumps(states[k]))  # as stored in a checkpoint's meta json
+    assert [s[0] for s in state["shards"]] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet"]
+    m = fx["meta"]
+
+    def loader(files):
+        return DataLoader(fx["tok"], files, m["B"], m["T"], rank=0, world_size=1, buffer_size=m["buffer_size"],
+                          tokenizer_batch_size=m["tokenizer_batch_size"])
+
+    # A consumed shard removed: file number 2 no longer exists (before: IndexError, or silently another file).
+    files = _copies(fx, tmp_path / "removed", {"shard_00001.parquet", "shard_00002.parquet"})
+    with pytest.raises(UserError) as e:
+        loader(files).set_state(state)
+    assert "removed: shard_00000.parquet" in str(e.value) and "--allow-data-change=true" in str(e.value)
+    assert "\n" not in str(e.value)
+    resumed = loader(files)
+    resumed.set_state(state, allow_data_change=True)  # accepted: the removed file's buffered documents are dropped
+    moved = resumed.get_state()
+    assert moved["pq_idx"] == moved["next"]["pq_idx"] == 1  # the same file, now number 1, at the same row group
+    assert moved["next"]["rg_idx"] == state["next"]["rg_idx"] and moved["next"]["row"] == state["next"]["row"]
+    assert moved["buffer"] == [[p - 1, g, rows] for p, g, rows in state["buffer"] if p > 0]
+    x, _ = take(resumed, 1)[0][0]
+    assert (x[:, 0] == fx["tok"].bos_id).all()
+
+    # A shard rewritten with other documents under the same name.
+    files = _copies(fx, tmp_path / "rewritten")
+    with open(files[1], "wb") as f, open(files[0], "rb") as g:
+        f.write(g.read())
+    with pytest.raises(UserError, match=r"other content: shard_00001\.parquet \(size 40333, now 62515\)"):
+        loader(files).set_state(state)
+
+    # Shards only added: a note, and the resume is exact.
+    files = _copies(fx, tmp_path / "added")
+    files.append(shutil.copy(files[0], tmp_path / "added" / "shard_00009.parquet"))
+    note = check_resume_shards(state, loader(files).shards())
+    assert "added since the loader state was saved (shard_00009.parquet): the loader reads them" in note
+    resumed = loader(files)
+    resumed.set_state(state)
+    assert_same(take(resumed, 4)[0], batches[k + 1:k + 5])
+
+    # A state saved before states named their shards resumes as it did (exactly, by file number), with a line where
+    # it is checked before compiling; a file number that no longer exists is one line.
+    legacy = {key: v for key, v in state.items() if key != "shards"}
+    assert "resuming by file number" in check_resume_shards(legacy, loader(fx["files"]["train"]).shards())
+    resumed = loader(fx["files"]["train"])
+    resumed.set_state(legacy)
+    assert_same(take(resumed, 4)[0], batches[k + 1:k + 5])
+    with pytest.raises(UserError, match="reading train shard number 2, but only 2 train shard"):
+        loader(files[:2]).set_state(legacy)

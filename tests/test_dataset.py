@@ -78,6 +78,32 @@ def test_check_shard_detects_broken_files(tmp_path):
         dataset.check_shard(str(other))
 
 
+def test_shard_identity_names_the_content_from_the_footer(tmp_path):
+    """What a loader state records of each shard: the same file copied elsewhere is the same shard; other documents
+    under the same name are not; a file cut short is one line naming it."""
+    first, copy = tmp_path / "shard_00000.parquet", tmp_path / "copy" / "shard_00000.parquet"
+    write_parquet(first, ["a doc", "another doc"] * 100)
+    copy.parent.mkdir()
+    copy.write_bytes(first.read_bytes())
+    name, size, digest = dataset.shard_identity(str(first))
+    assert (name, size) == ("shard_00000.parquet", first.stat().st_size) and len(digest) == 16
+    assert dataset.shard_identity(str(copy)) == [name, size, digest]
+    write_parquet(copy, ["a doc", "other doc"] * 100)
+    assert dataset.shard_identity(str(copy))[2] != digest
+    copy.write_bytes(first.read_bytes()[:100])
+    with pytest.raises(UserError, match=f"cannot read shard {copy} .*delete it and re-run"):
+        dataset.shard_identity(str(copy))
+
+
+def test_negative_shard_count_other_than_all_is_one_line(base):
+    """nanochat's -1 means all shards; -5 meant all 1,823 (~180 GB) too."""
+    with pytest.raises(UserError) as e:
+        dataset.main(["-n", "-5"])
+    assert str(e.value) == ("-n/--num-files=-5 is not a number of shards: give 0 or more (train shards 0..n-1; the "
+                            "validation shard always comes too), or -1 for all 1823 shards of fineweb-edu")
+    assert not (base / "base_data").exists()  # refused before anything was fetched or created
+
+
 def test_missing_data_names_the_command(base):
     with pytest.raises(UserError, match=r"python -m jaxchat.dataset -n 8`"):
         dataset.list_shards("fineweb-edu", "train")

@@ -128,7 +128,7 @@ class FakeLoader:
     def get_state(self):
         return {"count": self.count}
 
-    def set_state(self, state):
+    def set_state(self, state, allow_data_change=False):
         self.count = state["count"]
 
     @property
