@@ -59,7 +59,8 @@ def cli_parser(description: str) -> argparse.ArgumentParser:
 
 
 def run_main(main, *args) -> None:
-    """Run an entry point; a UserError becomes one line on stderr and exit code 2 (no traceback).
+    """Run an entry point; a UserError becomes one line on stderr and exit code 2 (no traceback), a Ctrl-C one line
+    and code 130.
 
     In a multi-process run a failing process also tells the others, which exit at once rather than wait in a
     collective for it; its line starts with 'process P of N:'.

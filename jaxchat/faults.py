@@ -21,6 +21,7 @@ def any_process(flag: bool) -> bool:
 
 
 # SIGHUP (the terminal closed, or a scheduler's hang-up) is treated as SIGTERM: by default it kills the run unsaved.
+# Under `nohup` it is ignored, and stays so: the run was started to outlive its terminal.
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -57,7 +58,8 @@ class StopRequest:
         self.training = False
         self.idle_line = "before training started: exiting, nothing to save"  # a signal outside training says this
         self.on_exit: list = []
-        self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS
+                          if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)}
         self._read, write = os.pipe()
         os.set_blocking(write, False)
         self._write = write

@@ -226,7 +226,8 @@ def check_horizon(c: ConfigDict, step: int, plan: Plan) -> None:
         print0(f"Checkpoint step {step} is this run's horizon ({N} steps, from {flag}): nothing left to train; "
                f"running the final evaluation")
     elif step > N:
-        longer = f"{flag}={step + 1} or more" if flag == "--num-iterations" else f"a larger {flag}; --dry-run shows the steps"
+        longer = (f"{flag}={step + 1} or more" if flag == "--num-iterations" else
+                  f"a larger {flag}; --dry-run shows the steps")
         raise UserError(f"checkpoint step {step} of {model_tag(c)} is past this run's horizon of {N} steps (from "
                         f"{flag}): to train on, resume with a horizon of more than {step} steps ({longer}); to end a "
                         f"shorter run, resume an earlier step with --resume-from-step=N, N <= {N} (newer checkpoints "
@@ -553,8 +554,10 @@ def train(argv: list[str], command_line: bool = False) -> dict:
         losses = run_loop(run, state, stop_request)
         return finish(run, state, stop_request, losses)
     finally:
-        if command_line:  # the process is ending: a signal during its clean-up (library threads joined, temporary
-            stop_request.finished("while exiting: exiting at once")  # files removed) is one line, not a traceback
+        if command_line:
+            # The process is ending: a signal during its clean-up (library threads joined, temporary files removed)
+            # is one line, not a KeyboardInterrupt traceback from wherever it lands.
+            stop_request.finished("while exiting: exiting at once")
         for release in stop_request.on_exit:  # the checkpoint lock, also when the run fails
             release()
         if not command_line:

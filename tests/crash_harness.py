@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import TINY_RUN
+from conftest import TINY_RUN, hangup_default
 
 STEPS = 10
 TINY = TINY_RUN + [f"--num-iterations={STEPS}", "--eval-every=-1", "--save-every=1", "--tensorboard=false"]
@@ -32,8 +32,9 @@ def start(base_dir: Path, tag: str, resume: bool, extra: tuple = ()) -> subproce
                WANDB_MODE="disabled")
     cmd = [sys.executable, "-u", "-m", "jaxchat.train", *TINY, f"--model-tag={tag}"]
     cmd += (["--resume-from-step=last"] if resume else []) + list(extra)
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    with hangup_default():
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
 
 
 def run(base_dir: Path, tag: str, *, resume: bool, kill_after_step: int | None = None, sig: int = signal.SIGKILL,

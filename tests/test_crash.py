@@ -143,14 +143,15 @@ def test_signals_during_evaluations_save_first_and_lose_nothing(base_dir, uninte
     saved before), exits 130, and a second Ctrl-C while exiting adds at most one line, no traceback. The final state
     equals the uninterrupted run's."""
     from jaxchat.checkpoint import Checkpointer
-    # Each validation reads 300 batches (over a second here): the signals land inside one.
-    evals = ("--save-every=-1", "--eval-every=5", f"--eval-tokens={64 * 300}")
-    code, first = run(base_dir, "evalstop", resume=True, extra=evals, signals=[("step 00004/", signal.SIGHUP, 0.3)])
+    # Each validation reads 400 batches (a second or more on 2 cores): the signals, sent 0.15 s after the step line
+    # that precedes it (the step boundary's stop check comes right after that line), land inside one.
+    evals = ("--save-every=-1", "--eval-every=5", f"--eval-tokens={64 * 400}")
+    code, first = run(base_dir, "evalstop", resume=True, extra=evals, signals=[("step 00004/", signal.SIGHUP, 0.15)])
     assert code == 129, first[-3000:]
     assert "Stopped by SIGHUP during the evaluation at step 5: checkpoint 5 saved in" in first
     assert Checkpointer(str(base_dir / "base_checkpoints" / "evalstop")).steps() == [5]
     code, second = run(base_dir, "evalstop", resume=True, extra=evals,
-                       signals=[("step 00009/", signal.SIGINT, 0.3), ("Stopped by", signal.SIGINT, 0.0)])
+                       signals=[("step 00009/", signal.SIGINT, 0.15), ("Stopped by", signal.SIGINT, 0.0)])
     assert code in (130, -signal.SIGINT), second[-3000:]  # -2: it landed after Python restored the default handler
     lines = second.strip().splitlines()
     stopped = [i for i, line in enumerate(lines) if line.startswith("Stopped by SIGINT during the final evaluation: "

@@ -11,12 +11,15 @@ import time
 
 import pytest
 
+from conftest import hangup_default
 from jaxchat import faults
 from jaxchat.faults import SaveTimer, Stopped, StopRequest, any_process
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
 def test_while_training_a_signal_is_a_stop_request(signum, code, capsys):
+    if signal.getsignal(signum) is signal.SIG_IGN:
+        pytest.skip(f"pytest runs with {signal.Signals(signum).name} ignored (nohup)")
     before = signal.getsignal(signum)
     request = StopRequest()
     try:
@@ -31,9 +34,27 @@ def test_while_training_a_signal_is_a_stop_request(signum, code, capsys):
     request.restore_handlers()  # twice is harmless (train() restores on every exit path)
 
 
+def test_an_ignored_signal_stays_ignored():
+    """Under `nohup` SIGHUP is ignored: the run must survive the terminal closing, not stop."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    request = StopRequest()
+    try:
+        request.training = True
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert request.signum is None and not request.requested()
+    finally:
+        request.restore_handlers()
+        signal.signal(signal.SIGHUP, before)
+
+
 def run(body: str) -> subprocess.CompletedProcess:
     script = "import os, signal, time\nfrom jaxchat.faults import StopRequest\n" + textwrap.dedent(body)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    with hangup_default():
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    stdout, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 @pytest.mark.parametrize("signum, finished, line", [
@@ -114,7 +135,7 @@ def test_every_evaluation_loop_stops_at_its_next_batch(capsys):
     assert "Received SIGTERM" in capsys.readouterr().out
 
 
-def test_sighup_from_a_terminal_that_hung_up_still_saves():
+def test_sighup_from_a_terminal_that_hung_up_still_saves(tmp_path):
     """SIGHUP after the terminal closed: the line cannot be written (EIO), so output goes to /dev/null instead of
     failing the run's next print before it has saved."""
     import pty
@@ -132,16 +153,15 @@ def test_sighup_from_a_terminal_that_hung_up_still_saves():
             f.write(str(request.signum))
         raise SystemExit(request.exit_code)
     """)
-    mark = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sighup_{os.getpid()}")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=slave, stderr=slave,
-                            env=dict(os.environ, MARK=mark), start_new_session=True)
+    mark = tmp_path / "signum"
+    with hangup_default():
+        proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=slave, stderr=slave,
+                                env=dict(os.environ, MARK=str(mark)), start_new_session=True)
     os.close(slave)
     os.close(master)  # the terminal hangs up
     proc.communicate(b"\n", timeout=60)
     assert proc.returncode == 129
-    with open(mark) as f:
-        assert f.read() == str(int(signal.SIGHUP))
-    os.remove(mark)
+    assert mark.read_text() == str(int(signal.SIGHUP))
 
 
 def test_ctrl_c_outside_training_is_one_line(capsys):
