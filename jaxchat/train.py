@@ -213,14 +213,15 @@ def open_checkpoints(c: ConfigDict, stop_request: StopRequest, tok,
                       max_seq_len=c.max_seq_len, **({"recipe": c.recipe} if "recipe" in c else {}))
     step = resume_point(c, checkpointer, dataclasses.asdict(plan.model), run_inputs)
     if step is not None:
-        check_horizon(c, step, plan)
+        check_horizon(c, step, plan, checkpointer.steps())
     return checkpointer, step, run_inputs
 
 
-def check_horizon(c: ConfigDict, step: int, plan: Plan) -> None:
+def check_horizon(c: ConfigDict, step: int, plan: Plan, saved: list[int]) -> None:
     """A checkpoint past this run's horizon is refused: the loop would never meet its last step, and past the horizon
     the schedule's warmdown goes on below zero (gradient ascent; nanochat's loop has the same hole). One at the
-    horizon is a finished run: nothing to train, the final evaluation runs (what relaunching a finished job does)."""
+    horizon is a finished run: nothing to train, the final evaluation runs (what relaunching a finished job does).
+    saved: the directory's checkpoint steps, for the advice."""
     N, flag = plan.num_iterations, plan.horizon_source
     if step == N:
         print0(f"Checkpoint step {step} is this run's horizon ({N} steps, from {flag}): nothing left to train; "
@@ -228,10 +229,12 @@ def check_horizon(c: ConfigDict, step: int, plan: Plan) -> None:
     elif step > N:
         longer = (f"{flag}={step + 1} or more" if flag == "--num-iterations" else
                   f"a larger {flag}; --dry-run shows the steps")
+        earlier = [s for s in saved if s <= N]
+        shorter = (f"to end a shorter run, resume an earlier checkpoint with --resume-from-step=N, N in {earlier[-5:]} "
+                   f"(newer ones are moved aside)" if earlier else
+                   f"for a shorter run, train a new --model-tag (no checkpoint at or before step {N})")
         raise UserError(f"checkpoint step {step} of {model_tag(c)} is past this run's horizon of {N} steps (from "
-                        f"{flag}): to train on, resume with a horizon of more than {step} steps ({longer}); to end a "
-                        f"shorter run, resume an earlier step with --resume-from-step=N, N <= {N} (newer checkpoints "
-                        f"are moved aside)")
+                        f"{flag}): to train on, resume with a horizon of more than {step} steps ({longer}); {shorter}")
 
 
 def resume_point(c, checkpointer: Checkpointer, model_config: dict, inputs: dict) -> int | None:

@@ -99,11 +99,14 @@ def test_checkpoint_at_the_horizon_finishes_at_once(base_dir, capsys):
     from jaxchat.config import parse_flags
     from jaxchat.train import check_horizon, run_plan
     c = parse_flags(TINY + ["--model-tag=tiny"])
-    check_horizon(c, 2, run_plan(c, 4096, device_batch_size=1))
+    check_horizon(c, 2, run_plan(c, 4096, device_batch_size=1), [1, 2])
     assert ("Checkpoint step 2 is this run's horizon (2 steps, from --num-iterations): nothing left to train; running "
             "the final evaluation") in capsys.readouterr().out
-    with pytest.raises(UserError, match="past this run's horizon of 2 steps"):
-        check_horizon(c, 3, run_plan(c, 4096, device_batch_size=1))
+    # One past it: the advice names the checkpoints at or before the horizon that exist (or says there are none).
+    with pytest.raises(UserError, match=r"past this run's horizon of 2 steps .* --resume-from-step=N, N in \[1, 2\]"):
+        check_horizon(c, 3, run_plan(c, 4096, device_batch_size=1), [1, 2, 3])
+    with pytest.raises(UserError, match=r"train a new --model-tag \(no checkpoint at or before step 2\)"):
+        check_horizon(c, 3, run_plan(c, 4096, device_batch_size=1), [3])
 
 
 def test_checkpoint_with_another_tokenizer_vocabulary(base_dir):
