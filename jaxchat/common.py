@@ -103,7 +103,8 @@ def cli_parser(description: str) -> argparse.ArgumentParser:
 
 
 def run_main(main, *args) -> None:
-    """Run an entry point; a UserError becomes one line on stderr and exit code 2 (no traceback).
+    """Run an entry point; a UserError becomes one line on stderr and exit code 2 (no traceback), a Ctrl-C one line
+    and code 130.
 
     In a multi-process run a failing process also tells the others, which exit at once rather than wait in a
     collective for it; its line starts with 'process P of N:'.
@@ -120,7 +121,16 @@ def run_main(main, *args) -> None:
         # shutdown that would bury the one line that matters: nothing after it goes to stderr.
         sys.stderr = open(os.devnull, "w")
         sys.exit(2)
-    except (Exception, KeyboardInterrupt) as e:
+    except KeyboardInterrupt:
+        # Ctrl-C where no handler of ours runs (evaluation, export, downloads; training has faults.StopRequest): one
+        # line and the shell's code, not a traceback from whatever it interrupted.
+        line = f"{watchdog.prefix()}interrupted by SIGINT: exiting"
+        if watchdog.active():
+            watchdog.abort(line, 130)
+        print(line, file=sys.stderr, flush=True)
+        sys.stderr = open(os.devnull, "w")  # as above: a second Ctrl-C during shutdown adds nothing
+        sys.exit(130)
+    except Exception as e:
         if watchdog.active():
             import traceback
 

@@ -238,6 +238,9 @@ def parse_flags(argv: list[str]) -> ConfigDict:
     dotted, flags = [], []
     for arg in argv:
         if arg.startswith("--config="):
+            if config_file is not None:  # one file is the base; a second would silently replace it entirely
+                raise UserError(f"--config given twice ({config_file} and {arg.split('=', 1)[1]}): give one config "
+                                f"file and override its keys with --config.KEY=VALUE or --KEY=VALUE")
             config_file = arg.split("=", 1)[1]
         elif arg.startswith("--config."):
             dotted.append(arg[len("--config."):])

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxchat import core_bundle, mesh as meshlib
+from jaxchat import core_bundle, faults, mesh as meshlib
 from jaxchat.common import UserError, print0, run_main
 from jaxchat.core_bundle import find_bundle
 from jaxchat.tokenizer import Tokenizer
@@ -315,6 +315,7 @@ class RowScorer:
         order = sorted(range(len(rows)), key=lambda r: len(rows[r]))  # similar lengths share a batch: less padding
         pending, i = [], 0
         while i < len(order):
+            faults.check()  # a signal during training stops CORE here (or while reading back, below)
             length = bucket_length(len(rows[order[i]]), self.max_len)
             n_rows = self.rows_per_batch(length)
             chunk = [r for r in order[i: i + n_rows] if len(rows[r]) <= length]
@@ -334,6 +335,7 @@ class RowScorer:
             self.stats["tokens"] += sum(len(rows[r]) for r in chunk)
             self.stats["padded_tokens"] += tokens.size
         for chunk, (mean_b, match_b) in pending:
+            faults.check()
             means[chunk], matches[chunk] = np.asarray(mean_b)[: len(chunk)], np.asarray(match_b)[: len(chunk)]
         return means, matches
 

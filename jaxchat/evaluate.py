@@ -10,6 +10,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxchat import faults
+
 SAMPLE_PROMPTS = (
     "The capital of France is",
     "The chemical symbol of gold is",
@@ -37,6 +39,7 @@ def evaluate_bpb(bpb_step: Callable, params, batches: Iterator, steps: int, toke
     """bpb = total nats / (ln 2 * total bytes) over `steps` batches; special tokens (0 bytes) are not counted."""
     total_nats, total_bytes = 0.0, 0
     for _ in range(steps):
+        faults.check()  # a signal during training stops the evaluation here
         inputs, targets = next(batches)
         nats, nbytes = bpb_step(params, inputs, targets, token_bytes_V)
         total_nats += float(nats)
@@ -60,6 +63,7 @@ def greedy_generate(graphdef, params, prompts: list[list[int]], max_tokens: int,
     new_cache = jax.jit(lambda: model.init_cache(1, max_len), out_shardings=out)
     outputs = []
     for prompt in prompts:
+        faults.check()  # a signal during training stops the sampling here
         cache = new_cache()
         for pos, token in enumerate(prompt):  # prefill, one token at a time through the same compiled step
             logits, cache = step(params, np.array([token], np.int32), np.int32(pos), cache)

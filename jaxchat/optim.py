@@ -94,11 +94,21 @@ class MuonVariant:
 # ---------------------------------------------------------------------------------------------------------------
 # Schedules (scripts/base_train.py get_lr_multiplier, get_muon_momentum, get_weight_decay)
 
+def check_within_horizon(it: int, num_iterations: int) -> None:
+    """Refuse a step outside [0, num_iterations]: past the horizon the warmdown's line goes on below zero (a negative
+    LR multiplier is gradient ascent, nanochat's get_lr_multiplier included) and the weight decay turns negative
+    (linear) or back up (cosine). The loop ends at the horizon and refuses a checkpoint past it, so this is a bug."""
+    if not 0 <= it <= num_iterations:
+        raise ValueError(f"schedule asked for step {it} outside the horizon [0, {num_iterations}]: the LR multiplier "
+                         f"would be negative past it")
+
+
 def lr_multiplier(it: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
                   final_lr_frac: float, warmup_steps: int = -1) -> float:
     """LR multiplier for 0-based step `it`: linear warmup, constant, linear warmdown to final_lr_frac.
 
     warmup_steps >= 0 (92d63d4's --warmup-steps) replaces 348fbb3's warmup_ratio."""
+    check_within_horizon(it, num_iterations)
     # Python round (half to even), as the reference
     warmup = warmup_steps if warmup_steps >= 0 else round(warmup_ratio * num_iterations)
     warmdown = round(warmdown_ratio * num_iterations)
@@ -137,11 +147,13 @@ def muon_momentum(it: int, num_iterations: int = 0, warmdown_ratio: float = 0.0,
 
 def muon_weight_decay(it: int, num_iterations: int, wd_scaled: float) -> float:
     """Muon weight decay: linear from wd_scaled to 0 over the run (348fbb3)."""
+    check_within_horizon(it, num_iterations)
     return wd_scaled * (1 - it / num_iterations)
 
 
 def muon_weight_decay_cosine(it: int, num_iterations: int, wd_scaled: float) -> float:
     """Muon weight decay: cosine from wd_scaled to 0 over the run (92d63d4 scripts/base_train.py get_weight_decay)."""
+    check_within_horizon(it, num_iterations)
     return wd_scaled * 0.5 * (1 + math.cos(math.pi * it / num_iterations))
 
 

@@ -9,6 +9,7 @@ recipe's transfer rules (batch LR scale, Muon weight decay; 92d63d4's auto batch
 import argparse
 import dataclasses
 import inspect
+import math
 
 from jaxchat import optim, recipe as recipes
 from jaxchat.common import UserError, run_main
@@ -20,12 +21,30 @@ def num_iterations(*, num_iterations: int, target_flops: float, target_param_dat
     """Steps to train and where the number came from: --num-iterations > --target-flops > --target-param-data-ratio."""
     if num_iterations > 0:
         return num_iterations, "--num-iterations"
+    # A horizon under one step would train nothing and say nothing: refused, with the value that gives one step.
     if target_flops > 0:
-        return round(target_flops / (flops_per_token * total_batch_size)), "--target-flops"
+        steps = round(target_flops / (flops_per_token * total_batch_size))
+        if steps == 0:
+            raise UserError(f"--target-flops={target_flops:g} trains 0 steps (one step is "
+                            f"{flops_per_token * total_batch_size:.4g} FLOPs at this size and batch): raise it to at "
+                            f"least that, or set --num-iterations")
+        return steps, "--target-flops"
     if target_param_data_ratio > 0:
-        return int(target_param_data_ratio * scaling_params) // total_batch_size, "--target-param-data-ratio"
+        steps = int(target_param_data_ratio * scaling_params) // total_batch_size
+        if steps == 0:
+            raise UserError(f"--target-param-data-ratio={target_param_data_ratio:g} trains 0 steps (one step of "
+                            f"{total_batch_size:,} tokens needs a ratio of at least "
+                            f"{round_up(total_batch_size / scaling_params):.4g} for {scaling_params:,} scaling "
+                            f"params): raise it, or set --num-iterations")
+        return steps, "--target-param-data-ratio"
     raise UserError("no training horizon: set one of --num-iterations, --target-flops or --target-param-data-ratio "
                     "to a positive value (e.g. --target-param-data-ratio=10.5)")
+
+
+def round_up(x: float, digits: int = 4) -> float:
+    """x rounded up to `digits` significant digits: a threshold printed so that the printed value passes it."""
+    scale = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return math.ceil(x / scale) * scale
 
 
 def valid_device_batch_sizes(total_batch_size: int, seq_len: int, data_parallel_size: int) -> list[int]:

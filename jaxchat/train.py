@@ -33,7 +33,7 @@ from jaxchat.common import UserError, base_dir, check_writable, print0, run_main
 from jaxchat.config import parse_flags
 from jaxchat.distributed import gather_json, init_distributed
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
-from jaxchat.faults import SaveTimer, StopRequest
+from jaxchat.faults import SaveTimer, Stopped, StopRequest
 from jaxchat.monitor import Monitor, peak_flops, step_line
 from jaxchat.plan import Plan, device_batch_warning, make_plan
 from jaxchat.step import (ShardLoaders, abstract_steps, check_resume_data, global_batch, init_state, make_loaders,
@@ -144,7 +144,7 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     core_bundle = find_core_bundle(c)
     plan = run_plan(c, tok.vocab_size, device_batch_size=c.device_batch_size or 1)  # the batch and the transfer
     config = plan.model
-    checkpointer, resume_from, run_inputs = open_checkpoints(c, stop_request, tok, config, plan.total_batch_size)
+    checkpointer, resume_from, run_inputs = open_checkpoints(c, stop_request, tok, plan)
     # --init-from: a nanochat checkpoint's weights for a run that starts at step 0 (a resume continues instead).
     init_from = (nanochat_ckpt.check_source(c.init_from, config, c.resume_optimizer, tok)  # every file read now
                  if c.init_from and resume_from is None else None)
@@ -205,15 +205,38 @@ def find_core_bundle(c: ConfigDict) -> str | None:
     return bundle
 
 
-def open_checkpoints(c: ConfigDict, stop_request: StopRequest, tok, config,
-                     total_batch_size: int) -> tuple[Checkpointer, int | None, dict]:
+def open_checkpoints(c: ConfigDict, stop_request: StopRequest, tok,
+                     plan: Plan) -> tuple[Checkpointer, int | None, dict]:
     """(checkpointer, step to resume from or None, run inputs): the directory locked for this run (released on any
-    exit) and the resume checked against this run, before anything compiles."""
+    exit) and the resume checked against this run and its horizon, before anything compiles."""
     checkpointer = Checkpointer(checkpoint_dir(model_tag(c)), lock=True, keep_last=c.keep_last)
     stop_request.on_exit.append(checkpointer.release)
-    run_inputs = dict(tokenizer=tok.fingerprint(), data=c.data, total_batch_size=total_batch_size,
+    run_inputs = dict(tokenizer=tok.fingerprint(), data=c.data, total_batch_size=plan.total_batch_size,
                       max_seq_len=c.max_seq_len, **({"recipe": c.recipe} if "recipe" in c else {}))
-    return checkpointer, resume_point(c, checkpointer, dataclasses.asdict(config), run_inputs, tok), run_inputs
+    step = resume_point(c, checkpointer, dataclasses.asdict(plan.model), run_inputs, tok)
+    if step is not None:
+        check_horizon(c, step, plan, checkpointer.steps())
+    return checkpointer, step, run_inputs
+
+
+def check_horizon(c: ConfigDict, step: int, plan: Plan, saved: list[int]) -> None:
+    """A checkpoint past this run's horizon is refused: the loop would never meet its last step, and past the horizon
+    the schedule's warmdown goes on below zero (gradient ascent; nanochat's loop has the same hole). One at the
+    horizon is a finished run: nothing to train, the final evaluation runs (what relaunching a finished job does).
+    saved: the directory's checkpoint steps, for the advice."""
+    N, flag = plan.num_iterations, plan.horizon_source
+    if step == N:
+        print0(f"Checkpoint step {step} is this run's horizon ({N} steps, from {flag}): nothing left to train; "
+               f"running the final evaluation")
+    elif step > N:
+        longer = (f"{flag}={step + 1} or more" if flag == "--num-iterations" else
+                  f"a larger {flag}; --dry-run shows the steps")
+        earlier = [s for s in saved if s <= N]
+        shorter = (f"to end a shorter run, resume an earlier checkpoint with --resume-from-step=N, N in {earlier[-5:]} "
+                   f"(newer ones are moved aside)" if earlier else
+                   f"for a shorter run, train a new --model-tag (no checkpoint at or before step {N})")
+        raise UserError(f"checkpoint step {step} of {model_tag(c)} is past this run's horizon of {N} steps (from "
+                        f"{flag}): to train on, resume with a horizon of more than {step} steps ({longer}); {shorter}")
 
 
 def resume_point(c, checkpointer: Checkpointer, model_config: dict, inputs: dict, tok) -> int | None:
@@ -445,24 +468,35 @@ def log_step(run: Run, state: TrainState, step: int, loss: float, dt: float, lrm
 
 
 def save_or_stop(run: Run, state: TrainState, stop_request: StopRequest, step: int) -> None:
-    """Between steps: a timer or preemption save; after a SIGTERM / SIGINT, exit with the signal's code."""
+    """Between steps: a timer save, or after a signal a save and exit (the last step goes on to its final save, whose
+    evaluation then stops at its first batch)."""
     N = run.plan.num_iterations
     stop = stop_request.requested()
-    if step < N and (stop or state.save_timer.due()):
-        save(run, state, step, kind="preempt" if stop else "time")
-    run.checkpointer.poll()  # "Saved checkpoint" for a save that committed in the background
     if stop and step < N:
-        run.checkpointer.close()
-        print0(f"Stopped by {signal.Signals(stop_request.signum or signal.SIGTERM).name} after step {step - 1}: "
-               f"checkpoint {step} saved in {run.checkpointer.directory}; continue with --resume-from-step=last")
-        sys.exit(stop_request.exit_code)
+        stop_run(run, state, stop_request, step, f"after step {step - 1}")
+    if step < N and state.save_timer.due():
+        save(run, state, step, kind="time")
+    run.checkpointer.poll()  # "Saved checkpoint" for a save that committed in the background
+
+
+def stop_run(run: Run, state: TrainState, stop_request: StopRequest, step: int, when: str) -> None:
+    """After a signal: save the state at `step` unless its checkpoint exists (resumed from, or saved before the
+    evaluation the signal stopped), wait until it is committed, then exit with the signal's code and one line."""
+    if step not in (state.resume_step, state.last_saved):
+        save(run, state, step, kind="preempt")
+    run.checkpointer.close()
+    then = ("--resume-from-step=last runs the final evaluation again" if step == run.plan.num_iterations else
+            "continue with --resume-from-step=last")
+    print0(f"Stopped by {signal.Signals(stop_request.signum or signal.SIGTERM).name} {when}: checkpoint {step} saved "
+           f"in {run.checkpointer.directory}; {then}")
+    sys.exit(stop_request.exit_code)
 
 
 def run_loop(run: Run, state: TrainState, stop_request: StopRequest) -> dict[int, float]:
     """Save, evaluate, train one step, repeat until the plan's last step; returns {step: loss}."""
     c, N = run.c, run.plan.num_iterations
     losses = {}
-    stop_request.training = True  # signals now stop at a step boundary with a save
+    stop_request.training = True  # signals now stop at a step boundary, or an evaluation's batch, with a save
     # The next step's batch is read while this step runs on the devices (dispatch is asynchronous), so a checkpoint
     # records the loader state of the batches trained on, not of the one read ahead.
     ahead = None
@@ -472,7 +506,11 @@ def run_loop(run: Run, state: TrainState, stop_request: StopRequest) -> dict[int
         # Save before evaluating: an evaluation that fails (a val shard gone, a broken task file) loses nothing.
         if step not in (state.resume_step, state.last_saved) and (last or (c.save_every > 0 and step % c.save_every == 0)):
             save(run, state, step, kind="final" if last else "step")
-        evaluate_at_step(run, state, step, last)
+        try:
+            evaluate_at_step(run, state, step, last)
+        except Stopped:  # a signal during an evaluation: it stops at its next batch, the step is saved first
+            stop_run(run, state, stop_request, step,
+                     "during the final evaluation" if last else f"during the evaluation at step {step}")
         if last:
             break
         if os.environ.get("JAXCHAT_TEST_DIE_AT_STEP") == str(step):  # test hook: a sudden death (OOM killer, node loss)
@@ -492,11 +530,14 @@ def run_loop(run: Run, state: TrainState, stop_request: StopRequest) -> dict[int
 def finish(run: Run, state: TrainState, stop_request: StopRequest, losses: dict[int, float]) -> dict:
     """Wait for the last save, close the logs, print nanochat's closing lines."""
     run.checkpointer.close()
-    state.monitor.close()
-    if stop_request.signum is not None:  # a signal during the final evaluation or save: all is saved, say so
+    if stop_request.signum is not None:  # a signal after the evaluation's last batch, or during the save: all is saved
         print0(f"Stopped by {signal.Signals(stop_request.signum).name} at the end: the final checkpoint "
                f"{state.loop.step} is saved in {run.checkpointer.directory}")
         sys.exit(stop_request.exit_code)
+    # All is saved: a signal from here on (closing the logs can take long) exits at once.
+    stop_request.finished(f"after the final checkpoint {state.loop.step} was saved in {run.checkpointer.directory}: "
+                          f"exiting")
+    state.monitor.close()
     stats = jax.local_devices()[0].memory_stats()  # jax.devices()[0] belongs to process 0
     peak_mib = stats["peak_bytes_in_use"] / 2**20 if stats else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print0(f"Peak memory usage: {peak_mib:.2f}MiB" + ("" if stats else " (host process; no device statistics)"))
@@ -505,31 +546,37 @@ def finish(run: Run, state: TrainState, stop_request: StopRequest, losses: dict[
     return {"losses": losses, "loop": state.loop}
 
 
-def train(argv: list[str], compile_cache_on: bool = False) -> dict:
+def train(argv: list[str], command_line: bool = False) -> dict:
     """Run training; returns {"losses": {step: loss}, "loop": LoopState} for tests and scripts.
 
-    compile_cache_on: use --compile-cache (the command line does; in-process callers keep their jax config)."""
+    command_line: use --compile-cache, and keep handling signals until the process has exited (in-process callers
+    keep their jax config and get their signal handlers back)."""
     c = parse_flags(argv)
     if c.dry_run:
         return dry_run(c)
-    if compile_cache_on:
+    if command_line:
         compile_cache.enable(c.compile_cache)  # before anything compiles; touches no backend (before distributed)
-    stop_request = StopRequest()  # from here on a signal ends the run cleanly (130 / 143, at most one line)
+    stop_request = StopRequest()  # from here on a signal ends the run cleanly (130 / 143 / 129, at most one line)
     try:
         run, params, opt_state = set_up(c, stop_request)
         state = restore_or_start(run, params, opt_state)
         losses = run_loop(run, state, stop_request)
         return finish(run, state, stop_request, losses)
     finally:
-        stop_request.restore_handlers()
+        if command_line:
+            # The process is ending: a signal during its clean-up (library threads joined, temporary files removed)
+            # is one line, not a KeyboardInterrupt traceback from wherever it lands.
+            stop_request.finished("while exiting: exiting at once")
         for release in stop_request.on_exit:  # the checkpoint lock, also when the run fails
             release()
+        if not command_line:
+            stop_request.restore_handlers()
 
 
 def main() -> None:
     xla_flags.apply()  # before the backend starts
     host_memory.keep_freed_memory()  # before threads allocate
-    run_main(train, sys.argv[1:], True)  # with the persistent compilation cache
+    run_main(train, sys.argv[1:], True)  # command_line: the persistent compilation cache, signals until the end
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # about 2.5 s per tiny run (11.5 s against 14 s) and the tests' steps are too small to gain from it
 os.environ.setdefault("JAXCHAT_MALLOC", "0")
 
+import contextlib  # noqa: E402
+import signal  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -26,6 +28,17 @@ LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # A tiny training run on the demo corpus (seconds on a CPU); tests append their horizon and overrides (last flag wins).
 TINY_RUN = ["--data=demo", "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64", "--device-batch-size=1",
             "--total-batch-size=1024", "--eval-tokens=1024", "--core-metric-every=-1", "--sample-every=-1"]
+
+
+@contextlib.contextmanager
+def hangup_default():
+    """Around starting a run that a test sends SIGHUP: pytest may itself run under nohup, whose ignored SIGHUP the run
+    would inherit (jaxchat leaves an ignored SIGHUP ignored). Not a preexec_fn: that forks a multithreaded process."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def moved(ours: np.ndarray, ref: np.ndarray, start: np.ndarray, exclude: int = 0) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import TINY_RUN
+from conftest import TINY_RUN, hangup_default
 
 STEPS = 10
 TINY = TINY_RUN + [f"--num-iterations={STEPS}", "--eval-every=-1", "--save-every=1", "--tensorboard=false"]
@@ -32,17 +32,20 @@ def start(base_dir: Path, tag: str, resume: bool, extra: tuple = ()) -> subproce
                WANDB_MODE="disabled")
     cmd = [sys.executable, "-u", "-m", "jaxchat.train", *TINY, f"--model-tag={tag}"]
     cmd += (["--resume-from-step=last"] if resume else []) + list(extra)
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    with hangup_default():
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
 
 
 def run(base_dir: Path, tag: str, *, resume: bool, kill_after_step: int | None = None, sig: int = signal.SIGKILL,
         kill_delay: float = 0.0, timeout: float = 300, extra: tuple = (),
-        kill_at_line: str | None = None) -> tuple[int, str]:
+        kill_at_line: str | None = None, signals: tuple = ()) -> tuple[int, str]:
     """(exit code, output) of one run; with kill_after_step, `sig` is sent kill_delay seconds after that step line
-    (or after the first line containing kill_at_line)."""
+    (or after the first line containing kill_at_line); `signals`: (text, signal, delay) sent in turn, each `delay`
+    seconds after the first line containing its text."""
     proc = start(base_dir, tag, resume, extra)
     lines, deadline, kill_at = [], time.monotonic() + timeout, None
+    signals = list(signals)
     try:
         os.set_blocking(proc.stdout.fileno(), False)
         while proc.poll() is None and time.monotonic() < deadline:
@@ -54,6 +57,10 @@ def run(base_dir: Path, tag: str, *, resume: bool, kill_after_step: int | None =
                     kill_at = time.monotonic() + kill_delay
                 if kill_at_line is not None and kill_at_line in line and kill_at is None:
                     kill_at = time.monotonic() + kill_delay
+                if signals and signals[0][0] in line:
+                    _, signum, delay = signals.pop(0)
+                    time.sleep(delay)
+                    os.killpg(proc.pid, signum)
             else:
                 time.sleep(0.005)
             if kill_at is not None and time.monotonic() >= kill_at:

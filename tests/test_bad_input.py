@@ -73,6 +73,15 @@ CASES = [
     (["--eval-every=0"], "use -1 or >= 1 (-1 = off)"),
     (["--model-tag=tiny", "--resume-from-step=2", "--total-batch-size=2048"],
      "total_batch_size: saved 1024, now 2048"),
+    # A horizon shorter than the checkpoint: the loop would never meet its end (and the LR would go negative).
+    (["--model-tag=tiny", "--resume-from-step=last", "--num-iterations=1"], "checkpoint step 2 of tiny is past this "
+     "run's horizon of 1 steps (from --num-iterations): to train on, resume with a horizon of more than 2 steps "
+     "(--num-iterations=3 or more)"),
+    (["--model-tag=tiny", "--resume-from-step=2", "--num-iterations=-1", "--target-flops=3e9"],
+     "past this run's horizon of 1 steps (from --target-flops)"),
+    (["--num-iterations=-1", "--target-flops=1e6"], "--target-flops=1e+06 trains 0 steps"),
+    (["--num-iterations=-1", "--target-param-data-ratio=0.001"], "--target-param-data-ratio=0.001 trains 0 steps"),
+    (["--config=configs/demo.py", "--config=configs/cpu.py"], "--config given twice"),
 ]
 
 
@@ -83,6 +92,22 @@ def test_bad_input_is_one_clear_line(base_dir, argv, message):
         train(TINY + argv)
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_checkpoint_at_the_horizon_finishes_at_once(base_dir, capsys):
+    """A checkpoint at this run's last step is a finished run: no error, the loop goes straight to the final
+    evaluation (one past it is refused: CASES)."""
+    from jaxchat.config import parse_flags
+    from jaxchat.train import check_horizon, run_plan
+    c = parse_flags(TINY + ["--model-tag=tiny"])
+    check_horizon(c, 2, run_plan(c, 4096, device_batch_size=1), [1, 2])
+    assert ("Checkpoint step 2 is this run's horizon (2 steps, from --num-iterations): nothing left to train; running "
+            "the final evaluation") in capsys.readouterr().out
+    # One past it: the advice names the checkpoints at or before the horizon that exist (or says there are none).
+    with pytest.raises(UserError, match=r"past this run's horizon of 2 steps .* --resume-from-step=N, N in \[1, 2\]"):
+        check_horizon(c, 3, run_plan(c, 4096, device_batch_size=1), [1, 2, 3])
+    with pytest.raises(UserError, match=r"train a new --model-tag \(no checkpoint at or before step 2\)"):
+        check_horizon(c, 3, run_plan(c, 4096, device_batch_size=1), [3])
 
 
 def test_checkpoint_with_another_tokenizer_vocabulary(base_dir):
@@ -101,7 +126,8 @@ def test_checkpoint_with_another_tokenizer_vocabulary(base_dir):
 
 
 @pytest.mark.parametrize("argv", [["--depth=7"], ["--device-batch-size=3"], ["--data=fineweb-edu"],
-                                  ["--model-tag=tiny", "--resume-from-step=2", "--depth=4"]])
+                                  ["--model-tag=tiny", "--resume-from-step=2", "--depth=4"],
+                                  ["--model-tag=tiny", "--resume-from-step=last", "--num-iterations=1"]])
 def test_command_line_exit_code_and_no_traceback(base_dir, argv):
     proc = subprocess.run([sys.executable, "-m", "jaxchat.train", *TINY, *argv], capture_output=True, text=True,
                           env=dict(os.environ, JAXCHAT_BASE_DIR=str(base_dir)), timeout=300)

@@ -135,3 +135,28 @@ def test_locks_rotation_and_a_failed_final_evaluation_lose_nothing(base_dir, mon
         ["1", "2", "3", "4", "5", "6"]
     assert Checkpointer(str(ckpt)).steps() == [3, 4, 5, 6]  # step 3 (--save-every) kept, timed 1 and 2 rotated
     assert not [p for p in ckpt.iterdir() if "tmp" in p.name or p.name == ".lock"]
+
+
+def test_signals_during_evaluations_save_first_and_lose_nothing(base_dir, uninterrupted):
+    """SIGHUP (treated as SIGTERM) during an --eval-every validation: it stops at its next batch, saves the step
+    (not saved yet: no --save-every) and exits 129; the resume, Ctrl-C'd during the final evaluation (its checkpoint
+    saved before), exits 130, and a second Ctrl-C while exiting adds at most one line, no traceback. The final state
+    equals the uninterrupted run's."""
+    from jaxchat.checkpoint import Checkpointer
+    # Each validation reads 400 batches (a second or more on 2 cores): the signals, sent 0.15 s after the step line
+    # that precedes it (the step boundary's stop check comes right after that line), land inside one.
+    evals = ("--save-every=-1", "--eval-every=5", f"--eval-tokens={64 * 400}")
+    code, first = run(base_dir, "evalstop", resume=True, extra=evals, signals=[("step 00004/", signal.SIGHUP, 0.15)])
+    assert code == 129, first[-3000:]
+    assert "Stopped by SIGHUP during the evaluation at step 5: checkpoint 5 saved in" in first
+    assert Checkpointer(str(base_dir / "base_checkpoints" / "evalstop")).steps() == [5]
+    code, second = run(base_dir, "evalstop", resume=True, extra=evals,
+                       signals=[("step 00009/", signal.SIGINT, 0.15), ("Stopped by", signal.SIGINT, 0.0)])
+    assert code in (130, -signal.SIGINT), second[-3000:]  # -2: it landed after Python restored the default handler
+    lines = second.strip().splitlines()
+    stopped = [i for i, line in enumerate(lines) if line.startswith("Stopped by SIGINT during the final evaluation: "
+                                                                      f"checkpoint {STEPS} saved in")]
+    assert stopped and len(lines) - stopped[0] <= 2, second[-3000:]
+    assert all(line.startswith(("SIGINT while exiting", "second SIGINT")) for line in lines[stopped[0] + 1:])
+    assert "Traceback" not in first + second and "KeyboardInterrupt" not in second
+    assert_identical(base_dir, "evalstop", [first, second], uninterrupted)

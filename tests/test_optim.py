@@ -323,6 +323,21 @@ def test_lr_multiplier_warmup_and_no_warmdown():
     assert all(optim.lr_multiplier(it, 10, 0.0, 0.0, 0.0) == 1.0 for it in range(10))
 
 
+def test_schedules_refuse_steps_past_the_horizon():
+    """Past N the warmdown's line goes below zero (gradient ascent) and the weight decay negative: refused, not
+    extrapolated; step N itself (the final LR) is fine."""
+    N = 100
+    assert optim.lr_multiplier(N, N, 0.0, 0.5, 0.0) == 0.0
+    for schedule in (lambda it: optim.lr_multiplier(it, N, 0.0, 0.5, 0.0),
+                     lambda it: optim.muon_weight_decay(it, N, 0.2),
+                     lambda it: optim.muon_weight_decay_cosine(it, N, 0.2),
+                     lambda it: optim.schedule_values(it, num_iterations=N, warmup_ratio=0.0, warmdown_ratio=0.5,
+                                                      final_lr_frac=0.0, weight_decay=0.2)):
+        for it in (N + 1, 3 * N, -1):
+            with pytest.raises(ValueError, match=f"step {it} outside the horizon"):
+                schedule(it)
+
+
 def test_muon_momentum_and_weight_decay_schedules():
     assert optim.muon_momentum(0) == 0.85
     assert optim.muon_momentum(150) == pytest.approx(0.90)
