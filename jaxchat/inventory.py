@@ -57,7 +57,7 @@ def _own_counts(line: str, opcode: str, in_async: bool, dtypes: dict[str, str]) 
         elif opcode == op:
             counts["async_collectives" if in_async else "sync_collectives"] += 1
             counts[f"{'async' if in_async else 'sync'}:{op}"] += 1
-    if "blocked_attention" in line:  # the op_name metadata of jaxchat's CPU attention (model.attention)
+    if "blocked_attention" in line:  # the op_name metadata of jaxchat's CPU attention (jaxchat.attention)
         counts["cpu_attention"] += 1
     return counts
 
