@@ -2,6 +2,9 @@
 left window, by the kernel the backend names (jaxchat.backend.ATTENTION), and one query against a KV cache.
 
     y_BTHD = attention(q_BTHD, k_BTKD, v_BTKD, window_left, impl=backend.attention)
+
+"blocked": jaxchat's, for XLA:CPU; "cudnn": cuDNN flash attention (jax.nn); "splash": JAX's Pallas splash attention
+for TPU; "xla": jax.nn's XLA path (the scores in memory), where there is no fused kernel.
 """
 
 import functools
@@ -11,23 +14,76 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import PartitionSpec as P
+
 from jaxchat import mesh as meshlib
 
 
 def attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, window_left: int, impl: str) -> jax.Array:
-    """Causal attention where query t sees keys t-window_left..t, by the backend's kernel (backend.ATTENTION):
-    "blocked" (jaxchat's, for XLA:CPU), "cudnn" (cuDNN flash attention) or "xla" (jax.nn's XLA path)."""
+    """Causal attention where query t sees keys t-window_left..t, by the backend's kernel (backend.ATTENTION)."""
     if impl == "blocked":
         groups = q_BTHD.shape[2] // k_BTKD.shape[2]  # GQA: each kv head serves `groups` query heads
         k_BTHD, v_BTHD = (jnp.repeat(t, groups, axis=2) if groups > 1 else t for t in (k_BTKD, v_BTKD))
         with jax.named_scope("blocked_attention"):  # named in the compiled program: jaxchat.aot looks for it
             return blocked_attention(q_BTHD, k_BTHD, v_BTHD, window_left)
     seq_len = q_BTHD.shape[1]
+    if impl == "splash" and splash_block(seq_len):
+        return splash_attention(q_BTHD, k_BTKD, v_BTKD, window_left)
+    # cuDNN's, or XLA's: where there is no fused kernel, and on TPU for a length splash does not tile (evaluation's
+    # short batches: CORE's length buckets)
+    impl = "xla" if impl == "splash" else impl
     local = None if window_left >= seq_len else (window_left, 0)  # plain causal is the fastest kernel
     q_BTHD, k_BTKD, v_BTKD = (meshlib.split_by_rows(t) for t in (q_BTHD, k_BTKD, v_BTKD))
     return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, is_causal=True, local_window_size=local,
                                         implementation=impl)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Splash attention (TPU)
+
+SPLASH_BLOCKS = (512, 256, 128)  # query and key tiles, largest first: the Pallas kernel's lanes are 128 wide
+SPLASH_RESIDUALS = "splash_residuals"  # checkpoint name of splash's output and log-sum-exp (kept by --remat=dots)
+
+
+def splash_block(seq_len: int) -> int:
+    """The splash tile for this sequence length: the largest of SPLASH_BLOCKS that divides it (0: none does)."""
+    return next((b for b in SPLASH_BLOCKS if seq_len % b == 0), 0)
+
+
+@functools.lru_cache(maxsize=16)
+def _splash_kernel(seq_len: int, heads: int, window_left: int, interpret: bool):
+    """The splash kernel of one (T, heads, window): made once per shape, as its block masks are computed in numpy."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+    shape = (seq_len, seq_len)
+    mask = (splash.CausalMask(shape) if window_left >= seq_len
+            else splash.LocalMask(shape, window_size=(window_left, 0), offset=0))
+    b = splash_block(seq_len)
+    blocks = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                               block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    return splash.make_splash_mha(splash.MultiHeadMask([mask] * heads), block_sizes=blocks, head_shards=1,
+                                  q_seq_shards=1, residual_checkpoint_name=SPLASH_RESIDUALS, interpret=interpret)
+
+
+def splash_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, window_left: int,
+                     interpret: bool = False) -> jax.Array:
+    """JAX's Pallas splash attention (TPU; `interpret`: run the kernel as plain JAX ops, on any backend).
+
+    The kernel takes one example's (heads, T, head_dim) and does not scale the logits: q is scaled by 1/sqrt(D) first
+    (in float32, rounded once), and the kernel is vmapped over the batch. XLA cannot partition a Mosaic call, so
+    under a mesh it runs in a shard_map over the axes that split the batch: each device attends its own rows, whole.
+    GQA: the kernel maps each group of query heads to its kv head itself."""
+    B, T, H, D = q_BTHD.shape
+    kernel = jax.vmap(_splash_kernel(T, H, window_left, interpret))
+    q_BTHD = (q_BTHD.astype(jnp.float32) * (1 / math.sqrt(D))).astype(q_BTHD.dtype)
+    q_BHTD, k_BKTD, v_BKTD = (t.transpose(0, 2, 1, 3) for t in (q_BTHD, k_BTKD, v_BTKD))
+    axes = meshlib.data_shard_axes()
+    if axes:
+        kernel = jax.shard_map(kernel, in_specs=P(axes), out_specs=P(axes), axis_names=set(axes), check_vma=False)
+    return kernel(q_BHTD, k_BKTD, v_BKTD).transpose(0, 2, 1, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# jaxchat's attention for XLA:CPU
 
 ATTENTION_BLOCKS = 4  # query blocks of blocked_attention: measured fastest at T 256 and 512 on a 2-core CPU
 
@@ -104,7 +160,9 @@ def cached_attention(q_B1HD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, po
     return jnp.einsum("bkgs,bskd->bkgd", probs, v_BSKD).reshape(B, 1, H, D)
 
 
-def kernel_outputs(prim, *_, **__) -> bool:
-    """Whether a primitive is cuDNN flash attention's forward (its output and softmax statistics: what its backward
-    reads), so that a policy keeping it does not run the attention forward twice."""
-    return prim.name.startswith("dot_product_attention_fwd")
+def kernel_outputs(prim, *_, **params) -> bool:
+    """Whether a primitive is an attention kernel's forward output, what its backward reads (cuDNN's output and
+    softmax statistics; splash's output and log-sum-exp, by their checkpoint name), so that a remat policy keeping it
+    does not run the attention forward twice."""
+    return (prim.name.startswith("dot_product_attention_fwd")
+            or (prim.name == "name" and params.get("name") == SPLASH_RESIDUALS))

@@ -29,3 +29,29 @@ def test_cpu_attention_equals_jax_dot_product_attention(T, window, kv_heads, use
         results.append((out, *vjp(g)))
     for want, got in zip(*results):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("window, kv_heads", [(128, 2), (50, 1)])  # full causal; a short window with GQA
+def test_splash_attention_equals_cpu_attention_in_interpret_mode(window, kv_heads):
+    """TPU's splash attention, run by Pallas's interpreter on CPU inside its shard_map over a 2-device data mesh (as
+    the train step runs it), gives jaxchat's CPU attention's outputs and input gradients in float32."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxchat import mesh as meshlib
+    from jaxchat.attention import splash_attention
+    T, heads = 128, 2  # the smallest length splash tiles (its lanes are 128 wide)
+    q, k, v, g = (jax.random.normal(key, (2, T, n, 16)) for key, n in zip(jax.random.split(jax.random.key(1), 4),
+                                                                           (heads, kv_heads, kv_heads, heads)))
+    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, window, "blocked"), q, k, v)
+    want = (out, *vjp(g))
+    mesh = meshlib.make_mesh(1, devices=jax.devices()[:2])
+    q, k, v, g = (jax.device_put(t, NamedSharding(mesh, P("data"))) for t in (q, k, v, g))
+
+    def splash(q, k, v):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return splash_attention(q, k, v, window, interpret=True)
+
+    assert "shard_map" in jax.jit(splash).trace(q, k, v).jaxpr.pretty_print()
+    out, vjp = jax.vjp(jax.jit(splash), q, k, v)
+    for name, w, got in zip(("out", "dq", "dk", "dv"), want, (out, *vjp(g))):
+        np.testing.assert_allclose(got, w, atol=5e-6, rtol=1e-5, err_msg=name)
