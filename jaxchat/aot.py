@@ -1,11 +1,14 @@
-"""`python -m jaxchat.aot --target=h100 --devices=8 [--hosts=N] <train flags or --config=...>`: compile the real
-train step for GPUs that are not here, as `python -m jaxchat.train` would on them, and print what XLA's GPU compiler
-made of it: per-device memory against the target's usable memory, the device batch `auto` picks there, compile time
-and the kernel inventory (cuDNN attention, cuBLASLt and fp8 GEMMs, collectives, anything that should not be there).
+"""`python -m jaxchat.aot --target=h100|v5e|... --devices=8 [--hosts=N] <train flags or --config=...>`: compile the
+real train step for GPUs or TPUs that are not here, as `python -m jaxchat.train` would on them, and print what XLA's
+compiler made of it: per-device memory against the target's usable memory, the device batch `auto` picks there,
+compile time and the kernel inventory (cuDNN or splash attention, cuBLASLt and fp8 GEMMs, collectives, anything that
+should not be there).
 
-Needs the CUDA plugin (`pip install "jax[cuda12]==<the installed jax version>"`), no GPU: XLA's GPU compiler runs on
-the host with the target's description (jaxchat.targets) instead of a device. The figures are XLA's prediction; what
-a real run measures can differ by the autotuner's choices and the CUDA runtime's own memory.
+No accelerator is needed. GPUs: the CUDA plugin (`pip install "jax[cuda12]==<the installed jax version>"`); XLA's GPU
+compiler runs on the host with the target's description (jaxchat.targets). TPUs: libtpu (`pip install
+"jax[tpu]==<the installed jax version>"`), whose XLA:TPU compiler takes a slice's topology (v5e:2x4, v5p:2x2x2...)
+and refuses at compile time a program that does not fit a chip. The figures are XLA's prediction; what a real run
+measures can differ (the GPU autotuner's choices, the CUDA runtime's own memory).
 """
 
 import os
@@ -20,23 +23,69 @@ import time  # noqa: E402
 
 from jaxchat import xla_flags  # noqa: E402
 from jaxchat.common import UserError, run_main  # noqa: E402
-from jaxchat.targets import GPU_TARGETS  # noqa: E402
+from jaxchat.targets import GPU_TARGETS, HOST_BOUNDS, MULTI_HOST_CHIPS, TPU_TARGETS  # noqa: E402
 
 DENSE_NAMES = ("c_q", "c_k", "c_v", "c_proj", "c_fc", "mlp_proj")  # the per-layer dense weights (model.Blocks)
 
 
-def topology_devices(target: str, devices: int, hosts: int) -> list:
-    """Compile-only devices of `hosts` x `devices / hosts` GPUs of the target (platform "gpu")."""
+def topology_devices(target: str, devices: int, hosts: int | None = None) -> list:
+    """Compile-only devices of a slice or of `hosts` x `devices / hosts` GPUs of the target (None: the target's usual
+    hosts: one for GPUs, TpuTarget.default_hosts for TPUs)."""
+    if target in TPU_TARGETS:
+        return _tpu_devices(target, devices, hosts)
     if importlib.util.find_spec("jax_cuda12_plugin") is None and importlib.util.find_spec("jax_cuda13_plugin") is None:
         import jax
         raise UserError(f"compiling for {target} needs the CUDA plugin (no GPU): pip install "
                         f"\"jax[cuda12]=={jax.__version__}\"")
+    hosts = hosts or 1
     if devices <= 0 or hosts <= 0 or devices % hosts:
         raise UserError(f"--devices={devices} must be a positive multiple of --hosts={hosts}")
     from jax.experimental import topologies
     topology = topologies.get_topology_desc(platform="cuda", topology=f"1x{hosts}x{devices // hosts}",
                                             target_config=GPU_TARGETS[target].proto_text())
     return list(topology.devices)
+
+
+def _tpu_devices(target: str, chips: int, hosts: int | None) -> list:
+    """Compile-only chips of a TPU slice (platform "tpu"), from libtpu's topology of that generation and shape."""
+    tpu = TPU_TARGETS[target]
+    if tpu.usable_bytes is None:
+        raise UserError(f"--target={target}: libtpu describes {target} chips as two devices each (no megacore), not "
+                        f"the chips a {target} VM runs on; compile for one of {', '.join(_compilable_tpus())}")
+    smallest = 1 if tpu.dims == 2 else 4
+    if chips < smallest or chips & (chips - 1):
+        raise UserError(f"--devices={chips}: a {target} slice has a power-of-two number of chips, at least {smallest}")
+    hosts = hosts or tpu.default_hosts(chips)
+    if not (hosts == 1 and chips <= tpu.one_host_chips or hosts > 1 and chips == MULTI_HOST_CHIPS * hosts):
+        raise UserError(f"--hosts={hosts}: a {target} VM has up to {tpu.one_host_chips} chips alone and "
+                        f"{MULTI_HOST_CHIPS} in a slice over several hosts: use --hosts={tpu.default_hosts(chips)}")
+    if importlib.util.find_spec("libtpu") is None:
+        import jax
+        raise UserError(f"compiling for {target} needs libtpu (no TPU): pip install \"jax[tpu]=={jax.__version__}\"")
+    # Compile-only, no chip opened: this process need not hold libtpu's lock (/tmp/libtpu_lockfile; a training run on
+    # this TPU VM, or a second compile, would otherwise be refused), nor ask a cloud metadata server which slice it
+    # is on (the topology says), nor know its peers (without a name libtpu prints three lines of warnings)
+    for name, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),
+                        ("TPU_WORKER_HOSTNAMES", "localhost")):
+        os.environ.setdefault(name, value)
+    from jax.experimental import topologies
+    topology = topologies.get_topology_desc(topology_name=tpu.topology_name(chips), platform="tpu",
+                                            chips_per_host_bounds=HOST_BOUNDS[chips // hosts])
+    return list(topology.devices)
+
+
+def _compilable_tpus() -> list[str]:
+    return sorted(name for name, tpu in TPU_TARGETS.items() if tpu.usable_bytes is not None)
+
+
+def target_memory(target: str) -> tuple[str, int, str]:
+    """(device kind, usable bytes per device, where that number comes from) of a target."""
+    if target in TPU_TARGETS:
+        tpu = TPU_TARGETS[target]
+        return tpu.device_kind, tpu.usable_bytes, f"{tpu.device_kind} HBM XLA:TPU may use"
+    gpu = GPU_TARGETS[target]
+    fraction = xla_flags.memory_fraction()
+    return gpu.device_kind, int(gpu.memory_bytes * fraction), f"{gpu.device_kind} x {fraction}"
 
 
 def qualifying_fp8_layers(config) -> int:
@@ -49,7 +98,7 @@ def qualifying_fp8_layers(config) -> int:
     return per_layer * config.n_layer + fp8.qualifies(*model.lm_head.shape)
 
 
-def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int = 1) -> dict:
+def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int | None = None) -> dict:
     """The train step of these train flags compiled for the target; its memory plan and kernel inventory as a dict.
 
     jaxchat's XLA flags must be in $XLA_FLAGS before the process's first backend starts (`main` and the tests'
@@ -60,58 +109,68 @@ def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int
     from jaxchat.train import build_optimizer, planned_vocab, run_plan
 
     c = parse_flags(argv)
-    mesh = meshlib.make_mesh(c.fsdp, devices=topology_devices(target, devices, hosts))
-    run_backend = backend.for_mesh(mesh, c.compute_dtype or None)
+    target_devices = topology_devices(target, devices, hosts)
+    mesh = meshlib.make_mesh(c.fsdp, devices=target_devices)
+    run_backend = backend.for_mesh(mesh, c.compute_dtype or None, c.fp8)
     vocab_size, _ = planned_vocab(c)
     plan = run_plan(c, vocab_size, device_batch_size=c.device_batch_size or 1, data_parallel_size=mesh.size)
     tx, _ = build_optimizer(c, plan, mesh, run_backend.default_dtype(c.muon_dtype))
     _, train_steps, targets = step.abstract_steps(
         plan.model, tx, mesh, remat=c.remat, compute_dtype=run_backend.compute_dtype, loss_chunk=c.loss_chunk,
-        embed_dtype=c.embed_dtype, fp8=c.fp8, backend=run_backend)
-    gpu = GPU_TARGETS[target]
-    usable = int(gpu.memory_bytes * xla_flags.memory_fraction())
+        embed_dtype=c.embed_dtype, fp8=run_backend.fp8, backend=run_backend)
+    device_kind, usable, source = target_memory(target)
     t0 = time.perf_counter()
     plan_memory = step.plan_and_compile(
         train_steps, targets, mesh, device_batch_size=c.device_batch_size, total_batch_size=plan.total_batch_size,
         seq_len=c.max_seq_len, budget_gb=c.memory_budget_gb,
-        capacity=None if c.memory_budget_gb > 0 else (usable, f"{gpu.device_kind} x {xla_flags.memory_fraction()}"))
+        capacity=None if c.memory_budget_gb > 0 else (usable, source),
+        log=lambda line: print(line, file=sys.stderr, flush=True))
     compile_s = time.perf_counter() - t0
     analysis = plan_memory.compiled.memory_analysis()
     counts = inventory.count(plan_memory.compiled.as_text())
     per_step = plan.model.n_layer * plan_memory.grad_accum  # attention calls expected per step
-    fp8_layers = qualifying_fp8_layers(plan.model) * plan_memory.grad_accum if c.fp8 else 0
+    fp8_layers = qualifying_fp8_layers(plan.model) * plan_memory.grad_accum if run_backend.fp8 else 0
+    per_layer = lambda *kinds: [counts[k] / per_step for k in kinds]  # noqa: E731
     return dict(
-        target=target, device_kind=gpu.device_kind, devices=devices, hosts=hosts, mesh=dict(mesh.shape),
-        depth=plan.model.n_layer, seq_len=c.max_seq_len, compute_dtype=run_backend.compute_dtype, fp8=c.fp8,
-        attention=run_backend.attention, remat=plan_memory.variant, device_batch_size=plan_memory.device_batch_size,
-        grad_accum=plan_memory.grad_accum, auto_tried={str(k): v for k, v in plan_memory.tried.items()},
+        target=target, platform=run_backend.platform, device_kind=device_kind, devices=devices,
+        hosts=len({d.process_index for d in target_devices}), mesh=dict(mesh.shape), depth=plan.model.n_layer,
+        seq_len=c.max_seq_len, compute_dtype=run_backend.compute_dtype, fp8=run_backend.fp8,
+        attention=run_backend.attention, note=run_backend.note, remat=plan_memory.variant,
+        device_batch_size=plan_memory.device_batch_size, grad_accum=plan_memory.grad_accum,
+        auto_tried={str(k): v for k, v in plan_memory.tried.items()},
         argument_bytes=analysis.argument_size_in_bytes, temp_bytes=analysis.temp_size_in_bytes,
         peak_bytes=plan_memory.predicted_bytes, usable_bytes=plan_memory.capacity_bytes,
         fits=plan_memory.fits, compile_s=round(compile_s, 1),
-        cudnn_attention_per_layer=[counts["cudnn_attention_fwd"] / per_step, counts["cudnn_attention_bwd"] / per_step],
+        cudnn_attention_per_layer=per_layer("cudnn_attention_fwd", "cudnn_attention_bwd"),
+        splash_per_layer=per_layer("splash_fwd", "splash_dq", "splash_dkv"),
         cublas_gemms=counts["cublas_gemms"], fp8_gemms=counts["fp8_gemms"],
         fp8_gemms_per_qualifying_layer=counts["fp8_gemms"] / fp8_layers if fp8_layers else None,
         triton_gemms=counts["triton_gemms"], f32_gemms=counts["f32_gemms"],
         async_collectives={k.split(":")[1]: v for k, v in counts.items() if k.startswith("async:")},
         sync_collectives={k.split(":")[1]: v for k, v in counts.items() if k.startswith("sync:")},
         cpu_attention=counts["cpu_attention"], unknown_trip_counts=counts["unknown_trip_counts"],
-        problems=problems(counts, run_backend, c.fp8, per_step, fp8_layers),
+        problems=problems(counts, run_backend, per_step, fp8_layers),
     )
 
 
-def problems(counts, run_backend, fp8: bool, attention_calls: int, fp8_layers: int) -> list[str]:
-    """What should not be in a GPU train step: CPU attention, attention not cuDNN's, f32 GEMMs in a bf16 step,
-    missing fp8 GEMMs under --fp8, collectives that do not overlap compute."""
+def problems(counts, run_backend, attention_calls: int, fp8_layers: int) -> list[str]:
+    """What should not be in a GPU or TPU train step: CPU attention, attention not the platform's fused kernel, f32
+    GEMMs in a bf16 step, missing fp8 GEMMs under --fp8, GPU collectives that do not overlap compute."""
     found = []
     if counts["cpu_attention"]:
         found.append("jaxchat's CPU attention")
     if run_backend.attention == "cudnn" and counts["cudnn_attention_fwd"] < attention_calls:
         found.append(f"cuDNN attention in {counts['cudnn_attention_fwd']} of {attention_calls} layer calls")
+    if run_backend.attention == "splash" and min(counts["splash_fwd"], counts["splash_dkv"]) < attention_calls:
+        found.append(f"splash attention in {counts['splash_fwd']} of {attention_calls} layer calls")
     if run_backend.compute_dtype != "float32" and counts["f32_gemms"]:
         found.append(f"{counts['f32_gemms']} float32 GEMMs in a {run_backend.compute_dtype} step")
-    if fp8 and run_backend.fp8_gemms and counts["fp8_gemms"] < 3 * fp8_layers:
+    if run_backend.fp8 and run_backend.fp8_gemms and counts["fp8_gemms"] < 3 * fp8_layers:
         found.append(f"{counts['fp8_gemms']} fp8 GEMMs for {fp8_layers} qualifying layer calls (3 each expected)")
-    if counts["sync_collectives"]:
+    # XLA:GPU starts a collective that overlaps compute as an async pair (all-reduce-start/-done); XLA:TPU schedules
+    # and overlaps its collectives itself (fused, or in its own AsyncCollectiveStart calls), so there a bare one is
+    # no sign of anything
+    if run_backend.platform == "gpu" and counts["sync_collectives"]:
         found.append(f"{counts['sync_collectives']} synchronous collectives")
     return found
 
@@ -129,23 +188,43 @@ def table(r: dict) -> str:
                               f"peak {gib(r['peak_bytes'])} of {gib(r['usable_bytes'])} usable "
                               f"({r['peak_bytes'] / r['usable_bytes']:.0%}; fits within 90%: {r['fits']})"),
         ("compile", f"{r['compile_s']} s"),
-        ("cuDNN attention", "fwd {:g}, bwd {:g} per layer and micro-batch".format(*r["cudnn_attention_per_layer"])),
-        ("GEMMs", f"cuBLASLt {r['cublas_gemms']}, fp8 {r['fp8_gemms']}"
-                  + (f" ({r['fp8_gemms_per_qualifying_layer']:g} per qualifying layer call)" if r["fp8"] else "")
-                  + f", Triton {r['triton_gemms']}, float32 {r['f32_gemms']}"),
-        ("collectives", f"async {r['async_collectives']}, sync {r['sync_collectives']}"),
-        ("problems", "; ".join(r["problems"]) or "none"),
     ]
+    if r["platform"] == "tpu":
+        rows += [
+            ("splash attention",
+             "fwd {:g}, dq {:g}, dkv {:g} per layer and micro-batch".format(*r["splash_per_layer"])),
+            ("collectives", ", ".join(f"{k} {v}" for k, v in sorted(_merged(r).items())) or "none"),
+        ]
+    else:
+        rows += [
+            ("cuDNN attention", "fwd {:g}, bwd {:g} per layer and micro-batch".format(*r["cudnn_attention_per_layer"])),
+            ("GEMMs", f"cuBLASLt {r['cublas_gemms']}, fp8 {r['fp8_gemms']}"
+                      + (f" ({r['fp8_gemms_per_qualifying_layer']:g} per qualifying layer call)" if r["fp8"] else "")
+                      + f", Triton {r['triton_gemms']}, float32 {r['f32_gemms']}"),
+            ("collectives", f"async {r['async_collectives']}, sync {r['sync_collectives']}"),
+        ]
+    rows += [("note", r["note"])] if r["note"] else []
+    rows.append(("problems", "; ".join(r["problems"]) or "none"))
     return "\n".join(f"{name:>18}: {text}" for name, text in rows)
+
+
+def _merged(r: dict) -> dict[str, int]:
+    """Collectives per kind, async or not."""
+    merged = dict(r["async_collectives"])
+    for kind, n in r["sync_collectives"].items():
+        merged[kind] = merged.get(kind, 0) + n
+    return merged
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Every other flag is python -m jaxchat.train's (--depth, --fp8, --config=configs/d24.py, ...).")
-    parser.add_argument("--target", default="h100", choices=sorted(GPU_TARGETS), help="the GPU to compile for")
-    parser.add_argument("--devices", type=int, default=8, help="GPUs in all")
-    parser.add_argument("--hosts", type=int, default=1, help="hosts (processes) they are spread over")
+    parser.add_argument("--target", default="h100", choices=sorted(GPU_TARGETS) + sorted(TPU_TARGETS),
+                        help="the GPU, or the TPU generation (a slice of --devices chips), to compile for")
+    parser.add_argument("--devices", type=int, default=8, help="GPUs or TPU chips in all")
+    parser.add_argument("--hosts", type=int, default=None,
+                        help="hosts (processes) they are spread over (default: 1 for GPUs; a TPU slice's own)")
     args, train_argv = parser.parse_known_args(argv)
     xla_flags.apply()  # the flags `python -m jaxchat.train` runs with, before the backend starts
     # No persistent compilation cache here: a compile-only client cannot load a cached executable ("PjRtCompiler

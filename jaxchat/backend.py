@@ -1,8 +1,8 @@
 """The backend decision, made once at set-up from the devices a step is compiled for: compute dtype, attention
-kernel, loss head and whether fp8 matmuls become fp8 GEMMs.
+kernel, loss head, whether --fp8 runs and whether its matmuls become fp8 GEMMs.
 
 The model and the step receive it as data (`GPT(..., backend=...)`); nothing asks `jax.default_backend()` while
-tracing, so a step compiled ahead of time for GPUs that are not there (jaxchat.aot) is the one a GPU would run.
+tracing, so a step compiled ahead of time for GPUs or TPUs that are not there (jaxchat.aot) is the one they would run.
 """
 
 import dataclasses
@@ -10,7 +10,8 @@ import re
 
 import jax
 
-ATTENTION = ("blocked", "cudnn", "xla")  # jaxchat's blocked attention for XLA:CPU, cuDNN flash attention, jax.nn's XLA
+# jaxchat's blocked attention for XLA:CPU, cuDNN flash attention, Pallas splash attention (TPU), jax.nn's XLA path
+ATTENTION = ("blocked", "cudnn", "splash", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Backend:
     fused_loss: bool  # the mean loss through loss head blocks whose logits never exist whole (loss.fused_mean_cross_entropy)
     loss_block_tokens: int  # tokens per block of the fused loss head
     fp8_gemms: bool  # XLA turns the fp8 pattern into fp8 GEMMs (CUDA compute capability >= 8.9)
+    fp8: bool = False  # --fp8 runs: asked for, and not on TPU
     note: str = ""  # one line for the user where the platform lacks what it would normally use
 
     def default_dtype(self, flag: str | None) -> str:
@@ -42,8 +44,8 @@ def _capability(device) -> tuple[int, int] | None:
     return tuple(map(int, found.groups())) if found else None
 
 
-def for_devices(devices, compute_dtype: str | None = None) -> "Backend":
-    """The backend of these devices (a mesh's), with --compute-dtype (None: the platform's default)."""
+def for_devices(devices, compute_dtype: str | None = None, fp8: bool = False) -> "Backend":
+    """The backend of these devices (a mesh's), with --compute-dtype (None: the platform's default) and --fp8."""
     device = list(devices)[0]
     platform = device.platform
     cpu = platform == "cpu"
@@ -52,6 +54,8 @@ def for_devices(devices, compute_dtype: str | None = None) -> "Backend":
     note = ""
     if cpu:
         attention = "blocked"  # XLA:CPU has no fused attention; jaxchat's blocks skip the invisible keys
+    elif platform == "tpu":
+        attention = "splash"  # Pallas splash attention: fused softmax, sliding windows skip their empty tiles
     elif platform == "gpu" and capability is not None and capability >= (8, 0) and dtype in ("bfloat16", "float16"):
         attention = "cudnn"  # cuDNN's flash attention (fused softmax, no (T, T) scores in memory)
     else:
@@ -60,20 +64,26 @@ def for_devices(devices, compute_dtype: str | None = None) -> "Backend":
             why = (f"compute dtype {dtype}" if dtype not in ("bfloat16", "float16")
                    else f"{device.device_kind} has no cuDNN flash attention (needs CUDA compute capability >= 8.0)")
             note = f"attention: XLA's (scores in memory), not cuDNN's: {why}"
+    if fp8 and platform == "tpu":
+        # nanochat's fp8 recipe (jaxchat.fp8) is made for CUDA's fp8 GEMMs with tensorwise scales and is neither fast
+        # nor checked on TPU: the run trains in the compute dtype, and says so
+        note = f"--fp8: off on TPU ({device.device_kind}): the step runs in {dtype} (nanochat's fp8 recipe is CUDA's)"
+        fp8 = False
     return Backend(platform=platform, device_kind=device.device_kind, compute_dtype=dtype, attention=attention,
                    # The fused head computes the loss head's gradients block by block in the forward pass: on CPU
-                   # it is faster (loss.fused_mean_cross_entropy); on GPU it keeps the (tokens, vocab) float32
-                   # logits and their gradient out of memory (d24 at device batch 16: 4 GiB each).
-                   fused_loss=platform in ("cpu", "gpu"),
-                   # CPU: measured fastest at V 4096 and 32768 on 2 cores; GPU: a (8192, 32768) float32 block is
-                   # 1 GiB, and GEMMs of 8192 rows keep an H100 busy
+                   # it is faster (loss.fused_mean_cross_entropy); on GPU and TPU it keeps the (tokens, vocab)
+                   # float32 logits and their gradient out of memory (d24 at device batch 16: 4 GiB each).
+                   fused_loss=platform in ("cpu", "gpu", "tpu"),
+                   # CPU: measured fastest at V 4096 and 32768 on 2 cores; GPU and TPU: a (8192, 32768) float32
+                   # block is 1 GiB, and GEMMs of 8192 rows keep an H100 or a TPU's matrix units busy
                    loss_block_tokens=1024 if cpu else 8192,
-                   fp8_gemms=platform == "gpu" and capability is not None and capability >= (8, 9), note=note)
+                   fp8_gemms=platform == "gpu" and capability is not None and capability >= (8, 9), fp8=fp8,
+                   note=note)
 
 
-def for_mesh(mesh, compute_dtype: str | None = None) -> "Backend":
+def for_mesh(mesh, compute_dtype: str | None = None, fp8: bool = False) -> "Backend":
     """The backend of a mesh's devices."""
-    return for_devices(mesh.devices.flat, compute_dtype)
+    return for_devices(mesh.devices.flat, compute_dtype, fp8)
 
 
 def local(compute_dtype: str | None = None) -> "Backend":

@@ -52,8 +52,9 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
 
     Sources, first found wins: the arguments (--coordinator-address/--num-processes/--process-id), the environment
     variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, then SLURM's SLURM_NTASKS / SLURM_PROCID
-    (coordinator: the first node of the step). Each process sees all of its host's devices, except under SLURM with
-    several tasks per node, where task SLURM_LOCALID gets that one GPU.
+    (coordinator: the first node of the step), then on a Cloud TPU VM the slice itself (JAX reads its hosts from the
+    TPU VM's metadata). Each process sees all of its host's devices, except under SLURM with several tasks per node,
+    where task SLURM_LOCALID gets that one GPU.
     """
     from jaxchat import watchdog
 
@@ -66,6 +67,8 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
         process_id = _env_int("JAX_PROCESS_ID")
     if process_id is None and slurm:
         process_id = _env_int("SLURM_PROCID")
+    if not num_processes and on_tpu_vm():
+        return _join_tpu_slice(init_timeout, peer_timeout)
     if not num_processes or num_processes == 1:
         return
     if coordinator_address is None and slurm:
@@ -100,6 +103,27 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
 
     watchdog.start(distributed.global_state.client, jax.process_index(), jax.process_count(), coordinator_address,
                    peer_timeout)
+
+
+def on_tpu_vm() -> bool:
+    """Whether this host is a Cloud TPU VM with its chips: JAX decides it when it is imported (libtpu installed, TPU
+    chips on the PCI bus), before any backend starts."""
+    from jax._src import cloud_tpu_init
+    return cloud_tpu_init.running_in_cloud_tpu_vm
+
+
+def _join_tpu_slice(init_timeout: int, peer_timeout: int) -> None:
+    """Every host of a TPU slice runs the same command (launch/tpu_vm.sh): jax.distributed.initialize() without
+    arguments finds the slice's hosts, this one's id and the coordinator (worker 0) in the TPU VM's metadata; a
+    one-host slice is one process, as without it."""
+    from jax._src import distributed
+
+    from jaxchat import watchdog
+
+    jax.distributed.initialize(initialization_timeout=init_timeout, heartbeat_timeout_seconds=2 * peer_timeout + 10)
+    if jax.process_count() > 1:
+        watchdog.start(distributed.global_state.client, jax.process_index(), jax.process_count(),
+                       distributed.global_state.coordinator_address, peer_timeout)
 
 
 def gather_json(obj) -> list:

@@ -1,8 +1,8 @@
-"""The kernel inventory of an optimised XLA:GPU program (`compiled.as_text()`): library calls, GEMMs and collectives,
-each counted as often as it runs per step (loop bodies times their trip counts).
+"""The kernel inventory of an optimised XLA:GPU or XLA:TPU program (`compiled.as_text()`): library calls and Pallas
+kernels, GEMMs and collectives, each counted as often as it runs per step (loop bodies times their trip counts).
 
     counts = inventory.count(compiled.as_text())
-    counts["cudnn_attention_fwd"], counts["fp8_gemms"], counts["async_collectives"], counts["cpu_attention"]
+    counts["cudnn_attention_fwd"], counts["splash_fwd"], counts["fp8_gemms"], counts["async_collectives"]
 """
 
 import collections
@@ -15,6 +15,7 @@ _CALLEE = re.compile(r"(?:calls|to_apply|body|branch_computations|true_computati
                      r"(\{[^}]*\}|%?[\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_SPLASH = re.compile(r"splash_m[hq]a_(fwd|dq|dkv)")  # jax.experimental.pallas.ops.tpu.splash_attention's kernels
 
 
 def computations(hlo: str) -> tuple[dict[str, list[str]], str]:
@@ -34,12 +35,14 @@ def computations(hlo: str) -> tuple[dict[str, list[str]], str]:
     return comps, entry
 
 
-def _own_counts(line: str, opcode: str, in_async: bool, dtypes: dict[str, str]) -> collections.Counter:
-    """What one instruction is, counted once (dtypes: the element type of each value of its computation)."""
+def _own_counts(line: str, name: str, opcode: str, in_async: bool, dtypes: dict[str, str]) -> collections.Counter:
+    """What one instruction `name` is, counted once (dtypes: the element type of each value of its computation)."""
     counts = collections.Counter()
     if opcode == "custom-call" and (target := _TARGET.search(line)):
-        name = target.group(1)
-        if name.startswith("__cudnn$fmha"):
+        name, kernel = target.group(1), name
+        if name == "tpu_custom_call" and (splash := _SPLASH.match(kernel)):
+            counts[f"splash_{splash.group(1)}"] += 1  # a Pallas kernel's call is named after it: splash_mha_dkv_...
+        elif name.startswith("__cudnn$fmha"):
             counts["cudnn_attention_bwd" if name.endswith("Backward") else "cudnn_attention_fwd"] += 1
         elif name.startswith("__cublas"):
             counts["fp8_gemms" if name.endswith("$f8") else "cublas_gemms"] += 1
@@ -57,7 +60,7 @@ def _own_counts(line: str, opcode: str, in_async: bool, dtypes: dict[str, str]) 
         elif opcode == op:
             counts["async_collectives" if in_async else "sync_collectives"] += 1
             counts[f"{'async' if in_async else 'sync'}:{op}"] += 1
-    if "blocked_attention" in line:  # the op_name metadata of jaxchat's CPU attention (model.attention)
+    if "blocked_attention" in line:  # the op_name metadata of jaxchat's CPU attention (jaxchat.attention)
         counts["cpu_attention"] += 1
     return counts
 
@@ -80,7 +83,7 @@ def count(hlo: str) -> collections.Counter:
             if not found:
                 continue
             opcode = found.group(3)
-            counts += _own_counts(line, opcode, in_async, dtypes)
+            counts += _own_counts(line, found.group(1), opcode, in_async, dtypes)
             trips = 1
             if opcode == "while":
                 trip = _TRIP_COUNT.search(line)

@@ -1,14 +1,17 @@
 """Memory planning: XLA's predicted peak memory per device against the device's capacity, `--device-batch-size=auto`,
 and the one-line out-of-memory message.
 
-The prediction is XLA's buffer assignment for the compiled step (arguments + temporaries + outputs not aliased to
-donated arguments), per device; nothing is allocated to get it. `plan_step` gets the compiled step from its caller
+The prediction is XLA's buffer assignment for the compiled step, per device: its own peak where the platform reports
+a true one (GPU, TPU), else arguments + temporaries + outputs not aliased to donated arguments; nothing is allocated
+to get it. A compiler that refuses a step that cannot fit (XLA:TPU: RESOURCE_EXHAUSTED at compile time) answers
+"does not fit" as well. `plan_step` gets the compiled step from its caller
 (jaxchat.step.plan_and_compile), and the executable compiled for the prediction is the one training runs, so
 planning costs no extra compilation.
 """
 
 import dataclasses
 import os
+import re
 import time
 from collections.abc import Callable
 
@@ -28,13 +31,38 @@ def fmt_bytes(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
+# Platforms whose `peak_memory_in_bytes` is the peak of every buffer live at once, arguments included. On TPU the
+# summed fields do not add up to it: d12 on a v5e chip sums to 17.9 GiB against a 12.99 GiB peak, and a 64 MiB
+# intermediate can count as 0 temporaries. XLA:CPU's leaves temporaries out (a program with 64 MiB of them: 0.13 MiB).
+PEAK_REPORTED = ("gpu", "tpu")
+
+
+def _platform(compiled: jax.stages.Compiled) -> str:
+    """The platform a compiled program is for: that of its first output's devices ("" without outputs). Not its
+    inputs': jax 0.10.2 cannot list them when the program closes over arrays (splash attention's mask tables)."""
+    shardings = jax.tree.leaves(compiled.output_shardings)
+    return next(iter(shardings[0].device_set)).platform if shardings else ""
+
+
 def peak_bytes(compiled: jax.stages.Compiled) -> int:
-    """Predicted peak bytes per device: arguments + temporaries + outputs that do not reuse a donated argument."""
+    """Predicted peak bytes per device: XLA's peak where the platform reports one (PEAK_REPORTED), else arguments +
+    temporaries + outputs that do not reuse a donated argument."""
     m = compiled.memory_analysis()
     if m is None:  # a backend without buffer statistics
         return 0
+    if _platform(compiled) in PEAK_REPORTED and getattr(m, "peak_memory_in_bytes", 0):
+        return m.peak_memory_in_bytes
     return (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
             + m.generated_code_size_in_bytes)
+
+
+def refused(exc: BaseException) -> str | None:
+    """XLA's compile-time out-of-memory refusal, as its first line ("Ran out of memory in memory space hbm ..."); None
+    for any other error."""
+    if not is_oom(exc):
+        return None
+    found = re.search(r"RESOURCE_EXHAUSTED: ([^\n]*)", str(exc))
+    return (found.group(1) if found else str(exc).splitlines()[0]).strip()
 
 
 def device_capacity(budget_gb: float = 0.0, device=None) -> tuple[int, str]:
@@ -61,7 +89,7 @@ class StepMemory:
     capacity_bytes: int
     capacity_source: str
     compile_seconds: float
-    tried: dict[int, int]  # device batch size -> predicted bytes, for every size compiled (its last variant)
+    tried: dict[int, int | None]  # device batch -> predicted bytes of its last variant compiled (None: XLA refused all)
     variant: str = ""  # the variant compiled (the remat policy, where several were tried)
 
     @property
@@ -78,11 +106,13 @@ class StepMemory:
 
 def plan_step(compile_for: Callable[..., jax.stages.Compiled], *, device_batch_size: int,
               total_batch_size: int, seq_len: int, data_parallel_size: int, budget_gb: float = 0.0,
-              capacity: tuple[int, str] | None = None, variants: tuple[str, ...] = ("",)) -> StepMemory:
+              capacity: tuple[int, str] | None = None, variants: tuple[str, ...] = ("",),
+              log: Callable[[str], None] | None = None) -> StepMemory:
     """Compile the step (`compile_for(device_batch_size, grad_accum, variant)`) and predict its memory; for AUTO, the
     largest of AUTO_SIZES that divides the total batch and fits within SAFETY_MARGIN of the capacity ((bytes, source):
     a target's, when compiling for devices that are not here; None: this process's device). At each device batch the
-    variants (remat policies, cheapest first) are tried in order; the first that fits is taken."""
+    variants (remat policies, cheapest first) are tried in order; the first that fits is taken. `log` gets one line
+    per compile (they can take minutes each)."""
     capacity, source = capacity or device_capacity(budget_gb)
     if device_batch_size == AUTO:
         valid = valid_device_batch_sizes(total_batch_size, seq_len, data_parallel_size)
@@ -93,21 +123,39 @@ def plan_step(compile_for: Callable[..., jax.stages.Compiled], *, device_batch_s
     else:
         candidates = [device_batch_size]
     tried = {}
+    plan, refusal = None, None
     for b in candidates:
         accum = grad_accum_steps(total_batch_size, b, seq_len, data_parallel_size)  # a bad fixed batch fails here
         for variant in variants:
             t0 = time.perf_counter()
-            compiled = compile_for(b, accum, variant)
+            try:
+                compiled = compile_for(b, accum, variant)
+            except Exception as e:  # the compiler's own "does not fit" (XLA:TPU) is an answer, not a failure
+                if (refusal := refused(e)) is None:
+                    raise
+                tried.setdefault(b, None)
+                if log:
+                    log(f"device batch {b}{f', remat {variant}' if variant else ''}: XLA refuses it ({refusal}), "
+                        f"{time.perf_counter() - t0:.0f} s")
+                continue
             plan = StepMemory(compiled, b, accum, peak_bytes(compiled), capacity, source, time.perf_counter() - t0,
                               tried, variant)
             tried[b] = plan.predicted_bytes  # at the last variant tried
+            if log:
+                log(f"device batch {b}{f', remat {variant}' if variant else ''}: {fmt_bytes(plan.predicted_bytes)} "
+                    f"predicted, {plan.compile_seconds:.0f} s")
             if plan.fits:
                 return plan
         if device_batch_size != AUTO:
+            if plan is None:
+                raise UserError(f"--device-batch-size={b} does not fit: XLA refuses to compile the step ({refusal}); "
+                                f"try --device-batch-size={max(1, b // 2)}, auto, --remat=block or a larger --fsdp")
             return plan
-    raise UserError(f"--device-batch-size=auto: even device batch {candidates[-1]} is predicted to need "
-                    f"{fmt_bytes(plan.predicted_bytes)} per device, over {SAFETY_MARGIN:.0%} of "
-                    f"{fmt_bytes(capacity)} ({source}); use --remat=block, --loss-chunk=256 or a larger --fsdp")
+    need = (f"is predicted to need {fmt_bytes(plan.predicted_bytes)} per device, over {SAFETY_MARGIN:.0%} of "
+            f"{fmt_bytes(capacity)} ({source})" if plan is not None and plan.device_batch_size == candidates[-1]
+            else f"does not fit: XLA refuses to compile it ({refusal})")
+    raise UserError(f"--device-batch-size=auto: even device batch {candidates[-1]} {need}; use --remat=block, "
+                    f"--loss-chunk=256 or a larger --fsdp")
 
 
 def over_capacity_warning(plan: StepMemory) -> str | None:

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxchat import attention as attentionlib
 from jaxchat import backend as backendlib
 from jaxchat import dense
 from jaxchat import loss as losslib
@@ -211,94 +212,6 @@ def apply_rotary(x_BTHD: jax.Array, cos_TD: jax.Array, sin_TD: jax.Array) -> jax
     return jnp.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], axis=-1)
 
 
-def attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, window_left: int, impl: str) -> jax.Array:
-    """Causal attention where query t sees keys t-window_left..t, by the backend's kernel (backend.ATTENTION):
-    "blocked" (jaxchat's, for XLA:CPU), "cudnn" (cuDNN flash attention) or "xla" (jax.nn's XLA path)."""
-    if impl == "blocked":
-        groups = q_BTHD.shape[2] // k_BTKD.shape[2]  # GQA: each kv head serves `groups` query heads
-        k_BTHD, v_BTHD = (jnp.repeat(t, groups, axis=2) if groups > 1 else t for t in (k_BTKD, v_BTKD))
-        with jax.named_scope("blocked_attention"):  # named in the compiled program: jaxchat.aot looks for it
-            return blocked_attention(q_BTHD, k_BTHD, v_BTHD, window_left)
-    seq_len = q_BTHD.shape[1]
-    local = None if window_left >= seq_len else (window_left, 0)  # plain causal is the fastest kernel
-    q_BTHD, k_BTKD, v_BTKD = (meshlib.split_by_rows(t) for t in (q_BTHD, k_BTKD, v_BTKD))
-    return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, is_causal=True, local_window_size=local,
-                                        implementation=impl)
-
-
-ATTENTION_BLOCKS = 4  # query blocks of blocked_attention: measured fastest at T 256 and 512 on a 2-core CPU
-
-
-def _attention_blocks(T: int, window_left: int) -> list[tuple[int, int, int, np.ndarray]]:
-    """Per query block: (first query, end, first key it can see, visibility mask (queries, keys))."""
-    size = -(-T // ATTENTION_BLOCKS)
-    blocks = []
-    for t0 in range(0, T, size):
-        t1, s0 = min(T, t0 + size), max(0, t0 - window_left)
-        q_pos, k_pos = np.arange(t0, t1)[:, None], np.arange(s0, t1)[None, :]
-        blocks.append((t0, t1, s0, (k_pos <= q_pos) & (k_pos >= q_pos - window_left)))
-    return blocks
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def blocked_attention(q_BTHD: jax.Array, k_BTHD: jax.Array, v_BTHD: jax.Array, window_left: int) -> jax.Array:
-    """Attention (one kv head per query head) computed per block of queries against only the keys the block can see.
-
-    XLA:CPU has no fused attention: jax.nn.dot_product_attention's XLA path materialises and masks every (query, key)
-    score, and its backward reduces over them again. Here the keys after a block (and left of its window) are never
-    scored, and the backward is flash attention's: dS = P * (dP - rowsum(dO * O)), a reduction over the head
-    dimension instead of the keys. Scores, softmax and its gradient in float32, as jax.nn's.
-    """
-    return _blocked_attention_fwd(q_BTHD, k_BTHD, v_BTHD, window_left)[0]
-
-
-def _blocked_attention_fwd(q_BTHD, k_BTHD, v_BTHD, window_left):
-    q_BHTD, k_BHTD, v_BHTD = (t.transpose(0, 2, 1, 3) for t in (q_BTHD, k_BTHD, v_BTHD))
-    scale = 1 / math.sqrt(q_BTHD.shape[-1])
-    outs, probs = [], []
-    for t0, t1, s0, visible in _attention_blocks(q_BTHD.shape[1], window_left):
-        s_BHts = jnp.einsum("bhtd,bhsd->bhts", q_BHTD[:, :, t0:t1], k_BHTD[:, :, s0:t1],
-                            preferred_element_type=jnp.float32) * scale
-        p_BHts = jax.nn.softmax(jnp.where(visible, s_BHts, -jnp.inf), axis=-1)
-        probs.append(p_BHts)
-        outs.append(jnp.einsum("bhts,bhsd->bhtd", p_BHts.astype(v_BHTD.dtype), v_BHTD[:, :, s0:t1]))
-    o_BHTD = jnp.concatenate(outs, axis=2)
-    return o_BHTD.transpose(0, 2, 1, 3), (q_BHTD, k_BHTD, v_BHTD, o_BHTD, probs)
-
-
-def _blocked_attention_bwd(window_left, residuals, g_BTHD):
-    q_BHTD, k_BHTD, v_BHTD, o_BHTD, probs = residuals
-    g_BHTD = g_BTHD.transpose(0, 2, 1, 3)
-    scale = 1 / math.sqrt(q_BHTD.shape[-1])
-    delta_BHT = jnp.sum(g_BHTD.astype(jnp.float32) * o_BHTD.astype(jnp.float32), axis=-1)
-    dq, dk_BHTD, dv_BHTD = [], jnp.zeros(k_BHTD.shape, jnp.float32), jnp.zeros(v_BHTD.shape, jnp.float32)
-    for (t0, t1, s0, _), p_BHts in zip(_attention_blocks(q_BHTD.shape[2], window_left), probs):
-        g_BHtD = g_BHTD[:, :, t0:t1]
-        dv_BHTD = dv_BHTD.at[:, :, s0:t1].add(jnp.einsum("bhts,bhtd->bhsd", p_BHts.astype(g_BHtD.dtype), g_BHtD,
-                                                         preferred_element_type=jnp.float32))
-        dp_BHts = jnp.einsum("bhtd,bhsd->bhts", g_BHtD, v_BHTD[:, :, s0:t1], preferred_element_type=jnp.float32)
-        ds_BHts = (p_BHts * (dp_BHts - delta_BHT[:, :, t0:t1, None]) * scale).astype(q_BHTD.dtype)
-        dq.append(jnp.einsum("bhts,bhsd->bhtd", ds_BHts, k_BHTD[:, :, s0:t1]))
-        dk_BHTD = dk_BHTD.at[:, :, s0:t1].add(jnp.einsum("bhts,bhtd->bhsd", ds_BHts, q_BHTD[:, :, t0:t1],
-                                                         preferred_element_type=jnp.float32))
-    dq_BHTD = jnp.concatenate(dq, axis=2)
-    return tuple(t.astype(q_BHTD.dtype).transpose(0, 2, 1, 3) for t in (dq_BHTD, dk_BHTD, dv_BHTD))
-
-
-blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
-
-
-def cached_attention(q_B1HD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, pos: jax.Array,
-                     window_left: int) -> jax.Array:
-    """One query at position `pos` against a KV cache: keys pos-window_left..pos are visible."""
-    B, _, H, D = q_B1HD.shape
-    K = k_BSKD.shape[2]
-    q = q_B1HD.reshape(B, K, H // K, D)  # GQA: query heads grouped by their kv head
-    scores_BKGS = jnp.einsum("bkgd,bskd->bkgs", q, k_BSKD).astype(jnp.float32) / math.sqrt(D)
-    key_pos = jnp.arange(k_BSKD.shape[1])
-    visible = (key_pos <= pos) & (key_pos >= pos - window_left)
-    probs = jax.nn.softmax(jnp.where(visible, scores_BKGS, -jnp.inf), axis=-1).astype(v_BSKD.dtype)
-    return jnp.einsum("bkgs,bskd->bkgd", probs, v_BSKD).reshape(B, 1, H, D)
 
 
 def lookup(table_VD: jax.Array, idx_BT: jax.Array, dtype) -> jax.Array:
@@ -344,12 +257,6 @@ def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, cos, sin, confi
     return x + matmul(_relu_squared(matmul(rmsnorm(x), layer["c_fc"], name="mlp_up")), layer["mlp_proj"]), kept
 
 
-def _attention_kernel_outputs(prim, *_, **__) -> bool:
-    """Whether a primitive is cuDNN flash attention's forward (its output and softmax statistics: what its backward
-    reads), so that a policy keeping it does not run the attention forward twice."""
-    return prim.name.startswith("dot_product_attention_fwd")
-
-
 # Rematerialisation policies per transformer layer (--remat): what the backward pass keeps instead of recomputing.
 REMAT_POLICIES = {
     "none": None,  # no jax.checkpoint: every activation is kept
@@ -357,11 +264,11 @@ REMAT_POLICIES = {
     # keep the dense layers' outputs (jaxchat.dense) and cuDNN attention's; recompute norms, rotary, relu^2 and the
     # attention's inputs from them (elementwise work)
     "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.save_only_these_names("dense", "mlp_up"), _attention_kernel_outputs),
+        jax.checkpoint_policies.save_only_these_names("dense", "mlp_up"), attentionlib.kernel_outputs),
     # as dots, but the MLP's up-projection (4 x width per token, the largest output) is computed again: one GEMM
     # of the layer's six more in the backward pass
     "dots_no_mlp": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.save_only_these_names("dense"), _attention_kernel_outputs),
+        jax.checkpoint_policies.save_only_these_names("dense"), attentionlib.kernel_outputs),
 }
 
 
@@ -520,7 +427,7 @@ class GPT(nnx.Module):
         @functools.lru_cache(maxsize=None)  # one wrapped function per window size
         def layer_fn(window_left: int):
             def attend(q, k, v):  # -> (output, nothing kept)
-                return attention(q, k, v, window_left=window_left, impl=self.backend.attention), None
+                return attentionlib.attention(q, k, v, window_left=window_left, impl=self.backend.attention), None
             return remat_layer(lambda x, layer: block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin,
                                                               config=cfg, matmul=self.dense), self.remat)
 
@@ -544,7 +451,7 @@ class GPT(nnx.Module):
             def attend(q, k, v):  # -> (output, this layer's updated caches)
                 k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"][i], k.astype(cache["k"].dtype), pos, axis=1)
                 v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"][i], v.astype(cache["v"].dtype), pos, axis=1)
-                return cached_attention(q, k_cache, v_cache, pos, cfg.window_sizes[i]), (k_cache, v_cache)
+                return attentionlib.cached_attention(q, k_cache, v_cache, pos, cfg.window_sizes[i]), (k_cache, v_cache)
             return block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin, config=cfg, matmul=self.matmul)
 
         x, caches = self._trunk(x0, layer_call, scan=False)

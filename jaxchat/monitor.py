@@ -6,8 +6,10 @@ import os
 import jax
 
 from jaxchat.common import print0
+from jaxchat.targets import TPU_TARGETS
 
-# Peak dense bf16 FLOP/s per device (nanochat/common.py get_peak_flops at 348fbb3); substring match on the lower-cased device kind, first match wins.
+# Peak dense bf16 FLOP/s per device (nanochat/common.py get_peak_flops at 348fbb3, and TPUs); substring match on the
+# lower-cased device kind, first match wins.
 PEAK_FLOPS = (
     ("gb200", 2.5e15), ("grace blackwell", 2.5e15), ("b200", 2.25e15), ("b100", 1.8e15),
     ("h200 nvl", 836e12), ("h200 pcie", 836e12), ("h200", 989e12),
@@ -16,6 +18,8 @@ PEAK_FLOPS = (
     ("l40s", 362e12), ("l4", 121e12), ("mi355", 2.5e15), ("mi325", 1.3074e15), ("mi300x", 1.3074e15),
     ("mi300a", 980.6e12), ("mi250x", 383e12), ("mi250", 362.1e12), ("rtx 5090", 209.5e12), ("4090", 165.2e12),
     ("3090", 71e12),
+    # TPUs: each chip's bf16 peak (jaxchat.targets), longer device kinds first ("tpu v5 lite" before "tpu v5")
+    *sorted(((t.device_kind.lower(), t.bf16_flops) for t in TPU_TARGETS.values()), key=lambda e: -len(e[0])),
 )
 
 

@@ -132,9 +132,10 @@ def compile_step(train_step, params_like, opt_like, mesh, *, device_batch_size: 
 
 
 def plan_and_compile(train_step, targets, mesh, *, device_batch_size: int, total_batch_size: int, seq_len: int,
-                     budget_gb: float = 0.0, capacity: tuple[int, str] | None = None) -> memory.StepMemory:
+                     budget_gb: float = 0.0, capacity: tuple[int, str] | None = None, log=None) -> memory.StepMemory:
     """The step compiled ahead of time for the device batch (memory.AUTO: the largest that is predicted to fit).
-    `train_step`: the jitted step, or {remat policy: step} to try in that order (abstract_steps; --remat=auto).
+    `train_step`: the jitted step, or {remat policy: step} to try in that order (abstract_steps; --remat=auto);
+    `log`: memory.plan_step's.
 
     XLA's buffer assignment predicts the peak memory per device before the first step; the compiled executable is
     the one that trains, so this is the run's only compilation of the step."""
@@ -143,7 +144,7 @@ def plan_and_compile(train_step, targets, mesh, *, device_batch_size: int, total
         lambda b, accum, variant: compile_step(steps[variant], *targets, mesh, device_batch_size=b, grad_accum=accum,
                                                seq_len=seq_len),
         device_batch_size=device_batch_size, total_batch_size=total_batch_size, seq_len=seq_len,
-        data_parallel_size=mesh.size, budget_gb=budget_gb, capacity=capacity, variants=tuple(steps))
+        data_parallel_size=mesh.size, budget_gb=budget_gb, capacity=capacity, variants=tuple(steps), log=log)
 
 
 # ----------------------------------------------------------------------------------------------------------------

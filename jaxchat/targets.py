@@ -1,5 +1,6 @@
-"""GPU targets to compile for without the GPU (jaxchat.aot): each one's device description as data, rendered as the
-`stream_executor.GpuTargetConfigProto` text that `jax.experimental.topologies.get_topology_desc` takes.
+"""GPU and TPU targets to compile for without the device (jaxchat.aot), as data. A GPU: its device description,
+rendered as the `stream_executor.GpuTargetConfigProto` text that `jax.experimental.topologies.get_topology_desc`
+takes. A TPU: libtpu's name of the generation and slice shapes, usable HBM and peak bf16 FLOP/s per chip.
 
 The fields are those of XLA's published target configs (openxla/xla `xla/tools/hlo_opt/gpu_specs`) and the vendors'
 data sheets; `memory_bytes` is what the CUDA runtime reports as the device's total memory. The cuDNN and CUDA versions
@@ -7,6 +8,7 @@ are those the CUDA 12 plugin wheels ship (cuDNN's fused attention is checked aga
 """
 
 import dataclasses
+import math
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,4 +66,51 @@ GPU_TARGETS = {
     "a100": GpuTarget(device_kind="NVIDIA A100-SXM4-80GB", capability=(8, 0), sms=108, fpus_per_sm=64,
                       memory_bytes=85_097_971_712, bandwidth=2_039_000_000_000, l2_bytes=40 * 2**20, clock_ghz=1.41,
                       shared_per_sm=167936, shared_per_block_optin=166912),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuTarget:
+    """One TPU generation: its chips as libtpu's compiler describes them, and the figures planning and MFU use."""
+
+    device_kind: str  # what `jax.devices()[0].device_kind` says on the real chip (monitor.peak_flops keys on it)
+    topology: str  # libtpu's name of the generation in topology names ("v5e" in "v5e:2x4")
+    dims: int  # the torus: 2 (v5e, v6e) or 3 (v4, v5p)
+    one_host_chips: int  # the most chips one TPU VM has (a one-host slice); slices over several hosts have 4 per host
+    hbm_bytes: int  # per chip
+    usable_bytes: int | None  # what XLA:TPU may allocate per chip (its out-of-memory refusal names it); None: unknown
+    bf16_flops: float  # peak dense bf16 FLOP/s per chip
+
+    def topology_name(self, chips: int) -> str:
+        """libtpu's topology of a slice of `chips` (a power of two): the torus grows by doubling its smallest side
+        (ties: the last), from 1x1 (2D) or 2x2x1 (3D): v5e:2x4, v6e:4x4, v5p:2x2x2, v5p:2x4x4, ..."""
+        shape = [1, 1] if self.dims == 2 else [2, 2, 1]
+        while math.prod(shape) < chips:
+            smallest = min(shape)
+            shape[max(i for i, s in enumerate(shape) if s == smallest)] *= 2
+        return f"{self.topology}:{'x'.join(map(str, shape))}"
+
+    def default_hosts(self, chips: int) -> int:
+        """The hosts of a slice of `chips`: one where one VM holds them all, else 4 chips per host."""
+        return 1 if chips <= self.one_host_chips else chips // MULTI_HOST_CHIPS
+
+
+MULTI_HOST_CHIPS = 4  # chips per TPU VM in a slice over several hosts (v4, v5e, v5p, v6e)
+HOST_BOUNDS = {8: (2, 4, 1), 4: (2, 2, 1), 2: (1, 2, 1), 1: (1, 1, 1)}  # one host's chips: libtpu's chips_per_host_bounds
+
+
+# Usable HBM: the "available HBM" XLA:TPU reports when it refuses a program (libtpu with jax 0.10.2): 15.75G on v5e,
+# 31.25G on v6e, 95.74G on v5p. libtpu's compile-only v4 chips are two devices of 15.25G each (no megacore), not the
+# one device of a v4 VM, so v4 is not compiled for (its usable memory as one device is unknown here).
+# Peak bf16: the vendor's figures per chip.
+_GiB = 2**30
+TPU_TARGETS = {
+    "v5e": TpuTarget(device_kind="TPU v5 lite", topology="v5e", dims=2, one_host_chips=8, hbm_bytes=16 * _GiB,
+                     usable_bytes=int(15.75 * _GiB), bf16_flops=197e12),
+    "v6e": TpuTarget(device_kind="TPU v6 lite", topology="v6e", dims=2, one_host_chips=8, hbm_bytes=32 * _GiB,
+                     usable_bytes=int(31.25 * _GiB), bf16_flops=918e12),
+    "v5p": TpuTarget(device_kind="TPU v5", topology="v5p", dims=3, one_host_chips=4, hbm_bytes=95 * _GiB,
+                     usable_bytes=int(95.74 * _GiB), bf16_flops=459e12),
+    "v4": TpuTarget(device_kind="TPU v4", topology="v4", dims=3, one_host_chips=4, hbm_bytes=32 * _GiB,
+                    usable_bytes=None, bf16_flops=275e12),
 }

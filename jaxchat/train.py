@@ -129,7 +129,7 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
                      c.process_id if c.process_id >= 0 else None, init_timeout=c.init_timeout,
                      peer_timeout=c.peer_timeout)
     mesh = meshlib.make_mesh(c.fsdp)
-    run_backend = backend.for_mesh(mesh, c.compute_dtype or None)  # decided once: dtype, attention, loss head
+    run_backend = backend.for_mesh(mesh, c.compute_dtype or None, c.fp8)  # decided once: dtype, attention, loss, fp8
     compute_dtype, muon_dtype = run_backend.compute_dtype, run_backend.default_dtype(c.muon_dtype)
     device_kind = jax.devices()[0].device_kind
     print0(f"Devices: {jax.device_count()} x {device_kind} over {jax.process_count()} process(es); "
@@ -137,7 +137,7 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
            f"Muon orthogonalisation {muon_dtype}")
     if run_backend.note:
         print0(run_backend.note)
-    if c.fp8 and (note := fp8.no_speedup_note(run_backend)):
+    if run_backend.fp8 and (note := fp8.no_speedup_note(run_backend)):
         print0(note)
     check_writable(base_dir(), "base directory")  # data, tokenizer, logs: before anything is built or compiled
     tok, files = prepare_data(c.data)
@@ -149,8 +149,8 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     init_from = (nanochat_ckpt.check_source(c.init_from, config, c.resume_optimizer, tok)  # every file read now
                  if c.init_from and resume_from is None else None)
     tx, wd_scaled = build_optimizer(c, plan, mesh, muon_dtype)
-    model_options = dict(compute_dtype=compute_dtype, loss_chunk=c.loss_chunk, embed_dtype=c.embed_dtype, fp8=c.fp8,
-                         backend=run_backend)
+    model_options = dict(compute_dtype=compute_dtype, loss_chunk=c.loss_chunk, embed_dtype=c.embed_dtype,
+                         fp8=run_backend.fp8, backend=run_backend)
     graphdefs, train_steps, targets = abstract_steps(config, tx, mesh, remat=c.remat, **model_options)
     step_memory = plan_and_compile(train_steps, targets, mesh, device_batch_size=c.device_batch_size,
                                    total_batch_size=plan.total_batch_size, seq_len=c.max_seq_len,
@@ -159,7 +159,7 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     params, opt_state = init_state(config, tx, targets, seed=c.seed, remat=step_memory.variant, **model_options)
     plan = run_plan(c, tok.vocab_size, device_batch_size=step_memory.device_batch_size)
     report_plan(c, step_memory, plan)
-    eval_graphdef = without_fp8(graphdef, targets[0]) if c.fp8 else graphdef
+    eval_graphdef = without_fp8(graphdef, targets[0]) if run_backend.fp8 else graphdef
     run = Run(c, mesh, plan, tok, files, eval_graphdef, step_memory.compiled, step_memory, targets, wd_scaled,
               core_bundle, device_kind, checkpointer, resume_from, run_inputs, init_from)
     return run, params, opt_state

@@ -1,6 +1,7 @@
 """The train step compiled for 8 H100s by XLA's own GPU compiler (no GPU: the CUDA plugin compiles on the host):
 cuDNN attention in every layer, fp8 GEMMs for every qualifying layer under --fp8, async gradient collectives, no CPU
-attention, and a predicted peak within the target's capacity. Also the kernel inventory's counting itself."""
+attention, and a predicted peak within the target's capacity; and for an 8-chip TPU v5e slice by XLA:TPU (libtpu, no
+TPU): splash attention in every layer. Also the kernel inventory's counting itself."""
 
 import dataclasses
 import importlib.util
@@ -16,6 +17,9 @@ from jaxchat import aot, inventory
 CUDA_PLUGIN = any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
 needs_plugin = pytest.mark.skipif(not CUDA_PLUGIN, reason="the CUDA plugin is not installed: pip install "
                                   "\"jax[cuda12]==<the installed jax version>\" (.ci/run installs it)")
+LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not LIBTPU, reason="libtpu is not installed: pip install \"jax[tpu]==<the installed "
+                                  "jax version>\" (.ci/run installs it)")
 D12 = ["--depth=12", "--max-seq-len=2048", "--device-batch-size=8"]  # a real-width model at T 2048, 4 micro-batches
 
 
@@ -29,7 +33,7 @@ def compiled(tmp_path_factory):
         if key not in cache:
             with pytest.MonkeyPatch.context() as mp:
                 mp.setenv("JAXCHAT_BASE_DIR", str(tmp_path_factory.mktemp("base")))
-                cache[key] = aot.compile_for_target(list(flags), target="h100", devices=8, **where)
+                cache[key] = aot.compile_for_target(list(flags), **{"target": "h100", "devices": 8, **where})
         return cache[key]
     return get
 
@@ -147,3 +151,35 @@ def test_readme_gpu_memory_table_matches_the_compiler(compiled):
     bf16, fp8 = (float(cell.split()[0]) for cell in row.split("|")[3:5])
     for flags, cell in ((D12, bf16), (D12 + ["--fp8"], fp8)):
         assert round(compiled(*flags)["peak_bytes"] / 2**30, 1) == cell, flags
+
+
+@needs_libtpu
+def test_v5e_step_has_splash_attention_in_every_layer_and_fits(compiled):
+    """8 compile-only v5e chips (XLA:TPU, 15.75 GiB each): d12's width (768, heads of 128) in two layers, a short
+    window and a full one, T 256, FSDP over 2 of the chips (splash's shard_map over both mesh axes): splash attention
+    forward and both backward kernels in every layer, bf16, --fp8 turned off with its line, within 90% of the HBM."""
+    r = compiled("--depth=2", "--aspect-ratio=384", "--max-seq-len=256", "--device-batch-size=auto",
+                 "--total-batch-size=65536", "--fsdp=2", "--fp8", target="v5e")
+    assert (r["platform"], r["device_kind"], r["hosts"], r["mesh"]) == ("tpu", "TPU v5 lite", 1, {"data": 4, "fsdp": 2})
+    assert r["attention"] == "splash" and r["compute_dtype"] == "bfloat16" and r["device_batch_size"] == 32
+    assert r["splash_per_layer"] == [1.0, 1.0, 1.0] and r["cpu_attention"] == 0 and r["unknown_trip_counts"] == 0
+    assert not r["fp8"] and r["note"].startswith("--fp8: off on TPU (TPU v5 lite)") and r["fp8_gemms"] == 0
+    assert r["usable_bytes"] == int(15.75 * 2**30) and r["fits"] and r["peak_bytes"] <= 0.9 * r["usable_bytes"]
+    assert r["problems"] == [] and r["async_collectives"].get("all-gather", 0) + r["sync_collectives"].get(
+        "all-gather", 0) > 0  # FSDP gathers the parameters
+    assert "splash attention: fwd 1, dq 1, dkv 1 per layer and micro-batch" in aot.table(r)
+
+
+def test_tpu_slice_bad_input_is_one_line(monkeypatch):
+    """A slice libtpu would not describe, or v4 (libtpu's compile-only v4 chips are two devices each), or no libtpu:
+    one line saying what to use instead."""
+    from jaxchat.common import UserError
+    for target, chips, hosts, says in (("v5e", 6, None, "a power-of-two number of chips"),
+                                       ("v5p", 2, None, "at least 4"), ("v5e", 8, 4, "use --hosts=1"),
+                                       ("v6e", 16, 2, "use --hosts=4"), ("v4", 8, None, "one of v5e, v5p, v6e")):
+        with pytest.raises(UserError, match=says) as error:
+            aot.topology_devices(target, chips, hosts)
+        assert "\n" not in str(error.value)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(UserError, match=r'needs libtpu \(no TPU\): pip install "jax\[tpu\]=='):
+        aot.topology_devices("v6e", 8)

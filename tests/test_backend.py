@@ -26,17 +26,26 @@ def gpu(capability: str, kind: str = "GPU") -> Device:
     (gpu("7.0", "Tesla V100-SXM2-32GB"), None, "xla", False, "Tesla V100-SXM2-32GB has no cuDNN flash attention"),
     (gpu("gfx942", "AMD Instinct MI300X"), None, "xla", False, "MI300X has no cuDNN flash attention"),
     (gpu("9.0"), "float32", "xla", True, "compute dtype float32"),
-    (Device(platform="tpu", device_kind="TPU v5 lite"), None, "xla", False, ""),
+    (Device(platform="tpu", device_kind="TPU v5 lite"), None, "splash", False, ""),
 ])
 def test_backend_of_devices(device, dtype, attention, fp8, note):
-    """cuDNN attention where it exists and the step is bf16; XLA's with one line elsewhere on GPU; jaxchat's blocked
-    attention and float32 on CPU; fp8 GEMMs from compute capability 8.9."""
+    """cuDNN attention where it exists and the step is bf16; XLA's with one line elsewhere on GPU; splash attention
+    and bf16 on TPU; jaxchat's blocked attention and float32 on CPU; fp8 GEMMs from compute capability 8.9."""
     b = backend.for_devices([device], dtype)
+    assert b.fused_loss and not b.fp8
     assert (b.attention, b.fp8_gemms) == (attention, fp8)
     assert (note in b.note) if note else b.note == ""
     assert b.compute_dtype == (dtype or ("float32" if device.platform == "cpu" else "bfloat16"))
     assert b.default_dtype("") == ("float32" if device.platform == "cpu" else "bfloat16")
     assert b.default_dtype("float32") == "float32"
+
+
+def test_fp8_is_off_on_tpu_with_one_line():
+    """--fp8 on TPU: the run trains without it and says so in one line; on an H100 it runs, with no note."""
+    tpu = backend.for_devices([Device(platform="tpu", device_kind="TPU v6 lite")], fp8=True)
+    assert not tpu.fp8 and tpu.note.startswith("--fp8: off on TPU (TPU v6 lite)") and "\n" not in tpu.note
+    h100 = backend.for_devices([gpu("9.0", "NVIDIA H100 80GB HBM3")], fp8=True)
+    assert h100.fp8 and h100.note == ""
 
 
 def test_model_follows_its_backend_not_jax_default_backend(monkeypatch):

@@ -57,5 +57,22 @@ def test_incomplete_multi_process_flags_are_one_line(clean_env):
         distributed.init_distributed("127.0.0.1:1")
 
 
+def test_a_tpu_vm_joins_its_slice_by_jaxs_own_detection(clean_env):
+    """On a Cloud TPU VM, with no process count given, every host calls jax.distributed.initialize() without a
+    coordinator (JAX reads the slice from the TPU VM's metadata); a count given wins; off a TPU VM nothing is called."""
+    import jax
+    from jax._src import cloud_tpu_init
+
+    calls = []
+    clean_env.setattr(jax.distributed, "initialize", lambda *args, **kwargs: calls.append((args, kwargs)))
+    distributed.init_distributed()
+    assert calls == []  # this machine is no TPU VM
+    clean_env.setattr(cloud_tpu_init, "running_in_cloud_tpu_vm", True)
+    distributed.init_distributed(num_processes=1)
+    assert calls == []  # told: one process
+    distributed.init_distributed()
+    assert len(calls) == 1 and calls[0][0] == () and "coordinator_address" not in calls[0][1]
+
+
 def test_gather_json_in_one_process():
     assert distributed.gather_json({"pq_idx": 3, "rows": [1, 2]}) == [{"pq_idx": 3, "rows": [1, 2]}]

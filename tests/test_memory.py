@@ -1,6 +1,8 @@
 """Memory planning: predicted peak memory, --device-batch-size=auto, the out-of-memory message, and the
 memory-saving model options (chunked cross-entropy, rematerialisation, bfloat16 tables) leave the numbers alone."""
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,3 +166,44 @@ def test_out_of_memory_is_one_line_exit_2_and_keeps_the_checkpoint(tmp_path, mon
     assert len(lines) == 1 and lines[0].startswith("error: out of device memory at step 2 with --device-batch-size=4")
     assert "try --device-batch-size=2 or auto" in lines[0] and "--resume-from-step=2" in lines[0]
     assert Checkpointer(checkpoint_dir("oom"), async_save=False).steps() == [2]  # nothing saved after the failure
+
+
+LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not LIBTPU, reason="libtpu is not installed: pip install \"jax[tpu]==<the installed "
+                                  "jax version>\" (.ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def v5e_chip():
+    """One compile-only TPU v5e chip (jaxchat.aot's, XLA:TPU's real compiler: 15.75 GiB of HBM it may use)."""
+    from jaxchat import aot
+    return meshlib.make_mesh(devices=aot.topology_devices("v5e", 1))
+
+
+def outer_product_step(mesh):
+    """compile_for of a step whose output is (8192 b)^2 float32 for device batch b: 64 GiB at 32, 16 GiB at 8 (over
+    a v5e chip's 15.75), 4 GiB at 4."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return lambda b, accum, variant="": jax.jit(lambda x: jnp.outer(x, x)).lower(
+        jax.ShapeDtypeStruct((8192 * b,), jnp.float32, sharding=replicated)).compile()
+
+
+@needs_libtpu
+def test_tpu_compile_refusal_means_does_not_fit_and_peak_is_xlas(v5e_chip):
+    """XLA:TPU refuses at compile time what does not fit a chip: auto takes that as "does not fit" and tries the next
+    size; a fixed device batch it refuses is one line. The prediction is XLA's peak (the summed fields over-count on
+    TPU), which a CPU program does not report (there, arguments + temporaries + outputs)."""
+    compile_for = outer_product_step(v5e_chip)
+    plan = memory.plan_step(compile_for, device_batch_size=memory.AUTO, total_batch_size=32, seq_len=1,
+                            data_parallel_size=1, capacity=(int(15.75 * memory.GiB), "v5e"))
+    assert plan.device_batch_size == 4 and plan.tried == {32: None, 16: None, 8: None, 4: plan.predicted_bytes}
+    stats = plan.compiled.memory_analysis()
+    assert plan.predicted_bytes == stats.peak_memory_in_bytes >= 4 * memory.GiB
+    with pytest.raises(UserError, match=r"^--device-batch-size=8 does not fit: XLA refuses to compile the step "
+                                        r"\(Ran out of memory .*\); try --device-batch-size=4, auto") as refusal:
+        memory.plan_step(compile_for, device_batch_size=8, total_batch_size=32, seq_len=1, data_parallel_size=1,
+                         capacity=(int(15.75 * memory.GiB), "v5e"))
+    assert "\n" not in str(refusal.value)
+    cpu = outer_product_step(meshlib.make_mesh(devices=jax.devices()[:1]))(1, 1)
+    m = cpu.memory_analysis()
+    assert memory.peak_bytes(cpu) == m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes

@@ -19,7 +19,10 @@ def test_peak_flops_matches_the_most_specific_name_first():
     assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("NVIDIA H100 NVL") == 835e12
     assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA GB200") == 2.5e15
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert peak_flops("cpu") == math.inf and peak_flops("TPU v5 lite") == math.inf  # MFU then reads 0
+    assert peak_flops("cpu") == math.inf and peak_flops("TPU v7x") == math.inf  # MFU then reads 0
+    # TPU chips (jax's device kinds): v5e, v5p, v6e, v4
+    assert (peak_flops("TPU v5 lite"), peak_flops("TPU v5"), peak_flops("TPU v6 lite"), peak_flops("TPU v4")) == (
+        197e12, 459e12, 918e12, 275e12)
     # A name listed after a shorter one it contains would never match: the longer one must come first.
     names = [name for name, _ in PEAK_FLOPS]
     for i, name in enumerate(names):
