@@ -24,13 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from jaxchat import attention as attentionlib
 from jaxchat import backend as backendlib
 from jaxchat import dense
 from jaxchat import loss as losslib
-from jaxchat import mesh as meshlib
 from jaxchat.common import UserError
 
 VOCAB_PAD = 64
