@@ -28,6 +28,9 @@ PARAM_AXES = {
     "blocks/c_fc": ("stack", "embed", "mlp"),
     "blocks/mlp_proj": ("stack", "mlp", "embed"),
     "blocks/ve_gate": ("stack", None, None),
+    "smear_gate": (None, None),  # recipe 92d63d4: (24, 1)
+    "smear_lambda": (),
+    "backout_lambda": (),
 }
 
 # Where logical axes live. Parameters: FSDP shards the model dimension (the stack axis is scanned over, so it stays
@@ -65,19 +68,32 @@ def _spec(logical: tuple, shape: tuple, rules: dict, mesh: Mesh) -> P:
     return P(*spec)
 
 
-def _shardings(tree, rules: dict, mesh: Mesh, prefix: str = ""):
-    """NamedShardings for a tree whose leaves follow the parameter paths (optimizer state mirrors them)."""
-    def leaf(path, x):
+def _logical_axes(name: str, ndim: int) -> tuple | None:
+    """The PARAM_AXES entry of a leaf whose path ends with a parameter's name (None: no parameter's)."""
+    return next((axes for p, axes in PARAM_AXES.items() if name.endswith(p) and len(axes) == ndim), None)
+
+
+def _leaf_names(tree) -> list[tuple[str, jax.Array]]:
+    """(slash-joined path of its string keys, leaf) for every leaf."""
+    def name(path):
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        name = "/".join(str(k) for k in keys if isinstance(k, str))
-        logical = next((axes for p, axes in PARAM_AXES.items() if name.endswith(p) and len(axes) == len(x.shape)),
-                       (None,) * len(x.shape))
-        return NamedSharding(mesh, _spec(logical, x.shape, rules, mesh))
-    return jax.tree_util.tree_map_with_path(leaf, tree)
+        return "/".join(str(k) for k in keys if isinstance(k, str))
+    return [(name(path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _shardings(tree, rules: dict, mesh: Mesh):
+    """NamedShardings for a tree whose leaves follow the parameter paths (optimizer state mirrors them; its other
+    leaves, such as schedule values, are replicated)."""
+    specs = iter([NamedSharding(mesh, _spec(_logical_axes(name, x.ndim) or (None,) * x.ndim, x.shape, rules, mesh))
+                  for name, x in _leaf_names(tree)])
+    return jax.tree.map(lambda _: next(specs), tree)
 
 
 def param_shardings(params, mesh: Mesh):
-    """How parameters live on the mesh (replicated, or FSDP-sharded over the model dimension)."""
+    """How parameters live on the mesh (replicated, or FSDP-sharded over the model dimension). Every parameter must
+    have its logical axes in PARAM_AXES: one left out would be replicated silently, optimizer state included."""
+    if undeclared := [name for name, x in _leaf_names(params) if _logical_axes(name, x.ndim) is None]:
+        raise ValueError(f"parameters without logical axes in jaxchat.mesh.PARAM_AXES: {undeclared}")
     return _shardings(params, PARAM_RULES, mesh)
 
 
