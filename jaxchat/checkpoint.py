@@ -41,6 +41,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, async_save: bool = True, lock: bool = False, keep_last: int | None = None,
                  step_flag: str = "--resume-from-step"):
+        _hold_orbax_errors()
         self.directory = os.path.abspath(directory)
         self.step_flag = step_flag  # the reading command's flag that picks a step, for the advice in its errors
         self.keep_last = keep_last
@@ -156,7 +157,6 @@ class Checkpointer:
     def _fail(self, step: int | None, e: Exception):
         """Turn a failed save into one line naming the directory and what to do; the previous checkpoint stays."""
         self._pending = None
-        _HELD.clear()
         if jax.process_index() == 0 and step is not None:  # the half-written step: never listed, but it takes space
             for name in os.listdir(self.directory):
                 if name.startswith(f"{step}.orbax-checkpoint-tmp"):
@@ -166,9 +166,11 @@ class Checkpointer:
         last = [s for s in self.steps() if s != step]
         keep = f"the last complete checkpoint is step {last[-1]}" if last else "no checkpoint was completed"
         if errno.ENOSPC in codes or "RESOURCE_EXHAUSTED" in text or "No space left" in text:
+            _HELD.clear()  # translated into one line: orbax's tracebacks of it are dropped
             raise UserError(self._no_room(step, self._need, shutil.disk_usage(self.directory).free)) from None
         if codes & {errno.EROFS, errno.EACCES, errno.EPERM} or "Read-only file system" in text or \
                 "Permission denied" in text:
+            _HELD.clear()
             raise UserError(f"cannot save checkpoint step {step}: {self.directory} is not writable (read-only or "
                             f"no permission); {keep}") from None
         _HELD.release()
@@ -391,8 +393,13 @@ class _HeldOrbaxErrors(logging.Filter):
 
 
 _HELD = _HeldOrbaxErrors()
-logging.getLogger("absl").addFilter(_HELD)
-logging.getLogger("asyncio").addFilter(_HELD)
+
+
+def _hold_orbax_errors() -> None:
+    """Route orbax's error records through _HELD from now on (when a Checkpointer is made, not at import: importing
+    jaxchat changes no process-wide logging); adding the filter again is a no-op."""
+    logging.getLogger("absl").addFilter(_HELD)
+    logging.getLogger("asyncio").addFilter(_HELD)
 
 
 @contextlib.contextmanager
