@@ -57,7 +57,7 @@ class LoopState:
     total_training_time: float = 0.0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Run:
     """What set-up decides once: the flags, the mesh, the plan (with the device batch), the data, the compiled step."""
 
@@ -79,8 +79,9 @@ class Run:
     init_from: nanochat_ckpt.Source | None = None  # --init-from's files (read, checked against this run): a fresh start
 
     def __post_init__(self):
+        self.recipe = recipes.get(self.c.recipe)
         self.bpb_step = make_bpb_step(self.graphdef)
-        self.token_bytes = jnp.asarray(self.tok.get_token_bytes(raw=recipes.get(self.c.recipe).raw_token_bytes))
+        self.token_bytes = jnp.asarray(self.tok.get_token_bytes(raw=self.recipe.raw_token_bytes))
         self.batch_sharding, self.row_sharding = meshlib.batch_sharding(self.mesh), meshlib.row_sharding(self.mesh)
 
     @property
@@ -160,8 +161,10 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     plan = run_plan(c, tok.vocab_size, device_batch_size=step_memory.device_batch_size)
     report_plan(c, step_memory, plan)
     eval_graphdef = without_fp8(graphdef, targets[0]) if run_backend.fp8 else graphdef
-    run = Run(c, mesh, plan, tok, files, eval_graphdef, step_memory.compiled, step_memory, targets, wd_scaled,
-              core_bundle, device_kind, checkpointer, resume_from, run_inputs, init_from)
+    run = Run(c=c, mesh=mesh, plan=plan, tok=tok, files=files, graphdef=eval_graphdef, train_step=step_memory.compiled,
+              step_memory=step_memory, targets=targets, wd_scaled=wd_scaled, core_bundle=core_bundle,
+              device_kind=device_kind, checkpointer=checkpointer, resume_from=resume_from, run_inputs=run_inputs,
+              init_from=init_from)
     return run, params, opt_state
 
 
@@ -418,7 +421,7 @@ def train_one_step(run: Run, state: TrainState, step: int, batch) -> tuple[float
     values = optim.schedule_values(step, num_iterations=N, warmup_ratio=c.warmup_ratio,
                                    warmdown_ratio=c.warmdown_ratio, final_lr_frac=c.final_lr_frac,
                                    weight_decay=run.wd_scaled, warmup_steps=c.warmup_steps,
-                                   schedules=recipes.get(c.recipe).schedules)
+                                   schedules=run.recipe.schedules)
     t0 = time.perf_counter()
     try:
         state.params, state.opt_state, metrics = run.train_step(state.params, state.opt_state, *batch,
