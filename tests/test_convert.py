@@ -59,7 +59,7 @@ def test_pt_file_when_torch_is_installed(tmp_path):
         np.testing.assert_array_equal(state2[k], state[k])
 
 
-def test_head_round_trip_is_exact():
+def test_recipe_92d63d4_round_trip_is_exact():
     """nanochat 92d63d4: smear_gate.weight (1, 24), smear_lambda (1,), backout_lambda (1,), ve_gate (Hkv, 12)."""
     config, state, _ = read_reference_npz(shared_fixture("nanochat_head_d4.npz"))
     assert config.recipe == "92d63d4"
@@ -75,7 +75,7 @@ def test_head_round_trip_is_exact():
         np.testing.assert_array_equal(back[name], state[name])
 
 
-def test_head_model_round_trip_and_recipe_of_a_config_dict():
+def test_recipe_92d63d4_model_round_trip_and_recipe_of_a_config_dict():
     config = GPTConfig(sequence_len=16, vocab_size=70, n_layer=3, n_head=2, n_kv_head=1, n_embd=64, window_pattern="L",
                        recipe="92d63d4")
     model = GPT(config, rngs=nnx.Rngs(3))
@@ -97,7 +97,7 @@ def test_head_model_round_trip_and_recipe_of_a_config_dict():
         config_from_dict(saved, recipe="a825e63")
 
 
-def test_head_pt_file_is_recognised_by_its_smear_gate(tmp_path):
+def test_recipe_92d63d4_pt_file_is_recognised_by_its_smear_gate(tmp_path):
     torch = pytest.importorskip("torch", reason="torch not installed: .pt import is optional")
     from jaxchat.nanochat_ckpt import read_checkpoint
     config, state, _ = read_reference_npz(shared_fixture("nanochat_head_d4.npz"))

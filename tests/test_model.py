@@ -152,14 +152,14 @@ def test_kv_cache_decoding_matches_the_full_forward(recipe):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Recipe 92d63d4 (nanochat HEAD): smear, backout, VE gate 12 x3, QK x1.2, RoPE 1e5, quarter windows, new inits
+# Recipe 92d63d4 (nanochat R92D63D4): smear, backout, VE gate 12 x3, QK x1.2, RoPE 1e5, quarter windows, new inits
 
-HEAD = GPTConfig(sequence_len=32, vocab_size=100, n_layer=12, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SL",
+R92D63D4 = GPTConfig(sequence_len=32, vocab_size=100, n_layer=12, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SL",
                  recipe="92d63d4")
 
 
 @pytest.mark.parametrize("name", ["nanochat_head_d4.npz", "nanochat_head_d4_bf16muon.npz"])
-def test_parity_with_reference_head(name):
+def test_parity_with_reference_recipe_92d63d4(name):
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity, as the parity CLI sets it
     ours, model, ref = parity.compute_forward(str(shared_fixture(name)))
     assert model.config.recipe == "92d63d4" and model.config.backout_layer == 2
@@ -180,7 +180,7 @@ def check_distribution(x, name, low=None, high=None, std=None):
         np.testing.assert_allclose(x.std(), std, rtol=5 / np.sqrt(x.size), err_msg=name)
 
 
-def test_initialisation_follows_reference_head():
+def test_initialisation_follows_reference_recipe_92d63d4():
     """nanochat 92d63d4 GPT.init_weights: the fixture's init/* deterministic entries exactly, random ones by law."""
     config, _, data = read_reference_npz(str(shared_fixture("nanochat_head_d4.npz")))
     ours = to_reference(nnx.to_pure_dict(nnx.state(GPT(config, rngs=nnx.Rngs(7)), nnx.Param)), config)
@@ -200,7 +200,7 @@ def test_initialisation_follows_reference_head():
     np.testing.assert_allclose(ours["resid_lambdas"], [1.15, 1.15 - 0.1 / 3, 1.15 - 0.2 / 3, 1.05], rtol=1e-7)
 
 
-def test_parameter_counts_and_flops_match_reference_head():
+def test_parameter_counts_and_flops_match_reference_recipe_92d63d4():
     """nanochat 92d63d4 num_scaling_params and estimate_flops (bf16 count) at the default shape, d4 to d32."""
     data = np.load(shared_fixture("nanochat_head_d4.npz"))
     depths = json.loads(str(data["schedule/json"]))["depths"]
@@ -216,49 +216,49 @@ def test_parameter_counts_and_flops_match_reference_head():
     assert num_scaling_params(old)["transformer_matrices"] - num_scaling_params(d24)["transformer_matrices"] == 12 * 20 * 12
 
 
-def test_head_windows_and_runs():
+def test_recipe_92d63d4_windows_and_runs():
     assert config_for_depth(24, recipe="92d63d4").window_sizes == (512, 512, 512, 2048) * 6
     assert GPTConfig(sequence_len=1000, n_layer=2, recipe="92d63d4").window_sizes == (256, 1000)
     assert GPTConfig(sequence_len=64, n_layer=2, recipe="92d63d4").window_sizes == (128, 64)
-    # HEAD: backout reads layer 6's output, so a run ends there; the run after it starts at an odd layer
-    assert layer_runs(HEAD, scan=True) == [(0, 2, 3), (6, 1, 1), (7, 2, 2), (11, 1, 1)]
+    # R92D63D4: backout reads layer 6's output, so a run ends there; the run after it starts at an odd layer
+    assert layer_runs(R92D63D4, scan=True) == [(0, 2, 3), (6, 1, 1), (7, 2, 2), (11, 1, 1)]
     assert layer_runs(TINY, scan=True) == [(0, 4, 2), (8, 1, 1), (9, 1, 1)]  # 348fbb3: no backout, as before
-    assert layer_runs(HEAD, scan=False) == [(i, 1, 1) for i in range(12)]
+    assert layer_runs(R92D63D4, scan=False) == [(i, 1, 1) for i in range(12)]
 
 
-def test_head_scanned_layers_equal_unrolled():
+def test_recipe_92d63d4_scanned_layers_equal_unrolled():
     """Jitted only: the runs around backout are what is new here, and op by op (29 s) adds nothing that
     test_scanned_layers_equal_unrolled's eager case does not check."""
-    idx, targets = batch(HEAD)
-    scanned, unrolled = make_model(HEAD, scan_layers=True), make_model(HEAD, scan_layers=False)
+    idx, targets = batch(R92D63D4)
+    scanned, unrolled = make_model(R92D63D4, scan_layers=True), make_model(R92D63D4, scan_layers=False)
     call = lambda m, *a: nnx.jit(lambda m, *a: m(*a))(m, *a)  # noqa: E731
     np.testing.assert_allclose(call(scanned, idx), call(unrolled, idx), atol=2e-5)
     np.testing.assert_allclose(call(scanned, idx, targets), call(unrolled, idx, targets), atol=1e-5)
 
 
-def test_head_scanned_layers_have_unrolled_gradients():
-    idx, targets = batch(HEAD)
+def test_recipe_92d63d4_scanned_layers_have_unrolled_gradients():
+    idx, targets = batch(R92D63D4)
     grad = nnx.jit(lambda m: nnx.grad(lambda m: m(idx, targets))(m))
-    g_scan = nnx.state(grad(make_model(HEAD, scan_layers=True)))
-    g_unroll = nnx.state(grad(make_model(HEAD, scan_layers=False)))
+    g_scan = nnx.state(grad(make_model(R92D63D4, scan_layers=True)))
+    g_unroll = nnx.state(grad(make_model(R92D63D4, scan_layers=False)))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g_scan, g_unroll)
     assert float(jnp.abs(g_scan["backout_lambda"][...])) > 0 and float(jnp.abs(g_scan["smear_gate"][...]).max()) > 0
 
 
-def test_head_parameter_tree():
-    model = GPT(HEAD, rngs=nnx.Rngs(0))
+def test_recipe_92d63d4_parameter_tree():
+    model = GPT(R92D63D4, rngs=nnx.Rngs(0))
     assert model.smear_gate.shape == (24, 1) and model.smear_lambda.shape == () and model.backout_lambda.shape == ()
     assert model.blocks.ve_gate.shape == (6, 12, 1)
     assert not hasattr(GPT(TINY, rngs=nnx.Rngs(0)), "smear_gate")  # 348fbb3's tree is unchanged
 
 
-def test_head_rotary_tables_in_compute_dtype():
-    model = GPT(HEAD, rngs=nnx.Rngs(0))
+def test_recipe_92d63d4_rotary_tables_in_compute_dtype():
+    model = GPT(R92D63D4, rngs=nnx.Rngs(0))
     cos, _ = model._rotary(16)
     assert cos.dtype == jnp.float32  # not bf16-rounded, unlike 348fbb3
     angle = np.outer(np.arange(16), 1.0 / 100000 ** (np.arange(0, 32, 2) / 32))
     np.testing.assert_allclose(cos, np.cos(angle), atol=1e-6)
-    bf16 = GPT(HEAD, rngs=nnx.Rngs(0), compute_dtype=jnp.bfloat16)
+    bf16 = GPT(R92D63D4, rngs=nnx.Rngs(0), compute_dtype=jnp.bfloat16)
     assert bf16._rotary(16)[0].dtype == jnp.bfloat16
 
 

@@ -50,15 +50,15 @@ def ref_polar_express(X, norm=1.02):
     return X
 
 
-def ref_muon_step(G, P, M, S, *, lr, mu, wd, beta2=0.95, head=False):
-    """One reference Muon step on (K, rows, cols) in float64: returns (P, M, S); head: 92d63d4's muon_step_fused."""
+def ref_muon_step(G, P, M, S, *, lr, mu, wd, beta2=0.95, recipe_92d63d4=False):
+    """One reference Muon step on (K, rows, cols) in float64: returns (P, M, S); recipe_92d63d4: its muon_step_fused."""
     M = mu * M + (1 - mu) * G
     X = (1 - mu) * G + mu * M
     fro = lambda A: np.linalg.norm(A, axis=(-2, -1), keepdims=True)  # noqa: E731
-    if head:  # MuonEq: every row to the mean row norm
+    if recipe_92d63d4:  # MuonEq: every row to the mean row norm
         X = X * (fro(X) / np.sqrt(X.shape[-2])) / np.maximum(np.linalg.norm(X, axis=-1, keepdims=True), 1e-6)
-    O = ref_polar_express(X, 1.01 if head else 1.02)
-    if head:  # Muon+: Frobenius norm of a semi-orthogonal matrix
+    O = ref_polar_express(X, 1.01 if recipe_92d63d4 else 1.02)
+    if recipe_92d63d4:  # Muon+: Frobenius norm of a semi-orthogonal matrix
         O = O * np.sqrt(min(O.shape[-2:])) / np.maximum(fro(O), 1e-6)
     red = -1 if O.shape[-2] >= O.shape[-1] else -2
     N = O.shape[red]
@@ -163,7 +163,7 @@ def test_muon_92d63d4_matches_float64_reference_over_steps(shape):
             start = Pr
             P = optax.apply_updates(P, u)
             Pr, Mr, Sr = ref_muon_step(G.astype(np.float64).swapaxes(-1, -2), Pr, Mr, Sr, lr=0.02, mu=mu, wd=wd,
-                                       beta2=0.9, head=True)
+                                       beta2=0.9, recipe_92d63d4=True)
             moved = np.linalg.norm(np.asarray(P, np.float64).swapaxes(-1, -2) - Pr) / np.linalg.norm(Pr - start)
             assert moved < tol, (dtype, step, moved)
         # float32 after Polar Express: the moments never see bf16 rounding of β2 (0.8984375) or of the update

@@ -90,33 +90,33 @@ def test_bfloat16_muon_steps_match_reference(name):
         assert full <= 0.25, (k, n, full)
 
 
-HEAD_FIXTURES = {"nanochat_head_d4.npz": "float32", "nanochat_head_d4_bf16muon.npz": "bfloat16"}
-HEAD_MOVED = {"float32": 0.05, "bfloat16": 0.25}  # bf16 Polar Express: noise between correct implementations
+FIXTURES_92D63D4 = {"nanochat_head_d4.npz": "float32", "nanochat_head_d4_bf16muon.npz": "bfloat16"}
+MOVED_92D63D4 = {"float32": 0.05, "bfloat16": 0.25}  # bf16 Polar Express: noise between correct implementations
 # Free-running step losses. bf16 Polar Express: as test_bfloat16_muon_steps_match_reference. Measured on the bf16
 # fixture with the model as it was when its bound was 1e-4 (bench/parity_noise.py): the step-3 loss error is 8.7e-5,
 # and 6.8e-5 to 2.5e-4 once every gradient is multiplied by (1 + 2^-24 noise), half a float32 rounding step. Each
 # step from the reference's parameters (the next test) stays within 1e-4.
-HEAD_FREE_LOSS = {"float32": 1e-4, "bfloat16": 2e-3}
+FREE_LOSS_92D63D4 = {"float32": 1e-4, "bfloat16": 2e-3}
 
 
-@pytest.mark.parametrize("name", sorted(HEAD_FIXTURES))
+@pytest.mark.parametrize("name", sorted(FIXTURES_92D63D4))
 def test_92d63d4_steps_match_reference(name):
     """nanochat 92d63d4's six AdamW groups and MuonEq/Muon+ Muon: the fixture's three MuonAdamW steps in a row.
 
-    Every parameter within 5% (float32 Polar Express, HEAD on CPU) or 25% (bfloat16, as on GPU) of the reference's
-    update in norm, and the step losses within 1e-4 (bfloat16: 2e-3, see HEAD_FREE_LOSS). Elementwise: see the next
+    Every parameter within 5% (float32 Polar Express, recipe 92d63d4 on CPU) or 25% (bfloat16, as on GPU) of the reference's
+    update in norm, and the step losses within 1e-4 (bfloat16: 2e-3, see FREE_LOSS_92D63D4). Elementwise: see the next
     test."""
     ref, out = run(shared_fixture(name))
     settings = json.loads(str(ref["opt/json"]))
-    assert str(ref["config/rev"]) == "92d63d4" and settings["muon_dtype"] == HEAD_FIXTURES[name]
+    assert str(ref["config/rev"]) == "92d63d4" and settings["muon_dtype"] == FIXTURES_92D63D4[name]
     assert settings["groups"][5]["param_names"] == ["smear_gate.weight", "smear_lambda", "backout_lambda"]
     names = [k.removeprefix("param/") for k in ref if k.startswith("param/")]
     for k in (1, 2, 3):
         loss_err = abs(float(out[f"step{k}_loss"]) - float(ref[f"step{k}_loss"]))
-        assert loss_err <= HEAD_FREE_LOSS[HEAD_FIXTURES[name]], (k, loss_err)
+        assert loss_err <= FREE_LOSS_92D63D4[FIXTURES_92D63D4[name]], (k, loss_err)
         for n in names:
-            assert moved(out[f"step{k}/{n}"], ref[f"step{k}/{n}"], ref[f"param/{n}"]) <= HEAD_MOVED[
-                HEAD_FIXTURES[name]], (k, n)
+            assert moved(out[f"step{k}/{n}"], ref[f"step{k}/{n}"], ref[f"param/{n}"]) <= MOVED_92D63D4[
+                FIXTURES_92D63D4[name]], (k, n)
 
 
 def steps_from_reference_parameters(path) -> tuple[dict, list[dict]]:
@@ -154,7 +154,7 @@ def steps_from_reference_parameters(path) -> tuple[dict, list[dict]]:
     return {k: data[k] for k in data.files}, results
 
 
-@pytest.mark.parametrize("name", sorted(HEAD_FIXTURES))
+@pytest.mark.parametrize("name", sorted(FIXTURES_92D63D4))
 def test_92d63d4_each_step_matches_reference(name):
     """Every parameter within 5% (25% bf16) of the reference's update of that step in norm; float32: >= 99.9% of
     the elements of every parameter within 1e-3 of that update's rms; losses within 1e-4."""
@@ -163,7 +163,7 @@ def test_92d63d4_each_step_matches_reference(name):
         assert abs(result["loss"] - float(ref[f"step{k}_loss"])) <= 1e-4, k
         for n, ours in result["params"].items():
             want, start = ref[f"step{k}/{n}"], ref[("param/" if k == 1 else f"step{k - 1}/") + n]
-            assert moved(ours, want, start) <= HEAD_MOVED[HEAD_FIXTURES[name]], (k, n)
-            if HEAD_FIXTURES[name] == "float32":
+            assert moved(ours, want, start) <= MOVED_92D63D4[FIXTURES_92D63D4[name]], (k, n)
+            if FIXTURES_92D63D4[name] == "float32":
                 rms = np.sqrt(np.mean((want.astype(np.float64) - start) ** 2))
                 assert np.mean(np.abs(ours - want) <= 1e-3 * rms) >= 0.999, (k, n)

@@ -12,7 +12,7 @@ from jaxchat import config, optim, recipe
 from jaxchat.common import UserError
 from jaxchat.plan import make_plan, transfer
 
-HEAD = recipe.get("92d63d4")
+R92D63D4 = recipe.get("92d63d4")
 RATIOS = (8, 10.5, 12)
 
 
@@ -27,7 +27,7 @@ def scaling(row: dict) -> int:
 
 
 def test_schedules_equal_nanochat_92d63d4():
-    d = HEAD.defaults
+    d = R92D63D4.defaults
     tables = reference_tables()["schedules"]
     assert {int(n) for n in tables} == {7, 120, 1680, 5568}
     checked = 0
@@ -35,7 +35,7 @@ def test_schedules_equal_nanochat_92d63d4():
         for it, want in table.items():
             got = optim.schedule_values(int(it), num_iterations=int(n), warmup_ratio=0.0,
                                         warmdown_ratio=d["warmdown_ratio"], final_lr_frac=d["final_lr_frac"],
-                                        weight_decay=0.059738, warmup_steps=d["warmup_steps"], schedules=HEAD.schedules)
+                                        weight_decay=0.059738, warmup_steps=d["warmup_steps"], schedules=R92D63D4.schedules)
             np.testing.assert_allclose([got["lrm"], got["momentum"], got["wd"]], want, rtol=0, atol=1e-12,
                                        err_msg=f"N={n} it={it}")
             checked += 1
@@ -49,7 +49,7 @@ def test_auto_batch_steps_lr_scale_and_weight_decay_equal_nanochat_92d63d4(depth
     for ratio in RATIOS:
         want = rows[str(depth)][f"ratio_{ratio}"]
         tokens = int(ratio * scaling(rows[str(depth)]))
-        t = transfer(HEAD, depth=depth, total_batch_size=-1, weight_decay=HEAD.defaults["weight_decay"],
+        t = transfer(R92D63D4, depth=depth, total_batch_size=-1, weight_decay=R92D63D4.defaults["weight_decay"],
                      tokens=tokens, ref_tokens=ratio * scaling(rows["12"]))
         assert (tokens, t.total_batch_size, tokens // t.total_batch_size) == (
             want["tokens"], want["total_batch"], want["num_iterations"]), (depth, ratio)
@@ -92,8 +92,8 @@ def test_explicit_batch_wins_and_auto_needs_the_recipe():
 def test_recipe_tables():
     assert recipe.get("348fbb3").adamw_groups == optim.ADAMW_GROUPS_348FBB3
     assert [g.name for g in recipe.get("348fbb3").adamw_groups] == list(optim.ADAMW_GROUPS)
-    assert set(HEAD.defaults) <= set(config.defaults())  # the defaults a recipe changes are flags that exist
-    assert HEAD.defaults["eval_tokens"] == 80 * 524288 and HEAD.defaults["unembedding_lr"] == 0.008
+    assert set(R92D63D4.defaults) <= set(config.defaults())  # the defaults a recipe changes are flags that exist
+    assert R92D63D4.defaults["eval_tokens"] == 80 * 524288 and R92D63D4.defaults["unembedding_lr"] == 0.008
     with pytest.raises(UserError, match="choose one of 348fbb3, 92d63d4"):
         recipe.get("a825e63")
 
@@ -101,17 +101,17 @@ def test_recipe_tables():
 def test_92d63d4_groups_and_learning_rates():
     """GPT.setup_optimizer at 92d63d4, d24 at the record batch (bls √2): the spec's effective LRs."""
     groups = optim.group_hyperparams(model_dim=1536, unembedding_lr=0.008, batch_lr_scale=2**0.5,
-                                     adamw_groups=HEAD.adamw_groups, muon_variant=HEAD.muon)
+                                     adamw_groups=R92D63D4.adamw_groups, muon_variant=R92D63D4.muon)
     lrs = {name: g["lr"] for name, g in groups.items()}
     assert lrs == pytest.approx({"lm_head": 0.008, "wte": 0.3, "value_embeds": 0.15, "resid_lambdas": 0.0070711,
                                  "x0_lambdas": 0.70711, "smear": 0.2, "muon": 0.028284}, rel=2e-5)
     assert groups["muon"]["beta2"] == 0.9
-    assert {g.name: (g.betas, g.weight_decay) for g in HEAD.adamw_groups} == {
+    assert {g.name: (g.betas, g.weight_decay) for g in R92D63D4.adamw_groups} == {
         "lm_head": ((0.8, 0.96), 0.01), "wte": ((0.8, 0.995), 0.001), "value_embeds": ((0.8, 0.995), 0.01),
         "resid_lambdas": ((0.8, 0.95), 0.05), "x0_lambdas": ((0.96, 0.95), 0.0), "smear": ((0.8, 0.95), 0.0)}
     params = {"wte": 0, "lm_head": 0, "value_embeds": 0, "resid_lambdas": 0, "x0_lambdas": 0, "blocks": {"c_q": 0},
               "smear_gate": {"kernel": 0}, "smear_lambda": 0, "backout_lambda": 0}
-    labels = optim.param_labels(params, HEAD.adamw_groups)
+    labels = optim.param_labels(params, R92D63D4.adamw_groups)
     assert labels["smear_gate"] == {"kernel": "smear"} and labels["backout_lambda"] == "smear"
     assert labels["blocks"] == {"c_q": "muon"}
     with pytest.raises(ValueError, match="no optimizer group"):
@@ -120,8 +120,8 @@ def test_92d63d4_groups_and_learning_rates():
 
 def test_recipe_flag_defaults_and_precedence():
     from jaxchat.config import parse_flags
-    head = parse_flags(["--recipe=92d63d4"])
-    assert {k: head[k] for k in HEAD.defaults} == dict(HEAD.defaults)
+    flags = parse_flags(["--recipe=92d63d4"])
+    assert {k: flags[k] for k in R92D63D4.defaults} == dict(R92D63D4.defaults)
     assert parse_flags([]).total_batch_size == 524288 and parse_flags([]).recipe == "348fbb3"
     # explicit flags, --config.* and the config file all win over the recipe's defaults
     assert parse_flags(["--recipe", "92d63d4", "--weight-decay=0.1", "--total-batch-size=524288"]).weight_decay == 0.1
@@ -165,4 +165,5 @@ def test_resuming_with_another_recipe_is_one_line():
     saved = dataclasses.asdict(config_for_depth(4))
     del saved["recipe"]  # a checkpoint from before recipes: 348fbb3's
     with pytest.raises(UserError, match=r"trained with --recipe=348fbb3: resume it with --recipe=348fbb3 \(not 92d63d4\)"):
-        resume_point(c, SavedStep(saved), dataclasses.asdict(config_for_depth(4, recipe="92d63d4")), {})
+        resume_point(c, SavedStep(saved), dataclasses.asdict(config_for_depth(4, recipe="92d63d4")), {},
+                     tok=None)  # the step records no tokenizer: none to check
