@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxchat import recipe
+
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat.checkpoint import abstract_like
@@ -35,7 +37,7 @@ def main(argv: list[str]) -> None:
         params = nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
         flops = {}
         for name, stack_sharding in (("whole", None), ("split", meshlib.muon_stack_sharding(mesh))):
-            tx = optim.make_optimizer(model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.bfloat16,
+            tx = optim.make_optimizer(**recipe.get("348fbb3").optimizer_options(), model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.bfloat16,
                                       muon_stack_sharding=stack_sharding)
             state = jax.eval_shape(tx.init, params)
             inputs = (abstract_like(params, meshlib.optimizer_shardings(params, mesh)),

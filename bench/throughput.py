@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxchat import recipe
+
 from jaxchat import backend, fp8, host_memory
 from jaxchat import memory
 from jaxchat import mesh as meshlib
@@ -65,7 +67,7 @@ def main(argv=None) -> dict:
     mesh = meshlib.make_mesh(args.fsdp)
     run_backend = backend.for_mesh(mesh)
     compute_dtype, muon_dtype = (run_backend.default_dtype(flag) for flag in (args.compute_dtype, args.muon_dtype))
-    tx = optim.make_optimizer(model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(muon_dtype),
+    tx = optim.make_optimizer(**recipe.get("348fbb3").optimizer_options(), model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(muon_dtype),
                               muon_stack_sharding=meshlib.muon_stack_sharding(mesh))
     _, params, opt_state, train_step, (params_like, opt_like) = init_training(
         config, tx, mesh, seed=0, compute_dtype=compute_dtype, remat=args.remat, loss_chunk=args.loss_chunk,

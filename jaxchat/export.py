@@ -16,6 +16,7 @@ import sys
 import numpy as np
 
 from jaxchat import nanochat_ckpt, optim
+from jaxchat.recipe import batch_lr_scale
 from jaxchat import tokenizer as toklib
 from jaxchat.common import UserError, check_output, run_main
 from jaxchat.convert import config_from_dict
@@ -100,7 +101,7 @@ def group_settings(user_config: dict, total_batch_size: int, model_dim: int, sch
     base = optim.group_hyperparams(
         model_dim=model_dim, embedding_lr=user_config["embedding_lr"], unembedding_lr=user_config["unembedding_lr"],
         matrix_lr=user_config["matrix_lr"], scalar_lr=user_config["scalar_lr"], adam_betas=betas,
-        batch_lr_scale=optim.batch_lr_scale(total_batch_size), adamw_groups=recipe.adamw_groups,
+        batch_lr_scale=batch_lr_scale(total_batch_size), adamw_groups=recipe.adamw_groups,
         muon_variant=recipe.muon)
     weight_decay = {g.name: g.weight_decay for g in recipe.adamw_groups}  # AdamW's is constant
     lrm = float(schedule["lrm"])

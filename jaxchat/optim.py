@@ -1,7 +1,9 @@
 """MuonAdamW (nanochat/optim.py MuonAdamW at 348fbb3, and 92d63d4's variant) as an optax transformation, and the schedules.
 
-    wd_scaled = depth_scaled_weight_decay(0.2, depth)
-    tx = make_optimizer(model_dim=n, weight_decay=wd_scaled, batch_lr_scale=batch_lr_scale(total_batch_size))
+    r = jaxchat.recipe.get("348fbb3")      # the AdamW groups, Muon variant and schedules are the recipe's
+    wd_scaled = r.weight_decay_rule(0.2, depth=depth, ...)   # jaxchat.plan applies the recipe's transfer rules
+    tx = make_optimizer(model_dim=n, weight_decay=wd_scaled, batch_lr_scale=recipe.batch_lr_scale(B),
+                        **r.optimizer_options())
     opt_state = tx.init(params)          # under `with jax.set_mesh(mesh):` (or with out_shardings) on a mesh
     values = schedule_values(it, num_iterations=N, warmup_ratio=0.0, warmdown_ratio=0.5, final_lr_frac=0.0,
                              weight_decay=wd_scaled)                          # {lrm, momentum, wd}: Python floats
@@ -15,8 +17,8 @@ every group, `momentum` = Muon μ, `wd` = Muon weight decay), so a new value is 
 `tx.init` sets them to step 0 of a schedule without warmup (1.0, 0.85, weight_decay). The inner transforms
 (`adamw`, `muon`) take the same values as optax extra args instead, for use without the wrapper.
 
-Routing by top-level key of the parameter tree (jaxchat.model), by a table of `AdamWGroup`s (348fbb3's by default,
-jaxchat.recipe holds 92d63d4's): lm_head, wte, value_embeds, resid_lambdas, x0_lambdas (+ smear_gate, smear_lambda,
+Routing by top-level key of the parameter tree (jaxchat.model), by a recipe's table of `AdamWGroup`s
+(jaxchat.recipe): lm_head, wte, value_embeds, resid_lambdas, x0_lambdas (+ smear_gate, smear_lambda,
 backout_lambda in one group at 92d63d4) → AdamW; everything under `blocks` → Muon. `MuonVariant` selects 92d63d4's
 Muon changes (MuonEq, Polar Express normaliser 1.01, float32 after orthogonalisation, Muon+, NorMuon β2 0.9). Block leaves are stacks of Flax kernels
 (..., fan_in, fan_out); Muon does its math per matrix on the transposed view, i.e. in the reference orientation
@@ -39,7 +41,6 @@ import optax
 ADAMW_EPS = 1e-10
 MUON_BETA2 = 0.95
 NS_STEPS = 5
-REFERENCE_BATCH_SIZE = 2**19
 # Polar Express coefficients (num_iters=5, safety 2e-2, cushion 2; arXiv 2505.16932), as in the reference.
 POLAR_EXPRESS_COEFFS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -48,7 +49,6 @@ POLAR_EXPRESS_COEFFS = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
-ADAMW_GROUPS = ("lm_head", "wte", "value_embeds", "resid_lambdas", "x0_lambdas")  # reference group order
 SCHEDULE_KEYS = ("lrm", "momentum", "wd")
 
 
@@ -68,16 +68,6 @@ class AdamWGroup:
     batch_scaled: bool = True
     betas: tuple[float, float] | None = None
     weight_decay: float = 0.0
-
-
-# nanochat/gpt.py GPT.setup_optimizer at 348fbb3: no AdamW weight decay, the flags' betas except x0's.
-ADAMW_GROUPS_348FBB3 = (
-    AdamWGroup("lm_head", ("lm_head",), "unembedding_lr"),
-    AdamWGroup("wte", ("wte",), "embedding_lr"),
-    AdamWGroup("value_embeds", ("value_embeds",), "embedding_lr"),
-    AdamWGroup("resid_lambdas", ("resid_lambdas",), "scalar_lr", 0.01, dmodel_scaled=False),
-    AdamWGroup("x0_lambdas", ("x0_lambdas",), "scalar_lr", dmodel_scaled=False, betas=(0.96, 0.95)),
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,35 +153,6 @@ class Schedules:
 
     momentum: MomentumSchedule = MomentumSchedule()
     weight_decay: Callable[[int, int, float], float] = muon_weight_decay
-
-
-def depth_scaled_weight_decay(weight_decay: float, depth: int) -> float:
-    """Depth-scaled Muon weight decay (tuned at d12, WD ∝ 1/width²)."""
-    return weight_decay * (12 / depth) ** 2
-
-
-def depth_scaled_weight_decay_rule(weight_decay: float, *, depth: int, **_) -> float:
-    """348fbb3's transfer of the Muon weight decay: (12/depth)² (the batch and horizon play no part)."""
-    return depth_scaled_weight_decay(weight_decay, depth)
-
-
-def t_epoch_weight_decay_rule(weight_decay: float, *, total_batch_size: int, tokens: int, ref_tokens: float,
-                              **_) -> float:
-    """92d63d4's T_epoch rule (scripts/base_train.py): keep B/(η·λ·D) constant with η ∝ √(B/2^19), i.e.
-    λ = λ_ref · √(B/2^19) · (D_ref/D), D the horizon in tokens, D_ref d12's at the same ratio."""
-    return weight_decay * math.sqrt(total_batch_size / REFERENCE_BATCH_SIZE) * (ref_tokens / tokens)
-
-
-def auto_total_batch_size(tokens: int, ref_tokens: float) -> int:
-    """92d63d4's batch for a horizon of `tokens`: 2^19 · (D/D_ref)^0.383 (Power Lines), nearest power of 2."""
-    return 2 ** round(math.log2(REFERENCE_BATCH_SIZE * (tokens / ref_tokens) ** 0.383))
-
-
-def batch_lr_scale(total_batch_size: int) -> float:
-    """sqrt(total_batch_size / 2^19), applied to every learning rate; exactly 1.0 at the reference batch."""
-    if total_batch_size == REFERENCE_BATCH_SIZE:
-        return 1.0
-    return (total_batch_size / REFERENCE_BATCH_SIZE) ** 0.5
 
 
 def schedule_values(it: int, *, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
@@ -450,7 +411,7 @@ def muon(lr: float, beta2: float = MUON_BETA2, dtype=jnp.bfloat16, ns_steps: int
 # ---------------------------------------------------------------------------------------------------------------
 # The combined optimizer (nanochat/gpt.py GPT.setup_optimizer)
 
-def param_labels(params: dict, groups: tuple[AdamWGroup, ...] = ADAMW_GROUPS_348FBB3) -> dict:
+def param_labels(params: dict, groups: tuple[AdamWGroup, ...]) -> dict:
     """Optimizer group of every leaf: its AdamW group's name by top-level key, 'muon' under `blocks`."""
     group_of = {key: g.name for g in groups for key in g.params}
     unknown = set(params) - set(group_of) - {"blocks"}
@@ -462,8 +423,8 @@ def param_labels(params: dict, groups: tuple[AdamWGroup, ...] = ADAMW_GROUPS_348
 
 def group_hyperparams(*, model_dim: int, embedding_lr: float = 0.3, unembedding_lr: float = 0.004,
                       matrix_lr: float = 0.02, scalar_lr: float = 0.5, adam_betas: tuple[float, float] = (0.8, 0.95),
-                      batch_lr_scale: float = 1.0, adamw_groups: tuple[AdamWGroup, ...] = ADAMW_GROUPS_348FBB3,
-                      muon_variant: MuonVariant = MuonVariant()) -> dict[str, dict[str, Any]]:
+                      batch_lr_scale: float = 1.0, adamw_groups: tuple[AdamWGroup, ...],
+                      muon_variant: MuonVariant) -> dict[str, dict[str, Any]]:
     """Base LR and betas of each group (before the LR multiplier), in the reference's group order."""
     flags = {"embedding_lr": embedding_lr, "unembedding_lr": unembedding_lr, "scalar_lr": scalar_lr}
     dmodel_lr_scale = (model_dim / 768) ** -0.5
@@ -480,14 +441,13 @@ def group_hyperparams(*, model_dim: int, embedding_lr: float = 0.3, unembedding_
 def make_optimizer(*, model_dim: int, embedding_lr: float = 0.3, unembedding_lr: float = 0.004,
                    matrix_lr: float = 0.02, scalar_lr: float = 0.5, adam_betas: tuple[float, float] = (0.8, 0.95),
                    weight_decay: float = 0.0, batch_lr_scale: float = 1.0, muon_dtype=jnp.bfloat16,
-                   muon_stack_sharding=None, adamw_groups: tuple[AdamWGroup, ...] = ADAMW_GROUPS_348FBB3,
-                   muon_variant: MuonVariant = MuonVariant(),
-                   schedules: Schedules = Schedules()) -> optax.GradientTransformationExtraArgs:
+                   muon_stack_sharding=None, adamw_groups: tuple[AdamWGroup, ...], muon_variant: MuonVariant,
+                   schedules: Schedules) -> optax.GradientTransformationExtraArgs:
     """MuonAdamW for jaxchat's parameter tree; per-step values via `set_schedule` (see the module docstring).
 
     `weight_decay` is the scaled Muon wd; it is only the initial `wd` of the state (step 0 of its schedule).
     `muon_stack_sharding`: mesh.muon_stack_sharding(mesh) on a mesh, so Muon's work is split, never repeated.
-    adamw_groups, muon_variant, schedules: a recipe's (jaxchat.recipe); 348fbb3's by default.
+    adamw_groups, muon_variant, schedules: the recipe's (jaxchat.recipe Recipe.optimizer_options()).
     """
     groups = group_hyperparams(model_dim=model_dim, embedding_lr=embedding_lr, unembedding_lr=unembedding_lr,
                                matrix_lr=matrix_lr, scalar_lr=scalar_lr, adam_betas=adam_betas,

@@ -11,7 +11,7 @@ import dataclasses
 import inspect
 import math
 
-from jaxchat import optim, recipe as recipes
+from jaxchat import recipe as recipes
 from jaxchat.common import UserError, run_main
 from jaxchat.model import GPTConfig, config_for_depth, estimate_flops, num_scaling_params
 
@@ -99,9 +99,9 @@ def transfer(r: recipes.Recipe, *, depth: int, total_batch_size: int, weight_dec
     if r.auto_batch and tokens == 0:  # 92d63d4 sizes batch and weight decay by D/D_ref, which needs a ratio
         raise UserError(f"recipe {r.name} scales the batch and weight decay with the horizon "
                         f"--target-param-data-ratio: it must not be 0 (e.g. 8 or 12)")
-    batch = optim.auto_total_batch_size(tokens, ref_tokens) if auto else total_batch_size
+    batch = recipes.auto_total_batch_size(tokens, ref_tokens) if auto else total_batch_size
     wd = r.weight_decay_rule(weight_decay, depth=depth, total_batch_size=batch, tokens=tokens, ref_tokens=ref_tokens)
-    return Transfer(batch, auto, optim.batch_lr_scale(batch), weight_decay, wd)
+    return Transfer(batch, auto, recipes.batch_lr_scale(batch), weight_decay, wd)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ The model side is `GPTConfig.recipe` (jaxchat.model), set from the same name.
 """
 
 import dataclasses
+import math
 import types
 from typing import Any, Callable
 
@@ -18,6 +19,7 @@ from jaxchat import optim
 from jaxchat.common import UserError
 
 DEFAULT = "348fbb3"
+REFERENCE_BATCH_SIZE = 2**19  # the batch (tokens) nanochat tuned its learning rates at
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,49 @@ class Recipe:
         return dict(adamw_groups=self.adamw_groups, muon_variant=self.muon, schedules=self.schedules)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Batch and weight-decay transfer rules (scripts/base_train.py; jaxchat.plan applies them)
+
+def depth_scaled_weight_decay(weight_decay: float, depth: int) -> float:
+    """Depth-scaled Muon weight decay (tuned at d12, WD ∝ 1/width²)."""
+    return weight_decay * (12 / depth) ** 2
+
+
+def depth_scaled_weight_decay_rule(weight_decay: float, *, depth: int, **_) -> float:
+    """348fbb3's transfer of the Muon weight decay: (12/depth)² (the batch and horizon play no part)."""
+    return depth_scaled_weight_decay(weight_decay, depth)
+
+
+def t_epoch_weight_decay_rule(weight_decay: float, *, total_batch_size: int, tokens: int, ref_tokens: float,
+                              **_) -> float:
+    """92d63d4's T_epoch rule (scripts/base_train.py): keep B/(η·λ·D) constant with η ∝ √(B/2^19), i.e.
+    λ = λ_ref · √(B/2^19) · (D_ref/D), D the horizon in tokens, D_ref d12's at the same ratio."""
+    return weight_decay * math.sqrt(total_batch_size / REFERENCE_BATCH_SIZE) * (ref_tokens / tokens)
+
+
+def auto_total_batch_size(tokens: int, ref_tokens: float) -> int:
+    """92d63d4's batch for a horizon of `tokens`: 2^19 · (D/D_ref)^0.383 (Power Lines), nearest power of 2."""
+    return 2 ** round(math.log2(REFERENCE_BATCH_SIZE * (tokens / ref_tokens) ** 0.383))
+
+
+def batch_lr_scale(total_batch_size: int) -> float:
+    """sqrt(total_batch_size / 2^19), applied to every learning rate; exactly 1.0 at the reference batch."""
+    if total_batch_size == REFERENCE_BATCH_SIZE:
+        return 1.0
+    return (total_batch_size / REFERENCE_BATCH_SIZE) ** 0.5
+
+
+
+# nanochat/gpt.py GPT.setup_optimizer at 348fbb3: no AdamW weight decay, the flags' betas except x0's.
+ADAMW_GROUPS_348FBB3 = (
+    optim.AdamWGroup("lm_head", ("lm_head",), "unembedding_lr"),
+    optim.AdamWGroup("wte", ("wte",), "embedding_lr"),
+    optim.AdamWGroup("value_embeds", ("value_embeds",), "embedding_lr"),
+    optim.AdamWGroup("resid_lambdas", ("resid_lambdas",), "scalar_lr", 0.01, dmodel_scaled=False),
+    optim.AdamWGroup("x0_lambdas", ("x0_lambdas",), "scalar_lr", dmodel_scaled=False, betas=(0.96, 0.95)),
+)
+
+
 # nanochat/gpt.py GPT.setup_optimizer at 92d63d4: per-group betas and decoupled weight decay, value embeddings at
 # half the embedding LR, and the smear/backout scalars (and the 1×24 smear gate) at a fixed 0.2, unscaled.
 ADAMW_GROUPS_92D63D4 = (
@@ -56,8 +101,8 @@ ADAMW_GROUPS_92D63D4 = (
 RECIPES = {
     "348fbb3": Recipe(
         name="348fbb3", title="nanochat 348fbb3 (January 2026: 3.04 h to GPT-2 on 8xH100)",
-        defaults=types.MappingProxyType({}), adamw_groups=optim.ADAMW_GROUPS_348FBB3, muon=optim.MuonVariant(),
-        schedules=optim.Schedules(), auto_batch=False, weight_decay_rule=optim.depth_scaled_weight_decay_rule,
+        defaults=types.MappingProxyType({}), adamw_groups=ADAMW_GROUPS_348FBB3, muon=optim.MuonVariant(),
+        schedules=optim.Schedules(), auto_batch=False, weight_decay_rule=depth_scaled_weight_decay_rule,
         raw_token_bytes=False, fixed_betas=False),
     "92d63d4": Recipe(
         name="92d63d4", title="nanochat 92d63d4 (the record recipe: leaderboard run 6's code at HEAD)",
@@ -69,7 +114,7 @@ RECIPES = {
         muon=optim.MuonVariant(beta2=0.9, pe_norm=1.01, muon_eq=True, float32_after_pe=True, muon_plus=True),
         schedules=optim.Schedules(momentum=optim.MomentumSchedule(0.85, 0.97, 400, 0.90),
                                   weight_decay=optim.muon_weight_decay_cosine),
-        auto_batch=True, weight_decay_rule=optim.t_epoch_weight_decay_rule, raw_token_bytes=True, fixed_betas=True),
+        auto_batch=True, weight_decay_rule=t_epoch_weight_decay_rule, raw_token_bytes=True, fixed_betas=True),
 }
 
 

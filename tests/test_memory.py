@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 
+from jaxchat import recipe
 from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
@@ -94,7 +95,7 @@ SMALL = GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_hea
 
 
 def compile_small(mesh):
-    tx = optim.make_optimizer(model_dim=SMALL.n_embd, weight_decay=0.2, muon_dtype=jnp.float32)
+    tx = optim.make_optimizer(**recipe.get("348fbb3").optimizer_options(), model_dim=SMALL.n_embd, weight_decay=0.2, muon_dtype=jnp.float32)
     _, step, (params_like, opt_like) = abstract_training(SMALL, tx, mesh, compute_dtype="float32")
     return lambda b, accum, variant="": compile_step(step, params_like, opt_like, mesh, device_batch_size=b,
                                                      grad_accum=accum, seq_len=SMALL.sequence_len)

@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from jaxchat import recipe
 from jaxchat import mesh as meshlib
 from jaxchat.common import UserError
 from jaxchat.model import GPT, GPTConfig, abstract_model
@@ -115,7 +116,7 @@ def test_muon_splits_stacks_that_do_not_divide_the_devices():
     assert meshlib.optimizer_shardings(params, mesh)["blocks"]["c_q"].spec == P(None, None, None)  # 6 % 8: whole
 
     def compiled(stack_sharding):
-        tx = optim.make_optimizer(model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.float32,
+        tx = optim.make_optimizer(**recipe.get("348fbb3").optimizer_options(), model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.float32,
                                   muon_stack_sharding=stack_sharding)
         state = tx.init(params)
         sh = meshlib.optimizer_shardings(params, mesh)

@@ -14,6 +14,8 @@ from jaxchat import optim, recipe
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
+R348 = recipe.get("348fbb3")  # the AdamW groups, Muon variant and schedules of recipe 348fbb3
+
 
 def well_conditioned(rng, shape, cond=300.0, scale=7.0):
     """Random matrices (..., m, n) with singular values spread log-uniformly over [1/cond, 1] · scale."""
@@ -226,7 +228,8 @@ def test_adamw_matches_reference_formula():
 # ------------------------------------------------------------------ the combined optimizer
 
 def test_routing_and_group_learning_rates():
-    groups = optim.group_hyperparams(model_dim=1536, batch_lr_scale=2.0, adam_betas=(0.7, 0.9))
+    groups = optim.group_hyperparams(model_dim=1536, batch_lr_scale=2.0, adam_betas=(0.7, 0.9),
+                                     adamw_groups=R348.adamw_groups, muon_variant=R348.muon)
     s_d = (1536 / 768) ** -0.5
     assert groups["lm_head"]["lr"] == pytest.approx(0.004 * s_d * 2)
     assert groups["wte"]["lr"] == groups["value_embeds"]["lr"] == pytest.approx(0.3 * s_d * 2)
@@ -234,15 +237,15 @@ def test_routing_and_group_learning_rates():
     assert groups["x0_lambdas"] == {"kind": "adamw", "lr": pytest.approx(1.0), "betas": (0.96, 0.95)}
     assert groups["lm_head"]["betas"] == (0.7, 0.9)
     assert groups["muon"]["lr"] == pytest.approx(0.04)
-    labels = optim.param_labels(tiny_params(np.random.default_rng(0)))
+    labels = optim.param_labels(tiny_params(np.random.default_rng(0)), R348.adamw_groups)
     assert set(jax.tree.leaves(labels["blocks"])) == {"muon"} and labels["wte"] == "wte"
     with pytest.raises(ValueError, match="no optimizer group"):
-        optim.param_labels({"wte": 0, "smear_gate": 0})
+        optim.param_labels({"wte": 0, "smear_gate": 0}, R348.adamw_groups)
 
 
 def test_make_optimizer_updates_every_group_and_state_layout():
     params = tiny_params(np.random.default_rng(5))
-    tx = optim.make_optimizer(model_dim=32, weight_decay=0.2)
+    tx = optim.make_optimizer(**R348.optimizer_options(), model_dim=32, weight_decay=0.2)
     state = tx.init(params)
     initial = {"lrm": np.float32(1.0), "momentum": np.float32(0.85), "wd": np.float32(0.2)}
     chex.assert_trees_all_equal(state.schedule, initial)
@@ -261,7 +264,7 @@ def test_make_optimizer_updates_every_group_and_state_layout():
 
 def test_schedule_changes_never_recompile():
     params = tiny_params(np.random.default_rng(6))
-    tx = optim.make_optimizer(model_dim=32, weight_decay=0.2)
+    tx = optim.make_optimizer(**R348.optimizer_options(), model_dim=32, weight_decay=0.2)
     state = tx.init(params)
 
     @jax.jit
@@ -354,7 +357,7 @@ def test_muon_momentum_and_weight_decay_schedules():
 def test_depth_and_batch_scaling():
     expected = {4: 1.8, 12: 0.2, 20: 0.072, 24: 0.05, 26: 0.042604}
     for depth, wd in expected.items():
-        assert optim.depth_scaled_weight_decay(0.2, depth) == pytest.approx(wd, abs=5e-7)
-    assert optim.batch_lr_scale(2**19) == 1.0
-    assert optim.batch_lr_scale(2**17) == pytest.approx(0.5)
-    assert optim.batch_lr_scale(2**21) == pytest.approx(2.0)
+        assert recipe.depth_scaled_weight_decay(0.2, depth) == pytest.approx(wd, abs=5e-7)
+    assert recipe.batch_lr_scale(2**19) == 1.0
+    assert recipe.batch_lr_scale(2**17) == pytest.approx(0.5)
+    assert recipe.batch_lr_scale(2**21) == pytest.approx(2.0)

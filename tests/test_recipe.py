@@ -90,8 +90,8 @@ def test_explicit_batch_wins_and_auto_needs_the_recipe():
 
 
 def test_recipe_tables():
-    assert recipe.get("348fbb3").adamw_groups == optim.ADAMW_GROUPS_348FBB3
-    assert [g.name for g in recipe.get("348fbb3").adamw_groups] == list(optim.ADAMW_GROUPS)
+    assert recipe.get("348fbb3").adamw_groups == recipe.ADAMW_GROUPS_348FBB3
+    assert [g.name for g in recipe.get("348fbb3").adamw_groups] == ["lm_head", "wte", "value_embeds", "resid_lambdas", "x0_lambdas"]  # reference order
     assert set(R92D63D4.defaults) <= set(config.defaults())  # the defaults a recipe changes are flags that exist
     assert R92D63D4.defaults["eval_tokens"] == 80 * 524288 and R92D63D4.defaults["unembedding_lr"] == 0.008
     with pytest.raises(UserError, match="choose one of 348fbb3, 92d63d4"):
@@ -115,7 +115,7 @@ def test_92d63d4_groups_and_learning_rates():
     assert labels["smear_gate"] == {"kernel": "smear"} and labels["backout_lambda"] == "smear"
     assert labels["blocks"] == {"c_q": "muon"}
     with pytest.raises(ValueError, match="no optimizer group"):
-        optim.param_labels(params)  # 348fbb3 has no smear group
+        optim.param_labels(params, recipe.ADAMW_GROUPS_348FBB3)  # 348fbb3 has no smear group
 
 
 def test_recipe_flag_defaults_and_precedence():

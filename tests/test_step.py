@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxchat import recipe
 from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
@@ -21,7 +22,7 @@ SCHEDULE = optim.schedule_arrays(optim.schedule_values(3, num_iterations=10, war
 
 
 def optimizer(mesh):
-    return optim.make_optimizer(model_dim=CONFIG.n_embd, weight_decay=0.2, muon_dtype=jnp.float32,
+    return optim.make_optimizer(**recipe.get("348fbb3").optimizer_options(), model_dim=CONFIG.n_embd, weight_decay=0.2, muon_dtype=jnp.float32,
                                 muon_stack_sharding=meshlib.muon_stack_sharding(mesh))
 
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxchat import recipe
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat.model import GPTConfig
@@ -22,7 +23,7 @@ def batches():
 
 def run(mesh, accum_steps: int):
     """Losses and final parameters of STEPS steps, each step's rows split into `accum_steps` micro-batches."""
-    tx = optim.make_optimizer(model_dim=CONFIG.n_embd, weight_decay=0.2, muon_dtype=jnp.float32)
+    tx = optim.make_optimizer(**recipe.get("348fbb3").optimizer_options(), model_dim=CONFIG.n_embd, weight_decay=0.2, muon_dtype=jnp.float32)
     _, params, opt_state, train_step, _ = init_training(CONFIG, tx, mesh, seed=0, compute_dtype="float32")
     # Perturb the init as the reference fixtures do: with zero projections the lambdas' gradients are pure rounding
     # noise (the output is scale-invariant in them) and Adam's first step would amplify that noise to +-lr.
@@ -70,7 +71,7 @@ def test_fsdp_equals_data_parallel(reference_run):
 
 def test_loss_falls_and_step_compiles_once():
     mesh = meshlib.make_mesh(fsdp=2)
-    tx = optim.make_optimizer(model_dim=CONFIG.n_embd, weight_decay=0.2)
+    tx = optim.make_optimizer(**recipe.get("348fbb3").optimizer_options(), model_dim=CONFIG.n_embd, weight_decay=0.2)
     _, params, opt_state, train_step, _ = init_training(CONFIG, tx, mesh, seed=0, compute_dtype="float32")
     inputs, targets = (jax.device_put(a[0][None], meshlib.batch_sharding(mesh)) for a in batches())
     losses = []
