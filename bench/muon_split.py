@@ -18,7 +18,7 @@ from jaxchat import recipe
 
 from jaxchat import mesh as meshlib
 from jaxchat import optim
-from jaxchat.checkpoint import abstract_like
+from jaxchat.mesh import abstract_like
 from jaxchat.model import abstract_model, config_for_depth
 
 

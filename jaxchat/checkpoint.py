@@ -25,8 +25,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
-from jaxchat.common import UserError, base_dir, print0
-from jaxchat.memory import fmt_bytes
+from jaxchat.common import UserError, base_dir, fmt_bytes, print0
 
 ITEMS = ("params", "opt_state", "meta")
 TEMPORARY_KINDS = ("time", "preempt")  # rotated by --keep-last; "step" (--save-every) and "final" ones stay
@@ -428,7 +427,3 @@ def _quiet_on_failure():
                 os.write(2, data)
         held.close()
 
-
-def abstract_like(tree, shardings):
-    """ShapeDtypeStructs (with shardings) for a tree of arrays or ShapeDtypeStructs: an orbax restore target."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -140,3 +140,8 @@ def run_main(main, *args) -> None:
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             watchdog.abort(f"error: {watchdog.prefix()}{type(e).__name__}: {first}", 1)
         raise
+
+
+def fmt_bytes(n: int) -> str:
+    """Bytes as GiB, or MiB below one GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

@@ -17,18 +17,13 @@ from collections.abc import Callable
 
 import jax
 
-from jaxchat.common import UserError
+from jaxchat.common import UserError, fmt_bytes
 from jaxchat.plan import grad_accum_steps, valid_device_batch_sizes
 
 SAFETY_MARGIN = 0.9  # a step must be predicted to use at most this fraction of the capacity (fragmentation, runtime)
 AUTO = 0  # --device-batch-size=auto, as config stores it (the one place that says 0 means auto)
 AUTO_SIZES = (32, 16, 8, 4, 2, 1)  # what auto tries, largest first (nanochat's default device batch is 32)
 GiB = 2**30
-
-
-def fmt_bytes(n: int) -> str:
-    """Bytes as GiB, or MiB below one GiB."""
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
 # Platforms whose `peak_memory_in_bytes` is the peak of every buffer live at once, arguments included. On TPU the

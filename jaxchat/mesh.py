@@ -141,3 +141,8 @@ def row_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs (with shardings) for a tree of arrays or ShapeDtypeStructs: an orbax restore target."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

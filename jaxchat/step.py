@@ -23,7 +23,6 @@ from flax import nnx
 from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
-from jaxchat.checkpoint import abstract_like
 from jaxchat.common import UserError, print0
 from jaxchat.model import GPT, REMAT_AUTO, GPTConfig, abstract_model
 
@@ -74,7 +73,8 @@ def abstract_training(config: GPTConfig, tx, mesh, *, compute_dtype: str, **mode
                      opt_state=meshlib.optimizer_shardings(abstract_opt, mesh),
                      grads=meshlib.optimizer_shardings(abstract_params, mesh),
                      replicated=meshlib.replicated(mesh))
-    targets = (abstract_like(abstract_params, shardings["params"]), abstract_like(abstract_opt, shardings["opt_state"]))
+    targets = (meshlib.abstract_like(abstract_params, shardings["params"]),
+               meshlib.abstract_like(abstract_opt, shardings["opt_state"]))
     return graphdef, make_train_step(graphdef, tx, shardings), targets
 
 

@@ -29,7 +29,7 @@ from jaxchat import optim
 from jaxchat import recipe as recipes
 from jaxchat import xla_flags
 from jaxchat.checkpoint import Checkpointer, checkpoint_dir, input_changes, recorded_tokenizer
-from jaxchat.common import UserError, base_dir, check_writable, print0, run_main
+from jaxchat.common import UserError, base_dir, check_writable, fmt_bytes, print0, run_main
 from jaxchat.config import parse_flags
 from jaxchat.distributed import gather_json, init_distributed
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
@@ -301,7 +301,7 @@ def report_plan(c: ConfigDict, step_memory: memory.StepMemory, plan: Plan) -> No
     if c.device_batch_size == memory.AUTO:
         print0(f"--device-batch-size=auto: {plan.device_batch_size} ({step_memory.grad_accum} accumulation steps for "
                f"the total batch of {plan.total_batch_size:,} tokens); predicted " + ", ".join(
-                   f"{b}: {memory.fmt_bytes(n)}" for b, n in step_memory.tried.items()))
+                   f"{b}: {fmt_bytes(n)}" for b, n in step_memory.tried.items()))
     print0(step_memory.summary())
     for warning in (memory.over_capacity_warning(step_memory), device_batch_warning(plan.device_batch_size)):
         if warning:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from jaxchat import mesh as meshlib
-from jaxchat.checkpoint import Checkpointer, abstract_like, checkpoint_dir
+from jaxchat.checkpoint import Checkpointer, checkpoint_dir
+from jaxchat.mesh import abstract_like
 from jaxchat.common import UserError
 
 

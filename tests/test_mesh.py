@@ -67,7 +67,7 @@ def compiled_update(mesh, param_shardings, recipe_name: str = "348fbb3") -> str:
     import jax.numpy as jnp
 
     from jaxchat import optim, recipe
-    from jaxchat.checkpoint import abstract_like
+    from jaxchat.mesh import abstract_like
 
     params = abstract_params()
     tx = optim.make_optimizer(model_dim=CONFIG.n_embd, weight_decay=0.2, muon_dtype=jnp.bfloat16,
