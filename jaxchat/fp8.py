@@ -139,10 +139,10 @@ def no_speedup_note(backend) -> str | None:
             f"multiplied in float32, so it gives no speed-up here")
 
 
-def unit_fixture_outputs(x_Ni: np.ndarray, w_oi: np.ndarray, go_No: np.ndarray) -> dict[str, np.ndarray]:
+def unit_fixture_outputs(x_Ri: np.ndarray, w_oi: np.ndarray, go_Ro: np.ndarray) -> dict[str, np.ndarray]:
     """What nanochat's fp8 unit fixture records, computed by jaxchat: x and go in bfloat16, w the float32 weight in
     torch's (out, in) layout; quantised operands as uint8 bit patterns, in the fixture's layouts."""
-    x, go = jnp.asarray(x_Ni, jnp.bfloat16), jnp.asarray(go_No, jnp.bfloat16)
+    x, go = jnp.asarray(x_Ri, jnp.bfloat16), jnp.asarray(go_Ro, jnp.bfloat16)
     w_io = jnp.asarray(w_oi, jnp.float32).T
     y, vjp = jax.vjp(matmul, x, w_io)
     grad_x, grad_w_io = vjp(go)

@@ -150,15 +150,15 @@ def chunked_cross_entropy(x_BTn: jax.Array, lm_head_nV: jax.Array, targets_BT: j
     if pad:  # padded positions get target -1, hence loss 0, and are cut off below
         x_BTn = jnp.pad(x_BTn, ((0, 0), (0, pad), (0, 0)))
         targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)), constant_values=-1)
-    x_CBcn = x_BTn.reshape(B, n_chunks, chunk, n).swapaxes(0, 1)
-    targets_CBc = targets_BT.reshape(B, n_chunks, chunk).swapaxes(0, 1)
+    x_NBtn = x_BTn.reshape(B, n_chunks, chunk, n).swapaxes(0, 1)
+    targets_NBt = targets_BT.reshape(B, n_chunks, chunk).swapaxes(0, 1)
 
     @jax.checkpoint  # keep only each chunk's inputs; its logits are recomputed in the backward pass
-    def one_chunk(x_Bcn, targets_Bc):
-        return token_losses(x_Bcn, lm_head_nV, targets_Bc, vocab_size, matmul)
+    def one_chunk(x_Btn, targets_Bt):
+        return token_losses(x_Btn, lm_head_nV, targets_Bt, vocab_size, matmul)
 
-    _, losses_CBc = jax.lax.scan(lambda carry, xs: (carry, one_chunk(*xs)), None, (x_CBcn, targets_CBc))
-    return losses_CBc.swapaxes(0, 1).reshape(B, n_chunks * chunk)[:, :T]
+    _, losses_NBt = jax.lax.scan(lambda carry, xs: (carry, one_chunk(*xs)), None, (x_NBtn, targets_NBt))
+    return losses_NBt.swapaxes(0, 1).reshape(B, n_chunks * chunk)[:, :T]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -212,12 +212,12 @@ def apply_rotary(x_BTHD: jax.Array, cos_TD: jax.Array, sin_TD: jax.Array) -> jax
 
 
 
-def lookup(table_VD: jax.Array, idx_BT: jax.Array, dtype) -> jax.Array:
+def lookup(table_Vn: jax.Array, idx_BT: jax.Array, dtype) -> jax.Array:
     """Rows of an embedding table in the compute dtype, gathered from the table rounded to it (the same values as
     rounding after the gather): the gathered rows and their gradient before the scatter-add into the table are then
     bf16 in a bf16 step, as in nanochat, whose tables are bf16 on CUDA (gpt.py GPT.init_weights), not float32 copies
     per token and layer (d26 at device batch 16: 2.6 GiB each, measured with jaxchat.aot)."""
-    return jnp.take(table_VD.astype(dtype), idx_BT, axis=0)
+    return jnp.take(table_Vn.astype(dtype), idx_BT, axis=0)
 
 
 @recomputed_when_narrow

@@ -275,7 +275,7 @@ def muon_lr_scale(shape: tuple[int, ...]) -> float:
     return max(1.0, rows / cols) ** 0.5
 
 
-def polar_express(X_KRC: jax.Array, dtype=jnp.bfloat16, ns_steps: int = NS_STEPS, norm: float = 1.02) -> jax.Array:
+def polar_express(X_MOI: jax.Array, dtype=jnp.bfloat16, ns_steps: int = NS_STEPS, norm: float = 1.02) -> jax.Array:
     """Approximate orthogonalisation of each matrix (..., rows, cols), computed in `dtype`, returned in `dtype`.
 
     norm: the normaliser's safety factor, X / (‖X‖_F · norm + 1e-6): 1.02 at 348fbb3, 1.01 at 92d63d4."""
@@ -291,7 +291,7 @@ def polar_express(X_KRC: jax.Array, dtype=jnp.bfloat16, ns_steps: int = NS_STEPS
 
     # Values are float32 holding `dtype` numbers; rounding per op like eager PyTorch matches the bf16 reference
     # fixtures about 3x better than one rounding per fused chain (max moved 0.08 vs 0.25 on ref_d3 step 1).
-    X = r(X_KRC.astype(f32))
+    X = r(X_MOI.astype(f32))
     fro = r(jnp.sqrt(jnp.sum(jnp.square(X), axis=(-2, -1), keepdims=True)))
     X = r(X / r(r(fro * norm) + 1e-6))
     tall = X.shape[-2] > X.shape[-1]
@@ -303,47 +303,47 @@ def polar_express(X_KRC: jax.Array, dtype=jnp.bfloat16, ns_steps: int = NS_STEPS
     return X.astype(dtype)
 
 
-def muon_eq(X_KRC: jax.Array, dtype) -> jax.Array:
+def muon_eq(X_MOI: jax.Array, dtype) -> jax.Array:
     """MuonEq (nanochat 92d63d4 muon_step_fused): each row scaled to ‖X‖_F/√rows; norms in float32, the factor and
     the product in `dtype` (rows = the reference's rows, fan_out)."""
     f32 = jnp.float32
-    X = X_KRC.astype(dtype).astype(f32)
+    X = X_MOI.astype(dtype).astype(f32)
     target = jnp.sqrt(jnp.sum(jnp.square(X), axis=(-2, -1), keepdims=True)) / X.shape[-2] ** 0.5
     row_norm = jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(X), axis=-1, keepdims=True)), 1e-6)
     return (X * (target / row_norm).astype(dtype).astype(f32)).astype(dtype)
 
 
-def muon_plus(O_KRC: jax.Array) -> jax.Array:
+def muon_plus(O_MOI: jax.Array) -> jax.Array:
     """Muon+ (nanochat 92d63d4): each matrix's Frobenius norm snapped to √min(rows, cols), an exactly
     semi-orthogonal matrix's; the norm in float32, the factor in O's dtype."""
-    rows, cols = O_KRC.shape[-2:]
-    O = O_KRC.astype(jnp.float32)
+    rows, cols = O_MOI.shape[-2:]
+    O = O_MOI.astype(jnp.float32)
     current = jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(O), axis=(-2, -1), keepdims=True)), 1e-6)
-    return (O * (min(rows, cols) ** 0.5 / current).astype(O_KRC.dtype).astype(jnp.float32)).astype(O_KRC.dtype)
+    return (O * (min(rows, cols) ** 0.5 / current).astype(O_MOI.dtype).astype(jnp.float32)).astype(O_MOI.dtype)
 
 
-def normuon(O_KRC: jax.Array, S: jax.Array, beta2: jax.Array) -> tuple[jax.Array, jax.Array]:
+def normuon(O_MOI: jax.Array, S: jax.Array, beta2: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Rescale rows (or columns) of O by the factored second moment, keeping ‖O‖_F; returns (O, new S)."""
     f32 = jnp.float32
-    rows, cols = O_KRC.shape[-2:]
+    rows, cols = O_MOI.shape[-2:]
     axis = -1 if rows >= cols else -2
-    n_red = O_KRC.shape[axis]
-    v_mean = jnp.mean(jnp.square(O_KRC.astype(f32)), axis=axis, keepdims=True)
+    n_red = O_MOI.shape[axis]
+    v_mean = jnp.mean(jnp.square(O_MOI.astype(f32)), axis=axis, keepdims=True)
     v_norm = jnp.sqrt(jnp.sum(v_mean, axis=(-2, -1), keepdims=True) * n_red)
     S = _lerp(S, v_mean, 1 - beta2)
     step = jax.lax.rsqrt(jnp.maximum(S, 1e-10))
     v_norm_new = jnp.sqrt(jnp.sum(v_mean * n_red * jnp.square(step), axis=(-2, -1), keepdims=True))
     scale = step * (v_norm / jnp.maximum(v_norm_new, 1e-10))
-    O = (O_KRC.astype(f32) * scale.astype(O_KRC.dtype).astype(f32)).astype(O_KRC.dtype)
+    O = (O_MOI.astype(f32) * scale.astype(O_MOI.dtype).astype(f32)).astype(O_MOI.dtype)
     return O, S
 
 
-def muon_matrix_update(O_KRC: jax.Array, P_KRC: jax.Array, lr_eff: jax.Array, wd: jax.Array) -> jax.Array:
+def muon_matrix_update(O_MOI: jax.Array, P_MOI: jax.Array, lr_eff: jax.Array, wd: jax.Array) -> jax.Array:
     """−(lr_eff·O + lr_eff·wd·P·mask) with the cautious mask O⊙P ≥ 0 (lr_eff, wd already in O's dtype)."""
     f32 = jnp.float32
-    mask = (O_KRC.astype(f32) * P_KRC) >= 0
-    lr_O = (lr_eff.astype(f32) * O_KRC.astype(f32)).astype(O_KRC.dtype).astype(f32)  # bf16 product in nanochat's muon_step_fused
-    decay = (lr_eff.astype(f32) * wd.astype(f32)).astype(O_KRC.dtype).astype(f32) * P_KRC * mask
+    mask = (O_MOI.astype(f32) * P_MOI) >= 0
+    lr_O = (lr_eff.astype(f32) * O_MOI.astype(f32)).astype(O_MOI.dtype).astype(f32)  # bf16 product in nanochat's muon_step_fused
+    decay = (lr_eff.astype(f32) * wd.astype(f32)).astype(O_MOI.dtype).astype(f32) * P_MOI * mask
     return -(lr_O + decay)
 
 
@@ -388,18 +388,18 @@ def muon(lr: float, beta2: float = MUON_BETA2, dtype=jnp.bfloat16, ns_steps: int
             M = _lerp(M, g, 1 - momentum)
             U = _lerp(g, M, momentum)  # Nesterov: (1−μ)·g + μ·M
             # Reference orientation (rows = fan_out, cols = fan_in): transpose the matrix axes only.
-            U_KRC, P_KRC, S_KRC = (jnp.swapaxes(x, -1, -2) for x in (U, p.astype(jnp.float32), S))
-            K = U_KRC.shape[0]  # before padding: results are cut back to it
-            U_KRC, P_KRC, S_KRC = spread_stacks((U_KRC, P_KRC, S_KRC), stack_sharding)
+            U_MOI, P_MOI, S_MOI = (jnp.swapaxes(x, -1, -2) for x in (U, p.astype(jnp.float32), S))
+            stacked = U_MOI.shape[0]  # before padding: results are cut back to it
+            U_MOI, P_MOI, S_MOI = spread_stacks((U_MOI, P_MOI, S_MOI), stack_sharding)
             if variant.muon_eq:
-                U_KRC = muon_eq(U_KRC, dtype)
-            O_KRC = polar_express(U_KRC, dtype, ns_steps, variant.pe_norm).astype(out_dtype)
+                U_MOI = muon_eq(U_MOI, dtype)
+            O_MOI = polar_express(U_MOI, dtype, ns_steps, variant.pe_norm).astype(out_dtype)
             if variant.muon_plus:
-                O_KRC = muon_plus(O_KRC)
-            O_KRC, S_KRC = normuon(O_KRC, S_KRC, beta2_t)
+                O_MOI = muon_plus(O_MOI)
+            O_MOI, S_MOI = normuon(O_MOI, S_MOI, beta2_t)
             lr_eff = (jnp.float32(lr * muon_lr_scale(p.shape)) * lrm).astype(out_dtype)
-            u_KRC = muon_matrix_update(O_KRC, P_KRC, lr_eff, wd_t)[:K]
-            return jnp.swapaxes(u_KRC, -1, -2).astype(p.dtype), M, jnp.swapaxes(S_KRC[:K], -1, -2)
+            u_MOI = muon_matrix_update(O_MOI, P_MOI, lr_eff, wd_t)[:stacked]
+            return jnp.swapaxes(u_MOI, -1, -2).astype(p.dtype), M, jnp.swapaxes(S_MOI[:stacked], -1, -2)
 
         out = jax.tree.map(one, updates, state.momentum, state.second_moment, params)
         leaves_of = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)  # noqa: E731
