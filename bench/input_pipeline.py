@@ -23,7 +23,8 @@ from jaxchat import optim
 from jaxchat import xla_flags
 from jaxchat.config import parse_flags
 from jaxchat.plan import make_plan
-from jaxchat.step import compile_step, init_training, make_loaders, prepare_data, step_batch
+from jaxchat.dataloader import make_loaders, prepare_data, step_batch
+from jaxchat.step import compile_step, init_training
 
 
 def set_up(c, steps: int) -> tuple:

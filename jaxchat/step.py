@@ -1,5 +1,5 @@
 """The train step as a library: build the model and optimizer state sharded on the mesh, compile the step ahead of
-time (with its memory prediction and `--device-batch-size=auto`) and feed it batches.
+time (with its memory prediction and `--device-batch-size=auto`); jaxchat.dataloader feeds it batches.
 
 One jitted, donated step per optimizer step: `lax.scan` over the micro-batches (so the total batch is exactly
 --total-batch-size for any --device-batch-size, as nanochat's scripts/base_train.py accumulates grad_accum_steps
@@ -12,7 +12,6 @@ this step's schedule values passed in as traced scalars (never a recompile).
     params, opt_state, metrics = step_memory.compiled(params, opt_state, inputs, targets, optim.schedule_arrays(values))
 """
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,6 @@ from flax import nnx
 from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
-from jaxchat.common import UserError, print0
 from jaxchat.model import GPT, REMAT_AUTO, GPTConfig, abstract_model
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,102 +143,3 @@ def plan_and_compile(train_step, targets, mesh, *, device_batch_size: int, total
                                                seq_len=seq_len),
         device_batch_size=device_batch_size, total_batch_size=total_batch_size, seq_len=seq_len,
         data_parallel_size=mesh.size, budget_gb=budget_gb, capacity=capacity, variants=tuple(steps), log=log)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Feeding
-
-
-def prepare_data(data: str) -> tuple:
-    """(tokenizer, {"train": files, "val": files}) of a data source; the demo corpus and its tokenizer are built on
-    first use (by process 0, the others wait)."""
-    from jaxchat import dataset, tokenizer
-
-    tok_dir = tokenizer.default_dir(data)
-    if data == "demo":
-        dataset.build_demo_corpus()
-        if not os.path.exists(os.path.join(tok_dir, "tokenizer.pkl")) and jax.process_index() == 0:
-            from jaxchat.tok_train import train_tokenizer
-            train_tokenizer(source="demo", vocab_size=4096, max_chars=2_000_000_000, doc_cap=10_000, out_dir=tok_dir)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("demo tokenizer ready")
-    files = {split: dataset.list_shards(data, split) for split in ("train", "val")}
-    dataset.check_shards(files["train"])  # footers: a bad file is one line naming it, before compiling
-    dataset.check_shards(files["val"], full=True)  # every text: the final evaluation must not fail on it
-    return tokenizer.Tokenizer.load(tok_dir), files
-
-
-def check_resume_data(meta: dict, data: str, allow_change: bool, where: str) -> None:
-    """Before compiling: a checkpoint's loader state against the train shards present now (dataloader.
-    check_resume_shards: changed shards are one line, accepted ones print what the resume does)."""
-    from jaxchat import dataset
-    from jaxchat.dataloader import check_resume_shards
-
-    state = (meta.get("dataloader_states") or [meta["dataloader_state_dict"]])[0]  # every rank's lists the same shards
-    note = check_resume_shards(state, dataset.shard_identities(dataset.list_shards(data, "train")), allow_change, where)
-    if note:
-        print0(note)
-
-
-def shard_layout(data_shards: int, device_batch_size: int) -> tuple[int, int, int]:
-    """(data shards in all, shards of this process, this process's first shard) for --data-shards (0: one per
-    process); each shard is one loader rank, like one of nanochat's DDP ranks."""
-    shards = data_shards or jax.process_count()
-    per_process = shards // jax.process_count()
-    rows = device_batch_size * jax.local_device_count()
-    if shards % jax.process_count() or rows % per_process:
-        raise UserError(f"--data-shards={shards} must be a multiple of the {jax.process_count()} processes and split "
-                        f"each process's {rows} rows evenly")
-    return shards, per_process, jax.process_index() * per_process
-
-
-def make_loaders(tok, files: list[str], *, device_batch_size: int, seq_len: int, data_shards: int) -> "ShardLoaders":
-    """This process's loaders over `files` (fresh: a validation pass makes one per evaluation, from the start)."""
-    from jaxchat.dataloader import DataLoader
-
-    shards, per_process, first = shard_layout(data_shards, device_batch_size)
-    rows = device_batch_size * jax.local_device_count() // per_process
-    return ShardLoaders([DataLoader(tok, files, rows, seq_len, rank=first + j, world_size=shards)
-                         for j in range(per_process)])
-
-
-class ShardLoaders:
-    """This process's data shards (consecutive loader ranks), their rows concatenated into one local batch.
-
-    With one shard per process this is the plain per-process loader. Fixing --data-shards makes the global batch
-    independent of the number of processes: 1 process reading shards 0 and 1 sees the same rows, in the same
-    order, as 2 processes reading one each (the multi-process test relies on it; so can a resume on fewer hosts).
-    """
-
-    def __init__(self, loaders: list):
-        self.loaders = loaders
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
-        parts = [next(loader) for loader in self.loaders]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    def get_state(self) -> list[dict]:
-        return [loader.get_state() for loader in self.loaders]
-
-    def set_state(self, states: list[dict], allow_data_change: bool = False) -> None:
-        for loader, state in zip(self.loaders, states, strict=True):
-            loader.set_state(state, allow_data_change)
-
-    @property
-    def epoch(self) -> int:
-        return min(loader.epoch for loader in self.loaders)
-
-
-def global_batch(local_ART: np.ndarray, sharding) -> jax.Array:
-    """This process's rows -> one global array sharded over every device of every process."""
-    return jax.make_array_from_process_local_data(sharding, local_ART)
-
-
-def step_batch(loader, grad_accum: int, sharding) -> tuple[jax.Array, jax.Array]:
-    """One step's (inputs, targets): `grad_accum` micro-batches from the loader stacked (A, rows, T), on the devices."""
-    micro = [next(loader) for _ in range(grad_accum)]
-    return tuple(global_batch(np.stack([m[i] for m in micro]).astype(np.int32), sharding) for i in (0, 1))

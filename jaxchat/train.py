@@ -31,13 +31,14 @@ from jaxchat import xla_flags
 from jaxchat.checkpoint import Checkpointer, checkpoint_dir, input_changes, recorded_tokenizer
 from jaxchat.common import UserError, base_dir, check_writable, fmt_bytes, print0, run_main
 from jaxchat.config import parse_flags
+from jaxchat.dataloader import (ShardLoaders, check_resume_data, global_batch, make_loaders, prepare_data,
+                                shard_layout, step_batch)
 from jaxchat.distributed import gather_json, init_distributed
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
 from jaxchat.faults import SaveTimer, Stopped, StopRequest
 from jaxchat.monitor import Monitor, peak_flops, step_line
 from jaxchat.plan import Plan, device_batch_warning, make_plan
-from jaxchat.step import (ShardLoaders, abstract_steps, check_resume_data, global_batch, init_state, make_loaders,
-                          plan_and_compile, prepare_data, shard_layout, step_batch, without_fp8)
+from jaxchat.step import abstract_steps, init_state, plan_and_compile, without_fp8
 from jaxchat.tokenizer import check_recorded
 
 

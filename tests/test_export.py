@@ -360,7 +360,7 @@ def test_record_recipe_optimizer_is_nanochats(base_dir, tokenizer_500, tmp_path)
 def first_batch(argv: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The micro-batches of a run's first step (A, rows, T), read as the training loop reads them."""
     from jaxchat.config import parse_flags
-    from jaxchat.step import make_loaders, prepare_data
+    from jaxchat.dataloader import make_loaders, prepare_data
 
     c = parse_flags(argv)
     tok, files = prepare_data(c.data)

@@ -2,7 +2,7 @@
 exactly like 1 process x 8 devices, save and resume cooperatively, and fail fast and clearly when a peer dies.
 
 Same data on both layouts: `--data-shards=2` makes the single process read loader ranks 0 and 1 and concatenate their
-rows, which is precisely the global batch the two processes assemble from one rank each (step.ShardLoaders).
+rows, which is precisely the global batch the two processes assemble from one rank each (dataloader.ShardLoaders).
 Losses are read from the step lines (the debiased EMA printed with 6 decimals, inverted back to per-step losses);
 parameters from the orbax checkpoints, as host arrays.
 """

@@ -13,8 +13,8 @@ from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat.common import UserError
 from jaxchat.model import GPTConfig
-from jaxchat.step import (ShardLoaders, abstract_training, global_batch, init_training,
-                          plan_and_compile, shard_layout, step_batch, step_input_specs)
+from jaxchat.dataloader import ShardLoaders, global_batch, shard_layout, step_batch
+from jaxchat.step import abstract_training, init_training, plan_and_compile, step_input_specs
 
 CONFIG = GPTConfig(sequence_len=16, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
 SCHEDULE = optim.schedule_arrays(optim.schedule_values(3, num_iterations=10, warmup_ratio=0.0, warmdown_ratio=0.5,
