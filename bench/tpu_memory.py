@@ -5,9 +5,9 @@ README's "TPUs" table.
     python bench/tpu_memory.py              # every row of ROWS (each a compile: 1 to 60 minutes on 2 cores)
     python bench/tpu_memory.py --rows 0 1   # some of them
 
-Each row is `python -m jaxchat.aot --target=T --devices=N <flags>`, jaxchat.train's defaults otherwise (T 2048,
-nanochat's vocabulary and total batch, --device-batch-size=auto, --remat=auto), run in its own process, one at a time
-(a d24 compile takes several GB of RAM).
+Each row is `python -m jaxchat.aot --target=T --devices=N <flags>` (with --device-batch-size=auto), jaxchat.train's
+defaults otherwise (T 2048, nanochat's vocabulary and total batch, --remat=auto), run in its own process, one at a
+time (a d24 compile takes several GB of RAM).
 """
 
 import argparse
@@ -19,9 +19,9 @@ import sys
 ROWS = (
     ("v5e", 8, ("--depth=2", "--aspect-ratio=384", "--max-seq-len=256", "--device-batch-size=auto",
                 "--total-batch-size=2048", "--fsdp=2")),
-    ("v5e", 8, ("--depth=12",)),
-    ("v6e", 8, ("--depth=24", "--fsdp=8")),
-    ("v5p", 4, ("--depth=24",)),
+    ("v5e", 8, ("--depth=12", "--device-batch-size=auto")),
+    ("v6e", 8, ("--depth=24", "--fsdp=8", "--device-batch-size=auto")),
+    ("v5p", 4, ("--depth=24", "--device-batch-size=auto")),
 )
 
 

@@ -75,7 +75,7 @@ def splash_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, wi
     under a mesh (`mesh`, else the ambient one: the train step sets it, evaluation does not) it runs in a shard_map
     over the axes that split the batch: each device attends its own rows, whole. GQA: the kernel maps each group of
     query heads to its kv head itself."""
-    B, T, H, D = q_BTHD.shape
+    _, T, H, D = q_BTHD.shape
     kernel = jax.vmap(_splash_kernel(T, H, window_left, interpret))
     q_BTHD = (q_BTHD.astype(jnp.float32) * (1 / math.sqrt(D))).astype(q_BTHD.dtype)
     q_BHTD, k_BKTD, v_BKTD = (t.transpose(0, 2, 1, 3) for t in (q_BTHD, k_BTKD, v_BTKD))
