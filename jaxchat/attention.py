@@ -19,8 +19,10 @@ from jax.sharding import PartitionSpec as P
 from jaxchat import mesh as meshlib
 
 
-def attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, window_left: int, impl: str) -> jax.Array:
-    """Causal attention where query t sees keys t-window_left..t, by the backend's kernel (backend.ATTENTION)."""
+def attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, window_left: int, impl: str,
+              mesh: jax.sharding.AbstractMesh | None = None) -> jax.Array:
+    """Causal attention where query t sees keys t-window_left..t, by the backend's kernel (backend.ATTENTION);
+    `mesh`: the one the batch is split over (Backend.mesh; None: the ambient mesh)."""
     if impl == "blocked":
         groups = q_BTHD.shape[2] // k_BTKD.shape[2]  # GQA: each kv head serves `groups` query heads
         k_BTHD, v_BTHD = (jnp.repeat(t, groups, axis=2) if groups > 1 else t for t in (k_BTKD, v_BTKD))
@@ -28,7 +30,7 @@ def attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, window_le
             return blocked_attention(q_BTHD, k_BTHD, v_BTHD, window_left)
     seq_len = q_BTHD.shape[1]
     if impl == "splash" and splash_block(seq_len):
-        return splash_attention(q_BTHD, k_BTKD, v_BTKD, window_left)
+        return splash_attention(q_BTHD, k_BTKD, v_BTKD, window_left, mesh=mesh)
     # cuDNN's, or XLA's: where there is no fused kernel, and on TPU for a length splash does not tile (evaluation's
     # short batches: CORE's length buckets)
     impl = "xla" if impl == "splash" else impl
@@ -65,21 +67,23 @@ def _splash_kernel(seq_len: int, heads: int, window_left: int, interpret: bool):
 
 
 def splash_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, window_left: int,
-                     interpret: bool = False) -> jax.Array:
+                     interpret: bool = False, mesh: jax.sharding.AbstractMesh | None = None) -> jax.Array:
     """JAX's Pallas splash attention (TPU; `interpret`: run the kernel as plain JAX ops, on any backend).
 
     The kernel takes one example's (heads, T, head_dim) and does not scale the logits: q is scaled by 1/sqrt(D) first
     (in float32, rounded once), and the kernel is vmapped over the batch. XLA cannot partition a Mosaic call, so
-    under a mesh it runs in a shard_map over the axes that split the batch: each device attends its own rows, whole.
-    GQA: the kernel maps each group of query heads to its kv head itself."""
-    B, T, H, D = q_BTHD.shape
+    under a mesh (`mesh`, else the ambient one: the train step sets it, evaluation does not) it runs in a shard_map
+    over the axes that split the batch: each device attends its own rows, whole. GQA: the kernel maps each group of
+    query heads to its kv head itself."""
+    _, T, H, D = q_BTHD.shape
     kernel = jax.vmap(_splash_kernel(T, H, window_left, interpret))
     q_BTHD = (q_BTHD.astype(jnp.float32) * (1 / math.sqrt(D))).astype(q_BTHD.dtype)
     q_BHTD, k_BKTD, v_BKTD = (t.transpose(0, 2, 1, 3) for t in (q_BTHD, k_BTKD, v_BTKD))
-    axes = meshlib.data_shard_axes()
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    axes = meshlib.data_shard_axes(mesh)
     if axes:
         # manual over every mesh axis (the rows split over `axes`): Mosaic refuses a call left partly to GSPMD
-        kernel = jax.shard_map(kernel, in_specs=P(axes), out_specs=P(axes), check_vma=False)
+        kernel = jax.shard_map(kernel, mesh=mesh, in_specs=P(axes), out_specs=P(axes), check_vma=False)
     return kernel(q_BHTD, k_BKTD, v_BKTD).transpose(0, 2, 1, 3)
 
 

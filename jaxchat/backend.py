@@ -26,6 +26,8 @@ class Backend:
     loss_block_tokens: int  # tokens per block of the fused loss head
     fp8_gemms: bool  # XLA turns the fp8 pattern into fp8 GEMMs (CUDA compute capability >= 8.9)
     fp8: bool = False  # --fp8 runs: asked for, and not on TPU
+    # the mesh's abstract mesh (for_mesh): splash attention's shard_map where no mesh is in context (evaluation)
+    mesh: jax.sharding.AbstractMesh | None = None
     note: str = ""  # one line for the user where the platform lacks what it would normally use
 
     def default_dtype(self, flag: str | None) -> str:
@@ -83,7 +85,7 @@ def for_devices(devices, compute_dtype: str | None = None, fp8: bool = False) ->
 
 def for_mesh(mesh, compute_dtype: str | None = None, fp8: bool = False) -> "Backend":
     """The backend of a mesh's devices."""
-    return for_devices(mesh.devices.flat, compute_dtype, fp8)
+    return dataclasses.replace(for_devices(mesh.devices.flat, compute_dtype, fp8), mesh=mesh.abstract_mesh)
 
 
 def local(compute_dtype: str | None = None) -> "Backend":

@@ -9,6 +9,7 @@ results come back replicated to every process. The bundle itself (download, loca
 """
 
 import csv
+import dataclasses
 import functools
 import json
 import os
@@ -265,20 +266,24 @@ _SCORERS: dict = {}
 
 
 def model_on_mesh(model) -> tuple:
-    """(graphdef, state on a mesh spanning every device, mesh): the parameters' own mesh if they have one."""
+    """(graphdef, state on a mesh spanning every device, mesh): the parameters' own mesh if they have one. The
+    graphdef's backend names that mesh (Backend.mesh): splash attention runs per device in a shard_map over it."""
     graphdef, state = nnx.split(model)
     leaves = jax.tree.leaves(state)
     sharding = leaves[0].sharding if leaves and isinstance(leaves[0], jax.Array) else None
     if (isinstance(sharding, NamedSharding) and sharding.mesh.devices.size == jax.device_count()
             and sharding.mesh.axis_names == meshlib.DATA_AXES):
-        return graphdef, state, sharding.mesh  # e.g. the training mesh: GSPMD gathers FSDP shards as needed
-    mesh = meshlib.make_mesh()  # pure data parallel: the model replicated, rows split over every device
-    replicated = meshlib.replicated(mesh)
-    if jax.process_count() == 1:
-        state = jax.device_put(state, replicated)
-    else:  # every process holds the same weights: build the global replicated arrays from host copies
-        state = jax.tree.map(lambda x: _global_array(np.asarray(x), replicated), state)
-    return graphdef, state, mesh
+        mesh = sharding.mesh  # e.g. the training mesh: GSPMD gathers FSDP shards as needed
+    else:
+        mesh = meshlib.make_mesh()  # pure data parallel: the model replicated, rows split over every device
+        replicated = meshlib.replicated(mesh)
+        if jax.process_count() == 1:
+            state = jax.device_put(state, replicated)
+        else:  # every process holds the same weights: build the global replicated arrays from host copies
+            state = jax.tree.map(lambda x: _global_array(np.asarray(x), replicated), state)
+    on_mesh = nnx.merge(graphdef, state)  # a copy: the caller's model keeps its backend
+    on_mesh.backend = dataclasses.replace(on_mesh.backend, mesh=mesh.abstract_mesh)
+    return nnx.split(on_mesh)[0], state, mesh
 
 
 def _global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -14,6 +14,8 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \(*(?:(\w+)\[)?.*?\s([\
 _CALLEE = re.compile(r"(?:calls|to_apply|body|branch_computations|true_computation|false_computation)="
                      r"(\{[^}]*\}|%?[\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CONDITION = re.compile(r"condition=%?([\w.\-]+)")
+_COUNTER_BOUND = re.compile(r"compare\(%?[\w.\-]+, %?([\w.\-]+)\), direction=LT")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _SPLASH = re.compile(r"splash_m[hq]a_(fwd|dq|dkv)")  # jax.experimental.pallas.ops.tpu.splash_attention's kernels
 
@@ -65,10 +67,24 @@ def _own_counts(line: str, name: str, opcode: str, in_async: bool, dtypes: dict[
     return counts
 
 
+def _counted_trips(comps: dict[str, list[str]], while_line: str) -> int | None:
+    """The trip count of a while loop whose condition is `counter < constant` (a lax.scan, counting from 0), for
+    programs that do not record it (XLA:TPU's); None if the condition is anything else."""
+    condition = _CONDITION.search(while_line)
+    lines = comps.get(condition.group(1), []) if condition else []
+    root = next((line for line in lines if line.lstrip().startswith("ROOT")), "")
+    bound = _COUNTER_BOUND.search(root)
+    if not bound:
+        return None
+    constant = re.compile(rf"^\s*%?{re.escape(bound.group(1))} = s32\[\]\S* constant\((\d+)\)")
+    return next((int(m.group(1)) for line in lines if (m := constant.match(line))), None)
+
+
 def count(hlo: str) -> collections.Counter:
     """Every counted kind, weighted by how often its computation runs per call of the entry computation.
 
-    A while loop's body runs its known trip count times (1 if XLA does not know it: counted in "unknown_trip_counts");
+    A while loop's body runs its trip count times: XLA's known_trip_count (XLA:GPU), or the bound of a `counter <
+    constant` condition (XLA:TPU records none); 1 if neither says (counted in "unknown_trip_counts");
     a collective inside an async computation counts as async."""
     comps, entry = computations(hlo)
     memo = {}
@@ -87,8 +103,9 @@ def count(hlo: str) -> collections.Counter:
             trips = 1
             if opcode == "while":
                 trip = _TRIP_COUNT.search(line)
-                trips = int(trip.group(1)) if trip else 1
-                counts["unknown_trip_counts"] += not trip
+                trips = int(trip.group(1)) if trip else _counted_trips(comps, line)
+                counts["unknown_trip_counts"] += trips is None
+                trips = trips or 1
             for callee in _CALLEE.finditer(line):
                 key = line[callee.start():callee.start() + 5]
                 for called in re.findall(r"%?([\w.\-]+)", callee.group(1)):

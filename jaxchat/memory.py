@@ -57,7 +57,7 @@ def refused(exc: BaseException) -> str | None:
     if not is_oom(exc):
         return None
     found = re.search(r"RESOURCE_EXHAUSTED: ([^\n]*)", str(exc))
-    return (found.group(1) if found else str(exc).splitlines()[0]).strip()
+    return (found.group(1) if found else str(exc).splitlines()[0]).strip().rstrip(".")
 
 
 def device_capacity(budget_gb: float = 0.0, device=None) -> tuple[int, str]:

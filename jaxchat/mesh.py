@@ -107,9 +107,9 @@ def muon_stack_sharding(mesh: Mesh) -> NamedSharding | None:
     return NamedSharding(mesh, P(DATA_AXES)) if mesh.size > 1 else None
 
 
-def data_shard_axes() -> tuple[str, ...]:
-    """The ambient mesh's axes that split the batch (none without a mesh context or on one device)."""
-    mesh = jax.sharding.get_abstract_mesh()
+def data_shard_axes(mesh=None) -> tuple[str, ...]:
+    """The axes of `mesh` (None: the ambient mesh) that split the batch (none without a mesh or on one device)."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     if mesh.empty:
         return ()
     return tuple(a for a in DATA_AXES if a in mesh.axis_names and mesh.shape[a] > 1)

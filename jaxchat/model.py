@@ -425,7 +425,8 @@ class GPT(nnx.Module):
         @functools.lru_cache(maxsize=None)  # one wrapped function per window size
         def layer_fn(window_left: int):
             def attend(q, k, v):  # -> (output, nothing kept)
-                return attentionlib.attention(q, k, v, window_left=window_left, impl=self.backend.attention), None
+                return attentionlib.attention(q, k, v, window_left=window_left, impl=self.backend.attention,
+                                              mesh=self.backend.mesh), None
             return remat_layer(lambda x, layer: block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin,
                                                               config=cfg, matmul=self.dense), self.remat)
 

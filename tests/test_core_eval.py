@@ -110,6 +110,18 @@ def test_padding_and_batch_shape_do_not_change_results(reference):
 # Prompt rendering (nanochat/core_eval.py render_prompts_mc, render_prompts_schema, render_prompts_lm)
 
 
+def test_model_on_mesh_gives_the_backend_its_mesh():
+    """Evaluation's model names the mesh its rows are split over (splash attention's shard_map on TPU needs it; the
+    jitted scoring has no mesh in context), and the caller's model is left as it was."""
+    from flax import nnx
+
+    from jaxchat.model import GPT, GPTConfig
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=16),
+                rngs=nnx.Rngs(0))
+    graphdef, state, mesh = core_eval.model_on_mesh(model)
+    assert nnx.merge(graphdef, state).backend.mesh == mesh.abstract_mesh and model.backend.mesh is None
+
+
 def test_render_mc_fewshot_answer_delimiter():
     fewshot = [{"query": "Q1?", "choices": ["a1", "b1"], "gold": 1}, {"query": "Q2?", "choices": ["a2"], "gold": 0}]
     item = {"query": "Q3?", "choices": ["x", "y"], "gold": 0}
