@@ -1,5 +1,5 @@
 """Predicted peak memory per device of the train step compiled for GPUs by XLA's own GPU compiler (jaxchat.aot: the
-CUDA plugin, no GPU), for depths x device batch sizes, bf16 and --fp8, as the README's Markdown table.
+CUDA plugin, no GPU), for depths x device batch sizes, bf16 and --fp8, as the Markdown table of docs/performance.md.
 
     python bench/memory.py                                  # d12 d20 d24 d26 at 8 16 32, bf16 and fp8, 8 x H100
     python bench/memory.py --depths 12 --batches 8          # a subset (each cell is a compile: 20-200 s on 2 cores)

@@ -175,16 +175,16 @@ def test_missing_plugin_is_one_line(monkeypatch):
 
 @needs_plugin
 def test_readme_gpu_memory_table_matches_the_compiler(compiled):
-    """The README's H100 memory table (bench/memory.py) for d12 at device batch 8, bf16 and fp8, is what XLA's GPU
+    """The H100 memory table of docs/performance.md (bench/memory.py) for d12 at device batch 8, bf16 and fp8, is what XLA's GPU
     compiler predicts for that row's flags now (the other rows come from the same script)."""
     import re
     from pathlib import Path
 
     import jax
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
     table = re.search(r"<!-- table:gpu-memory -->\n(.*?)\n\n", readme, re.S).group(1)
     if f"jax {jax.__version__};" not in table:
-        pytest.skip(f"the README's GPU memory table was made with another jax than {jax.__version__}")
+        pytest.skip(f"the GPU memory table was made with another jax than {jax.__version__}")
     row = next(line for line in table.splitlines() if line.startswith("| d12 | 8 |"))
     bf16, fp8 = (float(cell.split()[0]) for cell in row.split("|")[3:5])
     for flags, cell in ((D12, bf16), (D12 + ["--fp8"], fp8)):
