@@ -18,7 +18,7 @@ from ml_collections import ConfigDict
 from jaxchat import recipe as recipes
 from jaxchat.common import JAXCHAT_ONLY, HelpFormatter, UserError
 from jaxchat.memory import AUTO
-from jaxchat.model import REMAT_POLICIES
+from jaxchat.remat import REMAT_POLICIES
 
 JAXCHAT_GROUP = "jaxchat"  # starts the name of each group of flags that nanochat's base_train does not have
 

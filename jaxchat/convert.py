@@ -14,7 +14,8 @@ from flax import nnx
 
 from jaxchat.common import UserError, read_input
 from jaxchat.loss import SOFTCAP
-from jaxchat.model import DEFAULT_RECIPE, GPT, GPTConfig, abstract_model
+from jaxchat.model import GPT, GPTConfig, abstract_model
+from jaxchat.recipe import DEFAULT as DEFAULT_RECIPE
 
 # jaxchat blocks/<name> -> reference transformer.h.{i}.<name>
 BLOCK_NAMES = {

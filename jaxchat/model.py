@@ -3,7 +3,7 @@ window-pattern repeats.
 
 Recipe 348fbb3 is nanochat's January model; recipe 92d63d4 (nanochat HEAD) adds smear and backout, a 12-channel x3
 value-embedding gate, QK x1.2, RoPE base 100000, quarter-context short windows and new initialisations. What differs
-is data: one `ModelRecipe` per commit in MODEL_RECIPES, chosen by `GPTConfig.recipe`.
+is data: one `ModelRecipe` per commit in jaxchat.recipe.MODEL_RECIPES, chosen by `GPTConfig.recipe`.
 
 Parameters are float32 and stored stacked over layers (Flax kernel layout (in, out), leading axis = layer), so
 the forward pass can `lax.scan` over repeats of the window pattern and compile time stays flat in depth.
@@ -18,7 +18,6 @@ Parameter tree (`nnx.state(model, nnx.Param)`), C = ve_gate_channels (32 at 348f
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,65 +28,14 @@ from jaxchat import attention as attentionlib
 from jaxchat import backend as backendlib
 from jaxchat import dense
 from jaxchat import loss as losslib
+from jaxchat import recipe as recipes
 from jaxchat.common import UserError
+from jaxchat.remat import remat_layer
 
 VOCAB_PAD = 64
 RMS_EPS = float(np.finfo(np.float32).eps)  # torch F.rms_norm(eps=None) uses float32 eps, also for bf16 inputs
 
 
-def _half_context(seq_len: int) -> int:
-    """nanochat 348fbb3 GPT._compute_window_sizes: S = T // 2."""
-    return seq_len // 2
-
-
-def _quarter_context_in_tiles(seq_len: int) -> int:
-    """nanochat 92d63d4 GPT._compute_window_sizes: S = ceil(T / 4) rounded up to a multiple of 128 (FA3's tile)."""
-    return -(-seq_len // 4 // 128) * 128
-
-
-def _no_backout(n_layer: int) -> None:
-    return None
-
-
-def _half_depth(n_layer: int) -> int:
-    """nanochat 92d63d4 GPT.forward: backout reads the residual after layer L // 2 (0-based)."""
-    return n_layer // 2
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelRecipe:
-    """The model constants of one nanochat commit; the defaults are 348fbb3's."""
-
-    rope_base: float = 10000.0
-    rope_dtype: str | None = "bfloat16"  # rotary tables rounded to this dtype; None: to the compute dtype
-    short_window: Callable[[int], int] = _half_context  # left window of S layers from the sequence length
-    ve_gate_channels: int = 32  # the value-embedding gate reads this many channels of the normalised block input
-    ve_gate_scale: float = 2.0  # gate = scale * sigmoid(...)
-    qk_scale: float = 1.0  # q and k multiplied by this after RoPE and QK-norm
-    smear_channels: int = 0  # the smear gate reads this many embedding channels; 0: no smear (and no smear leaves)
-    backout_layer: Callable[[int], int | None] = _no_backout  # layer whose output residual backout subtracts
-    # Initialisation (nanochat GPT.init_weights): normal std of wte, c_fc's uniform bound relative to c_q's,
-    # resid/x0 lambdas as (start, drop) for layer i: start - drop * i / max(L - 1, 1), and uniform upper bounds
-    # U(0, b) of the gates (0: zeros) and the smear/backout lambdas' constants.
-    wte_std: float = 1.0
-    c_fc_scale: float = 1.0
-    resid_init: tuple[float, float] = (1.0, 0.0)
-    x0_init: tuple[float, float] = (0.1, 0.0)
-    ve_gate_init: float = 0.0
-    smear_gate_init: float = 0.0
-    smear_lambda_init: float = 0.0
-    backout_lambda_init: float = 0.0
-
-
-MODEL_RECIPES = {
-    "348fbb3": ModelRecipe(),
-    "92d63d4": ModelRecipe(rope_base=100000.0, rope_dtype=None, short_window=_quarter_context_in_tiles,
-                           ve_gate_channels=12, ve_gate_scale=3.0, qk_scale=1.2, smear_channels=24,
-                           backout_layer=_half_depth, wte_std=0.8, c_fc_scale=0.4, resid_init=(1.15, 0.10),
-                           x0_init=(0.20, 0.15), ve_gate_init=0.02, smear_gate_init=0.02, smear_lambda_init=0.0,
-                           backout_lambda_init=0.2),
-}
-DEFAULT_RECIPE = "348fbb3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +49,7 @@ class GPTConfig:
     n_kv_head: int = 6
     n_embd: int = 768
     window_pattern: str = "SSSL"
-    recipe: str = DEFAULT_RECIPE
+    recipe: str = recipes.DEFAULT
 
     def __post_init__(self):
         pattern = self.window_pattern.upper()
@@ -109,14 +57,14 @@ class GPTConfig:
             raise ValueError(f"window_pattern {self.window_pattern!r} must use only the letters S and L")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise UserError(f"n_embd {self.n_embd} must divide by n_head {self.n_head}, which must divide by n_kv_head {self.n_kv_head}")
-        if self.recipe not in MODEL_RECIPES:
-            raise UserError(f"recipe {self.recipe!r} is not one of {', '.join(MODEL_RECIPES)}")
+        if self.recipe not in recipes.MODEL_RECIPES:
+            raise UserError(f"recipe {self.recipe!r} is not one of {', '.join(recipes.MODEL_RECIPES)}")
         object.__setattr__(self, "window_pattern", pattern)
 
     @property
-    def constants(self) -> ModelRecipe:
+    def constants(self) -> recipes.ModelRecipe:
         """The recipe's model constants."""
-        return MODEL_RECIPES[self.recipe]
+        return recipes.MODEL_RECIPES[self.recipe]
 
     @property
     def head_dim(self) -> int:
@@ -151,7 +99,7 @@ class GPTConfig:
 
 
 def config_for_depth(depth: int, *, aspect_ratio: int = 64, head_dim: int = 128, max_seq_len: int = 2048,
-                     vocab_size: int = 32768, window_pattern: str = "SSSL", recipe: str = DEFAULT_RECIPE) -> GPTConfig:
+                     vocab_size: int = 32768, window_pattern: str = "SSSL", recipe: str = recipes.DEFAULT) -> GPTConfig:
     """The one dial: width = depth * aspect_ratio rounded up to a multiple of head_dim, heads = width / head_dim."""
     if min(depth, aspect_ratio, head_dim, max_seq_len) <= 0:  # config.validate words this for the command line
         raise ValueError(f"depth {depth}, aspect_ratio {aspect_ratio}, head_dim {head_dim} and max_seq_len "
@@ -194,8 +142,8 @@ def scale(x: jax.Array, factor: float) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=16)
-def rotary_tables(seq_len: int, head_dim: int, base: float = ModelRecipe.rope_base,
-                  dtype=jnp.dtype(ModelRecipe.rope_dtype)) -> tuple[np.ndarray, np.ndarray]:
+def rotary_tables(seq_len: int, head_dim: int, base: float = recipes.ModelRecipe.rope_base,
+                  dtype=jnp.dtype(recipes.ModelRecipe.rope_dtype)) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin of shape (seq_len, head_dim/2): computed in float32 then rounded to `dtype`, as the reference does."""
     inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
     angle = np.outer(np.arange(seq_len, dtype=np.float32), inv_freq.astype(np.float32))
@@ -253,31 +201,6 @@ def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, cos, sin, confi
     y, kept = attend(q, k, v)
     x = x + matmul(y.reshape(B, T, n), layer["c_proj"])
     return x + matmul(_relu_squared(matmul(rmsnorm(x), layer["c_fc"], name="mlp_up")), layer["mlp_proj"]), kept
-
-
-# Rematerialisation policies per transformer layer (--remat): what the backward pass keeps instead of recomputing.
-REMAT_POLICIES = {
-    "none": None,  # no jax.checkpoint: every activation is kept
-    "block": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input; recompute the layer
-    # keep the dense layers' outputs (jaxchat.dense) and cuDNN attention's; recompute norms, rotary, relu^2 and the
-    # attention's inputs from them (elementwise work)
-    "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.save_only_these_names("dense", "mlp_up"), attentionlib.kernel_outputs),
-    # as dots, but the MLP's up-projection (4 x width per token, the largest output) is computed again: one GEMM
-    # of the layer's six more in the backward pass
-    "dots_no_mlp": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.save_only_these_names("dense"), attentionlib.kernel_outputs),
-}
-
-
-REMAT_AUTO = ("none", "dots", "dots_no_mlp")  # --remat=auto tries these in order at each device batch: the first that fits
-
-
-def remat_layer(fn, remat: str):
-    """`fn` wrapped in jax.checkpoint with the named policy ('none' returns it unchanged)."""
-    if remat not in REMAT_POLICIES:  # config.validate words this for the command line
-        raise ValueError(f"remat {remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
-    return fn if remat == "none" else jax.checkpoint(fn, policy=REMAT_POLICIES[remat])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,7 +290,7 @@ class GPT(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, compute_dtype=jnp.float32, scan_layers: bool = True,
                  remat: str = "none", loss_chunk: int = 0, embed_dtype=jnp.float32, fp8: bool = False,
                  backend: backendlib.Backend | None = None):
-        """remat: per-layer policy (REMAT_POLICIES); loss_chunk > 0: chunked cross-entropy over that many positions;
+        """remat: per-layer policy (jaxchat.remat.REMAT_POLICIES); loss_chunk > 0: chunked cross-entropy over that many positions;
         embed_dtype: storage dtype of wte and value_embeds (bfloat16 like the reference on CUDA); fp8: the forward
         and backward pass (`__call__`) run the qualifying dense layers in fp8 (jaxchat.fp8), decode_step never;
         backend: the attention kernel and loss head of the devices the model runs on (None: this process's)."""

@@ -22,7 +22,8 @@ from flax import nnx
 from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
-from jaxchat.model import GPT, REMAT_AUTO, GPTConfig, abstract_model
+from jaxchat.model import GPT, GPTConfig, abstract_model
+from jaxchat.remat import REMAT_AUTO
 
 # ----------------------------------------------------------------------------------------------------------------
 # Building the step and its state
@@ -78,7 +79,7 @@ def abstract_training(config: GPTConfig, tx, mesh, *, compute_dtype: str, **mode
 
 def abstract_steps(config: GPTConfig, tx, mesh, *, remat: str, compute_dtype: str, **model_options):
     """({remat: graphdef}, {remat: train_step}, targets) for --remat: one policy, or for "auto" every policy of
-    model.REMAT_AUTO, cheapest first, for plan_and_compile to try (the parameters are the same for all)."""
+    remat.REMAT_AUTO, cheapest first, for plan_and_compile to try (the parameters are the same for all)."""
     built = {r: abstract_training(config, tx, mesh, compute_dtype=compute_dtype, remat=r, **model_options)
              for r in (REMAT_AUTO if remat == "auto" else (remat,))}
     return ({r: b[0] for r, b in built.items()}, {r: b[1] for r, b in built.items()},

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from conftest import TINY_RUN, shared_fixture
 from jaxchat import backend, fp8, parity
 from jaxchat import mesh as meshlib
-from jaxchat.model import MODEL_RECIPES
+from jaxchat.recipe import MODEL_RECIPES
 
 
 def test_unit_fixture_parity(tmp_path):
