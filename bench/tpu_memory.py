@@ -22,6 +22,7 @@ ROWS = (
     ("v5e", 8, ("--depth=12", "--device-batch-size=auto")),
     ("v6e", 8, ("--depth=24", "--fsdp=8", "--device-batch-size=auto")),
     ("v5p", 4, ("--depth=24", "--device-batch-size=auto")),
+    ("v6e", 8, ("--depth=26", "--fsdp=8", "--device-batch-size=auto")),
 )
 
 

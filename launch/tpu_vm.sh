@@ -3,7 +3,7 @@
 # the same command on every host of the slice. See README.md "TPUs" for which depth fits which slice.
 #
 #   TPU=my-slice ZONE=my-zone launch/tpu_vm.sh setup                          # clone and install; the data
-#   TPU=my-slice ZONE=my-zone launch/tpu_vm.sh train --config=configs/d24.py --fsdp=8 --run=d24-v6e
+#   TPU=my-slice ZONE=my-zone launch/tpu_vm.sh train --depth=24 --fsdp=8 --device-batch-size=auto --run=d24-v6e
 #
 # Every host starts `python -m jaxchat.train` with the same flags and no process flags: on a TPU VM jaxchat calls
 # jax.distributed.initialize() without arguments, and JAX finds the slice's hosts, this host's id and the

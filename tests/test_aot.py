@@ -255,7 +255,6 @@ def test_tpu_evaluation_runs_splash_in_its_shard_map_without_a_mesh_in_context()
 
     from jaxchat import backend, evaluate
     from jaxchat import mesh as meshlib
-    from jaxchat.checkpoint import abstract_like
     from jaxchat.model import GPTConfig, abstract_model
     mesh = meshlib.make_mesh(devices=aot.topology_devices("v5e", 8))
     tpu = backend.for_mesh(mesh)
@@ -263,7 +262,7 @@ def test_tpu_evaluation_runs_splash_in_its_shard_map_without_a_mesh_in_context()
                        window_pattern="SL")
     graphdef, state = nnx.split(abstract_model(config, compute_dtype="bfloat16", backend=tpu))
     params = nnx.to_pure_dict(state)
-    params = abstract_like(params, meshlib.param_shardings(params, mesh))
+    params = meshlib.abstract_like(params, meshlib.param_shardings(params, mesh))
     tokens = jax.ShapeDtypeStruct((8, 256), jnp.int32, sharding=meshlib.row_sharding(mesh))
     token_bytes = jax.ShapeDtypeStruct((512,), jnp.int32, sharding=meshlib.replicated(mesh))
     hlo = evaluate.make_bpb_step(graphdef).lower(params, tokens, tokens, token_bytes).compile().as_text()
