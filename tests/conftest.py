@@ -67,3 +67,14 @@ def base_dir(tmp_path_factory):
         del os.environ["JAXCHAT_BASE_DIR"]
     else:
         os.environ["JAXCHAT_BASE_DIR"] = old
+
+
+@pytest.fixture(autouse=True)
+def _matmul_precision_restored():
+    """Put jax's default matmul precision back after each test: the float32 parity checks (parity.main, base_eval
+    --dtype=float32) set it to "highest" process-wide, as their commands should, and a later test in the same worker
+    would inherit it (XLA:TPU's Mosaic refuses splash attention's bf16 dots at "highest")."""
+    import jax
+    before = jax.config.jax_default_matmul_precision
+    yield
+    jax.config.update("jax_default_matmul_precision", before)
