@@ -10,14 +10,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxchat import dense
 from jaxchat import mesh as meshlib
 
 SOFTCAP = 15.0
-
-
-def plain_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w in x's dtype (the loss heads' default matmul)."""
-    return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
 
 
 def softcap(logits: jax.Array) -> jax.Array:
@@ -27,7 +23,7 @@ def softcap(logits: jax.Array) -> jax.Array:
 
 def vocab_logits(x_BTn: jax.Array, lm_head_nV: jax.Array, vocab_size: int, matmul=None) -> jax.Array:
     """float32 logits over the real vocabulary (the lm_head's padded columns cut off), before the softcap."""
-    return (matmul or plain_matmul)(x_BTn, lm_head_nV)[..., :vocab_size].astype(jnp.float32)
+    return (matmul or dense.matmul)(x_BTn, lm_head_nV)[..., :vocab_size].astype(jnp.float32)
 
 
 def softcapped_logits(x_BTn: jax.Array, lm_head_nV: jax.Array, vocab_size: int, matmul=None) -> jax.Array:
