@@ -12,34 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxchat import params as paramslib
 from jaxchat.common import UserError, read_input
 from jaxchat.loss import SOFTCAP
-from jaxchat.model import GPT, GPTConfig, abstract_model
+from jaxchat.model import GPT, GPTConfig
 from jaxchat.recipe import DEFAULT as DEFAULT_RECIPE
-
-# jaxchat blocks/<name> -> reference transformer.h.{i}.<name>
-BLOCK_NAMES = {
-    "c_q": "attn.c_q.weight",
-    "c_k": "attn.c_k.weight",
-    "c_v": "attn.c_v.weight",
-    "c_proj": "attn.c_proj.weight",
-    "c_fc": "mlp.c_fc.weight",
-    "mlp_proj": "mlp.c_proj.weight",
-}
-
-# jaxchat top-level leaf -> reference name, for the leaves of nanochat 92d63d4 (GPT.__init__: smear and backout).
-# Each is a reshape between layouts: smear_gate (24, 1) <-> Linear weight (1, 24) (a transpose, as one side is 1),
-# smear_lambda and backout_lambda () <-> (1,).
-RECIPE_LEAVES = {"smear_gate": "smear_gate.weight", "smear_lambda": "smear_lambda", "backout_lambda": "backout_lambda"}
-
-
-@functools.lru_cache(maxsize=16)
-def recipe_leaves(config: GPTConfig) -> dict[str, tuple[str, tuple, tuple]]:
-    """The recipe's extra top-level leaves: jaxchat name -> (reference name, jaxchat shape, reference shape)."""
-    shapes = {k: v.shape for k, v in nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param))
-              if len(k) == 1 and k[0] in RECIPE_LEAVES}
-    return {k[0]: (RECIPE_LEAVES[k[0]], shape, shape[::-1] or (1,)) for k, shape in shapes.items()}
-
 
 def from_reference(state: dict[str, np.ndarray], config: GPTConfig) -> dict:
     """A nanochat state dict (name -> array, PyTorch layout) as a jaxchat parameter tree of float32 numpy arrays."""
@@ -48,49 +25,30 @@ def from_reference(state: dict[str, np.ndarray], config: GPTConfig) -> dict:
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise UserError(f"state dict does not match the model config: missing {missing[:4]}, unexpected {extra[:4]}")
-    L = range(config.n_layer)
-    blocks = {name: np.stack([state[f"transformer.h.{i}.{ref}"].T for i in L]) for name, ref in BLOCK_NAMES.items()}
-    blocks["ve_gate"] = np.stack([state[f"transformer.h.{i}.attn.ve_gate.weight"].T for i in config.ve_layers])
-    params = {
-        "wte": state["transformer.wte.weight"],
-        "lm_head": state["lm_head.weight"].T,
-        "resid_lambdas": state["resid_lambdas"],
-        "x0_lambdas": state["x0_lambdas"],
-        "value_embeds": np.stack([state[f"value_embeds.{i}.weight"] for i in config.ve_layers]),
-        "blocks": blocks,
-    }
-    params.update({k: state[ref].reshape(shape) for k, (ref, shape, _) in recipe_leaves(config).items()})
+    params = {}
+    for p in paramslib.declared(config):
+        arrays = [p.from_reference(state[name]) for name in p.reference_names(config)]
+        value = np.stack(arrays) if "{i}" in p.ref else arrays[0]
+        *parents, leaf = p.path.split("/")
+        node = params
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
     return params
 
 
 def to_reference(params: dict, config: GPTConfig) -> dict[str, np.ndarray]:
     """A jaxchat parameter tree (or a gradient of the same structure) as a nanochat state dict."""
-    p = {k: v for k, v in params.items() if k != "blocks"}
-    b = params["blocks"]
-    state = {
-        "transformer.wte.weight": p["wte"],
-        "lm_head.weight": np.asarray(p["lm_head"]).T,
-        "resid_lambdas": p["resid_lambdas"],
-        "x0_lambdas": p["x0_lambdas"],
-    }
-    state.update({ref: np.asarray(p[k]).reshape(shape) for k, (ref, _, shape) in recipe_leaves(config).items()})
-    for i in range(config.n_layer):
-        for name, ref in BLOCK_NAMES.items():
-            state[f"transformer.h.{i}.{ref}"] = np.asarray(b[name][i]).T
-    for j, i in enumerate(config.ve_layers):
-        state[f"transformer.h.{i}.attn.ve_gate.weight"] = np.asarray(b["ve_gate"][j]).T
-        state[f"value_embeds.{i}.weight"] = p["value_embeds"][j]
+    state = {}
+    for name, (p, j) in paramslib.reference_layout(config).items():
+        value = functools.reduce(lambda node, key: node[key], p.path.split("/"), params)
+        state[name] = p.to_reference(value if j is None else value[j])
     return {k: np.asarray(v) for k, v in state.items()}
 
 
 def to_reference_names(config: GPTConfig) -> list[str]:
     """Every key of the reference state dict for this config."""
-    names = ["transformer.wte.weight", "lm_head.weight", "resid_lambdas", "x0_lambdas"]
-    names += [ref for ref, _, _ in recipe_leaves(config).values()]
-    names += [f"transformer.h.{i}.{ref}" for i in range(config.n_layer) for ref in BLOCK_NAMES.values()]
-    names += [f"transformer.h.{i}.attn.ve_gate.weight" for i in config.ve_layers]
-    names += [f"value_embeds.{i}.weight" for i in config.ve_layers]
-    return names
+    return list(paramslib.reference_layout(config))
 
 
 def load_params(model: GPT, params: dict) -> None:
@@ -155,7 +113,7 @@ def _read_npz(path: str):
 def recipe_of_state(state: dict) -> str:
     """The recipe of a nanochat state dict, whose meta names no commit: a smear gate marks 92d63d4's model
     (a825e63's has the same forward pass), its absence 348fbb3's."""
-    has_smear = any(k.removeprefix("_orig_mod.") == RECIPE_LEAVES["smear_gate"] for k in state)
+    has_smear = any(k.removeprefix("_orig_mod.") == paramslib.declaring("smear_gate").ref for k in state)
     return "92d63d4" if has_smear else "348fbb3"
 
 

@@ -10,28 +10,10 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxchat import params as paramslib
 from jaxchat.common import UserError
 
 DATA_AXES = ("data", "fsdp")  # the batch is split over every device
-
-# Logical axes of each parameter (paths of model.GPT's parameter tree).
-PARAM_AXES = {
-    "wte": ("vocab", "embed"),
-    "lm_head": ("embed", "vocab"),
-    "resid_lambdas": (None,),
-    "x0_lambdas": (None,),
-    "value_embeds": ("stack", "vocab", "embed"),
-    "blocks/c_q": ("stack", "embed", "heads"),
-    "blocks/c_k": ("stack", "embed", "heads"),
-    "blocks/c_v": ("stack", "embed", "heads"),
-    "blocks/c_proj": ("stack", "heads", "embed"),
-    "blocks/c_fc": ("stack", "embed", "mlp"),
-    "blocks/mlp_proj": ("stack", "mlp", "embed"),
-    "blocks/ve_gate": ("stack", None, None),
-    "smear_gate": (None, None),  # recipe 92d63d4: (24, 1)
-    "smear_lambda": (),
-    "backout_lambda": (),
-}
 
 # Where logical axes live. Parameters: FSDP shards the model dimension (the stack axis is scanned over, so it stays
 # whole). Optimizer state: tables by vocabulary row, matrices by stack entry, over every device.
@@ -69,8 +51,9 @@ def _spec(logical: tuple, shape: tuple, rules: dict, mesh: Mesh) -> P:
 
 
 def _logical_axes(name: str, ndim: int) -> tuple | None:
-    """The PARAM_AXES entry of a leaf whose path ends with a parameter's name (None: no parameter's)."""
-    return next((axes for p, axes in PARAM_AXES.items() if name.endswith(p) and len(axes) == ndim), None)
+    """The logical axes declared (jaxchat.params) for a leaf whose path ends with a parameter's path, such as its
+    optimizer state's (None: no parameter's)."""
+    return next((p.axes for p in paramslib.PARAMS if name.endswith(p.path) and len(p.axes) == ndim), None)
 
 
 def _leaf_names(tree) -> list[tuple[str, jax.Array]]:
@@ -91,9 +74,10 @@ def _shardings(tree, rules: dict, mesh: Mesh):
 
 def param_shardings(params, mesh: Mesh):
     """How parameters live on the mesh (replicated, or FSDP-sharded over the model dimension). Every parameter must
-    have its logical axes in PARAM_AXES: one left out would be replicated silently, optimizer state included."""
+    be declared with its logical axes (jaxchat.params): one left out would be replicated silently, optimizer state
+    included."""
     if undeclared := [name for name, x in _leaf_names(params) if _logical_axes(name, x.ndim) is None]:
-        raise ValueError(f"parameters without logical axes in jaxchat.mesh.PARAM_AXES: {undeclared}")
+        raise ValueError(f"parameters without logical axes (not declared in jaxchat.params.PARAMS): {undeclared}")
     return _shardings(params, PARAM_RULES, mesh)
 
 

@@ -6,13 +6,8 @@ value-embedding gate, QK x1.2, RoPE base 100000, quarter-context short windows a
 is data: one `ModelRecipe` per commit in jaxchat.recipe.MODEL_RECIPES, chosen by `GPTConfig.recipe`.
 
 Parameters are float32 and stored stacked over layers (Flax kernel layout (in, out), leading axis = layer), so
-the forward pass can `lax.scan` over repeats of the window pattern and compile time stays flat in depth.
-
-Parameter tree (`nnx.state(model, nnx.Param)`), C = ve_gate_channels (32 at 348fbb3, 12 at 92d63d4):
-  wte (Vp, n) | lm_head (n, Vp) | resid_lambdas (L,) | x0_lambdas (L,) | value_embeds (n_ve, Vp, n)
-  blocks/{c_q (L, n, H*D), c_k (L, n, Hkv*D), c_v (L, n, Hkv*D), c_proj (L, H*D, n),
-          c_fc (L, n, 4n), mlp_proj (L, 4n, n), ve_gate (n_ve, C, Hkv)}
-  recipe 92d63d4 only: smear_gate (24, 1) | smear_lambda () | backout_lambda ()
+the forward pass can `lax.scan` over repeats of the window pattern and compile time stays flat in depth. Each one is
+declared once, with its shape, sharding, initial value and nanochat name, in jaxchat.params.PARAMS.
 """
 
 import dataclasses
@@ -28,6 +23,7 @@ from jaxchat import attention as attentionlib
 from jaxchat import backend as backendlib
 from jaxchat import dense
 from jaxchat import loss as losslib
+from jaxchat import params as paramslib
 from jaxchat import recipe as recipes
 from jaxchat.common import UserError
 from jaxchat.remat import remat_layer
@@ -183,18 +179,19 @@ def _relu_squared(h: jax.Array) -> jax.Array:
 
 def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, cos, sin, config: GPTConfig, matmul):
     """One transformer layer: lambda mix, attention (`attend(q, k, v)` -> (output, anything the caller wants back),
-    with the layer's value embedding if it has one, i.e. `layer["value_embed"]` is not None), relu^2 MLP (nanochat
-    gpt.py Block.forward); every dense layer through `matmul(x, w)`. Returns (x, attend's second output)."""
+    with the layer's value embedding if it has one, i.e. `layer["value_embeds"]` is not None), relu^2 MLP (nanochat
+    gpt.py Block.forward). `layer` holds the layer's slice of each per-layer parameter (jaxchat.params), by name;
+    every dense layer goes through `matmul(x, w)`. Returns (x, attend's second output)."""
     B, T, n = x_BTn.shape
     c = config.constants
     dtype = x_BTn.dtype
-    x = _mix(x_BTn, x0_BTn, layer["resid_lambda"], layer["x0_lambda"])
+    x = _mix(x_BTn, x0_BTn, layer["resid_lambdas"], layer["x0_lambdas"])
     a = rmsnorm(x)
     q = matmul(a, layer["c_q"]).reshape(B, T, config.n_head, config.head_dim)
     k = matmul(a, layer["c_k"]).reshape(B, T, config.n_kv_head, config.head_dim)
     v = matmul(a, layer["c_v"]).reshape(B, T, config.n_kv_head, config.head_dim)
-    if layer["value_embed"] is not None:
-        ve = lookup(layer["value_embed"], idx_BT, dtype).reshape(v.shape)
+    if layer["value_embeds"] is not None:
+        ve = lookup(layer["value_embeds"], idx_BT, dtype).reshape(v.shape)
         gate_BTK = scale(jax.nn.sigmoid(matmul(a[..., :c.ve_gate_channels], layer["ve_gate"])), c.ve_gate_scale)
         v = v + gate_BTK[..., None] * ve
     q, k = (scale(rmsnorm(apply_rotary(t, cos, sin)), c.qk_scale) for t in (q, k))
@@ -205,10 +202,6 @@ def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, cos, sin, confi
 
 # ----------------------------------------------------------------------------------------------------------------
 # The layer stack: runs of layers, scanned where they repeat
-
-PER_LAYER = ("c_q", "c_k", "c_v", "c_proj", "c_fc", "mlp_proj", "resid_lambda", "x0_lambda")  # leading axis: layer
-PER_VE_LAYER = ("value_embeds", "ve_gate")  # leading axis: value-embedding layer
-
 
 def layer_runs(config: GPTConfig, scan: bool) -> list[tuple[int, int, int]]:
     """(start, period, repeats) runs covering the layers in order; runs with repeats >= 2 are scanned.
@@ -229,58 +222,34 @@ def layer_runs(config: GPTConfig, scan: bool) -> list[tuple[int, int, int]]:
     return runs
 
 
+def _over_ve_layers(name: str) -> bool:
+    """Whether a per-layer parameter runs over the value-embedding layers only (a leading E, not L)."""
+    return paramslib.named(name).shape[0] == "E"
+
+
 def run_arrays(layers: dict, config: GPTConfig, start: int, period: int, repeats: int) -> dict:
     """The arrays of a run's layers with leading axes (repeats, period) (VE arrays: (repeats, VE layers per period))."""
     stop = start + period * repeats
     arrays = {}
     for k, v in layers.items():
-        lo, hi = (config.ve_count(start), config.ve_count(stop)) if k in PER_VE_LAYER else (start, stop)
+        lo, hi = (config.ve_count(start), config.ve_count(stop)) if _over_ve_layers(k) else (start, stop)
         arrays[k] = v[lo:hi].reshape(repeats, (hi - lo) // repeats, *v.shape[1:])
     return arrays
 
 
 def layer_at(arrays: dict, config: GPTConfig, start: int, j: int) -> dict:
-    """Layer start + j's arrays from one repeat of a run starting at `start`; value_embed/ve_gate are None without VE."""
-    layer = {k: arrays[k][j] for k in PER_LAYER}
+    """Layer start + j's arrays from one repeat of a run starting at `start`; VE arrays are None without VE."""
     has_ve = start + j in config.ve_layers
     ve_index = config.ve_count(start + j) - config.ve_count(start)
-    layer["value_embed"] = arrays["value_embeds"][ve_index] if has_ve else None
-    layer["ve_gate"] = arrays["ve_gate"][ve_index] if has_ve else None
-    return layer
+    return {k: (v[ve_index] if has_ve else None) if _over_ve_layers(k) else v[j] for k, v in arrays.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model
 
 
-def _uniform(rngs: nnx.Rngs, shape: tuple, low: float, high: float) -> jax.Array:
-    """U(low, high) float32; zeros without drawing when the interval is empty (so the random stream is unchanged)."""
-    if low == high:
-        return jnp.full(shape, low, jnp.float32)
-    return jax.random.uniform(rngs.params(), shape, jnp.float32, low, high)
-
-
-def _ramp(start_drop: tuple[float, float], n_layer: int) -> jax.Array:
-    """Per-layer init start - drop * i / max(L - 1, 1), in float64 then rounded to float32 as the reference stores it."""
-    start, drop = start_drop
-    return jnp.asarray(np.array([start - drop * i / max(n_layer - 1, 1) for i in range(n_layer)], np.float32))
-
-
 class Blocks(nnx.Module):
-    """Every transformer layer's matrices, stacked over layers (kernels in (in, out) layout)."""
-
-    def __init__(self, config: GPTConfig, rngs: nnx.Rngs):
-        n, L, c = config.n_embd, config.n_layer, config.constants
-        q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-        bound = math.sqrt(3) / math.sqrt(n)  # uniform bound with std 1/sqrt(n)
-        self.c_q = nnx.Param(_uniform(rngs, (L, n, q_dim), -bound, bound))
-        self.c_k = nnx.Param(_uniform(rngs, (L, n, kv_dim), -bound, bound))
-        self.c_v = nnx.Param(_uniform(rngs, (L, n, kv_dim), -bound, bound))
-        self.c_proj = nnx.Param(jnp.zeros((L, q_dim, n), jnp.float32))
-        self.c_fc = nnx.Param(_uniform(rngs, (L, n, 4 * n), -c.c_fc_scale * bound, c.c_fc_scale * bound))
-        self.mlp_proj = nnx.Param(jnp.zeros((L, 4 * n, n), jnp.float32))
-        self.ve_gate = nnx.Param(_uniform(rngs, (len(config.ve_layers), c.ve_gate_channels, config.n_kv_head), 0.0,
-                                          c.ve_gate_init))
+    """Every transformer layer's matrices, stacked over layers (the `blocks/*` parameters of jaxchat.params)."""
 
 
 class GPT(nnx.Module):
@@ -303,22 +272,9 @@ class GPT(nnx.Module):
         self.backend = backend or backendlib.local(self.compute_dtype.name)
         self.matmul = dense.choose(self.backend)  # decoding and the smear gate: never fp8
         self.set_fp8(fp8)
-        embed_dtype = jnp.dtype(embed_dtype)
-        n, L, Vp, c = config.n_embd, config.n_layer, config.padded_vocab, config.constants
-        bound = math.sqrt(3) / math.sqrt(n)
-        self.wte = nnx.Param((c.wte_std * jax.random.normal(rngs.params(), (Vp, n), jnp.float32)).astype(embed_dtype))
-        self.lm_head = nnx.Param(0.001 * jax.random.normal(rngs.params(), (n, Vp), jnp.float32))
-        self.blocks = Blocks(config, rngs)
-        self.resid_lambdas = nnx.Param(_ramp(c.resid_init, L))
-        self.x0_lambdas = nnx.Param(_ramp(c.x0_init, L))
-        if c.smear_channels:  # nanochat 92d63d4 GPT.__init__: smear_gate = Linear(24, 1), smear_lambda (1,)
-            self.smear_gate = nnx.Param(_uniform(rngs, (c.smear_channels, 1), 0.0, c.smear_gate_init))
-            self.smear_lambda = nnx.Param(jnp.asarray(c.smear_lambda_init, jnp.float32))
-        if config.backout_layer is not None:
-            self.backout_lambda = nnx.Param(jnp.asarray(c.backout_lambda_init, jnp.float32))
-        kv_dim = config.n_kv_head * config.head_dim
-        self.value_embeds = nnx.Param(
-            _uniform(rngs, (len(config.ve_layers), Vp, kv_dim), -bound, bound).astype(embed_dtype))
+        self.blocks = Blocks()
+        for p in paramslib.declared(config):  # in table order, which is the order initial values are drawn in
+            setattr(self._holder(p), p.name, nnx.Param(p.initial(config, rngs, jnp.dtype(embed_dtype))))
 
     def __call__(self, idx_BT: jax.Array, targets_BT: jax.Array | None = None, *, reduction: str = "mean"):
         """Softcapped float32 logits (B, T, vocab), or with targets the mean loss (reduction='none': per-token losses)."""
@@ -436,19 +392,16 @@ class GPT(nnx.Module):
         return rmsnorm(x), outputs
 
     def _layer_arrays(self) -> dict[str, jax.Array]:
-        """Per-layer arrays with a leading layer axis (PER_VE_LAYER arrays: leading VE-layer axis)."""
-        b = self.blocks
-        return dict(c_q=b.c_q[...], c_k=b.c_k[...], c_v=b.c_v[...], c_proj=b.c_proj[...], c_fc=b.c_fc[...],
-                    mlp_proj=b.mlp_proj[...], resid_lambda=self.resid_lambdas[...], x0_lambda=self.x0_lambdas[...],
-                    value_embeds=self.value_embeds[...], ve_gate=b.ve_gate[...])
+        """Every per-layer parameter by name, with its leading layer (or value-embedding layer) axis."""
+        return {p.name: getattr(self._holder(p), p.name)[...] for p in paramslib.declared(self.config) if p.per_layer}
+
+    def _holder(self, p: paramslib.Param) -> nnx.Module:
+        """The module that holds parameter p as an attribute: `blocks` for blocks/*, else the GPT."""
+        return self.blocks if p.path.startswith("blocks/") else self
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Counting (nanochat gpt.py GPT.num_scaling_params and GPT.estimate_flops)
-
-SCALARS = ("resid_lambdas", "x0_lambdas", "smear_gate", "smear_lambda", "backout_lambda")  # the reference's 'scalars'
-MATMUL_OUTSIDE_BLOCKS = ("lm_head", "smear_gate")  # weights of matmuls with the token stream besides blocks/*
-
 
 def abstract_model(config: GPTConfig, **model_options) -> GPT:
     """The model with shapes only (no memory allocated): for counting, checkpoint targets and compiling the step.
@@ -458,23 +411,17 @@ def abstract_model(config: GPTConfig, **model_options) -> GPT:
     return nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), **model_options))
 
 
-def _leaf_sizes(config: GPTConfig) -> dict[str, int]:
-    """Number of elements of every parameter leaf, by path."""
-    return {"/".join(str(k) for k in path): int(np.prod(v.shape))
-            for path, v in nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param))}
+def _leaf_sizes(config: GPTConfig) -> dict[paramslib.Param, int]:
+    """Number of elements of every parameter of `config`'s model."""
+    return {p: math.prod(p.shape_for(config)) for p in paramslib.declared(config)}
 
 
 def num_scaling_params(config: GPTConfig) -> dict[str, int]:
-    """Parameter counts by group, read off the (abstract) model; 'scaling' = transformer_matrices + lm_head."""
-    sizes = _leaf_sizes(config)
-    counts = {
-        "wte": sizes.pop("wte"),
-        "value_embeds": sizes.pop("value_embeds"),
-        "lm_head": sizes.pop("lm_head"),
-        "transformer_matrices": sum(v for k, v in sizes.items() if k.startswith("blocks/")),
-        "scalars": sum(sizes.pop(k, 0) for k in SCALARS),
-    }
-    assert all(k.startswith("blocks/") for k in sizes), f"uncounted parameters: {sorted(sizes)}"
+    """Parameter counts by nanochat's groups (jaxchat.params Param.count_group); 'scaling' = transformer_matrices +
+    lm_head."""
+    counts = dict.fromkeys(("wte", "value_embeds", "lm_head", "transformer_matrices", "scalars"), 0)
+    for p, size in _leaf_sizes(config).items():
+        counts[p.count_group] += size
     counts["total"] = sum(counts.values())
     counts["scaling"] = counts["transformer_matrices"] + counts["lm_head"]
     return counts
@@ -483,11 +430,10 @@ def num_scaling_params(config: GPTConfig) -> dict[str, int]:
 def estimate_flops(config: GPTConfig) -> int:
     """Training FLOPs per token: 6 x matmul weights + attention (12 * H * D * window per layer, not halved).
 
-    The matmul weights are blocks/*, lm_head and (92d63d4) the smear gate: nanochat 92d63d4 counts every weight of
-    its `Linear` modules. (With --fp8, nanochat 92d63d4 miscounts, as its fp8 layers are not `Linear`s; this
-    is its bf16 count.)
+    The matmul weights are the `linear` parameters (jaxchat.params): blocks/*, lm_head and (92d63d4) the smear gate,
+    as nanochat 92d63d4 counts every weight of its `Linear` modules. (With --fp8, nanochat 92d63d4 miscounts, as its
+    fp8 layers are not `Linear`s; this is its bf16 count.)
     """
-    sizes = _leaf_sizes(config)
-    matmul = sum(v for k, v in sizes.items() if k.startswith("blocks/") or k in MATMUL_OUTSIDE_BLOCKS)
+    matmul = sum(size for p, size in _leaf_sizes(config).items() if p.linear)
     attn = sum(12 * config.n_head * config.head_dim * min(w, config.sequence_len) for w in config.window_sizes)
     return 6 * matmul + attn

@@ -23,8 +23,11 @@ import re
 import zipfile
 from typing import NamedTuple
 
+import jax
 import numpy as np
 
+from jaxchat import optim
+from jaxchat import params as paramslib
 from jaxchat.common import UserError, read_input
 from jaxchat.convert import config_from_dict, from_reference, recipe_of_state, to_reference
 
@@ -36,12 +39,6 @@ MODEL_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_he
 META_KEYS = ("step", "val_bpb", "model_config", "user_config", "device_batch_size", "max_seq_len", "total_batch_size",
              "dataloader_state_dict", "loop_state")
 LOOP_STATE_KEYS = ("min_val_bpb", "smooth_train_loss", "total_training_time")
-# Parameter order inside nanochat's AdamW groups (nanochat/gpt.py setup_optimizer; smear's three are 92d63d4's).
-ADAMW_ORDER = ("lm_head.weight", "transformer.wte.weight", "value_embeds.", "resid_lambdas", "x0_lambdas",
-               "smear_gate.weight", "smear_lambda", "backout_lambda")
-# Order of a block's parameters in `transformer.h.parameters()` (module registration order), which orders Muon groups.
-BLOCK_ORDER = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.c_proj.weight", "attn.ve_gate.weight",
-               "mlp.c_fc.weight", "mlp.c_proj.weight")
 REFETCH = "copy or export it again (python -m jaxchat.export writes nanochat's files)"
 LARGE_WRITE = 16 * 2**20  # bytes from which a write shows a progress bar (on a terminal)
 
@@ -78,11 +75,11 @@ def model_state(params: dict, config, embed_dtype: str = "") -> dict:
     they were trained in (bfloat16 like nanochat on CUDA, float32 like nanochat on CPU) unless `embed_dtype` says.
     """
     torch = torch_module()
-    embeds = {k: str(np.asarray(params[k]).dtype) for k in ("wte", "value_embeds")}
+    layout = paramslib.reference_layout(config)
     state = {}
     for name, value in to_reference(params, config).items():
-        kind = "wte" if name == "transformer.wte.weight" else "value_embeds" if name.startswith("value_embeds.") else ""
-        dtype = (embed_dtype or embeds[kind]) if kind else "float32"
+        p, _ = layout[name]
+        dtype = (embed_dtype or str(np.asarray(params[p.path]).dtype)) if p.embedding else "float32"
         tensor = torch.from_numpy(np.array(value, np.float32, order="C"))
         state[name] = tensor.to(getattr(torch, dtype)) if dtype != "float32" else tensor
     return state
@@ -132,37 +129,26 @@ def recipe_of(config):
 def reference_groups(params_like: dict, config, adamw_groups: tuple) -> list[dict]:
     """nanochat's optimizer groups for jaxchat's parameters, in nanochat's order: [{kind, label, names, shapes}].
 
-    AdamW groups are the recipe's `adamw_groups` (optim.AdamWGroup, nanochat's order); Muon takes the block
-    matrices, one group per shape in sorted order, each in `transformer.h.parameters()` order.
+    AdamW groups are the recipe's `adamw_groups` (optim.AdamWGroup) in nanochat's order, each holding its
+    parameters in table order (jaxchat.params, which is nanochat/gpt.py setup_optimizer's order) and value
+    embeddings by layer; Muon takes the block matrices, one group per shape in sorted order, each in
+    `transformer.h.parameters()` order (params.muon_order).
     """
-    from jaxchat import optim
-
-    labels = optim.param_labels(params_like, adamw_groups)
-    order = [g.name for g in adamw_groups] + ["muon"]
-    # Views, not copies: a constant per leaf, laid out by to_reference as the reference lays out that parameter.
-    coded = _map2(lambda lab, p: np.broadcast_to(np.int32(order.index(lab)), p.shape), labels, params_like)
-    layout = {n: (order[int(v.flat[0])], tuple(v.shape)) for n, v in to_reference(coded, config).items()}
+    optim.param_labels(params_like, adamw_groups)  # every parameter has a group of this recipe
+    layout = paramslib.reference_layout(config)
+    views = jax.tree.map(lambda x: np.broadcast_to(np.float32(0), x.shape), params_like)  # arrays or shapes alike
+    shapes = {n: tuple(a.shape) for n, a in to_reference(views, config).items()}
     groups = []
-    for label in [lab for lab in order if lab != "muon"]:
-        names = sorted((n for n, (lab, _) in layout.items() if lab == label), key=_adamw_position)
+    for label in [g.name for g in adamw_groups]:
+        names = [n for n, (p, _) in layout.items() if p.optimizer == label]  # table order, layers in order
         if names:
-            groups.append(dict(kind="adamw", label=label, names=names, shapes={n: layout[n][1] for n in names}))
-    blocks = [n for n, (lab, _) in layout.items() if lab == "muon"]
-    if unknown := [n for n in blocks if not n.startswith("transformer.h.") or n.split(".", 3)[3] not in BLOCK_ORDER]:
-        raise UserError(f"no nanochat Muon group order for {unknown[:3]}: extend nanochat_ckpt.BLOCK_ORDER")
-    blocks.sort(key=lambda n: (int(n.split(".")[2]), BLOCK_ORDER.index(n.split(".", 3)[3])))
-    for shape in sorted({layout[n][1] for n in blocks}):
-        names = [n for n in blocks if layout[n][1] == shape]
+            groups.append(dict(kind="adamw", label=label, names=names, shapes={n: shapes[n] for n in names}))
+    blocks = sorted((n for n, (p, _) in layout.items() if p.optimizer == "muon"),
+                    key=lambda n: paramslib.muon_order(n, layout[n][0]))
+    for shape in sorted({shapes[n] for n in blocks}):
+        names = [n for n in blocks if shapes[n] == shape]
         groups.append(dict(kind="muon", label="muon", names=names, shapes={n: shape for n in names}))
     return groups
-
-
-def _adamw_position(name: str) -> tuple[int, int]:
-    """Where a parameter sits in its AdamW group (value embeddings by layer)."""
-    for i, entry in enumerate(ADAMW_ORDER):
-        if name == entry or (entry.endswith(".") and name.startswith(entry)):
-            return i, int(name.split(".")[1]) if entry.endswith(".") else 0
-    raise UserError(f"no nanochat AdamW group order for {name}: extend nanochat_ckpt.ADAMW_ORDER")
 
 
 def _items(tree: dict, prefix: tuple = ()):
@@ -171,10 +157,6 @@ def _items(tree: dict, prefix: tuple = ()):
             yield from _items(v, prefix + (k,))
         else:
             yield prefix + (k,), v
-
-
-def _map2(fn, a: dict, b: dict) -> dict:
-    return {k: _map2(fn, v, b[k]) if isinstance(v, dict) else fn(v, b[k]) for k, v in a.items()}
 
 
 def optimizer_shards(opt: dict, config, groups: list[dict], settings: dict, world_size: int) -> list[dict]:

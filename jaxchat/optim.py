@@ -17,13 +17,15 @@ every group, `momentum` = Muon μ, `wd` = Muon weight decay), so a new value is 
 `tx.init` sets them to step 0 of a schedule without warmup (1.0, 0.85, weight_decay). The inner transforms
 (`adamw`, `muon`) take the same values as optax extra args instead, for use without the wrapper.
 
-Routing by top-level key of the parameter tree (jaxchat.model), by a recipe's table of `AdamWGroup`s
-(jaxchat.recipe): lm_head, wte, value_embeds, resid_lambdas, x0_lambdas (+ smear_gate, smear_lambda,
-backout_lambda in one group at 92d63d4) → AdamW; everything under `blocks` → Muon. `MuonVariant` selects 92d63d4's
-Muon changes (MuonEq, Polar Express normaliser 1.01, float32 after orthogonalisation, Muon+, NorMuon β2 0.9). Block leaves are stacks of Flax kernels
+Routing by each parameter's declared optimizer (jaxchat.params): the block matrices → Muon; lm_head, wte,
+value_embeds, resid_lambdas, x0_lambdas (+ smear_gate, smear_lambda, backout_lambda in one group at 92d63d4) → the
+AdamW group of that name, whose hyperparameters a recipe's table of `AdamWGroup`s gives (jaxchat.recipe).
+`MuonVariant` selects 92d63d4's Muon changes (MuonEq, Polar Express normaliser 1.01, float32 after
+orthogonalisation, Muon+, NorMuon β2 0.9). Block leaves are stacks of Flax kernels
 (..., fan_in, fan_out); Muon does its math per matrix on the transposed view, i.e. in the reference orientation
-(rows = fan_out, cols = fan_in), so the tall/wide branch, the NorMuon reduction axis and the LR scale follow §4.3
-literally. The leading (stack) axes are batch axes only: shard them, never the matrix axes.
+(rows = fan_out, cols = fan_in), so the tall/wide branch, the NorMuon reduction axis and the LR scale follow
+nanochat/optim.py muon_step_fused literally. The leading (stack) axes are batch axes only: shard them, never the
+matrix axes.
 
 Optimizer state: ScheduleState(schedule, inner=optax.partition state); AdamW `count` (int32) with fp32 `mu`/`nu`
 per leaf; Muon fp32 `momentum` and NorMuon `second_moment`, both in the param layout: the second moment is
@@ -37,6 +39,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxchat import params as paramslib
 
 ADAMW_EPS = 1e-10
 MUON_BETA2 = 0.95
@@ -54,14 +58,14 @@ SCHEDULE_KEYS = ("lrm", "momentum", "wd")
 
 @dataclasses.dataclass(frozen=True)
 class AdamWGroup:
-    """One AdamW group of `GPT.setup_optimizer`: its parameters (top-level keys), LR rule, betas, decoupled wd.
+    """One AdamW group of `GPT.setup_optimizer`: its LR rule, betas, decoupled wd (its parameters are those
+    jaxchat.params declares with this group's name as their optimizer).
 
     lr = flag value (or 1 if lr_flag is None) × lr_factor × (n/768)^-0.5 if dmodel_scaled × batch LR scale if
     batch_scaled; betas None: the --adam-beta1/--adam-beta2 flags. weight_decay is constant (never scheduled).
     """
 
     name: str
-    params: tuple[str, ...]
     lr_flag: str | None
     lr_factor: float = 1.0
     dmodel_scaled: bool = True
@@ -412,13 +416,18 @@ def muon(lr: float, beta2: float = MUON_BETA2, dtype=jnp.bfloat16, ns_steps: int
 # The combined optimizer (nanochat/gpt.py GPT.setup_optimizer)
 
 def param_labels(params: dict, groups: tuple[AdamWGroup, ...]) -> dict:
-    """Optimizer group of every leaf: its AdamW group's name by top-level key, 'muon' under `blocks`."""
-    group_of = {key: g.name for g in groups for key in g.params}
-    unknown = set(params) - set(group_of) - {"blocks"}
-    if unknown:
-        raise ValueError(f"no optimizer group for parameters {sorted(unknown)}: "
-                         f"expected {sorted(group_of)} and blocks/* (jaxchat.model's parameter tree)")
-    return {k: jax.tree.map(lambda _, k=k: "muon" if k == "blocks" else group_of[k], v) for k, v in params.items()}
+    """Optimizer group of every leaf: its declared optimizer (jaxchat.params), 'muon' or one of `groups`' names."""
+    names = {g.name for g in groups} | {"muon"}
+
+    def label(path, _):
+        key = "/".join(str(getattr(k, "key", k)) for k in path)
+        p = paramslib.declaring(key)
+        if p is None or p.optimizer not in names:
+            raise ValueError(f"no optimizer group for parameter {key}"
+                             + (f" (it needs AdamW group {p.optimizer!r})" if p else " (not in jaxchat.params.PARAMS)")
+                             + f": this recipe's groups are {sorted(names)}")
+        return p.optimizer
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def group_hyperparams(*, model_dim: int, embedding_lr: float = 0.3, unembedding_lr: float = 0.004,

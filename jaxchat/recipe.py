@@ -138,25 +138,23 @@ def batch_lr_scale(total_batch_size: int) -> float:
 
 # nanochat/gpt.py GPT.setup_optimizer at 348fbb3: no AdamW weight decay, the flags' betas except x0's.
 ADAMW_GROUPS_348FBB3 = (
-    optim.AdamWGroup("lm_head", ("lm_head",), "unembedding_lr"),
-    optim.AdamWGroup("wte", ("wte",), "embedding_lr"),
-    optim.AdamWGroup("value_embeds", ("value_embeds",), "embedding_lr"),
-    optim.AdamWGroup("resid_lambdas", ("resid_lambdas",), "scalar_lr", 0.01, dmodel_scaled=False),
-    optim.AdamWGroup("x0_lambdas", ("x0_lambdas",), "scalar_lr", dmodel_scaled=False, betas=(0.96, 0.95)),
+    optim.AdamWGroup("lm_head", "unembedding_lr"),
+    optim.AdamWGroup("wte", "embedding_lr"),
+    optim.AdamWGroup("value_embeds", "embedding_lr"),
+    optim.AdamWGroup("resid_lambdas", "scalar_lr", 0.01, dmodel_scaled=False),
+    optim.AdamWGroup("x0_lambdas", "scalar_lr", dmodel_scaled=False, betas=(0.96, 0.95)),
 )
 
 
 # nanochat/gpt.py GPT.setup_optimizer at 92d63d4: per-group betas and decoupled weight decay, value embeddings at
 # half the embedding LR, and the smear/backout scalars (and the 1×24 smear gate) at a fixed 0.2, unscaled.
 ADAMW_GROUPS_92D63D4 = (
-    optim.AdamWGroup("lm_head", ("lm_head",), "unembedding_lr", betas=(0.8, 0.96), weight_decay=0.01),
-    optim.AdamWGroup("wte", ("wte",), "embedding_lr", betas=(0.8, 0.995), weight_decay=0.001),
-    optim.AdamWGroup("value_embeds", ("value_embeds",), "embedding_lr", 0.5, betas=(0.8, 0.995), weight_decay=0.01),
-    optim.AdamWGroup("resid_lambdas", ("resid_lambdas",), "scalar_lr", 0.01, dmodel_scaled=False, betas=(0.8, 0.95),
-                     weight_decay=0.05),
-    optim.AdamWGroup("x0_lambdas", ("x0_lambdas",), "scalar_lr", dmodel_scaled=False, betas=(0.96, 0.95)),
-    optim.AdamWGroup("smear", ("smear_gate", "smear_lambda", "backout_lambda"), None, 0.2, dmodel_scaled=False,
-                     batch_scaled=False, betas=(0.8, 0.95)),
+    optim.AdamWGroup("lm_head", "unembedding_lr", betas=(0.8, 0.96), weight_decay=0.01),
+    optim.AdamWGroup("wte", "embedding_lr", betas=(0.8, 0.995), weight_decay=0.001),
+    optim.AdamWGroup("value_embeds", "embedding_lr", 0.5, betas=(0.8, 0.995), weight_decay=0.01),
+    optim.AdamWGroup("resid_lambdas", "scalar_lr", 0.01, dmodel_scaled=False, betas=(0.8, 0.95), weight_decay=0.05),
+    optim.AdamWGroup("x0_lambdas", "scalar_lr", dmodel_scaled=False, betas=(0.96, 0.95)),
+    optim.AdamWGroup("smear", None, 0.2, dmodel_scaled=False, batch_scaled=False, betas=(0.8, 0.95)),
 )
 
 RECIPES = {
