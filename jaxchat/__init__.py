@@ -7,8 +7,10 @@ every module:
     n  model width (n_embd)       H  query heads       K  key/value heads          D  head dimension
     G  query heads per key/value head (H = K G)
     V  vocabulary (padded: Vp)    L  layers            N  blocks of positions (a loss head's blocks or chunks)
+    E  value-embedding layers     C  a gate's input channels (Cs: the smear gate's)
     R  rows of a flattened batch (tokens; examples in CORE)
     i, o   a dense layer's input and output features
     M, O, I    Muon: matrices of a stack, rows (fan_out) and columns (fan_in) in the reference orientation
     t, s   a block's share of T and S; a digit is a literal size (`spans_R2`, `gate_BT1`)
+A parameter's declared shape (jaxchat.params) writes products as adjacent letters: HD = H x D, 4n = 4 x n.
 """

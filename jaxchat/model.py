@@ -49,7 +49,7 @@ class GPTConfig:
 
     def __post_init__(self):
         pattern = self.window_pattern.upper()
-        if not pattern or set(pattern) - {"S", "L"}:  # config.validate words this for the command line
+        if not pattern or set(pattern) - {"S", "L"}:  # library guard: the command line refuses it first (config.validate)
             raise ValueError(f"window_pattern {self.window_pattern!r} must use only the letters S and L")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise UserError(f"n_embd {self.n_embd} must divide by n_head {self.n_head}, which must divide by n_kv_head {self.n_kv_head}")
@@ -97,7 +97,7 @@ class GPTConfig:
 def config_for_depth(depth: int, *, aspect_ratio: int = 64, head_dim: int = 128, max_seq_len: int = 2048,
                      vocab_size: int = 32768, window_pattern: str = "SSSL", recipe: str = recipes.DEFAULT) -> GPTConfig:
     """The one dial: width = depth * aspect_ratio rounded up to a multiple of head_dim, heads = width / head_dim."""
-    if min(depth, aspect_ratio, head_dim, max_seq_len) <= 0:  # config.validate words this for the command line
+    if min(depth, aspect_ratio, head_dim, max_seq_len) <= 0:  # library guard: the command line refuses it first (config.validate)
         raise ValueError(f"depth {depth}, aspect_ratio {aspect_ratio}, head_dim {head_dim} and max_seq_len "
                          f"{max_seq_len} must be positive")
     model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim

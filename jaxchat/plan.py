@@ -243,7 +243,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device-batch-size", type=int, default=32)
     parser.add_argument("--num-devices", type=int, default=8, help="data-parallel devices")
     args = parser.parse_args(argv)
-    if args.depth <= 0:  # the model only asserts it (config.validate words it for python -m jaxchat.train)
+    if args.depth <= 0:  # this command's own check (jaxchat.train's is config.validate)
         raise UserError(f"--depth={args.depth} must be a positive integer (e.g. --depth=12)")
     if args.readme:
         for name, table in readme_tables().items():

@@ -23,6 +23,6 @@ REMAT_AUTO = ("none", "dots", "dots_no_mlp")  # --remat=auto tries these in orde
 
 def remat_layer(fn, remat: str):
     """`fn` wrapped in jax.checkpoint with the named policy ('none' returns it unchanged)."""
-    if remat not in REMAT_POLICIES:  # config.validate words this for the command line
+    if remat not in REMAT_POLICIES:  # library guard: the command line refuses it first (config.validate)
         raise ValueError(f"remat {remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
     return fn if remat == "none" else jax.checkpoint(fn, policy=REMAT_POLICIES[remat])
