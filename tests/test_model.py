@@ -277,7 +277,11 @@ def test_model_mean_loss_uses_the_fused_head_on_cpu():
 
     assert model.loss_head.kind == "fused"
     jaxpr = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(state, "mean"))
+    plain_jaxpr = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(state, "none"))
     assert "custom_vjp_call" in jaxpr and "scan" in jaxpr  # the fused head's custom_vjp over its blocks
+    # ... which is what makes it fused: the (B, T, Vp) logits exist in the plain head's program, never in its own
+    full_logits = "f32[{},{},{}]".format(*idx.shape, config.padded_vocab)
+    assert full_logits in plain_jaxpr and full_logits not in jaxpr
     (fused_loss, fused_grads), (plain_loss, plain_grads) = (
         jax.jit(jax.value_and_grad(loss), static_argnums=1)(state, r) for r in ("mean", "none"))
     np.testing.assert_allclose(fused_loss, plain_loss, rtol=1e-6)
