@@ -4,7 +4,6 @@ The reference stores each Linear as (out, in) per layer; jaxchat stores kernels 
 The round trip is exact (transposes and stacking only).
 """
 
-import functools
 import json
 
 import jax
@@ -39,10 +38,10 @@ def from_reference(state: dict[str, np.ndarray], config: GPTConfig) -> dict:
 
 def to_reference(params: dict, config: GPTConfig) -> dict[str, np.ndarray]:
     """A jaxchat parameter tree (or a gradient of the same structure) as a nanochat state dict."""
+    leaves = dict(_flatten(params))
     state = {}
     for name, (p, j) in paramslib.reference_layout(config).items():
-        value = functools.reduce(lambda node, key: node[key], p.path.split("/"), params)
-        state[name] = p.to_reference(value if j is None else value[j])
+        state[name] = p.to_reference(leaves[p.path] if j is None else leaves[p.path][j])
     return {k: np.asarray(v) for k, v in state.items()}
 
 

@@ -58,10 +58,7 @@ def _logical_axes(name: str, ndim: int) -> tuple | None:
 
 def _leaf_names(tree) -> list[tuple[str, jax.Array]]:
     """(slash-joined path of its string keys, leaf) for every leaf."""
-    def name(path):
-        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        return "/".join(str(k) for k in keys if isinstance(k, str))
-    return [(name(path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)]
+    return [(paramslib.path_of(path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def _shardings(tree, rules: dict, mesh: Mesh):

@@ -77,9 +77,8 @@ def model_state(params: dict, config, embed_dtype: str = "") -> dict:
     torch = torch_module()
     layout = paramslib.reference_layout(config)
     state = {}
-    for name, value in to_reference(params, config).items():
-        p, _ = layout[name]
-        dtype = (embed_dtype or str(np.asarray(params[p.path]).dtype)) if p.embedding else "float32"
+    for name, value in to_reference(params, config).items():  # values keep the dtype they were trained in
+        dtype = (embed_dtype or str(value.dtype)) if layout[name][0].embedding else "float32"
         tensor = torch.from_numpy(np.array(value, np.float32, order="C"))
         state[name] = tensor.to(getattr(torch, dtype)) if dtype != "float32" else tensor
     return state

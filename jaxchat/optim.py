@@ -420,7 +420,7 @@ def param_labels(params: dict, groups: tuple[AdamWGroup, ...]) -> dict:
     names = {g.name for g in groups} | {"muon"}
 
     def label(path, _):
-        key = "/".join(str(getattr(k, "key", k)) for k in path)
+        key = paramslib.path_of(path)
         p = paramslib.declaring(key)
         if p is None or p.optimizer not in names:
             raise ValueError(f"no optimizer group for parameter {key}"

@@ -211,6 +211,13 @@ PARAMS = (
 )
 
 
+def path_of(keys) -> str:
+    """The slash-joined path (as `Param.path` writes it) of a jax tree key path, from its string keys only (the
+    positions inside optimizer-state tuples are skipped)."""
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in keys]
+    return "/".join(str(n) for n in names if isinstance(n, str))
+
+
 def declared(config) -> tuple[Param, ...]:
     """The parameters `config`'s model has, in table order."""
     return tuple(p for p in PARAMS if p.present(config))
