@@ -88,12 +88,22 @@ def muon_stack_sharding(mesh: Mesh) -> NamedSharding | None:
     return NamedSharding(mesh, P(DATA_AXES)) if mesh.size > 1 else None
 
 
+def manual_axes() -> frozenset[str]:
+    """The mesh axes the code being traced runs per device on (inside a shard_map over them; none outside)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return frozenset()
+    return frozenset(a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual)
+
+
 def data_shard_axes(mesh=None) -> tuple[str, ...]:
-    """The axes of `mesh` (None: the ambient mesh) that split the batch (none without a mesh or on one device)."""
+    """The axes of `mesh` (None: the ambient mesh) that split the batch and are still GSPMD's to split (none without
+    a mesh, on one device, or inside the train step's shard_map, where every device already holds only its rows)."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     if mesh.empty:
         return ()
-    return tuple(a for a in DATA_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    manual = manual_axes()
+    return tuple(a for a in DATA_AXES if a in mesh.axis_names and mesh.shape[a] > 1 and a not in manual)
 
 
 def data_shards() -> int:
@@ -108,6 +118,63 @@ def split_by_rows(x: jax.Array) -> jax.Array:
     dimension over to the heads, which cuDNN attention's partitioner refuses (6 heads over 8 devices at d12)."""
     axes = data_shard_axes()
     return jax.lax.with_sharding_constraint(x, P(axes)) if axes else x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inside the train step's shard_map (jaxchat.step): every device computes its own rows' gradients with whole weights
+
+
+def param_spec(p: paramslib.Param, config, mesh) -> P:
+    """Where parameter p of `config`'s model lives on `mesh` (PARAM_RULES; what param_shardings gives its leaf)."""
+    return _spec(p.axes, p.shape_for(config), PARAM_RULES, mesh)
+
+
+def whole(p: paramslib.Param, config, x: jax.Array) -> jax.Array:
+    """Parameter p's value x (or one layer's slice of it) whole: inside the train step's shard_map over an fsdp axis
+    of more than one device, all-gathered over it where FSDP splits it; otherwise x itself.
+
+    Gathered where each layer uses it, so one layer's weights at a time are whole; the gather's transpose is the
+    reduce-scatter of that layer's weight gradient over fsdp (ZeRO-3)."""
+    if "fsdp" not in manual_axes():
+        return x
+    spec = tuple(param_spec(p, config, jax.sharding.get_abstract_mesh()))
+    spec += (None,) * (len(p.shape) - len(spec))
+    dims = [d for d, axes in enumerate(spec) if axes == "fsdp"]
+    if not dims:
+        return x
+    return jax.lax.all_gather(x, "fsdp", axis=dims[0] - (len(spec) - x.ndim), tiled=True)
+
+
+def gradient_reduction(shape: tuple, param: P, target: P, mesh) -> tuple[tuple[tuple[str, int | None], ...], P]:
+    """How the devices' gradients of a leaf of `shape`, each device's part laid out as `param` says, are summed once
+    per step: ((mesh axis, dimension to scatter over it, or None for an all-reduce), ...) and the PartitionSpec of the
+    result. A mesh axis the parameter is not split over is reduced onto a dimension that `target` (the optimizer's
+    ZeRO sharding) splits over it, as a reduce-scatter, where it divides; otherwise all-reduced."""
+    spec = [_axes(a) for a in param] + [()] * (len(shape) - len(param))
+    target = [_axes(a) for a in target] + [()] * (len(shape) - len(target))
+    used = {a for axes in spec for a in axes}
+    steps = []
+    for axis in (a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in used):
+        # a dimension the target splits over this axis right after the axes it is already split over
+        split = lambda d: int(np.prod([mesh.shape[a] for a in spec[d]]))  # noqa: E731
+        dim = next((d for d, axes in enumerate(target) if axes[:len(spec[d]) + 1] == spec[d] + (axis,)
+                    and (shape[d] // split(d)) % mesh.shape[axis] == 0), None)
+        steps.append((axis, dim))
+        if dim is not None:
+            spec[dim] += (axis,)
+    return tuple(steps), P(*[axes[0] if len(axes) == 1 else (axes or None) for axes in spec])
+
+
+def reduce_gradient(g: jax.Array, steps) -> jax.Array:
+    """One device's gradient summed over the devices as gradient_reduction's steps say (inside the shard_map)."""
+    for axis, dim in steps:
+        g = jax.lax.psum(g, axis) if dim is None else jax.lax.psum_scatter(g, axis, scatter_dimension=dim, tiled=True)
+    return g
+
+
+def _axes(entry) -> tuple[str, ...]:
+    """A PartitionSpec entry as a tuple of mesh axes."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

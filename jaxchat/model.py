@@ -23,6 +23,7 @@ from jaxchat import attention as attentionlib
 from jaxchat import backend as backendlib
 from jaxchat import dense
 from jaxchat import loss as losslib
+from jaxchat import mesh as meshlib
 from jaxchat import params as paramslib
 from jaxchat import recipe as recipes
 from jaxchat.common import UserError
@@ -256,20 +257,21 @@ class GPT(nnx.Module):
     """nanochat's GPT: untied embeddings, value embeddings, sliding windows, QK-norm, relu^2, softcapped logits,
     and per recipe smear and backout."""
 
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, compute_dtype=jnp.float32, scan_layers: bool = True,
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, compute_dtype=jnp.float32, scan_layers: bool | None = None,
                  remat: str = "none", loss_chunk: int = 0, embed_dtype=jnp.float32, fp8: bool = False,
                  backend: backendlib.Backend | None = None):
         """remat: per-layer policy (jaxchat.remat.REMAT_POLICIES); loss_chunk > 0: chunked cross-entropy over that many positions;
         embed_dtype: storage dtype of wte and value_embeds (bfloat16 like the reference on CUDA); fp8: the forward
         and backward pass (`__call__`) run the qualifying dense layers in fp8 (jaxchat.fp8), decode_step never;
-        backend: the attention kernel and loss head of the devices the model runs on (None: this process's)."""
+        backend: the attention kernel and loss head of the devices the model runs on (None: this process's);
+        scan_layers: scan repeated layers (None: the backend's choice, Backend.scan_layers)."""
         remat_layer(lambda: None, remat)  # validate the name now
         self.config = config
         self.compute_dtype = jnp.dtype(compute_dtype)
-        self.scan_layers = scan_layers
         self.remat = remat
         self.loss_chunk = loss_chunk
         self.backend = backend or backendlib.local(self.compute_dtype.name)
+        self.scan_layers = self.backend.scan_layers if scan_layers is None else scan_layers
         self.matmul = dense.choose(self.backend)  # decoding and the smear gate: never fp8
         self.set_fp8(fp8)
         self.blocks = Blocks()
@@ -280,10 +282,10 @@ class GPT(nnx.Module):
         """Softcapped float32 logits (B, T, vocab), or with targets the mean loss (reduction='none': per-token losses)."""
         x_BTn = self.hidden_states(idx_BT)
         if targets_BT is None:
-            return losslib.softcapped_logits(x_BTn, self.lm_head[...], self.config.vocab_size, self.dense)
+            return losslib.softcapped_logits(x_BTn, self._whole("lm_head"), self.config.vocab_size, self.dense)
         if reduction == "none":
-            return self.loss_head.per_token(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size, self.dense)
-        return self.loss_head.mean(x_BTn, self.lm_head[...], targets_BT, self.config.vocab_size, self.dense)
+            return self.loss_head.per_token(x_BTn, self._whole("lm_head"), targets_BT, self.config.vocab_size, self.dense)
+        return self.loss_head.mean(x_BTn, self._whole("lm_head"), targets_BT, self.config.vocab_size, self.dense)
 
     def set_fp8(self, fp8: bool) -> None:
         """fp8 on or off in the forward and backward pass: the dense layers' matmul and the loss head that goes with it."""
@@ -333,7 +335,7 @@ class GPT(nnx.Module):
             return block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin, config=cfg, matmul=self.matmul)
 
         x, caches = self._trunk(x0, layer_call, scan=False)
-        logits = losslib.softcapped_logits(x, self.lm_head[...], cfg.vocab_size, self.matmul)[:, 0]
+        logits = losslib.softcapped_logits(x, self._whole("lm_head"), cfg.vocab_size, self.matmul)[:, 0]
         return logits, {"k": jnp.stack([k for k, _ in caches]), "v": jnp.stack([v for _, v in caches]),
                         "prev": embedding.astype(cache["prev"].dtype)}
 
@@ -346,7 +348,7 @@ class GPT(nnx.Module):
 
     def _embed(self, idx_BT: jax.Array) -> jax.Array:
         """Normalised token embeddings in the compute dtype."""
-        return rmsnorm(lookup(self.wte[...], idx_BT, self.compute_dtype))
+        return rmsnorm(lookup(self._whole("wte"), idx_BT, self.compute_dtype))
 
     def _rotary(self, length: int) -> tuple[jax.Array, jax.Array]:
         """The recipe's rotary tables for positions 0..length-1 (rounded to bf16 or to the compute dtype)."""
@@ -360,8 +362,8 @@ class GPT(nnx.Module):
         channels = self.config.constants.smear_channels
         if not channels:
             return x_BTn
-        gate_BT1 = self.smear_lambda[...].astype(x_BTn.dtype) * jax.nn.sigmoid(
-            self.matmul(x_BTn[..., :channels], self.smear_gate[...]))
+        gate_BT1 = self._whole("smear_lambda").astype(x_BTn.dtype) * jax.nn.sigmoid(
+            self.matmul(x_BTn[..., :channels], self._whole("smear_gate")))
         return x_BTn + gate_BT1 * prev_BTn
 
     def _trunk(self, x0_BTn: jax.Array, layer_call, scan: bool) -> tuple[jax.Array, list]:
@@ -375,7 +377,9 @@ class GPT(nnx.Module):
             def body(x, arrays, start=start, period=period):
                 outs = []
                 for j in range(period):
-                    x, out = layer_call(start + j, x, layer_at(arrays, cfg, start, j))
+                    layer = {k: v if v is None else meshlib.whole(paramslib.named(k), cfg, v)
+                             for k, v in layer_at(arrays, cfg, start, j).items()}
+                    x, out = layer_call(start + j, x, layer)
                     outs.append(out)
                 return x, tuple(outs)
             arrays = run_arrays(layers, cfg, start, period, repeats)
@@ -388,8 +392,13 @@ class GPT(nnx.Module):
             if start + period * repeats - 1 == cfg.backout_layer:
                 x_mid = x
         if x_mid is not None:  # nanochat 92d63d4 GPT.forward: subtract the mid-stack residual before the final norm
-            x = x - self.backout_lambda[...].astype(x.dtype) * x_mid
+            x = x - self._whole("backout_lambda").astype(x.dtype) * x_mid
         return rmsnorm(x), outputs
+
+    def _whole(self, name: str) -> jax.Array:
+        """A parameter that is not per layer, whole (all-gathered where FSDP splits it: jaxchat.mesh.whole)."""
+        p = paramslib.named(name)
+        return meshlib.whole(p, self.config, getattr(self._holder(p), name)[...])
 
     def _layer_arrays(self) -> dict[str, jax.Array]:
         """Every per-layer parameter by name, with its leading layer (or value-embedding layer) axis."""

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxchat import memory
 from jaxchat import mesh as meshlib
@@ -35,30 +36,58 @@ def make_train_step(graphdef, tx, shardings: dict):
     metrics: "loss", the mean over all A micro-batches (the whole total batch, not only the last micro-batch), and
     "grad_norm", the global norm of the averaged gradient (checked for non-finite values on the host).
     """
+    mesh = shardings["replicated"].mesh
 
     def train_step(params, opt_state, inputs_ART, targets_ART, schedule):
         # the mesh in context: fp8 scales are taken per data-parallel shard (jaxchat.mesh.data_shard_axes)
-        with jax.sharding.use_abstract_mesh(shardings["replicated"].mesh.abstract_mesh):
-            return update(params, opt_state, inputs_ART, targets_ART, schedule)
-
-    def update(params, opt_state, inputs_ART, targets_ART, schedule):
-        def micro_step(grad_sum, batch):
-            inputs_RT, targets_RT = batch
-            loss, grads = jax.value_and_grad(lambda p: nnx.merge(graphdef, p)(inputs_RT, targets_RT))(params)
-            return jax.tree.map(jnp.add, grad_sum, grads), loss
-
-        grad_sum = jax.tree.map(jnp.zeros_like, params)
-        grad_sum, losses = jax.lax.scan(micro_step, grad_sum, (inputs_ART, targets_ART))
-        # Mean over micro-batches; the constraint makes the cross-device mean a reduce-scatter (ZeRO-2).
-        grads = jax.tree.map(lambda g: g / inputs_ART.shape[0], grad_sum)
-        grads = jax.lax.with_sharding_constraint(grads, shardings["grads"])
-        opt_state = optim.set_schedule(opt_state, schedule)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads)}
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            grad_sum, loss = gradient_sum(graphdef, params, shardings)(params, inputs_ART, targets_ART)
+            grads = jax.tree.map(lambda g: g / inputs_ART.shape[0], grad_sum)  # the mean over micro-batches
+            grads = jax.lax.with_sharding_constraint(grads, shardings["grads"])  # ZeRO-2: the optimizer's layout
+            opt_state = optim.set_schedule(opt_state, schedule)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(train_step, donate_argnums=(0, 1),
                    out_shardings=(shardings["params"], shardings["opt_state"], shardings["replicated"]))
+
+
+def gradient_sum(graphdef, params_like, shardings: dict):
+    """(params, inputs (A, rows, T), targets) -> (the loss gradient summed over the A micro-batches, the mean loss).
+
+    Each device runs its own rows' forward and backward passes in a shard_map, with whole weights (FSDP: gathered
+    where each layer uses them, jaxchat.mesh.whole), and adds up its own gradient over the micro-batches; the
+    devices' sums are reduced once, after the last micro-batch, onto the optimizer's ZeRO layout
+    (mesh.gradient_reduction). Left to GSPMD, every layer's weight gradient was all-reduced in every micro-batch.
+
+    A micro-batch's loss is the mean over the whole batch's tokens whose target is not -1 (nanochat's
+    cross_entropy(ignore_index=-1)): each device's mean, weighted by its share of those tokens."""
+    mesh = shardings["replicated"].mesh
+    axes = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
+    leaves, tree = jax.tree.flatten(params_like)
+    plans = [meshlib.gradient_reduction(x.shape, p.spec, g.spec, mesh) for x, p, g in
+             zip(leaves, tree.flatten_up_to(shardings["params"]), tree.flatten_up_to(shardings["grads"]))]
+
+    def per_device(params, inputs_ART, targets_ART):
+        counts_A = jnp.sum(targets_ART >= 0, axis=(1, 2), dtype=jnp.float32)
+        share_A = counts_A / jnp.maximum(jax.lax.psum(counts_A, axes) if axes else counts_A, 1.0)
+
+        def micro_step(grad_sum, batch):
+            inputs_RT, targets_RT, share = batch
+            loss, grads = jax.value_and_grad(lambda p: nnx.merge(graphdef, p)(inputs_RT, targets_RT) * share)(params)
+            return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+        grad_sum = jax.tree.map(jnp.zeros_like, params)
+        grad_sum, losses_A = jax.lax.scan(micro_step, grad_sum, (inputs_ART, targets_ART, share_A))
+        grad_sum = tree.unflatten([meshlib.reduce_gradient(g, steps)
+                                   for g, (steps, _) in zip(tree.flatten_up_to(grad_sum), plans)])
+        return grad_sum, (jax.lax.psum(losses_A, axes) if axes else losses_A).mean()
+
+    batch = P(None, meshlib.DATA_AXES)
+    return jax.shard_map(per_device, mesh=mesh, check_vma=False,
+                         in_specs=(jax.tree.map(lambda s: s.spec, shardings["params"]), batch, batch),
+                         out_specs=(tree.unflatten([spec for _, spec in plans]), P()))
 
 
 def abstract_training(config: GPTConfig, tx, mesh, *, compute_dtype: str, **model_options):
