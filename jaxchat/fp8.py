@@ -4,17 +4,17 @@ Per operand and per call: amax = max |x| in float32, scale = FP8_MAX / max(amax,
 inverse scale 1 / scale. Forward: the input (compute dtype) and the float32 master weight go to e4m3; backward: the
 output gradient goes to e5m2, and grad_input and grad_weight are computed from the fp8 operands saved by the forward.
 
-Each matmul is written as XLA's GPU GEMM rewriter expects an fp8 GEMM: dot(convert(q_a) * inv_a, convert(q_b) * inv_b)
-with scalar inverse scales and a float32 result, rounded afterwards. Checked by compiling the train step for 8 H100s
-(jaxchat.aot, tests/test_aot.py): every qualifying layer's forward GEMM and both backward GEMMs become
+Each matmul multiplies the fp8 operands themselves into the compute dtype and scales the product afterwards (_dot).
+Checked by compiling the train step for 8 H100s (jaxchat.aot, tests/test_aot.py): every qualifying layer's forward GEMM and both backward GEMMs become
 `__cublas$lt$matmul$f8` calls, the forward at operand precision DEFAULT (fast accumulation, like
 `_scaled_mm(use_fast_accum=True)`), the backward at HIGHEST; not run on a GPU yet. Small layers are the exception:
 XLA merges the dots of q, k and v when they are small (d4, width 256) into one GEMM, which is then not fp8. Elsewhere
 (CPU, A100) the same quantised numbers are multiplied in float32: the same results, no speed-up.
 
 Scales are per data-parallel shard, like each nanochat rank's (no cross-device amax): under a mesh context whose data
-axes split the batch, the activation and gradient quantisation run inside a shard_map over those axes. The weight's
-amax is over the whole weight (with FSDP, GSPMD reduces it over the shards).
+axes split the batch, the activation and gradient quantisation run inside a shard_map over those axes (in the train
+step, already per device: jaxchat.step.gradient_sum). The weight's amax is over the whole weight (with FSDP, the
+train step gathers it whole first; under GSPMD, GSPMD reduces it over the shards).
 """
 
 import functools
@@ -56,43 +56,42 @@ def _scale_constants(fp8_dtype) -> tuple[float, np.float32, np.float32]:
 def quantise(x: jax.Array, fp8_dtype) -> tuple[jax.Array, jax.Array]:
     """(q, inverse scale): x in fp8 with one dynamic scale for the whole tensor (nanochat/fp8.py `_to_fp8`)."""
     fp8_max, floor, scale_at_floor = _scale_constants(fp8_dtype)
-    x32 = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x32))
+    # |x| and its max are exact in x's own dtype, so this is the float32 amax, from one read of x (no float32 |x|
+    # written out for the reduction to read back)
+    amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
     # amax < floor, not >=: a NaN amax gives a NaN scale, as torch's clamp propagates it
     scale = jnp.where(amax < floor, scale_at_floor, jnp.float32(fp8_max) / amax)
-    q = jnp.clip(x32 * scale, -fp8_max, fp8_max).astype(fp8_dtype)  # saturate, then round to nearest even
+    q = jnp.clip(x.astype(jnp.float32) * scale, -fp8_max, fp8_max).astype(fp8_dtype)  # saturate, round to even
     return q, (1.0 / scale).astype(jnp.float32)
 
 
-def _dequantised(q: jax.Array, inv: jax.Array) -> jax.Array:
-    """convert(q) * inv: the operand pattern the GEMM rewriter folds into an fp8 GEMM's scale."""
-    return q.astype(jnp.float32) * inv
+def _dot(q_a, inv_a, q_b, inv_b, contract: tuple[int, int], out_dtype, precision) -> jax.Array:
+    """(q_a * inv_a) . (q_b * inv_b) in out_dtype: the fp8 operands multiplied and accumulated in float32 and written
+    in out_dtype by the GEMM, then scaled by inv_a * inv_b in float32 and rounded to out_dtype.
 
-
-def _dot(a, b, contract: tuple[int, int], out_dtype, precision) -> jax.Array:
-    """The dequantised operands' product accumulated in float32, then rounded to out_dtype.
-
-    A float32 output is what XLA's GPU GEMM rewriter folds into an fp8 GEMM (its output conversion fused in); asking
-    the dot for bf16 directly leaves a float32 x float32 -> bf16 GEMM that cuBLASLt has no kernel for (the step then
-    does not compile for an H100: "GEMM is not supported by cublasLt")."""
-    return jax.lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())), precision=precision,
-                               preferred_element_type=jnp.float32).astype(out_dtype)
+    Compiled for an H100 (jaxchat.aot) the product is one fp8 cuBLASLt GEMM writing bf16, and the scaling fuses into
+    whatever reads it. Dequantising the operands first (convert(q) * inv) also makes an fp8 GEMM, but one that writes
+    float32 (a float32 x float32 -> bf16 GEMM has no cuBLASLt kernel), read back by a separate rounding pass.
+    In bf16, the product is rounded twice (before and after the scaling) where torch's _scaled_mm rounds once: at most
+    half a bf16 step more, within the fp8 fixture's tolerance (tests/test_fp8.py)."""
+    raw = jax.lax.dot_general(q_a, q_b, ((contract[:1], contract[1:]), ((), ())), precision=precision,
+                              preferred_element_type=out_dtype)
+    return (raw.astype(jnp.float32) * (inv_a * inv_b)).astype(out_dtype)
 
 
 def _forward_local(x_Ri, q_w, inv_w):
     """One shard's forward: (y (R, o) in x's dtype, q_x, inverse scale of x as shape (1,))."""
     q_x, inv_x = quantise(x_Ri, E4M3)
-    y = _dot(_dequantised(q_x, inv_x), _dequantised(q_w, inv_w), (1, 0), x_Ri.dtype, jax.lax.Precision.DEFAULT)
+    y = _dot(q_x, inv_x, q_w, inv_w, (1, 0), x_Ri.dtype, jax.lax.Precision.DEFAULT)
     return y, q_x, inv_x[None]
 
 
 def _backward_local(g_Ro, q_x, inv_x, q_w, inv_w):
     """One shard's backward: (grad_x (R, i) in g's dtype, this shard's grad_w (1, i, o) in float32)."""
     q_g, inv_g = quantise(g_Ro, E5M2)
-    g = _dequantised(q_g, inv_g)
     highest = jax.lax.Precision.HIGHEST  # no fast accumulation in the backward GEMMs
-    grad_x = _dot(g, _dequantised(q_w, inv_w), (1, 1), g_Ro.dtype, highest)
-    grad_w = _dot(_dequantised(q_x, inv_x[0]), g, (0, 0), g_Ro.dtype, highest)  # bf16 like _scaled_mm's out_dtype
+    grad_x = _dot(q_g, inv_g, q_w, inv_w, (1, 1), g_Ro.dtype, highest)
+    grad_w = _dot(q_x, inv_x[0], q_g, inv_g, (0, 0), g_Ro.dtype, highest)  # bf16 like _scaled_mm's out_dtype
     return grad_x, grad_w.astype(jnp.float32)[None]
 
 

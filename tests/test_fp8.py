@@ -93,29 +93,20 @@ def test_which_devices_have_fp8_matmuls():
         assert not b.fp8_gemms and kind in fp8.no_speedup_note(b)
 
 
-def dot_operands_are_scaled_fp8(hlo: str) -> list[bool]:
-    """For each dot of an HLO module: whether both operands are multiply(convert(an fp8 value), broadcast(scalar))."""
-    defs = dict(re.findall(r"^\s*(\S+) = (.*)$", hlo, re.M))
-    def scaled_fp8(name):
-        m = re.match(r"\S+ multiply\(([^,]+), ([^)]+)\)", defs.get(name, ""))
-        if not m:
-            return False
-        a, b = (defs.get(n, "") for n in m.groups())
-        conv, bcast = (a, b) if " convert(" in a else (b, a)
-        src = re.search(r" convert\(([^)]+)\)", conv)
-        return bool(src) and defs.get(src.group(1), "").startswith("f8") and " broadcast(" in bcast and \
-            "dimensions={}" in bcast
-    dots = re.findall(r" dot\(([^,]+), ([^)]+)\)", hlo)
-    return [scaled_fp8(a) and scaled_fp8(b) for a, b in dots]
+def dot_types(hlo: str) -> list[tuple[str, str, str]]:
+    """For each dot of an HLO module: (left operand's dtype, right operand's dtype, result dtype)."""
+    dtypes = dict(re.findall(r"^\s*(\S+) = (\w+)\[", hlo, re.M))
+    return [(dtypes.get(a), dtypes.get(b), out) for out, a, b in re.findall(r" = (\w+)\[\S* dot\(([^,]+), ([^)]+)\)", hlo)]
 
 
-def test_matmul_is_the_gemm_rewriter_pattern():
-    """Forward and both backward dots take dequantised fp8 operands with scalar scales: the pattern XLA's GPU GEMM
-    rewriter turns into cuBLASLt fp8 GEMMs (the GPU HLO itself needs a GPU: not checked here)."""
+def test_matmul_multiplies_fp8_operands_into_the_compute_dtype():
+    """Forward and both backward dots take the fp8 operands themselves (no dequantised float32 copies) and produce the
+    compute dtype: XLA:GPU makes each an fp8 cuBLASLt GEMM writing bf16 (tests/test_aot.py checks the H100 program)."""
     x, w = jnp.ones((8, 128), jnp.bfloat16), jnp.ones((128, 256), jnp.float32)
     step = jax.jit(jax.value_and_grad(lambda x, w: fp8.matmul(x, w).astype(jnp.float32).sum(), argnums=(0, 1)))
-    flags = dot_operands_are_scaled_fp8(step.lower(x, w).as_text(dialect="hlo"))
-    assert flags == [True, True, True]
+    types = dot_types(step.lower(x, w).as_text(dialect="hlo"))
+    assert types == [("f8e4m3fn", "f8e4m3fn", "bf16"), ("f8e5m2", "f8e4m3fn", "bf16"),
+                     ("f8e4m3fn", "f8e5m2", "bf16")], types
 
 
 def per_shard_reference(x, w, g, shards: int):
