@@ -117,7 +117,7 @@ def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int
     tx, _ = build_optimizer(c, plan, mesh, run_backend.default_dtype(c.muon_dtype))
     _, train_steps, targets = step.abstract_steps(
         plan.model, tx, mesh, remat=c.remat, compute_dtype=run_backend.compute_dtype, loss_chunk=c.loss_chunk,
-        embed_dtype=c.embed_dtype, fp8=run_backend.fp8, backend=run_backend)
+        embed_dtype=run_backend.default_dtype(c.embed_dtype), fp8=run_backend.fp8, backend=run_backend)
     device_kind, usable, source = target_memory(target)
     t0 = time.perf_counter()
     plan_memory = step.plan_and_compile(
@@ -145,18 +145,27 @@ def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int
         splash_per_layer=per_layer("splash_fwd", "splash_dq", "splash_dkv"),
         cublas_gemms=counts["cublas_gemms"], fp8_gemms=counts["fp8_gemms"],
         fp8_gemms_per_qualifying_layer=counts["fp8_gemms"] / fp8_layers if fp8_layers else None,
-        triton_gemms=counts["triton_gemms"], f32_gemms=counts["f32_gemms"],
+        fp8_gemms_f32_out=counts["fp8_gemms_f32_out"], triton_gemms=counts["triton_gemms"], f32_gemms=counts["f32_gemms"],
         async_collectives={k.split(":")[1]: v for k, v in counts.items() if k.startswith("async:")},
         sync_collectives={k.split(":")[1]: v for k, v in counts.items() if k.startswith("sync:")},
+        loop_collectives={k.split(":")[1]: v for k, v in counts.items() if k.startswith("loop:")},
+        loop_stacked_writes=counts["loop_stacked_writes"],
         cpu_attention=counts["cpu_attention"], unknown_trip_counts=counts["unknown_trip_counts"],
-        problems=problems(counts, run_backend, per_step, fp8_layers),
+        problems=problems(counts, run_backend, per_step, fp8_layers, fsdp=mesh.shape["fsdp"] > 1),
     )
 
 
-def problems(counts, run_backend, attention_calls: int, fp8_layers: int) -> list[str]:
+def problems(counts, run_backend, attention_calls: int, fp8_layers: int, fsdp: bool = False) -> list[str]:
     """What should not be in a GPU or TPU train step: CPU attention, attention not the platform's fused kernel, f32
-    GEMMs in a bf16 step, missing fp8 GEMMs under --fp8, GPU collectives that do not overlap compute."""
+    GEMMs in a bf16 step, missing fp8 GEMMs under --fp8, GPU collectives that do not overlap compute, collectives
+    inside the layer or micro-batch loops (FSDP's per-layer all-gathers and reduce-scatters excepted), a scanned layer
+    stack's residuals written into stacked buffers."""
     found = []
+    allowed = ("all-gather", "reduce-scatter") if fsdp else ()
+    if looped := {k.split(":")[1]: v for k, v in counts.items() if k.startswith("loop:") and k[5:] not in allowed}:
+        found.append(f"collectives inside the layer or micro-batch loops: {looped}")
+    if run_backend.platform != "cpu" and counts["loop_stacked_writes"]:
+        found.append(f"{counts['loop_stacked_writes']} stacked residual writes inside loops (a scanned layer stack)")
     if counts["cpu_attention"]:
         found.append("jaxchat's CPU attention")
     if run_backend.attention == "cudnn" and counts["cudnn_attention_fwd"] < attention_calls:
@@ -200,8 +209,10 @@ def table(r: dict) -> str:
             ("cuDNN attention", "fwd {:g}, bwd {:g} per layer and micro-batch".format(*r["cudnn_attention_per_layer"])),
             ("GEMMs", f"cuBLASLt {r['cublas_gemms']}, fp8 {r['fp8_gemms']}"
                       + (f" ({r['fp8_gemms_per_qualifying_layer']:g} per qualifying layer call)" if r["fp8"] else "")
+                      + (f", {r['fp8_gemms_f32_out']} of them writing float32" if r["fp8_gemms_f32_out"] else "")
                       + f", Triton {r['triton_gemms']}, float32 {r['f32_gemms']}"),
-            ("collectives", f"async {r['async_collectives']}, sync {r['sync_collectives']}"),
+            ("collectives", f"async {r['async_collectives']}, sync {r['sync_collectives']}; inside loops "
+                            f"{r['loop_collectives'] or 'none'}"),
         ]
     rows += [("note", r["note"])] if r["note"] else []
     rows.append(("problems", "; ".join(r["problems"]) or "none"))

@@ -86,7 +86,8 @@ FLAGS = {
         ("compute_dtype", "", "activation and matmul dtype: bfloat16 or float32 ('' = bfloat16 on GPU, float32 "
                               "elsewhere)"),
         ("muon_dtype", "", "Muon's orthogonalisation dtype ('' = bfloat16 on GPU like nanochat, float32 elsewhere)"),
-        ("embed_dtype", "float32", "storage dtype of wte and value_embeds (bfloat16 like nanochat on CUDA)"),
+        ("embed_dtype", "", "storage dtype of wte and value_embeds ('' = bfloat16 on GPU and TPU like nanochat on "
+                            "CUDA, float32 elsewhere)"),
         ("fp8", False, "train q, k, v, the projections, c_fc and lm_head in fp8 with dynamic tensorwise scales, like "
                        "nanochat's --fp8 (92d63d4); evaluation stays bf16; faster only on CUDA compute capability "
                        ">= 8.9"),
@@ -395,9 +396,7 @@ def validate(c: ConfigDict) -> None:
     if c.remat not in (*REMAT_POLICIES, "auto"):
         raise UserError(f"--remat={c.remat!r}: choose auto, none, block (recompute each layer), dots (keep matmul "
                         f"and attention outputs) or dots_no_mlp")
-    if c.embed_dtype not in ("bfloat16", "float32"):
-        raise UserError(f"--embed-dtype={c.embed_dtype!r}: choose bfloat16 or float32")
-    for key in ("compute_dtype", "muon_dtype"):
+    for key in ("compute_dtype", "muon_dtype", "embed_dtype"):
         if c[key] not in ("", "bfloat16", "float32"):
             raise UserError(f"--{key.replace('_', '-')}={c[key]!r}: choose bfloat16 or float32")
     if str(c.resume_from_step) != "last" and not (str(c.resume_from_step).isdigit() or str(c.resume_from_step) == "-1"):

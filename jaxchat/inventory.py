@@ -37,9 +37,22 @@ def computations(hlo: str) -> tuple[dict[str, list[str]], str]:
     return comps, entry
 
 
-def _own_counts(line: str, name: str, opcode: str, in_async: bool, dtypes: dict[str, str]) -> collections.Counter:
-    """What one instruction `name` is, counted once (dtypes: the element type of each value of its computation)."""
+STACK_ELEMENTS = 2**20  # a dynamic-update-slice into a buffer this large inside a loop writes a stacked residual
+
+
+def _own_counts(line: str, name: str, opcode: str, in_async: bool, dtypes: dict[str, str],
+                in_loop: bool = False) -> collections.Counter:
+    """What one instruction `name` is, counted once (dtypes: the element type of each value of its computation;
+    in_loop: it runs inside a while loop's body)."""
     counts = collections.Counter()
+    if in_loop and opcode in COLLECTIVES + tuple(f"{op}-start" for op in COLLECTIVES):
+        counts[f"loop:{opcode.removesuffix('-start')}"] += 1  # a collective in a layer or micro-batch loop
+    if in_loop and opcode == "dynamic-update-slice":
+        shape = re.search(r"= \w+\[([\d,]*)\]", line)
+        size = 1
+        for d in (shape.group(1).split(",") if shape and shape.group(1) else []):
+            size *= int(d)
+        counts["loop_stacked_writes"] += size >= STACK_ELEMENTS  # a scan's stacked output (residuals for the backward)
     if opcode == "custom-call" and (target := _TARGET.search(line)):
         name, kernel = target.group(1), name
         if name == "tpu_custom_call" and (splash := _SPLASH.match(kernel)):
@@ -48,6 +61,7 @@ def _own_counts(line: str, name: str, opcode: str, in_async: bool, dtypes: dict[
             counts["cudnn_attention_bwd" if name.endswith("Backward") else "cudnn_attention_fwd"] += 1
         elif name.startswith("__cublas"):
             counts["fp8_gemms" if name.endswith("$f8") else "cublas_gemms"] += 1
+            counts["fp8_gemms_f32_out"] += name.endswith("$f8") and dtypes.get(kernel) == "f32"
             operands = re.search(r"custom-call\(([^)]*)\)", line).group(1)
             types = [dtypes.get(o.strip().lstrip("%")) for o in operands.split(",")[:2]]  # operands by name
             counts["f32_gemms"] += types == ["f32", "f32"]
@@ -85,13 +99,14 @@ def count(hlo: str) -> collections.Counter:
 
     A while loop's body runs its trip count times: XLA's known_trip_count (XLA:GPU), or the bound of a `counter <
     constant` condition (XLA:TPU records none); 1 if neither says (counted in "unknown_trip_counts");
-    a collective inside an async computation counts as async."""
+    a collective inside an async computation counts as async; "loop:<collective>" counts those that run inside a
+    loop's body, "loop_stacked_writes" the large dynamic-update-slices there (a scan stacking what it keeps)."""
     comps, entry = computations(hlo)
     memo = {}
 
-    def total(name: str, in_async: bool) -> collections.Counter:
-        if (name, in_async) in memo:
-            return memo[(name, in_async)]
+    def total(name: str, in_async: bool, in_loop: bool = False) -> collections.Counter:
+        if (name, in_async, in_loop) in memo:
+            return memo[(name, in_async, in_loop)]
         counts = collections.Counter()
         found_lines = [(line, _INSTRUCTION.match(line)) for line in comps.get(name, [])]
         dtypes = {found.group(1): found.group(2) for _, found in found_lines if found}
@@ -99,7 +114,7 @@ def count(hlo: str) -> collections.Counter:
             if not found:
                 continue
             opcode = found.group(3)
-            counts += _own_counts(line, found.group(1), opcode, in_async, dtypes)
+            counts += _own_counts(line, found.group(1), opcode, in_async, dtypes, in_loop)
             trips = 1
             if opcode == "while":
                 trip = _TRIP_COUNT.search(line)
@@ -110,9 +125,9 @@ def count(hlo: str) -> collections.Counter:
                 key = line[callee.start():callee.start() + 5]
                 for called in re.findall(r"%?([\w.\-]+)", callee.group(1)):
                     factor = trips if key == "body=" else 1
-                    child = total(called, in_async or opcode == "async-start")
+                    child = total(called, in_async or opcode == "async-start", in_loop or key == "body=")
                     counts += collections.Counter({k: v * factor for k, v in child.items()})
-        memo[(name, in_async)] = counts
+        memo[(name, in_async, in_loop)] = counts
         return counts
 
     return total(entry, False)

@@ -119,6 +119,9 @@ def test_h100_bf16_step_has_cudnn_attention_in_every_layer_and_fits(compiled):
     assert r["async_collectives"].get("all-reduce", 0) + r["async_collectives"].get("reduce-scatter", 0) > 0
     assert r["sync_collectives"] == {} and r["unknown_trip_counts"] == 0
     assert r["fits"] and r["peak_bytes"] <= 0.9 * r["usable_bytes"] and r["problems"] == []
+    # one gradient reduction per step, after the micro-batches: no collective inside the layer or micro-batch loops;
+    # layers unrolled: no scanned stack writing the backward's residuals into stacked buffers
+    assert r["loop_collectives"] == {} and r["loop_stacked_writes"] == 0
 
 
 @needs_plugin
@@ -127,16 +130,22 @@ def test_h100_fp8_step_has_three_fp8_gemms_per_qualifying_layer(compiled):
     r = compiled(*D12, "--fp8")
     assert r["fp8_gemms"] == 3 * (6 * 12 + 1) * r["grad_accum"] and r["fp8_gemms_per_qualifying_layer"] == 3.0
     assert r["cudnn_attention_per_layer"] == [1.0, 1.0] and r["cpu_attention"] == 0 and r["f32_gemms"] == 0
-    assert r["fits"] and r["problems"] == []
+    assert r["fp8_gemms_f32_out"] == 0  # every fp8 GEMM writes bf16 (jaxchat.fp8._dot), none a float32 copy
+    assert r["loop_collectives"] == {} and r["fits"] and r["problems"] == []
 
 
 @needs_plugin
 def test_h100_fsdp_step_gathers_parameters_asynchronously(compiled):
     """--fsdp=8: parameters sharded over all 8 GPUs, gathered for the layers with async all-gathers (T 2048)."""
-    r = compiled("--depth=4", "--max-seq-len=2048", "--device-batch-size=8", "--fsdp=8")  # FSDP's shape, compiled fast
+    flags = ("--depth=4", "--max-seq-len=2048", "--device-batch-size=8")  # FSDP's shape, compiled fast
+    r, data_parallel = compiled(*flags, "--fsdp=8"), compiled(*flags)
     assert r["mesh"] == {"data": 1, "fsdp": 8}
     assert r["async_collectives"].get("all-gather", 0) > 0 and r["sync_collectives"] == {}
     assert r["cudnn_attention_per_layer"] == [1.0, 1.0] and r["fits"] and r["problems"] == []
+    # inside the loops at most the weights' all-gathers and the gradients' reduce-scatters, and less memory than
+    # data parallel at the same device batch
+    assert set(r["loop_collectives"]) <= {"all-gather", "reduce-scatter"}
+    assert r["peak_bytes"] < data_parallel["peak_bytes"] and data_parallel["loop_collectives"] == {}
 
 
 @needs_plugin

@@ -128,3 +128,21 @@ def test_muon_splits_stacks_that_do_not_divide_the_devices():
     (repeated, args), (split, _) = compiled(None), compiled(meshlib.muon_stack_sharding(mesh))
     for ours, want in zip(jax.tree.leaves(split(*args)), jax.tree.leaves(repeated(*args))):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(want), rtol=1e-4, atol=1e-7)  # float32 matmul order
+
+
+def test_gradient_reduction_scatters_onto_the_optimizer_layout_once():
+    """Each mesh axis a parameter is not split over is summed once: a reduce-scatter onto the dimension the
+    optimizer's layout splits over it (where it divides), else an all-reduce; FSDP's own axis is left alone (the
+    per-layer gathers' transposes already summed it)."""
+    data_parallel, fsdp = meshlib.make_mesh(fsdp=1), meshlib.make_mesh(fsdp=4)  # 8 x 1, 2 x 4
+    # a Muon stack: replicated, the optimizer splits the stack over every device
+    assert meshlib.gradient_reduction((24, 64, 256), P(), P("data"), data_parallel) == ((("data", 0),), P("data", None, None))
+    # a scalar, and a stack of 12 that 8 devices do not divide: all-reduced
+    assert meshlib.gradient_reduction((), P(), P(), data_parallel) == ((("data", None),), P())
+    assert meshlib.gradient_reduction((12, 64), P(), P("data"), data_parallel) == ((("data", None),), P(None, None))
+    # FSDP: the width split over fsdp stays; data is scattered over the stack, the optimizer's first axis
+    steps, spec = meshlib.gradient_reduction((24, 64, 256), P(None, "fsdp"), P(("data", "fsdp")), fsdp)
+    assert steps == (("data", 0),) and spec == P("data", "fsdp", None)
+    # a leaf FSDP does not split (a scalar per layer): summed over both axes, scattered where the layout allows
+    steps, spec = meshlib.gradient_reduction((24,), P(), P(("data", "fsdp")), fsdp)
+    assert steps == (("data", 0), ("fsdp", 0)) and spec == P(("data", "fsdp"))

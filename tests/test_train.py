@@ -15,13 +15,18 @@ CONFIG = GPTConfig(sequence_len=16, vocab_size=128, n_layer=2, n_head=2, n_kv_he
 ROWS, STEPS = 32, 2  # 32 rows x 16 tokens per step
 
 
-def batches():
+def batches(ignored: bool = False):
+    """STEPS steps of (inputs, targets); ignored: targets of -1 in most of the first eight rows (the first device's
+    of 8), none elsewhere."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, CONFIG.vocab_size, (STEPS, ROWS, CONFIG.sequence_len + 1)).astype(np.int32)
-    return tokens[..., :-1], tokens[..., 1:]
+    inputs, targets = tokens[..., :-1], tokens[..., 1:].copy()
+    if ignored:
+        targets[:, :8, 3:] = -1
+    return inputs, targets
 
 
-def run(mesh, accum_steps: int):
+def run(mesh, accum_steps: int, ignored: bool = False):
     """Losses and final parameters of STEPS steps, each step's rows split into `accum_steps` micro-batches."""
     tx = optim.make_optimizer(**recipe.get("348fbb3").optimizer_options(), model_dim=CONFIG.n_embd, weight_decay=0.2, muon_dtype=jnp.float32)
     _, params, opt_state, train_step, _ = init_training(CONFIG, tx, mesh, seed=0, compute_dtype="float32")
@@ -33,7 +38,7 @@ def run(mesh, accum_steps: int):
     start = jax.tree.map(np.asarray, params)
     sharding = meshlib.batch_sharding(mesh)
     losses = []
-    for step, (inputs, targets) in enumerate(zip(*batches())):
+    for step, (inputs, targets) in enumerate(zip(*batches(ignored))):
         micro = lambda a: jax.device_put(a.reshape(accum_steps, ROWS // accum_steps, -1), sharding)
         values = optim.schedule_values(step, num_iterations=10, warmup_ratio=0.0, warmdown_ratio=0.5,
                                        final_lr_frac=0.0, weight_decay=0.2)
@@ -63,6 +68,14 @@ def test_accumulation_equals_one_big_batch(reference_run, accum_steps):
 
 def test_eight_devices_equal_one(reference_run):
     assert_same(run(meshlib.make_mesh(fsdp=1, devices=jax.devices()[:1]), accum_steps=1), reference_run)
+
+
+def test_ignored_targets_weigh_each_device_by_its_tokens():
+    """Each device computes its own rows' mean loss; the step weighs it by the device's share of the batch's counted
+    tokens, so the loss is the mean over every counted token (nanochat's ignore_index=-1), as on one device, even
+    when one device's rows are mostly ignored (a mean of the devices' means would differ)."""
+    one = run(meshlib.make_mesh(fsdp=1, devices=jax.devices()[:1]), accum_steps=2, ignored=True)
+    assert_same(run(meshlib.make_mesh(fsdp=1), accum_steps=2, ignored=True), one)
 
 
 def test_fsdp_equals_data_parallel(reference_run):
