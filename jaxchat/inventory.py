@@ -37,6 +37,11 @@ def computations(hlo: str) -> tuple[dict[str, list[str]], str]:
     return comps, entry
 
 
+def _qualifies(rows: int, cols: int) -> bool:
+    """Sizes jaxchat.fp8.qualifies would run in fp8 (restated here: this module reads programs, not the model)."""
+    return rows % 16 == 0 and cols % 16 == 0 and min(rows, cols) >= 128
+
+
 STACK_ELEMENTS = 2**20  # a dynamic-update-slice into a buffer this large inside a loop writes a stacked residual
 
 
@@ -62,6 +67,11 @@ def _own_counts(line: str, name: str, opcode: str, in_async: bool, dtypes: dict[
         elif name.startswith("__cublas"):
             counts["fp8_gemms" if name.endswith("$f8") else "cublas_gemms"] += 1
             counts["fp8_gemms_f32_out"] += name.endswith("$f8") and dtypes.get(kernel) == "f32"
+            # a bf16 GEMM of a dense layer's size (2-D, both sizes multiples of 16, the smaller >= 128: what
+            # jaxchat.fp8.qualifies makes fp8); Muon's stacked GEMMs are 3-D
+            out = re.search(r"= \(\w+\[(\d+),(\d+)\]", line)
+            counts["bf16_qualifying_gemms"] += (not name.endswith("$f8") and dtypes.get(kernel) == "bf16" and out
+                                                is not None and _qualifies(*map(int, out.groups())))
             operands = re.search(r"custom-call\(([^)]*)\)", line).group(1)
             types = [dtypes.get(o.strip().lstrip("%")) for o in operands.split(",")[:2]]  # operands by name
             counts["f32_gemms"] += types == ["f32", "f32"]

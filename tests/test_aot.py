@@ -128,7 +128,9 @@ def test_h100_bf16_step_has_cudnn_attention_in_every_layer_and_fits(compiled):
 def test_h100_fp8_step_has_three_fp8_gemms_per_qualifying_layer(compiled):
     """--fp8: the forward GEMM and both backward GEMMs of q, k, v, c_proj, c_fc, mlp_proj and lm_head in fp8."""
     r = compiled(*D12, "--fp8")
-    assert r["fp8_gemms"] == 3 * (6 * 12 + 1) * r["grad_accum"] and r["fp8_gemms_per_qualifying_layer"] == 3.0
+    # no GEMM of a dense layer's size left in bf16; XLA merges q, k and v's forward GEMMs (one fp8 input) and their
+    # weight gradients' (one fp8 x) at this width, so there are at most 3 per layer call
+    assert r["bf16_qualifying_gemms"] == 0 and 0 < r["fp8_gemms"] <= 3 * (6 * 12 + 1) * r["grad_accum"]
     assert r["cudnn_attention_per_layer"] == [1.0, 1.0] and r["cpu_attention"] == 0 and r["f32_gemms"] == 0
     assert r["fp8_gemms_f32_out"] == 0  # every fp8 GEMM writes bf16 (jaxchat.fp8._dot), none a float32 copy
     assert r["loop_collectives"] == {} and r["fits"] and r["problems"] == []
