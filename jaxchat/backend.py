@@ -26,10 +26,11 @@ class Backend:
     loss_block_tokens: int  # tokens per block of the fused loss head
     fp8_gemms: bool  # XLA turns the fp8 pattern into fp8 GEMMs (CUDA compute capability >= 8.9)
     fp8: bool = False  # --fp8 runs: asked for, and not on TPU
-    # Whether the forward pass scans over repeated layers (compile time flat in depth) or unrolls them. On GPU and
-    # TPU unrolled: XLA's program for a scanned stack writes every residual the backward pass needs into a zero-filled
-    # stacked buffer and copies it out again (in XLA:GPU's H100 program for the record command, 19% of the step's
-    # projected time: docs/performance.md); on CPU scanned, which compiles in half the time.
+    # Whether the forward pass scans over repeated layers (compile time flat in depth) or unrolls them. On GPU
+    # unrolled: XLA:GPU's program for a scanned stack writes every residual the backward pass needs into a zero-filled
+    # stacked buffer and copies it out again (19% of the record command's projected step on 8 H100s:
+    # docs/performance.md). Scanned on CPU, which compiles in half the time, and on TPU, where nothing has shown the
+    # same cost and the scan keeps FSDP's weight gathers one layer at a time.
     scan_layers: bool = True
     # the mesh's abstract mesh (for_mesh): splash attention's shard_map where no mesh is in context (evaluation)
     mesh: jax.sharding.AbstractMesh | None = None
@@ -85,7 +86,7 @@ def for_devices(devices, compute_dtype: str | None = None, fp8: bool = False) ->
                    # block is 1 GiB, and GEMMs of 8192 rows keep an H100 or a TPU's matrix units busy
                    loss_block_tokens=1024 if cpu else 8192,
                    fp8_gemms=platform == "gpu" and capability is not None and capability >= (8, 9), fp8=fp8,
-                   scan_layers=cpu,
+                   scan_layers=platform != "gpu",
                    note=note)
 
 

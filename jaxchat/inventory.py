@@ -8,6 +8,8 @@ kernels, GEMMs and collectives, each counted as often as it runs per step (loop 
 import collections
 import re
 
+from jaxchat.model import LAYER_SCAN  # the op_name scope of the scan over repeated layers
+
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \(*(?:(\w+)\[)?.*?\s([\w\-]+)\((.*)$")
@@ -52,12 +54,12 @@ def _own_counts(line: str, name: str, opcode: str, in_async: bool, dtypes: dict[
     counts = collections.Counter()
     if in_loop and opcode in COLLECTIVES + tuple(f"{op}-start" for op in COLLECTIVES):
         counts[f"loop:{opcode.removesuffix('-start')}"] += 1  # a collective in a layer or micro-batch loop
-    if in_loop and opcode == "dynamic-update-slice":
+    if in_loop and opcode == "dynamic-update-slice" and LAYER_SCAN in line:
         shape = re.search(r"= \w+\[([\d,]*)\]", line)
         size = 1
         for d in (shape.group(1).split(",") if shape and shape.group(1) else []):
             size *= int(d)
-        counts["loop_stacked_writes"] += size >= STACK_ELEMENTS  # a scan's stacked output (residuals for the backward)
+        counts["loop_stacked_writes"] += size >= STACK_ELEMENTS  # the layer scan's stacked residuals for the backward
     if opcode == "custom-call" and (target := _TARGET.search(line)):
         name, kernel = target.group(1), name
         if name == "tpu_custom_call" and (splash := _SPLASH.match(kernel)):
@@ -110,7 +112,8 @@ def count(hlo: str) -> collections.Counter:
     A while loop's body runs its trip count times: XLA's known_trip_count (XLA:GPU), or the bound of a `counter <
     constant` condition (XLA:TPU records none); 1 if neither says (counted in "unknown_trip_counts");
     a collective inside an async computation counts as async; "loop:<collective>" counts those that run inside a
-    loop's body, "loop_stacked_writes" the large dynamic-update-slices there (a scan stacking what it keeps)."""
+    loop's body, "loop_stacked_writes" the large dynamic-update-slices there of the scan over layers (stacking what the backward
+    pass needs)."""
     comps, entry = computations(hlo)
     memo = {}
 

@@ -31,6 +31,7 @@ from jaxchat.remat import remat_layer
 
 VOCAB_PAD = 64
 RMS_EPS = float(np.finfo(np.float32).eps)  # torch F.rms_norm(eps=None) uses float32 eps, also for bf16 inputs
+LAYER_SCAN = "layer_scan"  # the name scope of the scan over repeated layers (GPT._trunk; jaxchat.inventory reads it)
 
 
 
@@ -384,7 +385,8 @@ class GPT(nnx.Module):
                 return x, tuple(outs)
             arrays = run_arrays(layers, cfg, start, period, repeats)
             if repeats > 1:
-                x, outs = jax.lax.scan(body, x, arrays)  # each output stacked over the repeats
+                with jax.named_scope(LAYER_SCAN):  # the name jaxchat.inventory finds the scan's stacked writes by
+                    x, outs = jax.lax.scan(body, x, arrays)  # each output stacked over the repeats
                 outputs += [jax.tree.map(lambda t, r=r: t[r], outs[j]) for r in range(repeats) for j in range(period)]
             else:
                 x, outs = body(x, {k: v[0] for k, v in arrays.items()})

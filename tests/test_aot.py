@@ -162,6 +162,18 @@ def test_inventory_catches_cpu_attention_in_a_gpu_step(compiled, monkeypatch):
 
 
 @needs_plugin
+def test_inventory_catches_a_scanned_layer_stack_in_a_gpu_step(compiled, monkeypatch):
+    """The check can fail: the same GPU step with its layers scanned (the CPU's choice, and the GPU's before) writes
+    the backward's residuals into stacked buffers inside the loop, and is reported."""
+    from jaxchat import backend
+    real = backend.for_mesh
+    monkeypatch.setattr(backend, "for_mesh", lambda *a, **k: dataclasses.replace(real(*a, **k), scan_layers=True))
+    r = compiled("--depth=10", "--window-pattern=L", "--max-seq-len=256", "--device-batch-size=1",
+                 "--total-batch-size=2048")  # layers 0-7 repeat 4 times (period 2)
+    assert r["loop_stacked_writes"] > 0 and any("stacked residual writes" in p for p in r["problems"])
+
+
+@needs_plugin
 def test_command_prints_a_table_and_one_json_line(tmp_path):
     """python -m jaxchat.aot: the table, then one JSON line; exit 0 when the step fits and nothing is wrong."""
     env = dict(os.environ, JAXCHAT_BASE_DIR=str(tmp_path))
