@@ -3,6 +3,7 @@ help."""
 
 import argparse
 import errno
+import math
 import os
 import sys
 import tempfile
@@ -98,8 +99,27 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def cli_parser(description: str) -> argparse.ArgumentParser:
-    """An argument parser whose --help shows the description verbatim and every option's default."""
-    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    """An argument parser whose --help shows the description verbatim and every option's default; a bad argument
+    is one line and exit code 2 (a UserError through run_main), not argparse's usage block."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser.error = lambda message: (_ for _ in ()).throw(UserError(f"{message} (see --help)"))
+    return parser
+
+
+def finite_float(text) -> float:
+    """The one parser of every float flag (jaxchat.train's, config files', jaxchat.plan's, tok_train's): a number,
+    never NaN or an infinity. NaN fails every comparison, so it would pass every range check and surface later (a
+    NaN loss blamed on the learning rate, a horizon ignored); an infinity makes int() raise OverflowError.
+
+    Raises argparse.ArgumentTypeError, which argparse turns into 'argument --flag: ...' (one line via cli_parser)
+    and config.py into a line naming the flag."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number (NaN and infinities are refused)")
+    return value
 
 
 def run_main(main, *args) -> None:

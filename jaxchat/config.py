@@ -16,7 +16,7 @@ import os
 from ml_collections import ConfigDict
 
 from jaxchat import recipe as recipes
-from jaxchat.common import JAXCHAT_ONLY, HelpFormatter, UserError
+from jaxchat.common import JAXCHAT_ONLY, HelpFormatter, UserError, finite_float
 from jaxchat.memory import AUTO
 from jaxchat.remat import REMAT_POLICIES
 
@@ -143,11 +143,12 @@ def _parse_flag(key: str, value, like, origin: str = ""):
     origin: where a non-string value came from (a config file), named in the error."""
     if key == "device_batch_size" and str(value).strip().lower() == "auto":
         return AUTO
+    flag = origin or '--' + key.replace('_', '-')
     if isinstance(value, str):
         try:
             return _parse_value(value, like)
         except UserError as e:
-            raise UserError(f"{origin or '--' + key.replace('_', '-')}: {e}") from None
+            raise UserError(f"{flag}: {e}{f'; use {range_text(key)}' if key in RANGES else ''}") from None
     # A config file's Python value: ints for int keys (5e5 and 4.0 are fine, 4.5 is not), numbers for floats.
     ok = (isinstance(value, bool) if isinstance(like, bool) else
           isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
@@ -156,6 +157,12 @@ def _parse_flag(key: str, value, like, origin: str = ""):
           isinstance(value, type(like)))
     if not ok:
         raise UserError(f"{origin}: {key}={value!r} must be {type(like).__name__} (like the default {like!r})")
+    if isinstance(like, float):
+        try:
+            finite_float(value)
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"{origin}: {key}: {e}; use {range_text(key)}" if key in RANGES else
+                            f"{origin}: {key}: {e}") from None
     return int(value) if isinstance(like, int) and not isinstance(like, bool) else value
 
 
@@ -168,13 +175,16 @@ def _parse_value(text: str, like):
             if text.lower() in ("0", "false", "no"):
                 return False
             raise ValueError(text)
-        if isinstance(like, int):
-            value = float(text)  # accepts 524288 and 5e5 alike
-            if value != int(value):
+        if isinstance(like, (int, float)):
+            float(text)  # not a number at all: "expected int/float" below
+            value = finite_float(text)  # NaN and infinities: one line (int(inf) would raise OverflowError)
+            if isinstance(like, float):
+                return value
+            if value != int(value):  # accepts 524288 and 5e5 alike
                 raise ValueError(text)
             return int(value)
-        if isinstance(like, float):
-            return float(text)
+    except argparse.ArgumentTypeError as e:
+        raise UserError(str(e)) from None
     except ValueError:
         raise UserError(f"bad value {text!r}: expected {type(like).__name__}") from None
     return text
