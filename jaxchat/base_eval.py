@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxchat import compile_cache, core_bundle, core_eval, dataset, mesh as meshlib
-from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, check_output, cli_parser, print0, run_main
+from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, check_output, cli_parser, print0, run_main, user_path
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
 from jaxchat.model import GPT, abstract_model
 from jaxchat.tokenizer import Tokenizer, check_recorded, default_dir
@@ -150,19 +150,19 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--model-tag", default=None, help="checkpoint directory under base_checkpoints "
                        "(default: the largest dN)")
     model.add_argument("--step", type=int, default=None, help="checkpoint step to load (default: the last)")
-    model.add_argument("--nanochat-checkpoint", default=None,
+    model.add_argument("--nanochat-checkpoint", default=None, type=user_path,
                        help=JAXCHAT_ONLY + "evaluate a parity-format .npz or a nanochat model_*.pt instead")
-    model.add_argument("--tokenizer-dir", default=None, help=JAXCHAT_ONLY + "directory holding tokenizer.pkl "
+    model.add_argument("--tokenizer-dir", default=None, type=user_path, help=JAXCHAT_ONLY + "directory holding tokenizer.pkl "
                        "(default: the one of the checkpoint's data, $JAXCHAT_BASE_DIR/tokenizer[_demo])")
     model.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                        help=JAXCHAT_ONLY + "compute dtype of the model")
     core = p.add_argument_group("CORE")
     core.add_argument("--max-per-task", type=int, default=-1, help="examples per CORE task (-1: all)")
-    core.add_argument("--bundle", default=None, help=JAXCHAT_ONLY + "CORE eval bundle directory "
+    core.add_argument("--bundle", default=None, type=user_path, help=JAXCHAT_ONLY + "CORE eval bundle directory "
                       "(default: $JAXCHAT_BASE_DIR/eval_bundle, downloaded when missing)")
     core.add_argument("--tokens-per-device", type=int, default=None, help=JAXCHAT_ONLY + "rows x padded length "
                       "per device per CORE forward pass (default: 16384, 2048 on CPU)")
-    core.add_argument("--json", default=None, help=JAXCHAT_ONLY + "also write per-example CORE results to this file")
+    core.add_argument("--json", default=None, type=user_path, help=JAXCHAT_ONLY + "also write per-example CORE results to this file")
     bpb = p.add_argument_group("bits per byte")
     bpb.add_argument("--device-batch-size", type=int, default=32, help="rows per device per bpb forward pass")
     bpb.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens evaluated per split for bpb")

@@ -25,14 +25,16 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
-from jaxchat.common import UserError, base_dir, fmt_bytes, print0
+from jaxchat.common import UserError, base_dir, check_name, fmt_bytes, print0
 
 ITEMS = ("params", "opt_state", "meta")
 TEMPORARY_KINDS = ("time", "preempt")  # rotated by --keep-last; "step" (--save-every) and "final" ones stay
 
 
 def checkpoint_dir(model_tag: str) -> str:
-    return os.path.join(base_dir(), "base_checkpoints", model_tag)
+    """$JAXCHAT_BASE_DIR/base_checkpoints/<model_tag>: every reader and writer of a tag (train, base_eval, export)
+    comes through here, so a tag that would leave base_checkpoints/ ('..', 'a/b') is refused for all of them."""
+    return os.path.join(base_dir(), "base_checkpoints", check_name(model_tag, "--model-tag"))
 
 
 class Checkpointer:

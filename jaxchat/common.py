@@ -15,9 +15,29 @@ class UserError(Exception):
     """A mistake the user can fix; entry points print it as one line and exit with code 2."""
 
 
+def user_path(text: str | None) -> str | None:
+    """The one place a path from the environment or a flag is expanded: `~` and `~user`, then a relative path made
+    absolute, once, when the command reads it. A shell leaves `~` alone inside quotes and after `--flag=`, so
+    `JAXCHAT_BASE_DIR="~/jc"` used to write into a folder named `~` here, which pyarrow (it expands `~` itself) then
+    never found. '' and None stay as they are (they mean a default), and so do URLs (gs://...)."""
+    if not text or "://" in text:
+        return text
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def check_name(name: str, flag: str) -> str:
+    """A name that becomes one folder of a path (a model tag): refused in one line if it would name another folder
+    (`..`, `.`, a `/`, '') or cannot be a file name, so nothing is written, read or rolled back outside the folder
+    it belongs in. (WandB's --run name is no path: wandb names its folders by time and id.)"""
+    if name in ("", ".", "..") or "/" in name or (os.altsep and os.altsep in name) or "\0" in name:
+        raise UserError(f"{flag}={name!r} must be a plain folder name (not empty, '.' or '..', no '/'): it names a "
+                        f"folder inside its parent, e.g. {flag}=d12")
+    return name
+
+
 def base_dir() -> str:
     """Root for data, tokenizer, checkpoints and eval bundles ($JAXCHAT_BASE_DIR, default ~/.cache/jaxchat)."""
-    path = os.environ.get("JAXCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxchat")
+    path = user_path(os.environ.get("JAXCHAT_BASE_DIR")) or os.path.join(os.path.expanduser("~"), ".cache", "jaxchat")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:  # a regular file of that name, read-only storage, no permission

@@ -16,7 +16,7 @@ import os
 from ml_collections import ConfigDict
 
 from jaxchat import recipe as recipes
-from jaxchat.common import JAXCHAT_ONLY, HelpFormatter, UserError, finite_float
+from jaxchat.common import JAXCHAT_ONLY, HelpFormatter, UserError, check_name, finite_float, user_path
 from jaxchat.memory import AUTO
 from jaxchat.remat import REMAT_POLICIES
 
@@ -132,6 +132,9 @@ FLAGS = {
 }
 
 
+PATH_FLAGS = ("init_from",)  # flags naming a file or folder: `~` and relative paths expanded by common.user_path
+
+
 def defaults() -> ConfigDict:
     """Every flag with its default: nanochat 348fbb3's for its flags, plus jaxchat's own."""
     return ConfigDict({name: default for flags in FLAGS.values() for name, default, _ in flags})
@@ -193,7 +196,9 @@ def _parse_value(text: str, like):
 def load_config_file(path: str) -> ConfigDict:
     """Run a configs/NAME.py file's get_config() (an optional ':arg' suffix is passed to it)."""
     path, _, arg = path.partition(":")
-    if not os.path.isfile(path):
+    if os.path.isfile(user_path(path)):
+        path = user_path(path)
+    else:  # configs/NAME.py from anywhere: the repository's own
         here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
         if not os.path.isfile(here):
             raise UserError(f"--config={path}: no such file (configs are in configs/, e.g. --config=configs/d26.py)")
@@ -274,6 +279,8 @@ def parse_flags(argv: list[str]) -> ConfigDict:
     for key, text in vars(args).items():
         if text is not None and key != "config":
             config[key] = _parse_flag(key, text, config[key])
+    for key in PATH_FLAGS:  # expanded once, here (compile_cache.resolve expands --compile-cache past auto/off)
+        config[key] = user_path(config[key])
     validate(config)
     return config
 
@@ -383,6 +390,8 @@ def validate(c: ConfigDict) -> None:
         raise UserError("--resume-optimizer loads a nanochat checkpoint's optimizer state: give it with --init-from")
     if c.depth <= 0:
         raise UserError(f"--depth={c.depth} must be a positive integer (e.g. --depth=12)")
+    if c.model_tag:  # '' = d<depth>; checkpoint.checkpoint_dir checks it again for every reader
+        check_name(c.model_tag, "--model-tag")
     if c.depth % 2 and not c.allow_odd_depth:
         raise UserError(f"--depth={c.depth} is odd: its width gets nudged up to the next multiple of --head-dim, which "
                         f"nanochat does not recommend; use an even depth, or add --allow-odd-depth=true")

@@ -12,7 +12,7 @@ import fcntl
 import os
 import zipfile
 
-from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, cli_parser, run_main
+from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, cli_parser, run_main, user_path
 from jaxchat.download import build_directory, fetch
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -101,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
                    help=JAXCHAT_ONLY + "download and unzip the CORE eval bundle (base_eval also does it on first use)")
     p.add_argument("--url", default=EVAL_BUNDLE_URL, help=JAXCHAT_ONLY + "where to download the bundle from")
-    p.add_argument("--dest", default=None,
+    p.add_argument("--dest", default=None, type=user_path,
                    help=JAXCHAT_ONLY + "bundle directory (default: $JAXCHAT_BASE_DIR/eval_bundle)")
     return p
 

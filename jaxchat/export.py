@@ -18,7 +18,7 @@ import numpy as np
 from jaxchat import nanochat_ckpt, optim
 from jaxchat.recipe import batch_lr_scale
 from jaxchat import tokenizer as toklib
-from jaxchat.common import UserError, check_output, run_main
+from jaxchat.common import UserError, check_name, check_output, run_main, user_path
 from jaxchat.convert import config_from_dict
 
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-tag", required=True,
                    help="the jaxchat checkpoint to export: $JAXCHAT_BASE_DIR/base_checkpoints/<tag> (e.g. d24)")
     p.add_argument("--step", type=int, default=None, help="the step to export (default: the newest complete one)")
-    p.add_argument("--to", required=True, metavar="DIR",
+    p.add_argument("--to", required=True, metavar="DIR", type=user_path,
                    help="the nanochat base directory to write into (nanochat's NANOCHAT_BASE_DIR)")
     p.add_argument("--tag", default="", help="model tag under DIR/base_checkpoints (default: --model-tag)")
     p.add_argument("--world-size", type=int, default=1,
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-dtype", default="", choices=("", "bfloat16", "float32"),
                    help="dtype of wte and value embeddings in model_<step>.pt (default: as trained; nanochat saves "
                         "bfloat16 on CUDA, float32 on CPU; every other tensor is float32 as in nanochat)")
-    p.add_argument("--tokenizer-dir", default="",
+    p.add_argument("--tokenizer-dir", default="", type=user_path,
                    help="the tokenizer to ship (default: the one of the run's --data source)")
     p.add_argument("--force", action="store_true", help="overwrite files that already exist in DIR")
     p.error = lambda message: (_ for _ in ()).throw(UserError(f"{message} (see python -m jaxchat.export --help)"))
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    check_name(args.model_tag, "--model-tag")
+    if args.tag:
+        check_name(args.tag, "--tag")
     if args.world_size < 1:
         raise UserError(f"--world-size={args.world_size} must be at least 1")
     return args

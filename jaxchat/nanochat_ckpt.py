@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxchat import optim
 from jaxchat import params as paramslib
-from jaxchat.common import UserError, read_input
+from jaxchat.common import UserError, check_name, read_input
 from jaxchat.convert import config_from_dict, from_reference, recipe_of_state, to_reference
 
 # nanochat's GPTConfig fields: GPT(GPTConfig(**model_config)) rejects any other key.
@@ -53,8 +53,8 @@ def torch_module():
 
 
 def paths(base: str, tag: str, step: int) -> dict[str, str]:
-    """Where each file of step `step` lives under a nanochat base directory."""
-    ckpt = os.path.join(base, "base_checkpoints", tag)
+    """Where each file of step `step` lives under a nanochat base directory (the tag a plain folder name)."""
+    ckpt = os.path.join(base, "base_checkpoints", check_name(tag, "--tag"))
     return {"model": os.path.join(ckpt, f"model_{step:06d}.pt"), "meta": os.path.join(ckpt, f"meta_{step:06d}.json"),
             "tokenizer": os.path.join(base, "tokenizer", "tokenizer.pkl"),
             "token_bytes": os.path.join(base, "tokenizer", "token_bytes.pt")}

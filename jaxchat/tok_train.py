@@ -18,7 +18,7 @@ import rustbpe
 
 from jaxchat import dataset
 from jaxchat import tokenizer as toklib
-from jaxchat.common import JAXCHAT_ONLY, UserError, check_output, cli_parser, finite_float, run_main
+from jaxchat.common import JAXCHAT_ONLY, UserError, check_output, cli_parser, finite_float, run_main, user_path
 from jaxchat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, default_dir, encoding_from_ranks
 
 ROUND_TRIP_TEXT = """Hello world! This is a test.
@@ -111,7 +111,7 @@ def parser() -> argparse.ArgumentParser:
                       help=JAXCHAT_ONLY + "corpus whose train split is read")
     data.add_argument("--demo", action=argparse.BooleanOptionalAction, default=False,
                       help=JAXCHAT_ONLY + "train on the offline demo corpus (built if missing) instead of --source")
-    data.add_argument("--out-dir", default=None,
+    data.add_argument("--out-dir", default=None, type=user_path,
                       help=JAXCHAT_ONLY + "where to save "
                       "(default: $JAXCHAT_BASE_DIR/tokenizer, tokenizer_demo with --demo)")
     data.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,

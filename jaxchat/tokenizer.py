@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import tiktoken
 
-from jaxchat.common import UserError, base_dir, print0, read_input
+from jaxchat.common import UserError, base_dir, print0, read_input, user_path
 
 # nanochat/tokenizer.py SPLIT_PATTERN: GPT-4's pattern with \p{N}{1,2} instead of {1,3}.
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
@@ -183,7 +183,8 @@ def restore(directory: str, which: str) -> tuple[Tokenizer, str | None]:
     """Put a tokenizer back into `directory`: a kept one (by fingerprint) or any directory holding tokenizer.pkl (a
     nanochat base directory's tokenizer/). The one there is kept aside first. (the tokenizer now in place, where the
     previous one went or None)."""
-    source = which if os.path.isfile(os.path.join(which, "tokenizer.pkl")) else kept_dir(directory, which)
+    folder = user_path(which)  # a folder (~ and relative too), else a fingerprint
+    source = folder if os.path.isfile(os.path.join(folder, "tokenizer.pkl")) else kept_dir(directory, which)
     if not os.path.isfile(os.path.join(source, "tokenizer.pkl")):
         kept = kept_fingerprints(directory)
         raise UserError(f"--restore={which}: neither a kept tokenizer of {directory} nor a directory holding "
