@@ -395,8 +395,10 @@ def check_source(source: str, config, with_optimizer: bool, tok=None) -> Source:
     path = find_model_file(source)
     meta = read_meta(path)
     # The tokenizer first: another one also explains a vocab_size that differs below.
-    if tok is not None and os.path.isfile(os.path.join(tok_dir := tokenizer_of(path), "tokenizer.pkl")):
+    if tok is not None:
+        check_tokenizer_present(source, path, tok)
         from jaxchat.tokenizer import Tokenizer, check_recorded
+        tok_dir = tokenizer_of(path)
         check_recorded(tok, Tokenizer.load(tok_dir).fingerprint(), f"--init-from={source}", recorded_at=tok_dir,
                        otherwise="--init-from a model trained with this run's tokenizer")
     check_config(config, config_from_dict(meta["model_config"], recipe=config.recipe), source)
@@ -410,6 +412,24 @@ def check_source(source: str, config, with_optimizer: bool, tok=None) -> Source:
         check_optimizer(shards, reference_groups(_abstract_params(config), config, recipe_of(config).adamw_groups),
                         path)
     return Source(path, meta, state, shards)
+
+
+def check_tokenizer_present(source: str, model_path: str, tok) -> None:
+    """--init-from's tokenizer is its base directory's tokenizer/ (as nanochat's tok_train and jaxchat.export write
+    it): nanochat's model and meta files record none (nanochat/checkpoint_manager.py at 348fbb3 saves the model
+    config and the step only), so without that folder nothing says which tokenizer the weights were trained with,
+    and a same-size tokenizer of other merges trained silently on wrongly tokenized text. Refused in one line naming
+    the folder that says it."""
+    tok_dir = tokenizer_of(model_path)
+    if os.path.isfile(os.path.join(tok_dir, "tokenizer.pkl")):
+        return
+    layout = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(model_path)))) == "base_checkpoints"
+    where = ("" if layout else f"; its files are not in nanochat's layout <base>/base_checkpoints/<tag>/"
+             f"model_<step>.pt beside <base>/tokenizer/, so copy them into one first")
+    mine = f" (if it is this run's: cp -r {tok.directory} {tok_dir})" if tok.directory else ""
+    raise UserError(f"--init-from={source}: no tokenizer at {tok_dir}, and nanochat's model files do not record "
+                    f"which tokenizer the model was trained with, so this run cannot check it: copy the tokenizer "
+                    f"folder it was trained with (tokenizer.pkl) to {tok_dir}{mine}{where}")
 
 
 def tokenizer_of(model_path: str) -> str:
