@@ -153,6 +153,7 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     tx, wd_scaled = build_optimizer(c, plan, mesh, muon_dtype)
     model_options = dict(compute_dtype=compute_dtype, loss_chunk=c.loss_chunk, embed_dtype=c.embed_dtype,
                          fp8=run_backend.fp8, backend=run_backend)
+    memory.check_length(config, run_backend, c.memory_budget_gb)  # before tracing: a length no device batch holds
     graphdefs, train_steps, targets = abstract_steps(config, tx, mesh, remat=c.remat, **model_options)
     step_memory = plan_and_compile(train_steps, targets, mesh, device_batch_size=c.device_batch_size,
                                    total_batch_size=plan.total_batch_size, seq_len=c.max_seq_len,
