@@ -149,9 +149,10 @@ def run_main(main, *args) -> None:
     In a multi-process run a failing process also tells the others, which exit at once rather than wait in a
     collective for it; its line starts with 'process P of N:'.
     """
-    from jaxchat import watchdog
+    from jaxchat import backend, watchdog
 
     try:
+        backend.choose_platforms()  # before anything starts a backend: JAX_PLATFORMS checked, a quiet CPU start
         main(*args)
     except UserError as e:
         if watchdog.active():
@@ -171,6 +172,10 @@ def run_main(main, *args) -> None:
         sys.stderr = open(os.devnull, "w")  # as above: a second Ctrl-C during shutdown adds nothing
         sys.exit(130)
     except Exception as e:
+        if (line := backend.startup_error(e)) is not None:  # JAX_PLATFORMS naming a backend that cannot start
+            print(f"error: {line}", file=sys.stderr, flush=True)
+            sys.stderr = open(os.devnull, "w")
+            sys.exit(2)
         if watchdog.active():
             import traceback
 

@@ -32,12 +32,14 @@ from jaxchat.tokenizer import Tokenizer
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
 
-def default_tokens_per_device() -> int:
+def default_tokens_per_device(platform: str) -> int:
     """Rows x padded length per device per forward pass: bounds the (rows, T, vocab) float32 logits on accelerators.
 
-    CPU "devices" share the host's cores, so there a small batch wastes less time on filler rows.
+    CPU "devices" share the host's cores, so there a small batch wastes less time on filler rows. `platform`: the
+    model's backend decision (Backend.platform), not jax.default_backend(), which can name another platform than the
+    devices the model runs on.
     """
-    return 2048 if jax.default_backend() == "cpu" else 16384
+    return 2048 if platform == "cpu" else 16384
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,7 +301,7 @@ class RowScorer:
         self.pad_id = pad_id
         self.max_len = 10 * model.config.sequence_len  # the model's rotary cache
         self.n_devices = self.mesh.devices.size
-        self.tokens_per_device = tokens_per_device or default_tokens_per_device()
+        self.tokens_per_device = tokens_per_device or default_tokens_per_device(model.backend.platform)
         self.row_sharding = meshlib.row_sharding(self.mesh)
         key = (self.graphdef, self.mesh)
         if key not in _SCORERS:
