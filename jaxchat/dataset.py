@@ -7,6 +7,7 @@
 
 import argparse
 import ast
+import contextlib
 import hashlib
 import os
 import random
@@ -31,6 +32,10 @@ SOURCES = {
                      subdir="base_data_climbmix", max_index=6542),
 }
 DEMO_SUBDIR = "base_data_demo"
+# In the demo corpus or a bare directory of shards: the name of its validation shard. Without it the split was
+# nanochat's "the file that sorts last" (nanochat/dataset.py list_parquet_files at 348fbb3), so adding a shard moved
+# validation to it and trained on the old validation documents.
+VAL_RECORD = "val_shard.txt"
 ROW_GROUP_SIZE = 1024  # nanochat's dev/repackage_data_reference.py row_group_size
 ATTEMPTS = 5
 BACKOFF_S = 1.0  # wait BACKOFF_S * 2**attempt after a failed attempt (nanochat/dataset.py download_single_file)
@@ -85,11 +90,41 @@ def list_shards(source_or_dir: str, split: str) -> list[str]:
         if val not in files:
             raise UserError(f"validation shard {val} missing from {directory}{hint}")
         chosen = [val] if split == "val" else [f for f in files if f != val]
-    else:  # demo corpus or a bare directory: the last file is the val split, as in nanochat
-        chosen = files[-1:] if split == "val" else files[:-1]
+    else:  # demo corpus or a bare directory: the shard its VAL_RECORD names
+        val = recorded_val_shard(directory, files)
+        chosen = [val] if split == "val" else [f for f in files if f != val]
     if not chosen:
         raise UserError(f"no {split} shards in {directory} (found only {files}){hint}")
     return [os.path.join(directory, f) for f in chosen]
+
+
+def recorded_val_shard(directory: str, files: list[str]) -> str:
+    """The validation shard of a demo or bare shard directory: the one its VAL_RECORD names. A directory without the
+    record (an older demo corpus, shards copied in by hand) gets one naming nanochat's choice, the file that sorts
+    last, the first time it is listed, so shards added later are training shards; a read-only directory keeps
+    nanochat's rule. A recorded shard that is gone is one line naming it."""
+    record = os.path.join(directory, VAL_RECORD)
+    try:
+        with open(record, encoding="utf-8") as f:
+            val = f.read().strip()
+    except FileNotFoundError:
+        val = files[-1]
+        tmp = f"{record}.{os.getpid()}.tmp"
+        try:  # concurrent first listings (one per process) write the same name; the rename is atomic
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(val + "\n")
+            os.replace(tmp, record)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+    except OSError as e:
+        raise UserError(f"cannot read {record} ({e.strerror}), which names the validation shard of {directory}: "
+                        f"check its permissions") from None
+    if val not in files:
+        raise UserError(f"validation shard {val} (named in {record}) is missing from {directory}: put it back, or "
+                        f"name another shard of {directory} in {record} (a resume then evaluates on other "
+                        f"documents)")
+    return val
 
 
 def check_shard(path: str) -> None:
@@ -328,9 +363,12 @@ def build_demo_corpus(out_dir: str | None = None, max_chars: int = DEMO_MAX_CHAR
     def write(tmp: str) -> None:
         for i, shard in enumerate(shards):
             _write_shard(os.path.join(tmp, shard_name(i)), shard)
+        with open(os.path.join(tmp, VAL_RECORD), "w", encoding="utf-8") as f:
+            f.write(shard_name(len(shards) - 1) + "\n")  # the val shard, by name: a shard added later trains
 
     # Concurrent builders (one per process) never see a half-written corpus, and the first to finish wins.
-    return build_directory(out_dir, write, _complete, owned=lambda name: name.startswith("shard_"))
+    return build_directory(out_dir, write, _complete,
+                           owned=lambda name: name.startswith("shard_") or name == VAL_RECORD)
 
 
 def _complete(directory: str) -> bool:
@@ -356,7 +394,8 @@ def main(argv: list[str]) -> None:
     if args.demo:
         out = build_demo_corpus()
         sizes = {f: pq.ParquetFile(os.path.join(out, f)).metadata.num_rows for f in _parquet_files(out)}
-        print(f"demo corpus in {out}: {sizes} documents (last file = val)", flush=True)
+        val = recorded_val_shard(out, _parquet_files(out))
+        print(f"demo corpus in {out}: {sizes} documents (validation: {val}, named in {VAL_RECORD})", flush=True)
     else:
         download(args.num_files, args.source, args.num_workers)
 

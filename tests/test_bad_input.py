@@ -30,7 +30,7 @@ def base_dir(tmp_path_factory):
     train(TINY + ["--model-tag=tiny"])
     # A "fineweb-edu" directory with shards but no tokenizer, and a demo tokenizer of another vocabulary size.
     shutil.copytree(path / "base_data_demo", path / "base_data")
-    shards = sorted((path / "base_data").iterdir())
+    shards = sorted((path / "base_data").glob("*.parquet"))
     shards[-1].rename(path / "base_data" / "shard_01822.parquet")
     from jaxchat.tok_train import train_tokenizer
     train_tokenizer(source="demo", vocab_size=1024, max_chars=300_000, doc_cap=10_000, out_dir=str(path / "tok1024"))
@@ -240,7 +240,7 @@ def _invalid_utf8_table():
 def test_bad_shards_name_the_file(base_dir, tmp_path, monkeypatch, case):
     from jaxchat.train import train
     data = _fineweb_layout(base_dir, tmp_path)
-    shards = sorted(data.iterdir())
+    shards = sorted(data.glob("*.parquet"))
     if case == "int-text":
         bad = shards[0]
         pq.write_table(pa.table({"text": pa.array([1, 2, 3])}), bad)

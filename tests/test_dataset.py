@@ -25,8 +25,9 @@ def write_parquet(path, docs):
 def test_demo_corpus_deterministic_and_readable(tmp_path):
     a = dataset.build_demo_corpus(str(tmp_path / "a"), max_chars=1_500_000)
     b = dataset.build_demo_corpus(str(tmp_path / "b"), max_chars=1_500_000)
-    names = sorted(os.listdir(a))
-    assert names == sorted(os.listdir(b)) and len(names) >= 2
+    assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+    names = sorted(n for n in os.listdir(a) if n.endswith(".parquet"))
+    assert len(names) >= 2 and (tmp_path / "a" / dataset.VAL_RECORD).read_text() == names[-1] + "\n"
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
         pf = pq.ParquetFile(os.path.join(a, name))
@@ -182,3 +183,32 @@ def test_download_retries_validates_and_skips(server, base):
     assert sorted(os.listdir(out)) == ["shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"]
     with pytest.raises(UserError, match="re-run"):
         dataset.download(4, "fineweb-edu", workers=1)  # shard 3 does not exist there (404)
+
+
+def test_demo_and_bare_directories_record_their_validation_shard_by_name(tmp_path):
+    """The validation shard of the demo corpus (and of a bare directory) was "the file that sorts last": a shard
+    copied in as shard_00003 became validation, the old validation shard was trained on, and removing it was refused
+    naming the wrong file. Now the directory records it by name (dataset.VAL_RECORD) and the split follows the name."""
+    import shutil
+
+    demo = tmp_path / "demo"
+    dataset.build_demo_corpus(str(demo), max_chars=300_000)
+    names = sorted(n for n in os.listdir(demo) if n.endswith(".parquet"))
+    val = names[-1]
+    added = str(shutil.copy(demo / names[0], demo / "shard_00009.parquet"))
+    assert dataset.list_shards(str(demo), "val") == [str(demo / val)]
+    assert dataset.list_shards(str(demo), "train") == [str(demo / n) for n in names[:-1]] + [added]
+    (demo / val).unlink()
+    with pytest.raises(UserError, match=rf"^validation shard {val} \(named in {demo / dataset.VAL_RECORD}\) is "
+                                        rf"missing from {demo}: put it back"):
+        dataset.list_shards(str(demo), "train")
+
+    bare = tmp_path / "bare"  # shards copied in by hand, no record: nanochat's choice, recorded at first listing
+    bare.mkdir()
+    for i in range(2):
+        write_parquet(bare / f"part_{i}.parquet", [f"document {i}"])
+    assert dataset.list_shards(str(bare), "val") == [str(bare / "part_1.parquet")]
+    assert (bare / dataset.VAL_RECORD).read_text() == "part_1.parquet\n"
+    write_parquet(bare / "part_2.parquet", ["a later shard"])
+    assert dataset.list_shards(str(bare), "val") == [str(bare / "part_1.parquet")]
+    assert dataset.list_shards(str(bare), "train") == [str(bare / "part_0.parquet"), str(bare / "part_2.parquet")]
