@@ -2,6 +2,7 @@
 help."""
 
 import argparse
+import contextlib
 import errno
 import math
 import os
@@ -169,8 +170,12 @@ def run_main(main, *args) -> None:
         if watchdog.active():
             watchdog.abort(line, 130)
         print(line, file=sys.stderr, flush=True)
-        sys.stderr = open(os.devnull, "w")  # as above: a second Ctrl-C during shutdown adds nothing
-        sys.exit(130)
+        # Out at once: the interrupted work's own `finally` clean-up has run while the exception unwound, but XLA's
+        # threads may still be compiling or running what it started, and tearing the interpreter down under them
+        # crashed (SIGSEGV, rc 139, Ctrl-C during base_eval's CORE). faults.StopRequest exits the same way.
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os._exit(130)
     except Exception as e:
         if (line := backend.startup_error(e)) is not None:  # JAX_PLATFORMS naming a backend that cannot start
             print(f"error: {line}", file=sys.stderr, flush=True)
