@@ -6,8 +6,10 @@ import contextlib
 import errno
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 
 import jax
 
@@ -143,15 +145,58 @@ def finite_float(text) -> float:
     return value
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP where no handler of ours runs (tok_train, base_eval, export, downloads; training has
+    faults.StopRequest), raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that the interrupted
+    work's `finally` clean-up (temporary files) runs before run_main's one line. Their default action killed the
+    process on the spot: no line, and `.tmp` files left behind."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+def _unraisable(previous):
+    """sys.unraisablehook that sends a KeyboardInterrupt or Interrupted swallowed where Python cannot raise (a garbage-collector callback,
+    a __del__: "Exception ignored in _xla_gc_callback") again, so it lands in the main code. From another thread a
+    moment later: sent from here, the handler would run at once, inside the same callback, and be swallowed again."""
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):  # Ctrl-C's, or Interrupted
+            signum = getattr(unraisable.exc_value, "signum", signal.SIGINT)
+            threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+        else:
+            previous(unraisable)
+    return hook
+
+
 def run_main(main, *args) -> None:
-    """Run an entry point; a UserError becomes one line on stderr and exit code 2 (no traceback), a Ctrl-C one line
-    and code 130.
+    """Run an entry point; a UserError becomes one line on stderr and exit code 2 (no traceback), a Ctrl-C, SIGTERM
+    or SIGHUP one line and code 130, 143 or 129, after the interrupted work's clean-up.
 
     In a multi-process run a failing process also tells the others, which exit at once rather than wait in a
     collective for it; its line starts with 'process P of N:'.
     """
     from jaxchat import backend, watchdog
 
+    previous, hook = {}, sys.unraisablehook
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(s) is signal.SIG_DFL:  # an ignored SIGHUP (nohup) stays ignored
+                previous[s] = signal.signal(s, _interrupt)
+        sys.unraisablehook = _unraisable(hook)
+    try:
+        _run_main(main, args, backend, watchdog)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        sys.unraisablehook = hook
+
+
+def _run_main(main, args, backend, watchdog) -> None:
     try:
         backend.choose_platforms()  # before anything starts a backend: JAX_PLATFORMS checked, a quiet CPU start
         main(*args)
@@ -163,19 +208,24 @@ def run_main(main, *args) -> None:
         # shutdown that would bury the one line that matters: nothing after it goes to stderr.
         sys.stderr = open(os.devnull, "w")
         sys.exit(2)
-    except KeyboardInterrupt:
-        # Ctrl-C where no handler of ours runs (evaluation, export, downloads; training has faults.StopRequest): one
-        # line and the shell's code, not a traceback from whatever it interrupted.
-        line = f"{watchdog.prefix()}interrupted by SIGINT: exiting"
+    except KeyboardInterrupt as e:
+        # Ctrl-C (or SIGTERM, SIGHUP: Interrupted) where no handler of ours runs (evaluation, export, downloads;
+        # training has faults.StopRequest): one line and the shell's code, not a traceback from whatever it
+        # interrupted.
+        signum = getattr(e, "signum", signal.SIGINT)
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second signal now adds nothing
+            signal.signal(s, signal.SIG_IGN)
+        line = f"{watchdog.prefix()}interrupted by {signal.Signals(signum).name}: exiting"
         if watchdog.active():
-            watchdog.abort(line, 130)
-        print(line, file=sys.stderr, flush=True)
+            watchdog.abort(line, 128 + signum)
+        with contextlib.suppress(Exception):  # OSError: the terminal hung up (SIGHUP)
+            print(line, file=sys.stderr, flush=True)
         # Out at once: the interrupted work's own `finally` clean-up has run while the exception unwound, but XLA's
         # threads may still be compiling or running what it started, and tearing the interpreter down under them
         # crashed (SIGSEGV, rc 139, Ctrl-C during base_eval's CORE). faults.StopRequest exits the same way.
         with contextlib.suppress(Exception):
             sys.stdout.flush()
-        os._exit(130)
+        os._exit(128 + signum)
     except Exception as e:
         if (line := backend.startup_error(e)) is not None:  # JAX_PLATFORMS naming a backend that cannot start
             print(f"error: {line}", file=sys.stderr, flush=True)

@@ -111,12 +111,17 @@ class Tokenizer:
         kept = keep_aside(directory, unless=self.fingerprint())
         os.makedirs(directory, exist_ok=True)
         pkl, npy = os.path.join(directory, "tokenizer.pkl"), os.path.join(directory, "token_bytes.npy")
-        with open(pkl + ".tmp", "wb") as f:
-            pickle.dump(self.enc, f)
-        with open(npy + ".tmp", "wb") as f:
-            np.save(f, self.get_token_bytes())
-        os.replace(npy + ".tmp", npy)
-        os.replace(pkl + ".tmp", pkl)  # last: tokenizer.pkl present means the directory is complete
+        try:
+            with open(pkl + ".tmp", "wb") as f:
+                pickle.dump(self.enc, f)
+            with open(npy + ".tmp", "wb") as f:
+                np.save(f, self.get_token_bytes())
+            os.replace(npy + ".tmp", npy)
+            os.replace(pkl + ".tmp", pkl)  # last: tokenizer.pkl present means the directory is complete
+        finally:  # interrupted (SIGTERM is an exception under run_main) or failed: no half-written file stays
+            for tmp in (pkl + ".tmp", npy + ".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
         self.directory = directory
         return kept
 
@@ -196,8 +201,13 @@ def restore(directory: str, which: str) -> tuple[Tokenizer, str | None]:
     os.makedirs(directory, exist_ok=True)
     for name in reversed(FILES):  # tokenizer.pkl last: present means complete
         if os.path.exists(src := os.path.join(source, name)):
-            shutil.copyfile(src, os.path.join(directory, name) + ".tmp")
-            os.replace(os.path.join(directory, name) + ".tmp", os.path.join(directory, name))
+            tmp = os.path.join(directory, name) + ".tmp"
+            try:
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, os.path.join(directory, name))
+            finally:  # interrupted or failed: no half-copied file stays
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
     return Tokenizer.load(directory), aside
 
 
