@@ -152,7 +152,8 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--step", type=int, default=None, help="checkpoint step to load (default: the last)")
     model.add_argument("--nanochat-checkpoint", default=None, type=user_path,
                        help=JAXCHAT_ONLY + "evaluate a parity-format .npz or a nanochat model_*.pt instead")
-    model.add_argument("--tokenizer-dir", default=None, type=user_path, help=JAXCHAT_ONLY + "directory holding tokenizer.pkl "
+    model.add_argument("--tokenizer-dir", default=None, type=user_path,
+                       help=JAXCHAT_ONLY + "directory holding tokenizer.pkl "
                        "(default: the one of the checkpoint's data, $JAXCHAT_BASE_DIR/tokenizer[_demo])")
     model.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                        help=JAXCHAT_ONLY + "compute dtype of the model")
@@ -162,7 +163,8 @@ def parser() -> argparse.ArgumentParser:
                       "(default: $JAXCHAT_BASE_DIR/eval_bundle, downloaded when missing)")
     core.add_argument("--tokens-per-device", type=int, default=None, help=JAXCHAT_ONLY + "rows x padded length "
                       "per device per CORE forward pass (default: 16384, 2048 on CPU)")
-    core.add_argument("--json", default=None, type=user_path, help=JAXCHAT_ONLY + "also write per-example CORE results to this file")
+    core.add_argument("--json", default=None, type=user_path,
+                      help=JAXCHAT_ONLY + "also write per-example CORE results to this file")
     bpb = p.add_argument_group("bits per byte")
     bpb.add_argument("--device-batch-size", type=int, default=32, help="rows per device per bpb forward pass")
     bpb.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens evaluated per split for bpb")
@@ -211,6 +213,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
                                        flag="--tokenizer-dir", chosen=True, recorded_at=recorded_at)
         model, step = load_nanochat_checkpoint(args.nanochat_checkpoint, compute_dtype)
         name, source = os.path.basename(args.nanochat_checkpoint), "fineweb-edu"
+        which = f"{args.nanochat_checkpoint}" + (f" (step {step})" if step is not None else "")
     else:
         from jaxchat.checkpoint import recorded_tokenizer
 
@@ -222,9 +225,11 @@ def load_model(args: argparse.Namespace) -> Loaded:
                                    flag="--tokenizer-dir", chosen=bool(args.tokenizer_dir))
         model, _ = restore_model(ckpt, step, meta, compute_dtype)
         name = f"base_model (step {step})"
+        which = f"step {step} of {model_tag} ({ckpt.directory})"
     if tokenizer.vocab_size != model.config.vocab_size:
         raise UserError(f"tokenizer vocabulary {tokenizer.vocab_size} != model vocabulary {model.config.vocab_size}: "
                         f"pass the model's --tokenizer-dir")
+    print0(f"Evaluating {which}")  # every evaluation says which model and step (--eval=bpb said neither)
     return Loaded(model, tokenizer, name, step, source)
 
 

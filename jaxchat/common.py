@@ -161,9 +161,10 @@ def _interrupt(signum, frame):
 
 
 def _unraisable(previous):
-    """sys.unraisablehook that sends a KeyboardInterrupt or Interrupted swallowed where Python cannot raise (a garbage-collector callback,
-    a __del__: "Exception ignored in _xla_gc_callback") again, so it lands in the main code. From another thread a
-    moment later: sent from here, the handler would run at once, inside the same callback, and be swallowed again."""
+    """sys.unraisablehook that sends a KeyboardInterrupt or Interrupted swallowed where Python cannot raise (a
+    garbage-collector callback, a __del__: "Exception ignored in _xla_gc_callback") again, so it lands in the main
+    code. From another thread a moment later: sent from here, the handler would run at once, inside the same
+    callback, and be swallowed again."""
     def hook(unraisable):
         if isinstance(unraisable.exc_value, KeyboardInterrupt):  # Ctrl-C's, or Interrupted
             signum = getattr(unraisable.exc_value, "signum", signal.SIGINT)

@@ -212,9 +212,13 @@ def load_config_file(path: str) -> ConfigDict:
         config = module.get_config(arg) if arg else module.get_config()
     except UserError:
         raise
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # sys.exit() in the file ended the run with its code, nothing trained
         line = getattr(e, "lineno", None) or _user_line(e, path)
         first = (str(e).strip().splitlines() or [""])[0]
+        if isinstance(e, SystemExit):
+            first = (f"sys.exit({e.code!r}) while it was read (a config file defines get_config(), which returns "
+                     f"the values)")
+
         raise UserError(f"--config={path}{f' line {line}' if line else ''}: {type(e).__name__}: {first}") from None
     if not isinstance(config, (ConfigDict, dict)):
         raise UserError(f"--config={path}: get_config() returned {type(config).__name__}, not a ConfigDict "

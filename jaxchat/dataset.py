@@ -257,7 +257,10 @@ def download(n: int, source: str = "fineweb-edu", workers: int = 4) -> str:
     if n < -1:  # nanochat/dataset.py takes -1 for all; other negatives would mean all too, silently
         raise UserError(f"-n/--num-files={n} is not a number of shards: give 0 or more (train shards 0..n-1; the "
                         f"validation shard always comes too), or -1 for all {max_index + 1} shards of {source}")
-    count = max_index + 1 if n == -1 else min(n, max_index + 1)
+    if n > max_index:  # nanochat caps it (min(n, MAX_SHARD + 1)): a typo would silently fetch all ~180 GB
+        raise UserError(f"-n/--num-files={n} is more than the {max_index} train shards of {source}: give at most "
+                        f"{max_index}, or -1 for all {max_index + 1} shards knowingly")
+    count = max_index + 1 if n == -1 else n
     indices = sorted(set(range(count)) | {max_index})
     out_dir = data_dir(source)
     os.makedirs(out_dir, exist_ok=True)

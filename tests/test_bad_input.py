@@ -167,7 +167,10 @@ def test_corrupt_tokenizer_names_the_file(base_dir, tmp_path, monkeypatch):
     ("def get_config():\n    return None\n", "get_config() returned NoneType"),
     ("def get_config():\n    return dict(depth=4.5)\n", "depth=4.5 must be int"),
     ("def get_config():\n    return dict(run=3)\n", "run=3 must be str"),
-], ids=["syntax", "none", "float-depth", "int-run"])
+    # sys.exit(0) in the file ended the command with code 0 and nothing trained
+    ("import sys\nsys.exit(0)\n", "line 2: SystemExit: sys.exit(0) while it was read"),
+    ("import sys\ndef get_config():\n    sys.exit(3)\n", "line 3: SystemExit: sys.exit(3)"),
+], ids=["syntax", "none", "float-depth", "int-run", "exit-at-import", "exit-in-get-config"])
 def test_config_file_errors_name_the_file(tmp_path, body, message):
     from jaxchat.config import parse_flags
     path = tmp_path / "my_config.py"

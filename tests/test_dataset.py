@@ -103,6 +103,10 @@ def test_negative_shard_count_other_than_all_is_one_line(base):
     assert str(e.value) == ("-n/--num-files=-5 is not a number of shards: give 0 or more (train shards 0..n-1; the "
                             "validation shard always comes too), or -1 for all 1823 shards of fineweb-edu")
     assert not (base / "base_data").exists()  # refused before anything was fetched or created
+    with pytest.raises(UserError, match=r"^-n/--num-files=999999 is more than the 1822 train shards of fineweb-edu: "
+                                        r"give at most 1822, or -1 for all 1823 shards knowingly$"):
+        dataset.main(["-n", "999999"])  # capped silently, nanochat's way: all ~180 GB
+    assert not (base / "base_data").exists()
 
 
 def test_missing_data_names_the_command(base):

@@ -544,5 +544,6 @@ def test_init_from_a_nanochat_folder_without_its_tokenizer_is_one_line(tmp_path)
         assert line.startswith(f"--init-from={source}: no tokenizer at {tmp_path / 'nc' / 'tokenizer'}") and \
             f"cp -r {run_tok} {tmp_path / 'nc' / 'tokenizer'}" in line and "\n" not in line, line
     shutil.copytree(run_tok, tmp_path / "nc" / "tokenizer")  # the user says which tokenizer it is
-    with pytest.raises(UserError, match="model_000006.pt is corrupt or truncated"):  # past the tokenizer, to the weights
+    # past the tokenizer, to the weights
+    with pytest.raises(UserError, match="model_000006.pt is corrupt or truncated"):
         nanochat_ckpt.check_source(str(ckpt), config, False, tok)

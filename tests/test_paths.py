@@ -28,7 +28,8 @@ def test_a_tilde_base_dir_is_the_home_folder_for_writers_and_readers(tmp_path):
     home, cwd = tmp_path / "home", tmp_path / "cwd"
     home.mkdir(), cwd.mkdir()
     env = dict(os.environ, HOME=str(home), JAXCHAT_BASE_DIR="~/jc", PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    for argv in (["jaxchat.dataset", "--demo"], ["jaxchat.tok_train", "--demo", "--max-chars=50000", "--vocab-size=300"]):
+    for argv in (["jaxchat.dataset", "--demo"],
+                 ["jaxchat.tok_train", "--demo", "--max-chars=50000", "--vocab-size=300"]):
         r = subprocess.run([sys.executable, "-m", *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert "Traceback" not in r.stderr
