@@ -9,6 +9,7 @@ Needs PyTorch (pip install -e '.[torch]').
 """
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -139,12 +140,25 @@ def tokenizer_files(tok, vocab_size: int) -> tuple[str, object]:
 
 
 def check_targets(files: dict[str, str], tokenizer_pkl: str, force: bool) -> None:
-    """Refuse to overwrite without --force; a tokenizer.pkl identical to ours is kept (another step, same run)."""
+    """Refuse to overwrite without --force; a tokenizer.pkl identical to ours is kept (another step, same run). Files
+    an export left unfinished (killed: its meta json, written after the model and optimizer, missing, or `.tmp`
+    files beside them) are named as such, so the refusal says why and what --force replaces."""
+    unfinished = sorted(p + ".tmp" for p in files.values() if os.path.exists(p + ".tmp"))
+    if force:
+        for tmp in unfinished:  # ours, half-written: the export writes each file whole again
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        return
     for kind, path in files.items():
-        if not os.path.exists(path) or force:
+        if not os.path.exists(path):
             continue
         if kind in ("tokenizer", "token_bytes") and _same_file(files["tokenizer"], tokenizer_pkl):
             continue
+        signs = ([] if os.path.exists(files["meta"]) else [f"no {os.path.basename(files['meta'])}"]) + \
+            [f"unfinished {os.path.basename(tmp)}" for tmp in unfinished]
+        if signs:
+            raise UserError(f"{path} already exists, left by an export that did not finish ({', '.join(signs)}): "
+                            f"pass --force to write this step's files again, or export --to another directory")
         raise UserError(f"{path} already exists: pass --force to overwrite it, or export --to another directory")
 
 
@@ -187,8 +201,8 @@ def export(argv: list[str]) -> dict[str, str]:
         if kept := toklib.keep_aside(os.path.dirname(files["tokenizer"]), unless=tok.fingerprint()):
             print(f"The tokenizer in {os.path.dirname(files['tokenizer'])} is another one: kept in {kept}")
         os.makedirs(os.path.dirname(files["tokenizer"]), exist_ok=True)
-        shutil.copyfile(tokenizer_pkl, files["tokenizer"] + ".tmp")
-        os.replace(files["tokenizer"] + ".tmp", files["tokenizer"])
+        with nanochat_ckpt.replacing(files["tokenizer"]) as tmp:
+            shutil.copyfile(tokenizer_pkl, tmp)
     nanochat_ckpt.save(token_bytes, files["token_bytes"], "token_bytes.pt")
     print(f"Exported step {step} of {args.model_tag} to {os.path.dirname(files['model'])} "
           f"({len(state)} tensors{'' if args.no_optimizer else f', optimizer for {args.world_size} rank(s)'}) and "

@@ -14,6 +14,7 @@ second_momentum_buffer, transposed to (out, in) and split into the rank shards o
 PyTorch is needed only here, imported when a function needs it.
 """
 
+import contextlib
 import functools
 import io
 import json
@@ -523,18 +524,30 @@ def save(obj, path: str, label: str) -> None:
     torch = torch_module()
     total = _nbytes(obj)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=label,
-                                              disable=True if total < LARGE_WRITE else None) as bar:
-        torch.save(obj, _Counting(f, bar))
-    os.replace(path + ".tmp", path)
+    with replacing(path) as tmp:
+        with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=label,
+                                        disable=True if total < LARGE_WRITE else None) as bar:
+            torch.save(obj, _Counting(f, bar))
 
 
 def write_json(obj: dict, path: str) -> None:
     """JSON with indent 2 (as nanochat writes meta files), through a temporary file and a rename."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+
+
+@contextlib.contextmanager
+def replacing(path: str):
+    """`path`.tmp to write, renamed to `path` once written; removed if the write fails or is interrupted (a signal is
+    an exception under common.run_main), so no half-written file is left beside the export."""
+    tmp = path + ".tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def _nbytes(obj) -> int:

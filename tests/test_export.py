@@ -547,3 +547,30 @@ def test_init_from_a_nanochat_folder_without_its_tokenizer_is_one_line(tmp_path)
     # past the tokenizer, to the weights
     with pytest.raises(UserError, match="model_000006.pt is corrupt or truncated"):
         nanochat_ckpt.check_source(str(ckpt), config, False, tok)
+
+
+def test_an_unfinished_export_is_named_and_leaves_no_temporary_file(tmp_path):
+    """kill -9 during export left optim_*.pt.tmp and a model file the next export refused to overwrite without
+    saying why: the refusal now names the unfinished export, --force clears its .tmp files; a write that fails (or a
+    signal, an exception under run_main) removes its own .tmp."""
+    from jaxchat import nanochat_ckpt
+    from jaxchat.common import UserError
+    from jaxchat.export import check_targets
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.pkl").write_bytes(b"ours")
+    files = nanochat_ckpt.paths(str(tmp_path / "nc"), "d4", 6)
+    files["optim0"] = nanochat_ckpt.optim_path(files["model"], 0)
+    nanochat_ckpt.save({"w": torch.zeros(2)}, files["model"], "model")  # what the killed export got to write
+    Path(files["optim0"] + ".tmp").write_bytes(b"half")
+    with pytest.raises(UserError, match=r"model_000006\.pt already exists, left by an export that did not finish \(no "
+                                        r"meta_000006\.json, unfinished optim_000006_rank0\.pt\.tmp\): pass --force"):
+        check_targets(files, str(tmp_path / "tok" / "tokenizer.pkl"), force=False)
+    check_targets(files, str(tmp_path / "tok" / "tokenizer.pkl"), force=True)
+    assert not Path(files["optim0"] + ".tmp").exists()
+    nanochat_ckpt.write_json({"step": 6}, files["meta"])  # a finished export: the plain refusal
+    with pytest.raises(UserError, match=r"model_000006\.pt already exists: pass --force to overwrite it"):
+        check_targets(files, str(tmp_path / "tok" / "tokenizer.pkl"), force=False)
+    with pytest.raises(Exception):
+        nanochat_ckpt.save({"w": lambda: 0}, files["optim0"], "optim")  # torch cannot pickle it: fails mid-write
+    assert not Path(files["optim0"] + ".tmp").exists() and not Path(files["optim0"]).exists()
