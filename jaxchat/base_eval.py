@@ -252,8 +252,9 @@ def main(argv=None, compile_cache_on: bool = False) -> None:
         check_output(os.path.join(base_dir(), "base_eval"), "the CORE results directory", directory=True)
         if args.json:
             args.json = check_output(args.json, "--json")
-    if bundle:  # and --max-per-task against its tasks' few-shot counts (nanochat #550)
-        core_eval.check_max_per_task(core_eval.load_tasks(bundle), args.max_per_task, "--max-per-task")
+    if bundle:  # --max-per-task against its tasks' few-shot counts (nanochat #550), and every task file read: a
+        # broken or too short one is found now, as training finds it (core_eval.check_bundle), not at its turn
+        core_eval.check_bundle(bundle, args.max_per_task, "--max-per-task")
     model, tokenizer, name, step, source = load_model(args)
     if "sample" in args.evals:
         run_samples(model, tokenizer)

@@ -20,6 +20,13 @@ DOWNLOAD_COMMAND = "python -m jaxchat.core_eval --download"
 BUNDLE_FILES = ("core.yaml", "eval_meta_data.csv", "eval_data")
 
 
+def restore_command(bundle: str) -> str:
+    """The command that puts a damaged bundle back where it is: a --bundle of the user's own is fetched there, not to
+    $JAXCHAT_BASE_DIR/eval_bundle (which the bare download command fills)."""
+    same = os.path.abspath(bundle) == os.path.abspath(default_bundle_dir())
+    return f"rm -r {bundle} && {DOWNLOAD_COMMAND}" + ("" if same else f" --dest {bundle}")
+
+
 def default_bundle_dir() -> str:
     """$JAXCHAT_BASE_DIR/eval_bundle, where nanochat's base_eval keeps it too."""
     return os.path.join(base_dir(), "eval_bundle")

@@ -63,7 +63,7 @@ def load_tasks(bundle: str) -> list[Task]:
     import yaml
 
     yaml_path, csv_path = os.path.join(bundle, "core.yaml"), os.path.join(bundle, "eval_meta_data.csv")
-    fix = f"restore the bundle with `rm -r {bundle} && {core_bundle.DOWNLOAD_COMMAND}`"
+    fix = f"restore the bundle with `{core_bundle.restore_command(bundle)}`"
     try:
         with open(yaml_path, encoding="utf-8") as f:
             config = yaml.safe_load(f)
@@ -128,11 +128,11 @@ def load_task_data(bundle: str, task: Task, max_per_task: int = -1) -> list[dict
             data = [json.loads(line) for line in f if line.strip()]
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"task {task.label}: cannot read {path} ({type(e).__name__}: {str(e)[:100]}); restore the "
-                        f"bundle with `rm -r {bundle} && {core_bundle.DOWNLOAD_COMMAND}`") from None
+                        f"bundle with `{core_bundle.restore_command(bundle)}`") from None
     if len(data) <= task.num_fewshot:  # each example's shots are drawn from the others
         what = "no examples" if not data else f"{len(data)} example(s), too few for {task.num_fewshot}-shot prompts"
         raise UserError(f"task {task.label}: {path} holds {what}; restore the bundle with "
-                        f"`rm -r {bundle} && {core_bundle.DOWNLOAD_COMMAND}`")
+                        f"`{core_bundle.restore_command(bundle)}`")
     random.Random(1337).shuffle(data)
     return data[:max_per_task] if max_per_task > 0 else data
 

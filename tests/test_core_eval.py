@@ -341,3 +341,22 @@ def test_ctrl_c_during_core_is_one_line_and_130_never_a_crash(tmp_path, delay):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err == "interrupted by SIGINT: exiting\n", (proc.returncode, err[-2000:])
+
+
+def test_base_eval_reads_every_task_file_at_start_up_and_restores_the_bundle_given(tmp_path):
+    """A task file too short for its shots was found when its turn came (after the others had run), and the advice
+    fetched the bundle to $JAXCHAT_BASE_DIR/eval_bundle, not the --bundle given. base_eval now checks the bundle as
+    training does (core_eval.check_bundle), before the model is opened, and the fix names --dest."""
+    import shutil
+
+    from jaxchat import base_eval
+
+    bundle = tmp_path / "my_bundle"
+    shutil.copytree(fixture_dir() / "eval_bundle", bundle)
+    color = bundle / "eval_data" / "reading_comprehension" / "color.jsonl"  # the last task, 1-shot
+    color.write_text(color.read_text().splitlines()[0] + "\n")
+    with pytest.raises(UserError, match=rf"^task color_qa: {color} holds 1 example\(s\), too few for 1-shot prompts; "
+                                        rf"restore the bundle with `rm -r {bundle} && python -m jaxchat.core_eval "
+                                        rf"--download --dest {bundle}`$"):
+        base_eval.main(["--nanochat-checkpoint", str(tmp_path / "never_read.npz"), "--bundle", str(bundle),
+                        "--dtype", "bfloat16", "--eval=core"])
