@@ -311,6 +311,27 @@ def check_state(state: dict, config, model_path: str) -> None:
     if wrong := [k for k in expected if shapes[k] != expected[k]]:
         raise UserError(f"{model_path}: {wrong[0]} has shape {shapes[wrong[0]]}, the model of its meta file "
                         f"{expected[wrong[0]]} ({len(wrong)} tensor(s) differ): {REFETCH}")
+    check_values(state, model_path, REFETCH)
+
+
+# No weight or optimizer moment of a trained model comes near this; a flipped exponent bit gives ~1e38.
+IMPLAUSIBLE = 1e15
+
+
+def check_values(tensors: dict, path: str, fix: str, non_negative: tuple[str, ...] = ()) -> None:
+    """Every floating-point tensor finite and of a plausible size, and those named in `non_negative` (second moments)
+    not negative: a file whose bytes were damaged but whose zip and shapes are intact passed every other check and
+    gave a NaN loss at step 1, whose line blamed the learning rate. (The values are read once here, from the
+    memory-mapped file.)"""
+    torch = torch_module()
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
+            continue
+        bad = ("non-finite values" if not bool(torch.isfinite(t).all()) else
+               f"values beyond {IMPLAUSIBLE:.0e}" if float(t.abs().max()) > IMPLAUSIBLE else
+               "negative values in a second moment" if name.endswith(non_negative) and float(t.min()) < 0 else None)
+        if bad:
+            raise UserError(f"{path}: {name} holds {bad}, which no trained model has (damaged bytes?): {fix}")
 
 
 def reference_shapes(config) -> dict[str, tuple]:
@@ -363,6 +384,9 @@ def check_optimizer(shards: list[dict], groups: list[dict], model_path: str) -> 
                 if not all(k in shard["state"].get(i, {}) for k in keys):
                     raise UserError(f"{optim_path(model_path, rank)} lacks the {'/'.join(keys)} of parameter {i}: "
                                     f"copy it again, or start without --resume-optimizer")
+        check_values({f"state[{i}].{k}": v for i, entry in shard["state"].items() for k, v in entry.items()},
+                     optim_path(model_path, rank), "copy it again, or start without --resume-optimizer",
+                     non_negative=("exp_avg_sq", "second_momentum_buffer"))
 
 
 # Which training flag sets each model_config field (for the line that says how to match a checkpoint).

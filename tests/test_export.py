@@ -464,7 +464,12 @@ def test_corrupt_nanochat_files_are_one_line_before_compiling(base_dir, trained,
     export([f"--model-tag={trained}", f"--to={good}"])
     model = good / "base_checkpoints" / trained / "model_000003.pt"
     state = torch.load(model, weights_only=True)
+    flipped = {k: v.clone() for k, v in state.items()}
+    flipped["lm_head.weight"].view(-1)[7] = 1.7e38  # an exponent bit flipped: finite, absurd
     state["lm_head.weight"] = state["lm_head.weight"][:, :16].clone()
+    optim = torch.load(good / "base_checkpoints" / trained / "optim_000003_rank0.pt", weights_only=True)
+    entry = next(e for e in optim["state"].values() if "exp_avg_sq" in e)
+    entry["exp_avg_sq"].view(-1)[0] = -entry["exp_avg_sq"].view(-1)[0] - 1e-3  # a sign bit flipped
 
     def garbage(path):
         path.write_bytes(os.urandom(4000))
@@ -478,6 +483,8 @@ def test_corrupt_nanochat_files_are_one_line_before_compiling(base_dir, trained,
         ("model_000003.pt", lambda p: torch.save(state, p), False,
          "lm_head.weight has shape (4096, 16), the model of its meta file (4096, 64)"),
         ("meta_000003.json", lambda p: p.write_text('{"model_config": {"n_layer": 2'), False, "JSONDecodeError"),
+        ("model_000003.pt", lambda p: torch.save(flipped, p), False, "lm_head.weight holds values beyond 1e+15"),
+        ("optim_000003_rank0.pt", lambda p: torch.save(optim, p), True, "negative values in a second moment"),
         ("optim_000003_rank0.pt", truncated, True, "or start without --resume-optimizer"),
     ]
     for i, (name, breaks, optimizer, message) in enumerate(cases):
@@ -574,3 +581,19 @@ def test_an_unfinished_export_is_named_and_leaves_no_temporary_file(tmp_path):
     with pytest.raises(Exception):
         nanochat_ckpt.save({"w": lambda: 0}, files["optim0"], "optim")  # torch cannot pickle it: fails mid-write
     assert not Path(files["optim0"] + ".tmp").exists() and not Path(files["optim0"]).exists()
+
+
+def test_damaged_values_in_nanochat_files_are_one_line(tmp_path):
+    """Bytes flipped inside a tensor keep the zip and the shapes intact: NaN, an absurd exponent or a negative second
+    moment passed every check and gave a NaN loss at step 1 blamed on the learning rate."""
+    from jaxchat.common import UserError
+    from jaxchat.nanochat_ckpt import check_values
+
+    good = {"w": torch.ones(4, 4), "step": torch.tensor(3.0), "ids": torch.arange(3)}
+    check_values(good, "f.pt", "fix")
+    for name, value, message in [("w", float("nan"), "non-finite values"), ("w", float("inf"), "non-finite values"),
+                                 ("w", 1.7e38, "values beyond 1e+15"), ("exp_avg_sq", -1.0, "negative values")]:
+        tensors = dict(good, **{name: torch.ones(4, 4)})
+        tensors[name][1, 2] = value
+        with pytest.raises(UserError, match=rf"^f\.pt: {name} holds {re.escape(message)}.*: fix$"):
+            check_values(tensors, "f.pt", "fix", non_negative=("exp_avg_sq",))
