@@ -207,6 +207,12 @@ def load_model(args: argparse.Namespace) -> Loaded:
         recorded_at = nanochat_ckpt.tokenizer_of(args.nanochat_checkpoint)
         if not args.nanochat_checkpoint.endswith(".pt") or not os.path.exists(f"{recorded_at}/tokenizer.pkl"):
             recorded_at = None
+        if recorded_at is None and not args.tokenizer_dir:  # nothing says which tokenizer: never the base dir's
+            if args.nanochat_checkpoint.endswith(".pt"):
+                nanochat_ckpt.check_tokenizer_present(f"--nanochat-checkpoint={args.nanochat_checkpoint}",
+                                                      args.nanochat_checkpoint, flag="--tokenizer-dir")
+            raise UserError(f"--nanochat-checkpoint={args.nanochat_checkpoint} records no tokenizer: pass "
+                            f"--tokenizer-dir=DIR naming the one it was made with")
         tokenizer = Tokenizer.load(args.tokenizer_dir or recorded_at or default_dir("fineweb-edu"))
         if recorded_at and args.tokenizer_dir:
             tokenizer = check_recorded(tokenizer, Tokenizer.load(recorded_at).fingerprint(), args.nanochat_checkpoint,

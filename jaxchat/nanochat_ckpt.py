@@ -421,7 +421,7 @@ def check_source(source: str, config, with_optimizer: bool, tok=None) -> Source:
     meta = read_meta(path)
     # The tokenizer first: another one also explains a vocab_size that differs below.
     if tok is not None:
-        check_tokenizer_present(source, path, tok)
+        check_tokenizer_present(f"--init-from={source}", path, mine=tok.directory)
         from jaxchat.tokenizer import Tokenizer, check_recorded
         tok_dir = tokenizer_of(path)
         check_recorded(tok, Tokenizer.load(tok_dir).fingerprint(), f"--init-from={source}", recorded_at=tok_dir,
@@ -439,22 +439,25 @@ def check_source(source: str, config, with_optimizer: bool, tok=None) -> Source:
     return Source(path, meta, state, shards)
 
 
-def check_tokenizer_present(source: str, model_path: str, tok) -> None:
-    """--init-from's tokenizer is its base directory's tokenizer/ (as nanochat's tok_train and jaxchat.export write
-    it): nanochat's model and meta files record none (nanochat/checkpoint_manager.py at 348fbb3 saves the model
+def check_tokenizer_present(what: str, model_path: str, mine: str | None = None, flag: str | None = None) -> None:
+    """A nanochat model's tokenizer is its base directory's tokenizer/ (as nanochat's tok_train and jaxchat.export
+    write it): nanochat's model and meta files record none (nanochat/checkpoint_manager.py at 348fbb3 saves the model
     config and the step only), so without that folder nothing says which tokenizer the weights were trained with,
-    and a same-size tokenizer of other merges trained silently on wrongly tokenized text. Refused in one line naming
-    the folder that says it."""
+    and a same-size tokenizer of other merges trained (--init-from) or evaluated (base_eval --nanochat-checkpoint)
+    silently on wrongly tokenized text. Refused in one line naming the folder, or the `flag`, that says which.
+
+    what: the flag and value that named the model; mine: the command's own tokenizer folder (suggested to copy)."""
     tok_dir = tokenizer_of(model_path)
     if os.path.isfile(os.path.join(tok_dir, "tokenizer.pkl")):
         return
     layout = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(model_path)))) == "base_checkpoints"
     where = ("" if layout else f"; its files are not in nanochat's layout <base>/base_checkpoints/<tag>/"
              f"model_<step>.pt beside <base>/tokenizer/, so copy them into one first")
-    mine = f" (if it is this run's: cp -r {tok.directory} {tok_dir})" if tok.directory else ""
-    raise UserError(f"--init-from={source}: no tokenizer at {tok_dir}, and nanochat's model files do not record "
-                    f"which tokenizer the model was trained with, so this run cannot check it: copy the tokenizer "
-                    f"folder it was trained with (tokenizer.pkl) to {tok_dir}{mine}{where}")
+    copy = f" (if it is this run's: cp -r {mine} {tok_dir})" if mine else ""
+    say = f"pass {flag}=DIR naming the tokenizer it was trained with, or " if flag else ""
+    raise UserError(f"{what}: no tokenizer at {tok_dir}, and nanochat's model files do not record which tokenizer "
+                    f"the model was trained with, so it cannot be checked: {say}copy the tokenizer folder it was "
+                    f"trained with (tokenizer.pkl) to {tok_dir}{copy}{where}")
 
 
 def tokenizer_of(model_path: str) -> str:

@@ -597,3 +597,21 @@ def test_damaged_values_in_nanochat_files_are_one_line(tmp_path):
         tensors[name][1, 2] = value
         with pytest.raises(UserError, match=rf"^f\.pt: {name} holds {re.escape(message)}.*: fix$"):
             check_values(tensors, "f.pt", "fix", non_negative=("exp_avg_sq",))
+
+
+def test_base_eval_of_a_nanochat_model_without_its_tokenizer_is_one_line(tmp_path, monkeypatch):
+    """The same class in base_eval: --nanochat-checkpoint without tokenizer/ beside it, and no --tokenizer-dir,
+    evaluated with the base dir's tokenizer silently."""
+    from jaxchat import base_eval
+    from jaxchat.common import UserError
+
+    monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path / "base"))
+    ckpt = tmp_path / "nc" / "base_checkpoints" / "r"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model_000006.pt").write_bytes(b"never read")
+    with pytest.raises(UserError, match=rf"^--nanochat-checkpoint={ckpt / 'model_000006.pt'}: no tokenizer at "
+                                        rf"{tmp_path / 'nc' / 'tokenizer'}, .*: pass --tokenizer-dir=DIR naming the "
+                                        rf"tokenizer it was trained with, or copy"):
+        base_eval.main(["--nanochat-checkpoint", str(ckpt / "model_000006.pt"), "--eval=bpb"])
+    with pytest.raises(UserError, match=r"model\.npz records no tokenizer: pass --tokenizer-dir=DIR"):
+        base_eval.main(["--nanochat-checkpoint", str(tmp_path / "model.npz"), "--eval=bpb"])
