@@ -13,14 +13,14 @@ import os
 import random
 import sys
 import sysconfig
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, cli_parser, run_main
-from jaxchat.download import build_directory, fetch
+from jaxchat.download import Stopped, build_directory, fetch
 
 # nanochat/dataset.py BASE_URL and MAX_SHARD. The last shard of each source is its validation shard; pinning it
 # (instead of nanochat's "whichever file sorts last locally", list_parquet_files) keeps the split independent of how
@@ -232,20 +232,27 @@ def _unreadable(path: str, e: Exception) -> UserError:
                      f"re-run the command that fetched it (python -m jaxchat.dataset ...)")
 
 
-def download_shard(index: int, source: str, out_dir: str, attempts: int = ATTEMPTS) -> str:
-    """Fetch one shard into out_dir (temp file + atomic rename), retrying with exponential backoff; returns its path."""
+def download_shard(index: int, source: str, out_dir: str, attempts: int = ATTEMPTS,
+                   stop: threading.Event | None = None) -> str:
+    """Fetch one shard into out_dir (temp file + atomic rename), retrying with exponential backoff; returns its path.
+    `stop` set (the command is exiting) ends it at once (download.Stopped)."""
     path = os.path.join(out_dir, shard_name(index))
     if os.path.exists(path) and _shard_ok(path):
         return path
     url = f"{SOURCES[source]['url']}/{shard_name(index)}"
+    stop = stop or threading.Event()
     last_error: Exception | None = None
     for attempt in range(1, attempts + 1):
+        if stop.is_set():
+            raise Stopped(url)
         try:
-            return fetch(url, path, timeout=TIMEOUT_S, check=check_shard)
+            return fetch(url, path, timeout=TIMEOUT_S, check=check_shard, stop=stop)
+        except Stopped:
+            raise
         except Exception as e:  # network errors, HTTP errors and broken files are all retried
             last_error = e
             if attempt < attempts:
-                time.sleep(BACKOFF_S * 2 ** attempt)
+                stop.wait(BACKOFF_S * 2 ** attempt)
     raise RuntimeError(f"could not download {url} after {attempts} attempts: {last_error}")
 
 
@@ -264,15 +271,22 @@ def download(n: int, source: str = "fineweb-edu", workers: int = 4) -> str:
     indices = sorted(set(range(count)) | {max_index})
     out_dir = data_dir(source)
     os.makedirs(out_dir, exist_ok=True)
-    failed = []
+    failed, stop = [], threading.Event()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {pool.submit(download_shard, i, source, out_dir): i for i in indices}
-        for future in tqdm(as_completed(futures), total=len(futures), desc=f"{source} shards", unit="shard"):
-            try:
-                future.result()
-            except RuntimeError as e:
-                failed.append(futures[future])
-                print(e, file=sys.stderr, flush=True)
+        futures = {pool.submit(download_shard, i, source, out_dir, stop=stop): i for i in indices}
+        try:
+            for future in tqdm(as_completed(futures), total=len(futures), desc=f"{source} shards", unit="shard"):
+                try:
+                    future.result()
+                except RuntimeError as e:
+                    failed.append(futures[future])
+                    print(e, file=sys.stderr, flush=True)
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM): leaving the `with` waited for every queued shard (all ~180 GB of -1);
+            # queued ones are dropped and running ones stop at their next chunk, removing their .tmp files
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     if failed:
         again = f"python -m jaxchat.dataset -n {n}" + ("" if source == "fineweb-edu" else f" --source {source}")
         raise UserError(f"{len(failed)} of {len(indices)} shards failed ({sorted(failed)[:10]}...; is the network "

@@ -216,3 +216,61 @@ def test_demo_and_bare_directories_record_their_validation_shard_by_name(tmp_pat
     write_parquet(bare / "part_2.parquet", ["a later shard"])
     assert dataset.list_shards(str(bare), "val") == [str(bare / "part_1.parquet")]
     assert dataset.list_shards(str(bare), "train") == [str(bare / "part_0.parquet"), str(bare / "part_2.parquet")]
+
+
+SLOW_SERVER = """
+import http.server, sys, threading, time
+from jaxchat import dataset
+from jaxchat.common import run_main
+
+class Slow(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # 64 MB at 2 MB/s: a shard takes half a minute
+        self.send_response(200)
+        self.send_header("Content-Length", str(64 << 20))
+        self.end_headers()
+        for _ in range(128):
+            self.wfile.write(b"x" * (1 << 19))
+            time.sleep(0.25)
+
+    def log_message(self, *args):
+        pass
+
+class Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):  # the client hung up: expected here
+        pass
+
+httpd = Server(("127.0.0.1", 0), Slow)
+threading.Thread(target=httpd.serve_forever, daemon=True).start()
+dataset.SOURCES["fineweb-edu"]["url"] = f"http://127.0.0.1:{httpd.server_port}"
+run_main(dataset.main, ["-n", "6", "-w", "2"])
+"""
+
+
+def test_a_signal_during_downloads_stops_them_and_leaves_no_temporary_file(tmp_path):
+    """SIGTERM (or Ctrl-C) during `dataset -n N`: leaving the worker pool waited for every queued shard (with -1, all
+    ~180 GB), and the shards being fetched left their .tmp files. Now queued shards are dropped, running ones stop
+    at their next chunk and remove their .tmp, and the command exits with one line and 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, JAXCHAT_BASE_DIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    data = tmp_path / "base_data"
+    try:
+        deadline = time.monotonic() + 60
+        while not (data.is_dir() and any(p.name.endswith(".tmp") for p in data.iterdir())):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143 and err.splitlines()[-1] == "interrupted by SIGTERM: exiting", err[-2000:]
+    assert "Traceback" not in err and time.monotonic() - t0 < 15  # not after the 6 shards' 3 minutes
+    assert not list(data.iterdir()), sorted(data.iterdir())
