@@ -6,6 +6,9 @@ tracing, so a step compiled ahead of time for GPUs or TPUs that are not there (j
 """
 
 import dataclasses
+import glob
+import importlib.util
+import os
 import re
 
 import jax
@@ -98,3 +101,99 @@ def for_mesh(mesh, compute_dtype: str | None = None, fp8: bool = False) -> "Back
 def local(compute_dtype: str | None = None) -> "Backend":
     """The backend of this process's devices (the default for a model built without one)."""
     return for_devices(jax.local_devices(), compute_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which platforms JAX may start: checked once per command, before anything starts a backend (common.run_main)
+
+# Accelerator plugins: {platform: (modules any of which means it is installed, how to install it)}
+PLUGINS = {
+    "cuda": (("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13", "jax_cuda12_plugin", "jax_cuda13_plugin"),
+             "pip install -e '.[cuda12]' (or '.[cuda13]' for CUDA 13)"),
+    "rocm": (("jax_plugins.xla_rocm7", "jax_rocm7_plugin", "jax_rocm60_plugin"),
+             "install JAX's ROCm plugin (JAX's installation guide names the package for your ROCm)"),
+    "tpu": (("libtpu",), "pip install -e '.[tpu]'"),
+}
+ALIASES = {"gpu": ("cuda", "rocm")}  # JAX_PLATFORMS=gpu: either
+# The evidence of each accelerator that JAX's own check reads (jax._src.hardware_utils: NVIDIA device nodes, AMD's
+# KFD node, Google's PCI vendor with a TPU device id), plus the device nodes TPU VMs expose (/dev/accel*: v4 and v5p,
+# /dev/vfio/N: v5e and later). More evidence errs towards "present", which changes nothing.
+DEVICE_NODES = {"cuda": ("dev/nvidia0", "dev/nvidiactl", "dev/dxg", "dev/nvidia[0-9]*"),
+                "rocm": ("dev/kfd", "dev/dxg"),
+                "tpu": ("dev/accel[0-9]*", "dev/vfio/[0-9]*")}
+GOOGLE_PCI_VENDOR = "0x1ae0"
+TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")  # v3 ... TPU7x
+
+
+def installed_plugins() -> set[str]:
+    """The accelerator platforms whose JAX plugin is installed (found, not imported)."""
+    def found(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package that is not there
+            return False
+    return {platform for platform, (modules, _) in PLUGINS.items() if any(found(m) for m in modules)}
+
+
+def device_present(platform: str, root: str = "/") -> bool:
+    """Whether this machine shows an accelerator of `platform` (its device nodes, or a TPU on the PCI bus), read from
+    the files under `root` without starting anything."""
+    if any(glob.glob(os.path.join(root, pattern)) for pattern in DEVICE_NODES.get(platform, ())):
+        return True
+    if platform == "tpu":
+        for vendor in glob.glob(os.path.join(root, "sys/bus/pci/devices/*/vendor")):
+            try:
+                with open(vendor) as f, open(os.path.join(os.path.dirname(vendor), "device")) as g:
+                    if f.read().strip() == GOOGLE_PCI_VENDOR and g.read().strip() in TPU_PCI_DEVICES:
+                        return True
+            except OSError:
+                continue
+    return False
+
+
+def platforms_to_use(requested: str, installed: set[str], present) -> str | None:
+    """The jax_platforms value to set before the first backend starts, None to leave JAX's choice alone; a
+    JAX_PLATFORMS that cannot work is a UserError (one line) instead of JAX's AssertionError or RuntimeError later.
+
+    requested: JAX_PLATFORMS ('' = JAX picks); present(platform): whether the machine shows that accelerator.
+    Unset, with accelerator plugins installed and none of their devices here (a CPU machine with the test install),
+    only the CPU starts: the CUDA plugin's cuInit traceback and libtpu's TPU_* block are those plugins failing to
+    find a device, and JAX falls back to the CPU after them anyway. With any of the devices here nothing is
+    changed."""
+    from jaxchat.common import UserError
+
+    if requested.strip():
+        for name in (n.strip().lower() for n in requested.split(",")):
+            wanted = ALIASES.get(name, (name,))
+            if name == "cpu" or not set(wanted) & set(PLUGINS):
+                continue  # the CPU, or a name JAX itself will judge (one line: startup_error)
+            if not set(wanted) & installed:
+                raise UserError(f"JAX_PLATFORMS={requested} asks for {name}, whose JAX plugin is not installed: "
+                                f"{PLUGINS[wanted[0]][1]}, or unset JAX_PLATFORMS to use what this machine has")
+            if not any(present(p) for p in wanted if p in installed):
+                raise UserError(f"JAX_PLATFORMS={requested} asks for {name}, but this machine shows no such device "
+                                f"(no {', '.join(dict.fromkeys('/' + n for p in wanted for n in DEVICE_NODES[p]))}"
+                                f"{' or TPU on the PCI bus' if 'tpu' in wanted else ''}): unset JAX_PLATFORMS, or "
+                                f"set it to cpu")
+        return None
+    if installed and not any(present(p) for p in installed):
+        return "cpu"
+    return None
+
+
+def choose_platforms() -> None:
+    """Once per command, before any backend starts: platforms_to_use for this machine, applied."""
+    use = platforms_to_use(os.environ.get("JAX_PLATFORMS", ""), installed_plugins(), device_present)
+    if use is not None:
+        jax.config.update("jax_platforms", use)
+
+
+def startup_error(exc: BaseException) -> str | None:
+    """JAX failing to start a backend that JAX_PLATFORMS names (one that platforms_to_use cannot judge: an unknown
+    name, a driver that fails), as one line; None for any other error."""
+    text = str(exc).strip()
+    if isinstance(exc, RuntimeError) and text.startswith("Unable to initialize backend"):
+        first = text.splitlines()[0].split(" (set JAX_PLATFORMS=")[0].split(" (you may need")[0].rstrip(".")
+        return (f"{first}: set JAX_PLATFORMS to a platform this machine has (cpu, cuda, tpu), or unset it "
+                f"(JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r})")
+    return None

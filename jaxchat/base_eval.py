@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxchat import compile_cache, core_bundle, core_eval, dataset, mesh as meshlib
-from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, check_output, cli_parser, print0, run_main
+from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, check_output, cli_parser, print0, run_main, user_path
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
 from jaxchat.model import GPT, abstract_model
 from jaxchat.tokenizer import Tokenizer, check_recorded, default_dir
@@ -150,19 +150,21 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--model-tag", default=None, help="checkpoint directory under base_checkpoints "
                        "(default: the largest dN)")
     model.add_argument("--step", type=int, default=None, help="checkpoint step to load (default: the last)")
-    model.add_argument("--nanochat-checkpoint", default=None,
+    model.add_argument("--nanochat-checkpoint", default=None, type=user_path,
                        help=JAXCHAT_ONLY + "evaluate a parity-format .npz or a nanochat model_*.pt instead")
-    model.add_argument("--tokenizer-dir", default=None, help=JAXCHAT_ONLY + "directory holding tokenizer.pkl "
+    model.add_argument("--tokenizer-dir", default=None, type=user_path,
+                       help=JAXCHAT_ONLY + "directory holding tokenizer.pkl "
                        "(default: the one of the checkpoint's data, $JAXCHAT_BASE_DIR/tokenizer[_demo])")
     model.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                        help=JAXCHAT_ONLY + "compute dtype of the model")
     core = p.add_argument_group("CORE")
     core.add_argument("--max-per-task", type=int, default=-1, help="examples per CORE task (-1: all)")
-    core.add_argument("--bundle", default=None, help=JAXCHAT_ONLY + "CORE eval bundle directory "
+    core.add_argument("--bundle", default=None, type=user_path, help=JAXCHAT_ONLY + "CORE eval bundle directory "
                       "(default: $JAXCHAT_BASE_DIR/eval_bundle, downloaded when missing)")
     core.add_argument("--tokens-per-device", type=int, default=None, help=JAXCHAT_ONLY + "rows x padded length "
                       "per device per CORE forward pass (default: 16384, 2048 on CPU)")
-    core.add_argument("--json", default=None, help=JAXCHAT_ONLY + "also write per-example CORE results to this file")
+    core.add_argument("--json", default=None, type=user_path,
+                      help=JAXCHAT_ONLY + "also write per-example CORE results to this file")
     bpb = p.add_argument_group("bits per byte")
     bpb.add_argument("--device-batch-size", type=int, default=32, help="rows per device per bpb forward pass")
     bpb.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens evaluated per split for bpb")
@@ -205,12 +207,19 @@ def load_model(args: argparse.Namespace) -> Loaded:
         recorded_at = nanochat_ckpt.tokenizer_of(args.nanochat_checkpoint)
         if not args.nanochat_checkpoint.endswith(".pt") or not os.path.exists(f"{recorded_at}/tokenizer.pkl"):
             recorded_at = None
+        if recorded_at is None and not args.tokenizer_dir:  # nothing says which tokenizer: never the base dir's
+            if args.nanochat_checkpoint.endswith(".pt"):
+                nanochat_ckpt.check_tokenizer_present(f"--nanochat-checkpoint={args.nanochat_checkpoint}",
+                                                      args.nanochat_checkpoint, flag="--tokenizer-dir")
+            raise UserError(f"--nanochat-checkpoint={args.nanochat_checkpoint} records no tokenizer: pass "
+                            f"--tokenizer-dir=DIR naming the one it was made with")
         tokenizer = Tokenizer.load(args.tokenizer_dir or recorded_at or default_dir("fineweb-edu"))
         if recorded_at and args.tokenizer_dir:
             tokenizer = check_recorded(tokenizer, Tokenizer.load(recorded_at).fingerprint(), args.nanochat_checkpoint,
                                        flag="--tokenizer-dir", chosen=True, recorded_at=recorded_at)
         model, step = load_nanochat_checkpoint(args.nanochat_checkpoint, compute_dtype)
         name, source = os.path.basename(args.nanochat_checkpoint), "fineweb-edu"
+        which = f"{args.nanochat_checkpoint}" + (f" (step {step})" if step is not None else "")
     else:
         from jaxchat.checkpoint import recorded_tokenizer
 
@@ -222,9 +231,11 @@ def load_model(args: argparse.Namespace) -> Loaded:
                                    flag="--tokenizer-dir", chosen=bool(args.tokenizer_dir))
         model, _ = restore_model(ckpt, step, meta, compute_dtype)
         name = f"base_model (step {step})"
+        which = f"step {step} of {model_tag} ({ckpt.directory})"
     if tokenizer.vocab_size != model.config.vocab_size:
         raise UserError(f"tokenizer vocabulary {tokenizer.vocab_size} != model vocabulary {model.config.vocab_size}: "
                         f"pass the model's --tokenizer-dir")
+    print0(f"Evaluating {which}")  # every evaluation says which model and step (--eval=bpb said neither)
     return Loaded(model, tokenizer, name, step, source)
 
 
@@ -247,8 +258,9 @@ def main(argv=None, compile_cache_on: bool = False) -> None:
         check_output(os.path.join(base_dir(), "base_eval"), "the CORE results directory", directory=True)
         if args.json:
             args.json = check_output(args.json, "--json")
-    if bundle:  # and --max-per-task against its tasks' few-shot counts (nanochat #550)
-        core_eval.check_max_per_task(core_eval.load_tasks(bundle), args.max_per_task, "--max-per-task")
+    if bundle:  # --max-per-task against its tasks' few-shot counts (nanochat #550), and every task file read: a
+        # broken or too short one is found now, as training finds it (core_eval.check_bundle), not at its turn
+        core_eval.check_bundle(bundle, args.max_per_task, "--max-per-task")
     model, tokenizer, name, step, source = load_model(args)
     if "sample" in args.evals:
         run_samples(model, tokenizer)

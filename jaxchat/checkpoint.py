@@ -25,14 +25,17 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
-from jaxchat.common import UserError, base_dir, fmt_bytes, print0
+from jaxchat.common import UserError, base_dir, check_name, fmt_bytes, print0
 
 ITEMS = ("params", "opt_state", "meta")
+DISK_MARGIN = 1.1  # a save is expected to take at most this much more than the last checkpoint on disk
 TEMPORARY_KINDS = ("time", "preempt")  # rotated by --keep-last; "step" (--save-every) and "final" ones stay
 
 
 def checkpoint_dir(model_tag: str) -> str:
-    return os.path.join(base_dir(), "base_checkpoints", model_tag)
+    """$JAXCHAT_BASE_DIR/base_checkpoints/<model_tag>: every reader and writer of a tag (train, base_eval, export)
+    comes through here, so a tag that would leave base_checkpoints/ ('..', 'a/b') is refused for all of them."""
+    return os.path.join(base_dir(), "base_checkpoints", check_name(model_tag, "--model-tag"))
 
 
 class Checkpointer:
@@ -117,8 +120,12 @@ class Checkpointer:
         """Start saving step `step` (asynchronously); "Saved checkpoint" is printed once it is committed."""
         self.wait()  # the previous save first: its failure is reported as its own, and rotation sees it
         self.rotate()
-        # Bytes in memory, or the last checkpoint's size on disk when larger (orbax's index and metadata add some).
-        self._need = max(sum(x.nbytes for x in jax.tree.leaves((params, opt_state))), self._size_on_disk())
+        # The last checkpoint's size on disk, with a margin (the state compresses: 30 MiB in memory were 21 MB on
+        # disk, so the in-memory size refused saves that fit on every resume of a nearly full disk); before the
+        # first, the bytes in memory. An estimate too low is still one line: orbax's ENOSPC (_fail).
+        on_disk = self._size_on_disk()
+        self._need = (int(on_disk * DISK_MARGIN) if on_disk else
+                      sum(x.nbytes for x in jax.tree.leaves((params, opt_state))))
         free = shutil.disk_usage(self.directory).free
         if free < self._need:  # refuse before writing: a full disk can fail other writers on it too
             raise UserError(self._no_room(step, self._need, free))

@@ -2,10 +2,14 @@
 help."""
 
 import argparse
+import contextlib
 import errno
+import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 
 import jax
 
@@ -14,9 +18,29 @@ class UserError(Exception):
     """A mistake the user can fix; entry points print it as one line and exit with code 2."""
 
 
+def user_path(text: str | None) -> str | None:
+    """The one place a path from the environment or a flag is expanded: `~` and `~user`, then a relative path made
+    absolute, once, when the command reads it. A shell leaves `~` alone inside quotes and after `--flag=`, so
+    `JAXCHAT_BASE_DIR="~/jc"` used to write into a folder named `~` here, which pyarrow (it expands `~` itself) then
+    never found. '' and None stay as they are (they mean a default), and so do URLs (gs://...)."""
+    if not text or "://" in text:
+        return text
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def check_name(name: str, flag: str) -> str:
+    """A name that becomes one folder of a path (a model tag): refused in one line if it would name another folder
+    (`..`, `.`, a `/`, '') or cannot be a file name, so nothing is written, read or rolled back outside the folder
+    it belongs in. (WandB's --run name is no path: wandb names its folders by time and id.)"""
+    if name in ("", ".", "..") or "/" in name or (os.altsep and os.altsep in name) or "\0" in name:
+        raise UserError(f"{flag}={name!r} must be a plain folder name (not empty, '.' or '..', no '/'): it names a "
+                        f"folder inside its parent, e.g. {flag}=d12")
+    return name
+
+
 def base_dir() -> str:
     """Root for data, tokenizer, checkpoints and eval bundles ($JAXCHAT_BASE_DIR, default ~/.cache/jaxchat)."""
-    path = os.environ.get("JAXCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxchat")
+    path = user_path(os.environ.get("JAXCHAT_BASE_DIR")) or os.path.join(os.path.expanduser("~"), ".cache", "jaxchat")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:  # a regular file of that name, read-only storage, no permission
@@ -98,20 +122,84 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def cli_parser(description: str) -> argparse.ArgumentParser:
-    """An argument parser whose --help shows the description verbatim and every option's default."""
-    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    """An argument parser whose --help shows the description verbatim and every option's default; a bad argument
+    is one line and exit code 2 (a UserError through run_main), not argparse's usage block."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser.error = lambda message: (_ for _ in ()).throw(UserError(f"{message} (see --help)"))
+    return parser
+
+
+def finite_float(text) -> float:
+    """The one parser of every float flag (jaxchat.train's, config files', jaxchat.plan's, tok_train's): a number,
+    never NaN or an infinity. NaN fails every comparison, so it would pass every range check and surface later (a
+    NaN loss blamed on the learning rate, a horizon ignored); an infinity makes int() raise OverflowError.
+
+    Raises argparse.ArgumentTypeError, which argparse turns into 'argument --flag: ...' (one line via cli_parser)
+    and config.py into a line naming the flag."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number (NaN and infinities are refused)")
+    return value
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP where no handler of ours runs (tok_train, base_eval, export, downloads; training has
+    faults.StopRequest), raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that the interrupted
+    work's `finally` clean-up (temporary files) runs before run_main's one line. Their default action killed the
+    process on the spot: no line, and `.tmp` files left behind."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+def _unraisable(previous):
+    """sys.unraisablehook that sends a KeyboardInterrupt or Interrupted swallowed where Python cannot raise (a
+    garbage-collector callback, a __del__: "Exception ignored in _xla_gc_callback") again, so it lands in the main
+    code. From another thread a moment later: sent from here, the handler would run at once, inside the same
+    callback, and be swallowed again."""
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):  # Ctrl-C's, or Interrupted
+            signum = getattr(unraisable.exc_value, "signum", signal.SIGINT)
+            threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+        else:
+            previous(unraisable)
+    return hook
 
 
 def run_main(main, *args) -> None:
-    """Run an entry point; a UserError becomes one line on stderr and exit code 2 (no traceback), a Ctrl-C one line
-    and code 130.
+    """Run an entry point; a UserError becomes one line on stderr and exit code 2 (no traceback), a Ctrl-C, SIGTERM
+    or SIGHUP one line and code 130, 143 or 129, after the interrupted work's clean-up.
 
     In a multi-process run a failing process also tells the others, which exit at once rather than wait in a
     collective for it; its line starts with 'process P of N:'.
     """
-    from jaxchat import watchdog
+    from jaxchat import backend, watchdog
 
+    previous, hook = {}, sys.unraisablehook
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(s) is signal.SIG_DFL:  # an ignored SIGHUP (nohup) stays ignored
+                previous[s] = signal.signal(s, _interrupt)
+        sys.unraisablehook = _unraisable(hook)
     try:
+        _run_main(main, args, backend, watchdog)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        sys.unraisablehook = hook
+
+
+def _run_main(main, args, backend, watchdog) -> None:
+    try:
+        backend.choose_platforms()  # before anything starts a backend: JAX_PLATFORMS checked, a quiet CPU start
         main(*args)
     except UserError as e:
         if watchdog.active():
@@ -121,16 +209,29 @@ def run_main(main, *args) -> None:
         # shutdown that would bury the one line that matters: nothing after it goes to stderr.
         sys.stderr = open(os.devnull, "w")
         sys.exit(2)
-    except KeyboardInterrupt:
-        # Ctrl-C where no handler of ours runs (evaluation, export, downloads; training has faults.StopRequest): one
-        # line and the shell's code, not a traceback from whatever it interrupted.
-        line = f"{watchdog.prefix()}interrupted by SIGINT: exiting"
+    except KeyboardInterrupt as e:
+        # Ctrl-C (or SIGTERM, SIGHUP: Interrupted) where no handler of ours runs (evaluation, export, downloads;
+        # training has faults.StopRequest): one line and the shell's code, not a traceback from whatever it
+        # interrupted.
+        signum = getattr(e, "signum", signal.SIGINT)
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second signal now adds nothing
+            signal.signal(s, signal.SIG_IGN)
+        line = f"{watchdog.prefix()}interrupted by {signal.Signals(signum).name}: exiting"
         if watchdog.active():
-            watchdog.abort(line, 130)
-        print(line, file=sys.stderr, flush=True)
-        sys.stderr = open(os.devnull, "w")  # as above: a second Ctrl-C during shutdown adds nothing
-        sys.exit(130)
+            watchdog.abort(line, 128 + signum)
+        with contextlib.suppress(Exception):  # OSError: the terminal hung up (SIGHUP)
+            print(line, file=sys.stderr, flush=True)
+        # Out at once: the interrupted work's own `finally` clean-up has run while the exception unwound, but XLA's
+        # threads may still be compiling or running what it started, and tearing the interpreter down under them
+        # crashed (SIGSEGV, rc 139, Ctrl-C during base_eval's CORE). faults.StopRequest exits the same way.
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os._exit(128 + signum)
     except Exception as e:
+        if (line := backend.startup_error(e)) is not None:  # JAX_PLATFORMS naming a backend that cannot start
+            print(f"error: {line}", file=sys.stderr, flush=True)
+            sys.stderr = open(os.devnull, "w")
+            sys.exit(2)
         if watchdog.active():
             import traceback
 

@@ -26,7 +26,7 @@ import warnings
 
 import jax
 
-from jaxchat.common import UserError, base_dir, check_writable
+from jaxchat.common import UserError, base_dir, check_writable, user_path
 
 OFF = ("", "off", "none")  # --compile-cache values that turn the cache off
 AUTO = "auto"  # the default place: $JAX_COMPILATION_CACHE_DIR, else $JAXCHAT_BASE_DIR/jax_cache
@@ -44,8 +44,8 @@ def resolve(flag: str | None) -> str | None:
     if value.lower() in OFF:
         return None
     if value.lower() != AUTO:
-        return os.path.expanduser(value)
-    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_dir()
+        return user_path(value)
+    return user_path(os.environ.get("JAX_COMPILATION_CACHE_DIR")) or default_dir()
 
 
 def default_dir() -> str:

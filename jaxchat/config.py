@@ -16,7 +16,7 @@ import os
 from ml_collections import ConfigDict
 
 from jaxchat import recipe as recipes
-from jaxchat.common import JAXCHAT_ONLY, HelpFormatter, UserError
+from jaxchat.common import JAXCHAT_ONLY, HelpFormatter, UserError, check_name, finite_float, user_path
 from jaxchat.memory import AUTO
 from jaxchat.remat import REMAT_POLICIES
 
@@ -133,6 +133,9 @@ FLAGS = {
 }
 
 
+PATH_FLAGS = ("init_from",)  # flags naming a file or folder: `~` and relative paths expanded by common.user_path
+
+
 def defaults() -> ConfigDict:
     """Every flag with its default: nanochat 348fbb3's for its flags, plus jaxchat's own."""
     return ConfigDict({name: default for flags in FLAGS.values() for name, default, _ in flags})
@@ -144,11 +147,12 @@ def _parse_flag(key: str, value, like, origin: str = ""):
     origin: where a non-string value came from (a config file), named in the error."""
     if key == "device_batch_size" and str(value).strip().lower() == "auto":
         return AUTO
+    flag = origin or '--' + key.replace('_', '-')
     if isinstance(value, str):
         try:
             return _parse_value(value, like)
         except UserError as e:
-            raise UserError(f"{origin or '--' + key.replace('_', '-')}: {e}") from None
+            raise UserError(f"{flag}: {e}{f'; use {range_text(key)}' if key in RANGES else ''}") from None
     # A config file's Python value: ints for int keys (5e5 and 4.0 are fine, 4.5 is not), numbers for floats.
     ok = (isinstance(value, bool) if isinstance(like, bool) else
           isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
@@ -157,6 +161,12 @@ def _parse_flag(key: str, value, like, origin: str = ""):
           isinstance(value, type(like)))
     if not ok:
         raise UserError(f"{origin}: {key}={value!r} must be {type(like).__name__} (like the default {like!r})")
+    if isinstance(like, float):
+        try:
+            finite_float(value)
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"{origin}: {key}: {e}; use {range_text(key)}" if key in RANGES else
+                            f"{origin}: {key}: {e}") from None
     return int(value) if isinstance(like, int) and not isinstance(like, bool) else value
 
 
@@ -169,13 +179,16 @@ def _parse_value(text: str, like):
             if text.lower() in ("0", "false", "no"):
                 return False
             raise ValueError(text)
-        if isinstance(like, int):
-            value = float(text)  # accepts 524288 and 5e5 alike
-            if value != int(value):
+        if isinstance(like, (int, float)):
+            float(text)  # not a number at all: "expected int/float" below
+            value = finite_float(text)  # NaN and infinities: one line (int(inf) would raise OverflowError)
+            if isinstance(like, float):
+                return value
+            if value != int(value):  # accepts 524288 and 5e5 alike
                 raise ValueError(text)
             return int(value)
-        if isinstance(like, float):
-            return float(text)
+    except argparse.ArgumentTypeError as e:
+        raise UserError(str(e)) from None
     except ValueError:
         raise UserError(f"bad value {text!r}: expected {type(like).__name__}") from None
     return text
@@ -184,7 +197,9 @@ def _parse_value(text: str, like):
 def load_config_file(path: str) -> ConfigDict:
     """Run a configs/NAME.py file's get_config() (an optional ':arg' suffix is passed to it)."""
     path, _, arg = path.partition(":")
-    if not os.path.isfile(path):
+    if os.path.isfile(user_path(path)):
+        path = user_path(path)
+    else:  # configs/NAME.py from anywhere: the repository's own
         here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
         if not os.path.isfile(here):
             raise UserError(f"--config={path}: no such file (configs are in configs/, e.g. --config=configs/d26.py)")
@@ -198,9 +213,13 @@ def load_config_file(path: str) -> ConfigDict:
         config = module.get_config(arg) if arg else module.get_config()
     except UserError:
         raise
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # sys.exit() in the file ended the run with its code, nothing trained
         line = getattr(e, "lineno", None) or _user_line(e, path)
         first = (str(e).strip().splitlines() or [""])[0]
+        if isinstance(e, SystemExit):
+            first = (f"sys.exit({e.code!r}) while it was read (a config file defines get_config(), which returns "
+                     f"the values)")
+
         raise UserError(f"--config={path}{f' line {line}' if line else ''}: {type(e).__name__}: {first}") from None
     if not isinstance(config, (ConfigDict, dict)):
         raise UserError(f"--config={path}: get_config() returned {type(config).__name__}, not a ConfigDict "
@@ -265,6 +284,8 @@ def parse_flags(argv: list[str]) -> ConfigDict:
     for key, text in vars(args).items():
         if text is not None and key != "config":
             config[key] = _parse_flag(key, text, config[key])
+    for key in PATH_FLAGS:  # expanded once, here (compile_cache.resolve expands --compile-cache past auto/off)
+        config[key] = user_path(config[key])
     validate(config)
     return config
 
@@ -374,6 +395,8 @@ def validate(c: ConfigDict) -> None:
         raise UserError("--resume-optimizer loads a nanochat checkpoint's optimizer state: give it with --init-from")
     if c.depth <= 0:
         raise UserError(f"--depth={c.depth} must be a positive integer (e.g. --depth=12)")
+    if c.model_tag:  # '' = d<depth>; checkpoint.checkpoint_dir checks it again for every reader
+        check_name(c.model_tag, "--model-tag")
     if c.depth % 2 and not c.allow_odd_depth:
         raise UserError(f"--depth={c.depth} is odd: its width gets nudged up to the next multiple of --head-dim, which "
                         f"nanochat does not recommend; use an even depth, or add --allow-odd-depth=true")

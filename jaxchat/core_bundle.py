@@ -12,12 +12,19 @@ import fcntl
 import os
 import zipfile
 
-from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, cli_parser, run_main
+from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, cli_parser, run_main, user_path
 from jaxchat.download import build_directory, fetch
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 DOWNLOAD_COMMAND = "python -m jaxchat.core_eval --download"
 BUNDLE_FILES = ("core.yaml", "eval_meta_data.csv", "eval_data")
+
+
+def restore_command(bundle: str) -> str:
+    """The command that puts a damaged bundle back where it is: a --bundle of the user's own is fetched there, not to
+    $JAXCHAT_BASE_DIR/eval_bundle (which the bare download command fills)."""
+    same = os.path.abspath(bundle) == os.path.abspath(default_bundle_dir())
+    return f"rm -r {bundle} && {DOWNLOAD_COMMAND}" + ("" if same else f" --dest {bundle}")
 
 
 def default_bundle_dir() -> str:
@@ -101,7 +108,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
                    help=JAXCHAT_ONLY + "download and unzip the CORE eval bundle (base_eval also does it on first use)")
     p.add_argument("--url", default=EVAL_BUNDLE_URL, help=JAXCHAT_ONLY + "where to download the bundle from")
-    p.add_argument("--dest", default=None,
+    p.add_argument("--dest", default=None, type=user_path,
                    help=JAXCHAT_ONLY + "bundle directory (default: $JAXCHAT_BASE_DIR/eval_bundle)")
     return p
 

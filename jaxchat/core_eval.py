@@ -32,12 +32,14 @@ from jaxchat.tokenizer import Tokenizer
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
 
-def default_tokens_per_device() -> int:
+def default_tokens_per_device(platform: str) -> int:
     """Rows x padded length per device per forward pass: bounds the (rows, T, vocab) float32 logits on accelerators.
 
-    CPU "devices" share the host's cores, so there a small batch wastes less time on filler rows.
+    CPU "devices" share the host's cores, so there a small batch wastes less time on filler rows. `platform`: the
+    model's backend decision (Backend.platform), not jax.default_backend(), which can name another platform than the
+    devices the model runs on.
     """
-    return 2048 if jax.default_backend() == "cpu" else 16384
+    return 2048 if platform == "cpu" else 16384
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -61,7 +63,7 @@ def load_tasks(bundle: str) -> list[Task]:
     import yaml
 
     yaml_path, csv_path = os.path.join(bundle, "core.yaml"), os.path.join(bundle, "eval_meta_data.csv")
-    fix = f"restore the bundle with `rm -r {bundle} && {core_bundle.DOWNLOAD_COMMAND}`"
+    fix = f"restore the bundle with `{core_bundle.restore_command(bundle)}`"
     try:
         with open(yaml_path, encoding="utf-8") as f:
             config = yaml.safe_load(f)
@@ -126,11 +128,11 @@ def load_task_data(bundle: str, task: Task, max_per_task: int = -1) -> list[dict
             data = [json.loads(line) for line in f if line.strip()]
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"task {task.label}: cannot read {path} ({type(e).__name__}: {str(e)[:100]}); restore the "
-                        f"bundle with `rm -r {bundle} && {core_bundle.DOWNLOAD_COMMAND}`") from None
+                        f"bundle with `{core_bundle.restore_command(bundle)}`") from None
     if len(data) <= task.num_fewshot:  # each example's shots are drawn from the others
         what = "no examples" if not data else f"{len(data)} example(s), too few for {task.num_fewshot}-shot prompts"
         raise UserError(f"task {task.label}: {path} holds {what}; restore the bundle with "
-                        f"`rm -r {bundle} && {core_bundle.DOWNLOAD_COMMAND}`")
+                        f"`{core_bundle.restore_command(bundle)}`")
     random.Random(1337).shuffle(data)
     return data[:max_per_task] if max_per_task > 0 else data
 
@@ -299,7 +301,7 @@ class RowScorer:
         self.pad_id = pad_id
         self.max_len = 10 * model.config.sequence_len  # the model's rotary cache
         self.n_devices = self.mesh.devices.size
-        self.tokens_per_device = tokens_per_device or default_tokens_per_device()
+        self.tokens_per_device = tokens_per_device or default_tokens_per_device(model.backend.platform)
         self.row_sharding = meshlib.row_sharding(self.mesh)
         key = (self.graphdef, self.mesh)
         if key not in _SCORERS:

@@ -7,19 +7,20 @@
 
 import argparse
 import ast
+import contextlib
 import hashlib
 import os
 import random
 import sys
 import sysconfig
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, cli_parser, run_main
-from jaxchat.download import build_directory, fetch
+from jaxchat.download import Stopped, build_directory, fetch
 
 # nanochat/dataset.py BASE_URL and MAX_SHARD. The last shard of each source is its validation shard; pinning it
 # (instead of nanochat's "whichever file sorts last locally", list_parquet_files) keeps the split independent of how
@@ -31,6 +32,10 @@ SOURCES = {
                      subdir="base_data_climbmix", max_index=6542),
 }
 DEMO_SUBDIR = "base_data_demo"
+# In the demo corpus or a bare directory of shards: the name of its validation shard. Without it the split was
+# nanochat's "the file that sorts last" (nanochat/dataset.py list_parquet_files at 348fbb3), so adding a shard moved
+# validation to it and trained on the old validation documents.
+VAL_RECORD = "val_shard.txt"
 ROW_GROUP_SIZE = 1024  # nanochat's dev/repackage_data_reference.py row_group_size
 ATTEMPTS = 5
 BACKOFF_S = 1.0  # wait BACKOFF_S * 2**attempt after a failed attempt (nanochat/dataset.py download_single_file)
@@ -85,11 +90,41 @@ def list_shards(source_or_dir: str, split: str) -> list[str]:
         if val not in files:
             raise UserError(f"validation shard {val} missing from {directory}{hint}")
         chosen = [val] if split == "val" else [f for f in files if f != val]
-    else:  # demo corpus or a bare directory: the last file is the val split, as in nanochat
-        chosen = files[-1:] if split == "val" else files[:-1]
+    else:  # demo corpus or a bare directory: the shard its VAL_RECORD names
+        val = recorded_val_shard(directory, files)
+        chosen = [val] if split == "val" else [f for f in files if f != val]
     if not chosen:
         raise UserError(f"no {split} shards in {directory} (found only {files}){hint}")
     return [os.path.join(directory, f) for f in chosen]
+
+
+def recorded_val_shard(directory: str, files: list[str]) -> str:
+    """The validation shard of a demo or bare shard directory: the one its VAL_RECORD names. A directory without the
+    record (an older demo corpus, shards copied in by hand) gets one naming nanochat's choice, the file that sorts
+    last, the first time it is listed, so shards added later are training shards; a read-only directory keeps
+    nanochat's rule. A recorded shard that is gone is one line naming it."""
+    record = os.path.join(directory, VAL_RECORD)
+    try:
+        with open(record, encoding="utf-8") as f:
+            val = f.read().strip()
+    except FileNotFoundError:
+        val = files[-1]
+        tmp = f"{record}.{os.getpid()}.tmp"
+        try:  # concurrent first listings (one per process) write the same name; the rename is atomic
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(val + "\n")
+            os.replace(tmp, record)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+    except OSError as e:
+        raise UserError(f"cannot read {record} ({e.strerror}), which names the validation shard of {directory}: "
+                        f"check its permissions") from None
+    if val not in files:
+        raise UserError(f"validation shard {val} (named in {record}) is missing from {directory}: put it back, or "
+                        f"name another shard of {directory} in {record} (a resume then evaluates on other "
+                        f"documents)")
+    return val
 
 
 def check_shard(path: str) -> None:
@@ -197,20 +232,27 @@ def _unreadable(path: str, e: Exception) -> UserError:
                      f"re-run the command that fetched it (python -m jaxchat.dataset ...)")
 
 
-def download_shard(index: int, source: str, out_dir: str, attempts: int = ATTEMPTS) -> str:
-    """Fetch one shard into out_dir (temp file + atomic rename), retrying with exponential backoff; returns its path."""
+def download_shard(index: int, source: str, out_dir: str, attempts: int = ATTEMPTS,
+                   stop: threading.Event | None = None) -> str:
+    """Fetch one shard into out_dir (temp file + atomic rename), retrying with exponential backoff; returns its path.
+    `stop` set (the command is exiting) ends it at once (download.Stopped)."""
     path = os.path.join(out_dir, shard_name(index))
     if os.path.exists(path) and _shard_ok(path):
         return path
     url = f"{SOURCES[source]['url']}/{shard_name(index)}"
+    stop = stop or threading.Event()
     last_error: Exception | None = None
     for attempt in range(1, attempts + 1):
+        if stop.is_set():
+            raise Stopped(url)
         try:
-            return fetch(url, path, timeout=TIMEOUT_S, check=check_shard)
+            return fetch(url, path, timeout=TIMEOUT_S, check=check_shard, stop=stop)
+        except Stopped:
+            raise
         except Exception as e:  # network errors, HTTP errors and broken files are all retried
             last_error = e
             if attempt < attempts:
-                time.sleep(BACKOFF_S * 2 ** attempt)
+                stop.wait(BACKOFF_S * 2 ** attempt)
     raise RuntimeError(f"could not download {url} after {attempts} attempts: {last_error}")
 
 
@@ -222,19 +264,29 @@ def download(n: int, source: str = "fineweb-edu", workers: int = 4) -> str:
     if n < -1:  # nanochat/dataset.py takes -1 for all; other negatives would mean all too, silently
         raise UserError(f"-n/--num-files={n} is not a number of shards: give 0 or more (train shards 0..n-1; the "
                         f"validation shard always comes too), or -1 for all {max_index + 1} shards of {source}")
-    count = max_index + 1 if n == -1 else min(n, max_index + 1)
+    if n > max_index:  # nanochat caps it (min(n, MAX_SHARD + 1)): a typo would silently fetch all ~180 GB
+        raise UserError(f"-n/--num-files={n} is more than the {max_index} train shards of {source}: give at most "
+                        f"{max_index}, or -1 for all {max_index + 1} shards knowingly")
+    count = max_index + 1 if n == -1 else n
     indices = sorted(set(range(count)) | {max_index})
     out_dir = data_dir(source)
     os.makedirs(out_dir, exist_ok=True)
-    failed = []
+    failed, stop = [], threading.Event()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {pool.submit(download_shard, i, source, out_dir): i for i in indices}
-        for future in tqdm(as_completed(futures), total=len(futures), desc=f"{source} shards", unit="shard"):
-            try:
-                future.result()
-            except RuntimeError as e:
-                failed.append(futures[future])
-                print(e, file=sys.stderr, flush=True)
+        futures = {pool.submit(download_shard, i, source, out_dir, stop=stop): i for i in indices}
+        try:
+            for future in tqdm(as_completed(futures), total=len(futures), desc=f"{source} shards", unit="shard"):
+                try:
+                    future.result()
+                except RuntimeError as e:
+                    failed.append(futures[future])
+                    print(e, file=sys.stderr, flush=True)
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM): leaving the `with` waited for every queued shard (all ~180 GB of -1);
+            # queued ones are dropped and running ones stop at their next chunk, removing their .tmp files
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     if failed:
         again = f"python -m jaxchat.dataset -n {n}" + ("" if source == "fineweb-edu" else f" --source {source}")
         raise UserError(f"{len(failed)} of {len(indices)} shards failed ({sorted(failed)[:10]}...; is the network "
@@ -328,9 +380,12 @@ def build_demo_corpus(out_dir: str | None = None, max_chars: int = DEMO_MAX_CHAR
     def write(tmp: str) -> None:
         for i, shard in enumerate(shards):
             _write_shard(os.path.join(tmp, shard_name(i)), shard)
+        with open(os.path.join(tmp, VAL_RECORD), "w", encoding="utf-8") as f:
+            f.write(shard_name(len(shards) - 1) + "\n")  # the val shard, by name: a shard added later trains
 
     # Concurrent builders (one per process) never see a half-written corpus, and the first to finish wins.
-    return build_directory(out_dir, write, _complete, owned=lambda name: name.startswith("shard_"))
+    return build_directory(out_dir, write, _complete,
+                           owned=lambda name: name.startswith("shard_") or name == VAL_RECORD)
 
 
 def _complete(directory: str) -> bool:
@@ -356,7 +411,8 @@ def main(argv: list[str]) -> None:
     if args.demo:
         out = build_demo_corpus()
         sizes = {f: pq.ParquetFile(os.path.join(out, f)).metadata.num_rows for f in _parquet_files(out)}
-        print(f"demo corpus in {out}: {sizes} documents (last file = val)", flush=True)
+        val = recorded_val_shard(out, _parquet_files(out))
+        print(f"demo corpus in {out}: {sizes} documents (validation: {val}, named in {VAL_RECORD})", flush=True)
     else:
         download(args.num_files, args.source, args.num_workers)
 

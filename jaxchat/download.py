@@ -6,18 +6,25 @@ nanochat/common.py download_file_with_lock and nanochat/dataset.py download_sing
 
 import os
 import shutil
+import threading
 import urllib.request
 import uuid
 from collections.abc import Callable
 
 
+class Stopped(Exception):
+    """A fetch ended by its `stop` event (the command is exiting), never retried."""
+
+
 def fetch(url: str, path: str, *, timeout: float = 60.0, check: Callable[[str], None] | None = None,
-          progress: str | None = None) -> str:
+          progress: str | None = None, stop: threading.Event | None = None) -> str:
     """Stream url into path via a temporary file beside it, renamed into place once complete (and `check`ed).
 
     The temporary name carries the process id, so two processes fetching the same file never write the same temporary
     file; the last rename wins and both leave a complete file. Any error (OSError for network failures, whatever
-    `check` raises) removes the temporary file and propagates. `progress` names a tqdm progress bar.
+    `check` raises) removes the temporary file and propagates. `progress` names a tqdm progress bar. `stop` set (the
+    command was interrupted: fetches run in worker threads, which no signal reaches) ends it at its next chunk with
+    Stopped, its temporary file removed.
     """
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
@@ -25,6 +32,8 @@ def fetch(url: str, path: str, *, timeout: float = 60.0, check: Callable[[str], 
             total = int(response.headers.get("Content-Length") or 0) or None
             bar = _progress_bar(progress, total)
             while chunk := response.read(1 << 20):
+                if stop is not None and stop.is_set():
+                    raise Stopped(url)
                 f.write(chunk)
                 bar.update(len(chunk))
             bar.close()

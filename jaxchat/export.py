@@ -9,6 +9,7 @@ Needs PyTorch (pip install -e '.[torch]').
 """
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -18,7 +19,7 @@ import numpy as np
 from jaxchat import nanochat_ckpt, optim
 from jaxchat.recipe import batch_lr_scale
 from jaxchat import tokenizer as toklib
-from jaxchat.common import UserError, check_output, run_main
+from jaxchat.common import UserError, check_name, check_output, run_main, user_path
 from jaxchat.convert import config_from_dict
 
 
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-tag", required=True,
                    help="the jaxchat checkpoint to export: $JAXCHAT_BASE_DIR/base_checkpoints/<tag> (e.g. d24)")
     p.add_argument("--step", type=int, default=None, help="the step to export (default: the newest complete one)")
-    p.add_argument("--to", required=True, metavar="DIR",
+    p.add_argument("--to", required=True, metavar="DIR", type=user_path,
                    help="the nanochat base directory to write into (nanochat's NANOCHAT_BASE_DIR)")
     p.add_argument("--tag", default="", help="model tag under DIR/base_checkpoints (default: --model-tag)")
     p.add_argument("--world-size", type=int, default=1,
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-dtype", default="", choices=("", "bfloat16", "float32"),
                    help="dtype of wte and value embeddings in model_<step>.pt (default: as trained; nanochat saves "
                         "bfloat16 on CUDA, float32 on CPU; every other tensor is float32 as in nanochat)")
-    p.add_argument("--tokenizer-dir", default="",
+    p.add_argument("--tokenizer-dir", default="", type=user_path,
                    help="the tokenizer to ship (default: the one of the run's --data source)")
     p.add_argument("--force", action="store_true", help="overwrite files that already exist in DIR")
     p.error = lambda message: (_ for _ in ()).throw(UserError(f"{message} (see python -m jaxchat.export --help)"))
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    check_name(args.model_tag, "--model-tag")
+    if args.tag:
+        check_name(args.tag, "--tag")
     if args.world_size < 1:
         raise UserError(f"--world-size={args.world_size} must be at least 1")
     return args
@@ -136,12 +140,25 @@ def tokenizer_files(tok, vocab_size: int) -> tuple[str, object]:
 
 
 def check_targets(files: dict[str, str], tokenizer_pkl: str, force: bool) -> None:
-    """Refuse to overwrite without --force; a tokenizer.pkl identical to ours is kept (another step, same run)."""
+    """Refuse to overwrite without --force; a tokenizer.pkl identical to ours is kept (another step, same run). Files
+    an export left unfinished (killed: its meta json, written after the model and optimizer, missing, or `.tmp`
+    files beside them) are named as such, so the refusal says why and what --force replaces."""
+    unfinished = sorted(p + ".tmp" for p in files.values() if os.path.exists(p + ".tmp"))
+    if force:
+        for tmp in unfinished:  # ours, half-written: the export writes each file whole again
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        return
     for kind, path in files.items():
-        if not os.path.exists(path) or force:
+        if not os.path.exists(path):
             continue
         if kind in ("tokenizer", "token_bytes") and _same_file(files["tokenizer"], tokenizer_pkl):
             continue
+        signs = ([] if os.path.exists(files["meta"]) else [f"no {os.path.basename(files['meta'])}"]) + \
+            [f"unfinished {os.path.basename(tmp)}" for tmp in unfinished]
+        if signs:
+            raise UserError(f"{path} already exists, left by an export that did not finish ({', '.join(signs)}): "
+                            f"pass --force to write this step's files again, or export --to another directory")
         raise UserError(f"{path} already exists: pass --force to overwrite it, or export --to another directory")
 
 
@@ -184,8 +201,8 @@ def export(argv: list[str]) -> dict[str, str]:
         if kept := toklib.keep_aside(os.path.dirname(files["tokenizer"]), unless=tok.fingerprint()):
             print(f"The tokenizer in {os.path.dirname(files['tokenizer'])} is another one: kept in {kept}")
         os.makedirs(os.path.dirname(files["tokenizer"]), exist_ok=True)
-        shutil.copyfile(tokenizer_pkl, files["tokenizer"] + ".tmp")
-        os.replace(files["tokenizer"] + ".tmp", files["tokenizer"])
+        with nanochat_ckpt.replacing(files["tokenizer"]) as tmp:
+            shutil.copyfile(tokenizer_pkl, tmp)
     nanochat_ckpt.save(token_bytes, files["token_bytes"], "token_bytes.pt")
     print(f"Exported step {step} of {args.model_tag} to {os.path.dirname(files['model'])} "
           f"({len(state)} tensors{'' if args.no_optimizer else f', optimizer for {args.world_size} rank(s)'}) and "

@@ -12,7 +12,6 @@ the device); JAXCHAT_MALLOC=0 keeps them anywhere.
 
 import ctypes
 import ctypes.util
-import importlib.util
 import os
 
 # mallopt parameters (glibc malloc.h)
@@ -21,12 +20,14 @@ M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 
 def _gpu_host() -> bool:
     """A GPU host: a jaxlib GPU plugin installed and a GPU driver's device node present (the plugin alone is not
-    enough: CPU machines install it to compile for GPUs that are not there, jaxchat.aot)."""
+    enough: CPU machines install it to compile for GPUs that are not there, jaxchat.aot). The checks are
+    jaxchat.backend's, which also decide whether the plugin starts."""
+    from jaxchat import backend
+
     if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
         return False
-    plugin = any(importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin",
-                                                             "jax_rocm60_plugin", "jax_rocm7_plugin"))
-    return plugin and any(os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/kfd"))
+    gpus = {"cuda", "rocm"} & backend.installed_plugins()
+    return any(backend.device_present(p) for p in gpus)
 
 
 def keep_freed_memory() -> bool:

@@ -153,6 +153,48 @@ def plan_step(compile_for: Callable[..., jax.stages.Compiled], *, device_batch_s
                     f"--loss-chunk=256 or a larger --fsdp")
 
 
+def attention_pairs(seq_len: int, window_left: int, attention: str) -> int:
+    """(query, key) scores one head of one layer holds at once: every block's for jaxchat's blocked CPU attention (it
+    keeps their probabilities for the backward: attention._attention_blocks), the whole (T, T) for XLA's path, none
+    for the fused kernels (cuDNN, splash), whose memory grows with T only."""
+    if attention == "xla":
+        return seq_len * seq_len
+    if attention != "blocked":
+        return 0
+    from jaxchat.attention import ATTENTION_BLOCKS
+
+    size = -(-seq_len // ATTENTION_BLOCKS)
+    return sum((min(seq_len, t0 + size) - t0) * (min(seq_len, t0 + size) - max(0, t0 - window_left))
+               for t0 in range(0, seq_len, size))
+
+
+def minimum_bytes(config, run_backend, device_batch_size: int = 1) -> int:
+    """A lower bound of what any training step of this model holds per device, from the shapes alone (nothing
+    traced): every layer's input, which every remat policy keeps for the backward, and one layer's attention scores
+    (the layer of the smallest window). The planner's prediction needs the step traced and compiled, and tracing a
+    length the device can never hold already fails in numpy (--max-seq-len=1048576 on CPU: a 64 GiB mask)."""
+    itemsize = 2 if run_backend.compute_dtype in ("bfloat16", "float16") else 4
+    scores_itemsize = 4 if run_backend.attention == "blocked" else itemsize  # blocked scores in float32
+    T, b = config.sequence_len, device_batch_size
+    pairs = min(attention_pairs(T, w, run_backend.attention) for w in config.window_sizes)
+    return b * T * config.n_embd * itemsize * config.n_layer + b * config.n_head * pairs * scores_itemsize
+
+
+def check_length(config, run_backend, budget_gb: float = 0.0, capacity: tuple[int, str] | None = None) -> None:
+    """Refuse, before anything is traced, a --max-seq-len that even a device batch of 1 cannot hold (the smallest
+    step there is: minimum_bytes), in one line; anything nearer the limit is the planner's to decide."""
+    capacity, source = capacity or device_capacity(budget_gb)
+    need = minimum_bytes(config, run_backend, 1)
+    if need > capacity:
+        why = {"blocked": "the layer inputs and one layer's attention scores, which jaxchat's CPU attention keeps "
+                          "for the backward",
+               "xla": "the layer inputs and one layer's (T, T) attention scores of XLA's attention"}.get(
+            run_backend.attention, "the layer inputs kept for the backward")
+        raise UserError(f"--max-seq-len={config.sequence_len} cannot fit: even --device-batch-size=1 needs at least "
+                        f"{fmt_bytes(need)} per device ({why}), over the {fmt_bytes(capacity)} available ({source}); "
+                        f"use a shorter --max-seq-len")
+
+
 def over_capacity_warning(plan: StepMemory) -> str | None:
     """A warning line when a fixed device batch is predicted not to fit."""
     if plan.fits:

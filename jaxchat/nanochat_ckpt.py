@@ -14,6 +14,7 @@ second_momentum_buffer, transposed to (out, in) and split into the rank shards o
 PyTorch is needed only here, imported when a function needs it.
 """
 
+import contextlib
 import functools
 import io
 import json
@@ -28,7 +29,7 @@ import numpy as np
 
 from jaxchat import optim
 from jaxchat import params as paramslib
-from jaxchat.common import UserError, read_input
+from jaxchat.common import UserError, check_name, read_input
 from jaxchat.convert import config_from_dict, from_reference, recipe_of_state, to_reference
 
 # nanochat's GPTConfig fields: GPT(GPTConfig(**model_config)) rejects any other key.
@@ -53,8 +54,8 @@ def torch_module():
 
 
 def paths(base: str, tag: str, step: int) -> dict[str, str]:
-    """Where each file of step `step` lives under a nanochat base directory."""
-    ckpt = os.path.join(base, "base_checkpoints", tag)
+    """Where each file of step `step` lives under a nanochat base directory (the tag a plain folder name)."""
+    ckpt = os.path.join(base, "base_checkpoints", check_name(tag, "--tag"))
     return {"model": os.path.join(ckpt, f"model_{step:06d}.pt"), "meta": os.path.join(ckpt, f"meta_{step:06d}.json"),
             "tokenizer": os.path.join(base, "tokenizer", "tokenizer.pkl"),
             "token_bytes": os.path.join(base, "tokenizer", "token_bytes.pt")}
@@ -310,6 +311,27 @@ def check_state(state: dict, config, model_path: str) -> None:
     if wrong := [k for k in expected if shapes[k] != expected[k]]:
         raise UserError(f"{model_path}: {wrong[0]} has shape {shapes[wrong[0]]}, the model of its meta file "
                         f"{expected[wrong[0]]} ({len(wrong)} tensor(s) differ): {REFETCH}")
+    check_values(state, model_path, REFETCH)
+
+
+# No weight or optimizer moment of a trained model comes near this; a flipped exponent bit gives ~1e38.
+IMPLAUSIBLE = 1e15
+
+
+def check_values(tensors: dict, path: str, fix: str, non_negative: tuple[str, ...] = ()) -> None:
+    """Every floating-point tensor finite and of a plausible size, and those named in `non_negative` (second moments)
+    not negative: a file whose bytes were damaged but whose zip and shapes are intact passed every other check and
+    gave a NaN loss at step 1, whose line blamed the learning rate. (The values are read once here, from the
+    memory-mapped file.)"""
+    torch = torch_module()
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
+            continue
+        bad = ("non-finite values" if not bool(torch.isfinite(t).all()) else
+               f"values beyond {IMPLAUSIBLE:.0e}" if float(t.abs().max()) > IMPLAUSIBLE else
+               "negative values in a second moment" if name.endswith(non_negative) and float(t.min()) < 0 else None)
+        if bad:
+            raise UserError(f"{path}: {name} holds {bad}, which no trained model has (damaged bytes?): {fix}")
 
 
 def reference_shapes(config) -> dict[str, tuple]:
@@ -362,6 +384,9 @@ def check_optimizer(shards: list[dict], groups: list[dict], model_path: str) -> 
                 if not all(k in shard["state"].get(i, {}) for k in keys):
                     raise UserError(f"{optim_path(model_path, rank)} lacks the {'/'.join(keys)} of parameter {i}: "
                                     f"copy it again, or start without --resume-optimizer")
+        check_values({f"state[{i}].{k}": v for i, entry in shard["state"].items() for k, v in entry.items()},
+                     optim_path(model_path, rank), "copy it again, or start without --resume-optimizer",
+                     non_negative=("exp_avg_sq", "second_momentum_buffer"))
 
 
 # Which training flag sets each model_config field (for the line that says how to match a checkpoint).
@@ -395,8 +420,10 @@ def check_source(source: str, config, with_optimizer: bool, tok=None) -> Source:
     path = find_model_file(source)
     meta = read_meta(path)
     # The tokenizer first: another one also explains a vocab_size that differs below.
-    if tok is not None and os.path.isfile(os.path.join(tok_dir := tokenizer_of(path), "tokenizer.pkl")):
+    if tok is not None:
+        check_tokenizer_present(f"--init-from={source}", path, mine=tok.directory)
         from jaxchat.tokenizer import Tokenizer, check_recorded
+        tok_dir = tokenizer_of(path)
         check_recorded(tok, Tokenizer.load(tok_dir).fingerprint(), f"--init-from={source}", recorded_at=tok_dir,
                        otherwise="--init-from a model trained with this run's tokenizer")
     check_config(config, config_from_dict(meta["model_config"], recipe=config.recipe), source)
@@ -410,6 +437,27 @@ def check_source(source: str, config, with_optimizer: bool, tok=None) -> Source:
         check_optimizer(shards, reference_groups(_abstract_params(config), config, recipe_of(config).adamw_groups),
                         path)
     return Source(path, meta, state, shards)
+
+
+def check_tokenizer_present(what: str, model_path: str, mine: str | None = None, flag: str | None = None) -> None:
+    """A nanochat model's tokenizer is its base directory's tokenizer/ (as nanochat's tok_train and jaxchat.export
+    write it): nanochat's model and meta files record none (nanochat/checkpoint_manager.py at 348fbb3 saves the model
+    config and the step only), so without that folder nothing says which tokenizer the weights were trained with,
+    and a same-size tokenizer of other merges trained (--init-from) or evaluated (base_eval --nanochat-checkpoint)
+    silently on wrongly tokenized text. Refused in one line naming the folder, or the `flag`, that says which.
+
+    what: the flag and value that named the model; mine: the command's own tokenizer folder (suggested to copy)."""
+    tok_dir = tokenizer_of(model_path)
+    if os.path.isfile(os.path.join(tok_dir, "tokenizer.pkl")):
+        return
+    layout = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(model_path)))) == "base_checkpoints"
+    where = ("" if layout else f"; its files are not in nanochat's layout <base>/base_checkpoints/<tag>/"
+             f"model_<step>.pt beside <base>/tokenizer/, so copy them into one first")
+    copy = f" (if it is this run's: cp -r {mine} {tok_dir})" if mine else ""
+    say = f"pass {flag}=DIR naming the tokenizer it was trained with, or " if flag else ""
+    raise UserError(f"{what}: no tokenizer at {tok_dir}, and nanochat's model files do not record which tokenizer "
+                    f"the model was trained with, so it cannot be checked: {say}copy the tokenizer folder it was "
+                    f"trained with (tokenizer.pkl) to {tok_dir}{copy}{where}")
 
 
 def tokenizer_of(model_path: str) -> str:
@@ -503,18 +551,30 @@ def save(obj, path: str, label: str) -> None:
     torch = torch_module()
     total = _nbytes(obj)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=label,
-                                              disable=True if total < LARGE_WRITE else None) as bar:
-        torch.save(obj, _Counting(f, bar))
-    os.replace(path + ".tmp", path)
+    with replacing(path) as tmp:
+        with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=label,
+                                        disable=True if total < LARGE_WRITE else None) as bar:
+            torch.save(obj, _Counting(f, bar))
 
 
 def write_json(obj: dict, path: str) -> None:
     """JSON with indent 2 (as nanochat writes meta files), through a temporary file and a rename."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+
+
+@contextlib.contextmanager
+def replacing(path: str):
+    """`path`.tmp to write, renamed to `path` once written; removed if the write fails or is interrupted (a signal is
+    an exception under common.run_main), so no half-written file is left beside the export."""
+    tmp = path + ".tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def _nbytes(obj) -> int:

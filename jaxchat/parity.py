@@ -9,7 +9,6 @@ and `step{k}/<name>` (parameters after step k). An fp8 unit fixture (`x`, `w`, `
 instead: `q_x`, `q_w`, `q_go`, `inv_*`, `y`, `grad_x`, `grad_w` (jaxchat.fp8.unit_fixture_outputs).
 """
 
-import argparse
 import json
 
 import jax
@@ -19,7 +18,7 @@ import optax
 from flax import nnx
 
 from jaxchat import fp8, optim, recipe as recipes
-from jaxchat.common import UserError, check_output, read_input, run_main
+from jaxchat.common import UserError, check_output, cli_parser, read_input, run_main, user_path
 from jaxchat.convert import model_from_reference, read_reference_npz, to_reference
 from jaxchat.model import GPT
 
@@ -118,9 +117,9 @@ def compute(fixture_path: str) -> dict[str, np.ndarray]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("fixture", help="reference fixture .npz (config/*, param/*, idx, targets, ...)")
-    parser.add_argument("--out", required=True, help="where to write jaxchat's results (.npz)")
+    parser = cli_parser(__doc__)
+    parser.add_argument("fixture", type=user_path, help="reference fixture .npz (config/*, param/*, idx, targets, ...)")
+    parser.add_argument("--out", required=True, type=user_path, help="where to write jaxchat's results (.npz)")
     args = parser.parse_args(argv)
     args.out = check_output(args.out, "--out")  # before the work
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity, no TF32/bf16 passes

@@ -12,7 +12,7 @@ import inspect
 import math
 
 from jaxchat import recipe as recipes
-from jaxchat.common import UserError, run_main
+from jaxchat.common import UserError, cli_parser, finite_float, run_main
 from jaxchat.model import GPTConfig, config_for_depth, estimate_flops, num_scaling_params
 
 
@@ -231,15 +231,15 @@ def recipe_table(name: str) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli_parser(__doc__)
     parser.add_argument("--readme", action="store_true", help="print the README's configuration tables")
     parser.add_argument("--recipe", default=recipes.DEFAULT, help=f"one of {', '.join(recipes.RECIPES)}")
     parser.add_argument("--depth", type=int, default=20)
-    parser.add_argument("--target-param-data-ratio", type=float, help="default: the recipe's")
+    parser.add_argument("--target-param-data-ratio", type=finite_float, help="(default: the recipe's)")
     parser.add_argument("--num-iterations", type=int, default=-1)
-    parser.add_argument("--target-flops", type=float, default=-1.0)
-    parser.add_argument("--total-batch-size", type=int, help="default: the recipe's (-1 = auto in 92d63d4)")
-    parser.add_argument("--weight-decay", type=float, help="default: the recipe's")
+    parser.add_argument("--target-flops", type=finite_float, default=-1.0)
+    parser.add_argument("--total-batch-size", type=int, help="(default: the recipe's; -1 = auto in 92d63d4)")
+    parser.add_argument("--weight-decay", type=finite_float, help="(default: the recipe's)")
     parser.add_argument("--device-batch-size", type=int, default=32)
     parser.add_argument("--num-devices", type=int, default=8, help="data-parallel devices")
     args = parser.parse_args(argv)

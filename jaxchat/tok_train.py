@@ -18,7 +18,7 @@ import rustbpe
 
 from jaxchat import dataset
 from jaxchat import tokenizer as toklib
-from jaxchat.common import JAXCHAT_ONLY, UserError, check_output, cli_parser, run_main
+from jaxchat.common import JAXCHAT_ONLY, UserError, check_output, cli_parser, finite_float, run_main, user_path
 from jaxchat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, default_dir, encoding_from_ranks
 
 ROUND_TRIP_TEXT = """Hello world! This is a test.
@@ -102,7 +102,7 @@ def check_replace(out_dir: str, force: bool) -> None:
 def parser() -> argparse.ArgumentParser:
     """The command line of `python -m jaxchat.tok_train` (nanochat's scripts/tok_train.py flags, plus jaxchat's)."""
     p = cli_parser(__doc__)
-    p.add_argument("--max-chars", type=float, default=2e9, help="maximum characters to train on")
+    p.add_argument("--max-chars", type=finite_float, default=2e9, help="maximum characters to train on")
     p.add_argument("--doc-cap", type=int, default=10_000, help="maximum characters kept per document")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="vocabulary size including the special tokens (default: 32768 = 2^15, 4096 with --demo)")
@@ -111,7 +111,7 @@ def parser() -> argparse.ArgumentParser:
                       help=JAXCHAT_ONLY + "corpus whose train split is read")
     data.add_argument("--demo", action=argparse.BooleanOptionalAction, default=False,
                       help=JAXCHAT_ONLY + "train on the offline demo corpus (built if missing) instead of --source")
-    data.add_argument("--out-dir", default=None,
+    data.add_argument("--out-dir", default=None, type=user_path,
                       help=JAXCHAT_ONLY + "where to save "
                       "(default: $JAXCHAT_BASE_DIR/tokenizer, tokenizer_demo with --demo)")
     data.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,

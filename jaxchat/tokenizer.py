@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import tiktoken
 
-from jaxchat.common import UserError, base_dir, print0, read_input
+from jaxchat.common import UserError, base_dir, print0, read_input, user_path
 
 # nanochat/tokenizer.py SPLIT_PATTERN: GPT-4's pattern with \p{N}{1,2} instead of {1,3}.
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
@@ -111,12 +111,17 @@ class Tokenizer:
         kept = keep_aside(directory, unless=self.fingerprint())
         os.makedirs(directory, exist_ok=True)
         pkl, npy = os.path.join(directory, "tokenizer.pkl"), os.path.join(directory, "token_bytes.npy")
-        with open(pkl + ".tmp", "wb") as f:
-            pickle.dump(self.enc, f)
-        with open(npy + ".tmp", "wb") as f:
-            np.save(f, self.get_token_bytes())
-        os.replace(npy + ".tmp", npy)
-        os.replace(pkl + ".tmp", pkl)  # last: tokenizer.pkl present means the directory is complete
+        try:
+            with open(pkl + ".tmp", "wb") as f:
+                pickle.dump(self.enc, f)
+            with open(npy + ".tmp", "wb") as f:
+                np.save(f, self.get_token_bytes())
+            os.replace(npy + ".tmp", npy)
+            os.replace(pkl + ".tmp", pkl)  # last: tokenizer.pkl present means the directory is complete
+        finally:  # interrupted (SIGTERM is an exception under run_main) or failed: no half-written file stays
+            for tmp in (pkl + ".tmp", npy + ".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
         self.directory = directory
         return kept
 
@@ -183,7 +188,8 @@ def restore(directory: str, which: str) -> tuple[Tokenizer, str | None]:
     """Put a tokenizer back into `directory`: a kept one (by fingerprint) or any directory holding tokenizer.pkl (a
     nanochat base directory's tokenizer/). The one there is kept aside first. (the tokenizer now in place, where the
     previous one went or None)."""
-    source = which if os.path.isfile(os.path.join(which, "tokenizer.pkl")) else kept_dir(directory, which)
+    folder = user_path(which)  # a folder (~ and relative too), else a fingerprint
+    source = folder if os.path.isfile(os.path.join(folder, "tokenizer.pkl")) else kept_dir(directory, which)
     if not os.path.isfile(os.path.join(source, "tokenizer.pkl")):
         kept = kept_fingerprints(directory)
         raise UserError(f"--restore={which}: neither a kept tokenizer of {directory} nor a directory holding "
@@ -195,8 +201,13 @@ def restore(directory: str, which: str) -> tuple[Tokenizer, str | None]:
     os.makedirs(directory, exist_ok=True)
     for name in reversed(FILES):  # tokenizer.pkl last: present means complete
         if os.path.exists(src := os.path.join(source, name)):
-            shutil.copyfile(src, os.path.join(directory, name) + ".tmp")
-            os.replace(os.path.join(directory, name) + ".tmp", os.path.join(directory, name))
+            tmp = os.path.join(directory, name) + ".tmp"
+            try:
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, os.path.join(directory, name))
+            finally:  # interrupted or failed: no half-copied file stays
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
     return Tokenizer.load(directory), aside
 
 

@@ -114,7 +114,7 @@ class TrainState:
     loader: ShardLoaders
     monitor: Monitor
     save_timer: SaveTimer
-    resume_step: int
+    resume_step: int | None  # the step resumed from (its checkpoint exists); None for a fresh start
     consumed: list  # the loader state once the batches trained on are consumed: what a checkpoint records
     last_saved: int | None = None
 
@@ -153,6 +153,7 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     tx, wd_scaled = build_optimizer(c, plan, mesh, muon_dtype)
     model_options = dict(compute_dtype=compute_dtype, loss_chunk=c.loss_chunk, embed_dtype=run_backend.default_dtype(c.embed_dtype),
                          fp8=run_backend.fp8, backend=run_backend)
+    memory.check_length(config, run_backend, c.memory_budget_gb)  # before tracing: a length no device batch holds
     graphdefs, train_steps, targets = abstract_steps(config, tx, mesh, remat=c.remat, **model_options)
     step_memory = plan_and_compile(train_steps, targets, mesh, device_batch_size=c.device_batch_size,
                                    total_batch_size=plan.total_batch_size, seq_len=c.max_seq_len,
@@ -333,7 +334,7 @@ def restore_or_start(run: Run, params, opt_state) -> TrainState:
                       os.path.join(base_dir(), "tensorboard", run.model_tag) if c.tensorboard else None,
                       wandb_dir=base_dir())
     return TrainState(params, opt_state, loop, loader, monitor, SaveTimer(c.save_every_minutes),
-                      resume_step=loop.step, consumed=loader.get_state())
+                      resume_step=loop.step if run.resume_from is not None else None, consumed=loader.get_state())
 
 
 def restore(run: Run, step: int, loader: ShardLoaders) -> tuple[Any, Any, LoopState]:
@@ -485,7 +486,9 @@ def save_or_stop(run: Run, state: TrainState, stop_request: StopRequest, step: i
 
 def stop_run(run: Run, state: TrainState, stop_request: StopRequest, step: int, when: str) -> None:
     """After a signal: save the state at `step` unless its checkpoint exists (resumed from, or saved before the
-    evaluation the signal stopped), wait until it is committed, then exit with the signal's code and one line."""
+    evaluation the signal stopped), wait until it is committed, then exit with the signal's code and one line. A
+    fresh run's step 0 has no checkpoint: a signal during its first validation saves it (it said "checkpoint 0
+    saved" when nothing was)."""
     if step not in (state.resume_step, state.last_saved):
         save(run, state, step, kind="preempt")
     run.checkpointer.close()
@@ -508,7 +511,8 @@ def run_loop(run: Run, state: TrainState, stop_request: StopRequest) -> dict[int
     while True:
         last = step == N
         # Save before evaluating: an evaluation that fails (a val shard gone, a broken task file) loses nothing.
-        if step not in (state.resume_step, state.last_saved) and (last or (c.save_every > 0 and step % c.save_every == 0)):
+        if step not in (state.resume_step, state.last_saved) and (last or (c.save_every > 0 and step > 0 and
+                                                                          step % c.save_every == 0)):
             save(run, state, step, kind="final" if last else "step")
         try:
             evaluate_at_step(run, state, step, last)

@@ -78,3 +78,18 @@ def _matmul_precision_restored():
     before = jax.config.jax_default_matmul_precision
     yield
     jax.config.update("jax_default_matmul_precision", before)
+
+
+def wait_for_handler(pid: int, signum: int, timeout: float = 60.0) -> None:
+    """Wait until process `pid` catches `signum` (Linux: SigCgt in /proc/PID/status), so a signal sent next meets the
+    command's handler, not the default action during its imports."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+        if caught >> (signum - 1) & 1:
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"process {pid} never caught signal {signum}")

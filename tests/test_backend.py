@@ -69,3 +69,95 @@ def test_model_follows_its_backend_not_jax_default_backend(monkeypatch):
     for a, b in zip(jax.tree.leaves(xla_grads), jax.tree.leaves(blocked_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert jnp.isfinite(xla_loss)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Which platforms JAX may start (backend.platforms_to_use, called once per command by common.run_main)
+
+def fake_machine(root, *nodes, pci=()):
+    """A file tree with the device nodes and PCI (vendor, device) ids that backend.device_present reads."""
+    for node in nodes:
+        (root / node).parent.mkdir(parents=True, exist_ok=True)
+        (root / node).write_text("")
+    for i, (vendor, device) in enumerate(pci):
+        d = root / "sys/bus/pci/devices" / f"0000:00:0{i}.0"
+        d.mkdir(parents=True)
+        (d / "vendor").write_text(vendor + "\n")
+        (d / "device").write_text(device + "\n")
+    return lambda platform: backend.device_present(platform, str(root))
+
+
+@pytest.mark.parametrize("nodes, pci, expected", [
+    ((), (), "cpu"),  # the test install on a CPU machine: only the CPU starts, quietly
+    ((), (("0x1ae0", "0x0042"),), "cpu"),  # a GCE VM's gVNIC is Google's PCI vendor but no TPU
+    (("dev/nvidiactl",), (), None), (("dev/nvidia0",), (), None), (("dev/dxg",), (), None),  # a GPU: JAX's choice
+    (("dev/accel0",), (), None), (("dev/vfio/0",), (), None), ((), (("0x1ae0", "0x0063"),), None),  # a TPU
+])
+def test_installed_plugins_start_only_where_their_device_is(tmp_path, nodes, pci, expected):
+    """A CPU machine with the cuda12 and tpu plugins installed printed the CUDA plugin's cuInit traceback and
+    libtpu's TPU_* block in every command: with none of their devices here, only the CPU starts. With a device (the
+    nodes and PCI ids JAX's own check reads, faked here) nothing changes."""
+    present = fake_machine(tmp_path, *nodes, pci=pci)
+    assert backend.platforms_to_use("", {"cuda", "tpu"}, present) == expected
+    assert backend.platforms_to_use("", set(), present) is None  # no accelerator plugin: nothing to silence
+
+
+def test_jax_platforms_that_cannot_work_is_one_line(tmp_path):
+    """JAX_PLATFORMS=cuda without the plugin was a bare AssertionError from jax.devices(): one line with the
+    install command; with the plugin but no device, one line saying so; a platform that is here is left to JAX."""
+    from jaxchat.common import UserError
+
+    empty, gpu_here = fake_machine(tmp_path / "a"), fake_machine(tmp_path / "b", "dev/nvidiactl")
+    with pytest.raises(UserError, match=r"^JAX_PLATFORMS=cuda asks for cuda, whose JAX plugin is not installed: "
+                                        r"pip install -e '\.\[cuda12\]'"):
+        backend.platforms_to_use("cuda", {"tpu"}, gpu_here)
+    with pytest.raises(UserError, match=r"^JAX_PLATFORMS=tpu asks for tpu, whose JAX plugin is not installed: "
+                                        r"pip install -e '\.\[tpu\]'"):
+        backend.platforms_to_use("tpu", set(), empty)
+    with pytest.raises(UserError, match=r"^JAX_PLATFORMS=cpu,cuda asks for cuda, but this machine shows no such "
+                                        r"device \(no /dev/nvidia0, .*\): unset JAX_PLATFORMS, or set it to cpu$"):
+        backend.platforms_to_use("cpu,cuda", {"cuda"}, empty)
+    with pytest.raises(UserError, match="JAX_PLATFORMS=gpu asks for gpu, whose JAX plugin is not installed"):
+        backend.platforms_to_use("gpu", set(), gpu_here)
+    for requested in ("cuda", "gpu", "cuda,cpu", "cpu", "bogus"):  # the device is here, or JAX judges the name
+        assert backend.platforms_to_use(requested, {"cuda", "tpu"}, gpu_here) is None
+
+
+def _run_main(code: str, **env) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    environ = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"} | env
+    environ["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    return subprocess.run([sys.executable, "-c", f"import jax\nfrom jaxchat.common import run_main\n{code}"],
+                          env=environ, capture_output=True, text=True, timeout=120)
+
+
+def test_commands_start_jax_quietly_or_say_in_one_line_why_not():
+    """Through common.run_main, as every command starts: JAX_PLATFORMS naming an unknown platform is JAX's error in
+    one line (exit 2); where no accelerator is here, cuda is one line and an unset JAX_PLATFORMS starts the CPU with
+    nothing on stderr, whatever plugins are installed."""
+    r = _run_main("run_main(jax.devices)", JAX_PLATFORMS="bogus")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Unable to initialize backend 'bogus'" in r.stderr, \
+        r.stderr
+    if any(backend.device_present(p) for p in backend.PLUGINS):
+        pytest.skip("an accelerator is here: the CPU-only cases do not apply")
+    r = _run_main("run_main(jax.devices)", JAX_PLATFORMS="cuda")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "JAX_PLATFORMS=cuda asks for cuda" in r.stderr, r.stderr
+    r = _run_main("run_main(lambda: print(jax.devices()))")
+    assert r.returncode == 0 and r.stderr == "" and "CpuDevice" in r.stdout, r.stderr
+
+
+def test_nothing_asks_jax_default_backend():
+    """The backend is decided once (Backend, from the devices); core_eval's CORE bucket size asked
+    jax.default_backend() beside it."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "jaxchat"
+    calls = [f"{p.name}:{node.lineno}" for p in sorted(root.glob("*.py")) for node in ast.walk(ast.parse(p.read_text()))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+             and node.func.attr == "default_backend"]
+    assert not calls, calls

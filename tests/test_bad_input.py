@@ -30,7 +30,7 @@ def base_dir(tmp_path_factory):
     train(TINY + ["--model-tag=tiny"])
     # A "fineweb-edu" directory with shards but no tokenizer, and a demo tokenizer of another vocabulary size.
     shutil.copytree(path / "base_data_demo", path / "base_data")
-    shards = sorted((path / "base_data").iterdir())
+    shards = sorted((path / "base_data").glob("*.parquet"))
     shards[-1].rename(path / "base_data" / "shard_01822.parquet")
     from jaxchat.tok_train import train_tokenizer
     train_tokenizer(source="demo", vocab_size=1024, max_chars=300_000, doc_cap=10_000, out_dir=str(path / "tok1024"))
@@ -167,7 +167,10 @@ def test_corrupt_tokenizer_names_the_file(base_dir, tmp_path, monkeypatch):
     ("def get_config():\n    return None\n", "get_config() returned NoneType"),
     ("def get_config():\n    return dict(depth=4.5)\n", "depth=4.5 must be int"),
     ("def get_config():\n    return dict(run=3)\n", "run=3 must be str"),
-], ids=["syntax", "none", "float-depth", "int-run"])
+    # sys.exit(0) in the file ended the command with code 0 and nothing trained
+    ("import sys\nsys.exit(0)\n", "line 2: SystemExit: sys.exit(0) while it was read"),
+    ("import sys\ndef get_config():\n    sys.exit(3)\n", "line 3: SystemExit: sys.exit(3)"),
+], ids=["syntax", "none", "float-depth", "int-run", "exit-at-import", "exit-in-get-config"])
 def test_config_file_errors_name_the_file(tmp_path, body, message):
     from jaxchat.config import parse_flags
     path = tmp_path / "my_config.py"
@@ -240,7 +243,7 @@ def _invalid_utf8_table():
 def test_bad_shards_name_the_file(base_dir, tmp_path, monkeypatch, case):
     from jaxchat.train import train
     data = _fineweb_layout(base_dir, tmp_path)
-    shards = sorted(data.iterdir())
+    shards = sorted(data.glob("*.parquet"))
     if case == "int-text":
         bad = shards[0]
         pq.write_table(pa.table({"text": pa.array([1, 2, 3])}), bad)

@@ -82,6 +82,7 @@ def test_bpb_on_the_command_line(fixture_model, base):
                            "--split-tokens", str(tokens_per_step)], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, JAXCHAT_BASE_DIR=str(base)))
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"Evaluating {root / 'model.npz'}\n")  # which model (and step, where known)
     printed = {line.split()[0]: float(line.split()[-1]) for line in proc.stdout.splitlines() if " bpb: " in line}
     assert set(printed) == {"train", "val"}
     for split, value in printed.items():

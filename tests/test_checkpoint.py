@@ -142,3 +142,26 @@ def test_abstract_like_keeps_shapes_dtypes_and_shardings():
     like = abstract_like(tree, shardings)
     assert (like["a"].shape, like["a"].dtype, like["a"].sharding) == ((8, 3), jnp.bfloat16, shardings["a"])
     assert (like["b"].shape, like["b"].dtype, like["b"].sharding) == ((2,), jnp.int32, shardings["b"])
+
+
+def test_the_space_check_uses_the_size_on_disk(tmp_path):
+    """The state compresses on disk (here bf16-valued float32: 10 MiB in memory, about 5 MB on disk): the check before
+    a save estimated it at its in-memory size and refused saves that fit. A 14 MiB file system holds two."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=14m", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()[:80]}): needs root")
+    try:
+        ckpt = writer(mount / "run")
+        for step in (1, 2):
+            x = np.random.default_rng(step).standard_normal(10 * 2**18).astype(np.float32)
+            params = {"w": jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32)}  # 10 MiB in memory
+            ckpt.save(step, params, {"m": jnp.zeros(3)}, meta(step, "step"))
+            ckpt.wait()
+        assert ckpt.steps() == [1, 2]
+        ckpt.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

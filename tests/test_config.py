@@ -79,3 +79,50 @@ def test_help_shows_a_config_files_values(capsys):
     assert ("--depth INT number of transformer layers: the one dial that sizes the model "
             f"[{range_text('depth')}] (default: 4)") in text
     assert "(default: 'demo')" in text and "(default: 'fineweb-edu')" not in text  # --data of configs/demo.py
+
+
+FLOAT_FLAGS = [name for group in FLAGS.values() for name, default, _ in group if isinstance(default, float)]
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "1e400"])
+def test_every_float_flag_refuses_non_finite_numbers(text, tmp_path):
+    """NaN fails every comparison, so it passed every range check (--matrix-lr=nan trained to a NaN at step 1 whose
+    line blamed the LR); inf crashed int() (--target-param-data-ratio=inf). One validator, common.finite_float, for
+    flags, --config.KEY and config files alike; an int flag given inf is the same line, not OverflowError."""
+    assert {"matrix_lr", "target_flops", "target_param_data_ratio", "save_every_minutes",
+            "memory_budget_gb"} <= set(FLOAT_FLAGS)
+    for name in FLOAT_FLAGS + ["depth", "num_iterations"]:
+        flag = "--" + name.replace("_", "-")
+        for argv in ([f"{flag}={text}"], [f"--config.{name}={text}"]):
+            with pytest.raises(UserError, match=rf"^{re.escape(argv[0].split('=')[0])}: '{text}' is not a finite "
+                                                rf"number .*; use "):
+                parse_flags(argv)
+    config = tmp_path / "c.py"
+    config.write_text(f"from ml_collections import ConfigDict\n\ndef get_config():\n"
+                      f"    return ConfigDict(dict(matrix_lr=float('{text}')))\n")
+    with pytest.raises(UserError, match=r"matrix_lr: .* is not a finite number"):
+        parse_flags([f"--config={config}"])
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("plan", ["--target-param-data-ratio=nan"]), ("plan", ["--target-flops=inf"]), ("plan", ["--weight-decay=-inf"]),
+    ("tok_train", ["--max-chars=nan"]), ("tok_train", ["--max-chars=inf"])])
+def test_other_commands_float_flags_refuse_non_finite_numbers(command, argv):
+    """jaxchat.plan's and tok_train's own float flags go through the same validator (their argparse type), one line
+    naming the flag via run_main (exit code 2: test_bad_input.py)."""
+    import importlib
+
+    main = importlib.import_module(f"jaxchat.{command}").main
+    flag = argv[0].split("=")[0]
+    with pytest.raises(UserError, match=rf"^argument {flag}: '.*' is not a finite number"):
+        main(argv)
+
+
+def test_no_command_parses_a_float_flag_without_the_validator():
+    """Every float flag of every command is parsed by common.finite_float (a new `type=float` would let NaN in)."""
+    from pathlib import Path
+
+    sources = sorted((Path(__file__).resolve().parents[1] / "jaxchat").glob("*.py"))
+    offenders = [f"{p.name}:{i}" for p in sources for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if re.search(r"type\s*=\s*float\b", line)]
+    assert not offenders, offenders

@@ -317,3 +317,46 @@ def test_two_processes_agree_with_reference(tmp_path):
         assert got["devices"] == 4
         assert got["core"] == pytest.approx(expected["core"], abs=1e-12)
         assert got["correct"] == {k: v["correct"] for k, v in expected["tasks"].items()}
+
+
+@pytest.mark.parametrize("delay", [0.5, 1.0])
+def test_ctrl_c_during_core_is_one_line_and_130_never_a_crash(tmp_path, delay):
+    """Ctrl-C while base_eval's CORE compiles or runs its second task: "interrupted by SIGINT", then a segmentation
+    fault (rc 139) as the interpreter was torn down under XLA's threads. run_main now leaves at once with 130."""
+    import signal
+    import time
+
+    root = fixture_dir()
+    env = dict(os.environ, JAXCHAT_BASE_DIR=str(tmp_path), JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "jaxchat.base_eval", "--nanochat-checkpoint",
+                             str(root / "model.npz"), "--tokenizer-dir", str(root / "tokenizer"), "--bundle",
+                             str(root / "eval_bundle"), "--eval=core", "--compile-cache=off"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen = ""
+    while "Evaluating: arith" not in seen and (ch := proc.stdout.read(1)):
+        seen += ch
+    assert "Evaluating: arith" in seen, seen
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err == "interrupted by SIGINT: exiting\n", (proc.returncode, err[-2000:])
+
+
+def test_base_eval_reads_every_task_file_at_start_up_and_restores_the_bundle_given(tmp_path):
+    """A task file too short for its shots was found when its turn came (after the others had run), and the advice
+    fetched the bundle to $JAXCHAT_BASE_DIR/eval_bundle, not the --bundle given. base_eval now checks the bundle as
+    training does (core_eval.check_bundle), before the model is opened, and the fix names --dest."""
+    import shutil
+
+    from jaxchat import base_eval
+
+    bundle = tmp_path / "my_bundle"
+    shutil.copytree(fixture_dir() / "eval_bundle", bundle)
+    color = bundle / "eval_data" / "reading_comprehension" / "color.jsonl"  # the last task, 1-shot
+    color.write_text(color.read_text().splitlines()[0] + "\n")
+    with pytest.raises(UserError, match=rf"^task color_qa: {color} holds 1 example\(s\), too few for 1-shot prompts; "
+                                        rf"restore the bundle with `rm -r {bundle} && python -m jaxchat.core_eval "
+                                        rf"--download --dest {bundle}`$"):
+        base_eval.main(["--nanochat-checkpoint", str(tmp_path / "never_read.npz"), "--bundle", str(bundle),
+                        "--dtype", "bfloat16", "--eval=core"])

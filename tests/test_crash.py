@@ -160,3 +160,16 @@ def test_signals_during_evaluations_save_first_and_lose_nothing(base_dir, uninte
     assert all(line.startswith(("SIGINT while exiting", "second SIGINT")) for line in lines[stopped[0] + 1:])
     assert "Traceback" not in first + second and "KeyboardInterrupt" not in second
     assert_identical(base_dir, "evalstop", [first, second], uninterrupted)
+
+
+def test_a_signal_during_a_fresh_runs_first_validation_saves_step_0(base_dir):
+    """A fresh run's step 0 has no checkpoint (resume_step named it as if it had one): SIGTERM during its first
+    validation printed "checkpoint 0 saved" with nothing saved. Now step 0 is saved, and the line is true."""
+    from jaxchat.checkpoint import Checkpointer
+    # The plan's last line comes just before the loop; the step-0 validation reads 2000 batches (seconds).
+    evals = ("--save-every=-1", "--eval-every=5", f"--eval-tokens={64 * 2000}")
+    code, output = run(base_dir, "firsteval", resume=False, extra=evals,
+                       signals=[("Total training FLOPs estimate", signal.SIGTERM, 1.0)])
+    assert code == 143, output[-3000:]
+    assert "Stopped by SIGTERM during the evaluation at step 0: checkpoint 0 saved in" in output, output[-3000:]
+    assert Checkpointer(str(base_dir / "base_checkpoints" / "firsteval")).steps() == [0]

@@ -25,8 +25,9 @@ def write_parquet(path, docs):
 def test_demo_corpus_deterministic_and_readable(tmp_path):
     a = dataset.build_demo_corpus(str(tmp_path / "a"), max_chars=1_500_000)
     b = dataset.build_demo_corpus(str(tmp_path / "b"), max_chars=1_500_000)
-    names = sorted(os.listdir(a))
-    assert names == sorted(os.listdir(b)) and len(names) >= 2
+    assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+    names = sorted(n for n in os.listdir(a) if n.endswith(".parquet"))
+    assert len(names) >= 2 and (tmp_path / "a" / dataset.VAL_RECORD).read_text() == names[-1] + "\n"
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
         pf = pq.ParquetFile(os.path.join(a, name))
@@ -102,6 +103,10 @@ def test_negative_shard_count_other_than_all_is_one_line(base):
     assert str(e.value) == ("-n/--num-files=-5 is not a number of shards: give 0 or more (train shards 0..n-1; the "
                             "validation shard always comes too), or -1 for all 1823 shards of fineweb-edu")
     assert not (base / "base_data").exists()  # refused before anything was fetched or created
+    with pytest.raises(UserError, match=r"^-n/--num-files=999999 is more than the 1822 train shards of fineweb-edu: "
+                                        r"give at most 1822, or -1 for all 1823 shards knowingly$"):
+        dataset.main(["-n", "999999"])  # capped silently, nanochat's way: all ~180 GB
+    assert not (base / "base_data").exists()
 
 
 def test_missing_data_names_the_command(base):
@@ -182,3 +187,90 @@ def test_download_retries_validates_and_skips(server, base):
     assert sorted(os.listdir(out)) == ["shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"]
     with pytest.raises(UserError, match="re-run"):
         dataset.download(4, "fineweb-edu", workers=1)  # shard 3 does not exist there (404)
+
+
+def test_demo_and_bare_directories_record_their_validation_shard_by_name(tmp_path):
+    """The validation shard of the demo corpus (and of a bare directory) was "the file that sorts last": a shard
+    copied in as shard_00003 became validation, the old validation shard was trained on, and removing it was refused
+    naming the wrong file. Now the directory records it by name (dataset.VAL_RECORD) and the split follows the name."""
+    import shutil
+
+    demo = tmp_path / "demo"
+    dataset.build_demo_corpus(str(demo), max_chars=300_000)
+    names = sorted(n for n in os.listdir(demo) if n.endswith(".parquet"))
+    val = names[-1]
+    added = str(shutil.copy(demo / names[0], demo / "shard_00009.parquet"))
+    assert dataset.list_shards(str(demo), "val") == [str(demo / val)]
+    assert dataset.list_shards(str(demo), "train") == [str(demo / n) for n in names[:-1]] + [added]
+    (demo / val).unlink()
+    with pytest.raises(UserError, match=rf"^validation shard {val} \(named in {demo / dataset.VAL_RECORD}\) is "
+                                        rf"missing from {demo}: put it back"):
+        dataset.list_shards(str(demo), "train")
+
+    bare = tmp_path / "bare"  # shards copied in by hand, no record: nanochat's choice, recorded at first listing
+    bare.mkdir()
+    for i in range(2):
+        write_parquet(bare / f"part_{i}.parquet", [f"document {i}"])
+    assert dataset.list_shards(str(bare), "val") == [str(bare / "part_1.parquet")]
+    assert (bare / dataset.VAL_RECORD).read_text() == "part_1.parquet\n"
+    write_parquet(bare / "part_2.parquet", ["a later shard"])
+    assert dataset.list_shards(str(bare), "val") == [str(bare / "part_1.parquet")]
+    assert dataset.list_shards(str(bare), "train") == [str(bare / "part_0.parquet"), str(bare / "part_2.parquet")]
+
+
+SLOW_SERVER = """
+import http.server, sys, threading, time
+from jaxchat import dataset
+from jaxchat.common import run_main
+
+class Slow(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # 64 MB at 2 MB/s: a shard takes half a minute
+        self.send_response(200)
+        self.send_header("Content-Length", str(64 << 20))
+        self.end_headers()
+        for _ in range(128):
+            self.wfile.write(b"x" * (1 << 19))
+            time.sleep(0.25)
+
+    def log_message(self, *args):
+        pass
+
+class Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):  # the client hung up: expected here
+        pass
+
+httpd = Server(("127.0.0.1", 0), Slow)
+threading.Thread(target=httpd.serve_forever, daemon=True).start()
+dataset.SOURCES["fineweb-edu"]["url"] = f"http://127.0.0.1:{httpd.server_port}"
+run_main(dataset.main, ["-n", "6", "-w", "2"])
+"""
+
+
+def test_a_signal_during_downloads_stops_them_and_leaves_no_temporary_file(tmp_path):
+    """SIGTERM (or Ctrl-C) during `dataset -n N`: leaving the worker pool waited for every queued shard (with -1, all
+    ~180 GB), and the shards being fetched left their .tmp files. Now queued shards are dropped, running ones stop
+    at their next chunk and remove their .tmp, and the command exits with one line and 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, JAXCHAT_BASE_DIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    data = tmp_path / "base_data"
+    try:
+        deadline = time.monotonic() + 60
+        while not (data.is_dir() and any(p.name.endswith(".tmp") for p in data.iterdir())):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143 and err.splitlines()[-1] == "interrupted by SIGTERM: exiting", err[-2000:]
+    assert "Traceback" not in err and time.monotonic() - t0 < 15  # not after the 6 shards' 3 minutes
+    assert not list(data.iterdir()), sorted(data.iterdir())

@@ -208,3 +208,56 @@ def test_tpu_compile_refusal_means_does_not_fit_and_peak_is_xlas(v5e_chip):
     cpu = outer_product_step(meshlib.make_mesh(devices=jax.devices()[:1]))(1, 1)
     m = cpu.memory_analysis()
     assert memory.peak_bytes(cpu) == m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A length no device batch can hold: refused before tracing
+
+def test_attention_pairs_count_what_the_cpu_attention_allocates():
+    """memory.attention_pairs mirrors attention._attention_blocks without allocating: its count is the masks' (and
+    the kept probabilities') size, so the bound covers what tracing would allocate in numpy."""
+    from jaxchat.attention import _attention_blocks
+
+    for T, w in [(64, 64), (64, 32), (100, 7), (256, 128), (2048, 1024)]:
+        assert memory.attention_pairs(T, w, "blocked") == sum(m.size for *_, m in _attention_blocks(T, w)), (T, w)
+    assert memory.attention_pairs(64, 32, "xla") == 64 * 64 and memory.attention_pairs(64, 32, "cudnn") == 0
+
+
+def test_a_length_no_device_batch_holds_is_refused_before_tracing():
+    """--max-seq-len=1048576 died with numpy's 64 GiB _ArrayMemoryError while tracing the CPU attention's masks,
+    before the planner could refuse it. memory.check_length refuses it from the shapes alone; ordinary lengths pass,
+    on CPU and on an H100's 80 GiB with cuDNN attention."""
+    import dataclasses
+
+    from jaxchat import backend
+    from jaxchat.model import config_for_depth
+
+    cpu = backend.for_devices(jax.devices("cpu"))
+    demo = dict(aspect_ratio=32, head_dim=64, vocab_size=4096)
+    with pytest.raises(UserError, match=r"^--max-seq-len=1048576 cannot fit: even --device-batch-size=1 needs at "
+                                        r"least [\d.]+ GiB per device .* over the 64.00 GiB available \(H\); use a "
+                                        r"shorter --max-seq-len$"):
+        memory.check_length(config_for_depth(4, max_seq_len=1048576, **demo), cpu, capacity=(64 * memory.GiB, "H"))
+    memory.check_length(config_for_depth(4, max_seq_len=256, **demo), cpu, capacity=(1 * memory.GiB, "H"))
+    h100 = dataclasses.replace(cpu, platform="gpu", attention="cudnn", compute_dtype="bfloat16")
+    memory.check_length(config_for_depth(26, max_seq_len=2048), h100, capacity=(80 * memory.GiB, "H100"))
+    memory.check_length(config_for_depth(12, max_seq_len=65536), h100, capacity=(80 * memory.GiB, "H100"))
+    with pytest.raises(UserError, match="--max-seq-len=16777216 cannot fit"):  # linear in T, but not unbounded
+        memory.check_length(config_for_depth(26, max_seq_len=2**24), h100, capacity=(80 * memory.GiB, "H100"))
+
+
+def test_a_huge_max_seq_len_is_one_line_from_the_command_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, JAXCHAT_BASE_DIR=str(tmp_path), JAX_PLATFORMS="cpu", XLA_FLAGS="",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-m", "jaxchat.train", "--config=configs/demo.py", "--eval-every=-1",
+                        "--sample-every=-1", "--max-seq-len=1048576", "--total-batch-size=1048576",
+                        "--device-batch-size=1", "--memory-budget-gb=64"], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]] and \
+        "--max-seq-len=1048576 cannot fit" in r.stderr, r.stderr
