@@ -117,7 +117,7 @@ def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int
     tx, _ = build_optimizer(c, plan, mesh, run_backend.default_dtype(c.muon_dtype))
     _, train_steps, targets = step.abstract_steps(
         plan.model, tx, mesh, remat=c.remat, compute_dtype=run_backend.compute_dtype, loss_chunk=c.loss_chunk,
-        embed_dtype=run_backend.default_dtype(c.embed_dtype), fp8=run_backend.fp8, backend=run_backend)
+        embed_dtype=run_backend.embed_dtype(c.embed_dtype), fp8=run_backend.fp8, backend=run_backend)
     device_kind, usable, source = target_memory(target)
     t0 = time.perf_counter()
     plan_memory = step.plan_and_compile(
@@ -157,14 +157,16 @@ def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int
 
 def problems(counts, run_backend, attention_calls: int, fp8_layers: int, fsdp: bool = False) -> list[str]:
     """What should not be in a GPU or TPU train step: CPU attention, attention not the platform's fused kernel, f32
-    GEMMs in a bf16 step, missing fp8 GEMMs under --fp8, GPU collectives that do not overlap compute, collectives
-    inside the layer or micro-batch loops (FSDP's per-layer all-gathers and reduce-scatters excepted), a scanned layer
-    stack's residuals written into stacked buffers."""
+    GEMMs in a bf16 step, missing fp8 GEMMs under --fp8, GPU collectives that do not overlap compute; where the
+    backend reduces gradients once per step (Backend.per_device_gradients), collectives inside the layer or
+    micro-batch loops (FSDP's per-layer all-gathers and reduce-scatters excepted); where it unrolls the layers
+    (Backend.scan_layers), a scanned layer stack's residuals written into stacked buffers."""
     found = []
     allowed = ("all-gather", "reduce-scatter") if fsdp else ()
-    if looped := {k.split(":")[1]: v for k, v in counts.items() if k.startswith("loop:") and k[5:] not in allowed}:
+    looped = {k.split(":")[1]: v for k, v in counts.items() if k.startswith("loop:") and k[5:] not in allowed}
+    if run_backend.per_device_gradients and looped:
         found.append(f"collectives inside the layer or micro-batch loops: {looped}")
-    if run_backend.platform != "cpu" and counts["loop_stacked_writes"]:
+    if not run_backend.scan_layers and counts["loop_stacked_writes"]:
         found.append(f"{counts['loop_stacked_writes']} stacked residual writes inside loops (a scanned layer stack)")
     if counts["cpu_attention"]:
         found.append("jaxchat's CPU attention")

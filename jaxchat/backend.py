@@ -35,6 +35,12 @@ class Backend:
     # docs/performance.md). Scanned on CPU, which compiles in half the time, and on TPU, where nothing has shown the
     # same cost and the scan keeps FSDP's weight gathers one layer at a time.
     scan_layers: bool = True
+    # Whether each device sums its own rows' gradients over the micro-batches in a shard_map and the devices' sums are
+    # reduced once per step (jaxchat.step.gradient_sum), or GSPMD places the reductions. Per device on GPU (XLA:GPU's
+    # H100 program under GSPMD all-reduced each layer's weight gradient in every micro-batch: 37.5 GB per GPU and
+    # step for the record command, against 7.9 GB) and on CPU; GSPMD on TPU, where XLA:TPU predicts more memory for
+    # the per-device step (d12 on v5e-8 at device batch 32: 16.3 GiB, over the chip's 15.75, against 13.3).
+    per_device_gradients: bool = True
     # the mesh's abstract mesh (for_mesh): splash attention's shard_map where no mesh is in context (evaluation)
     mesh: jax.sharding.AbstractMesh | None = None
     note: str = ""  # one line for the user where the platform lacks what it would normally use
@@ -42,6 +48,11 @@ class Backend:
     def default_dtype(self, flag: str | None) -> str:
         """A dtype flag's value, else the platform's (_platform_dtype)."""
         return flag or _platform_dtype(self.platform)
+
+    def embed_dtype(self, flag: str | None) -> str:
+        """--embed-dtype's value, else bfloat16 on GPU (nanochat casts wte and the value embeddings to bf16 on CUDA:
+        nanochat/gpt.py GPT.init_weights), float32 elsewhere (as nanochat on CPU)."""
+        return flag or ("bfloat16" if self.platform == "gpu" else "float32")
 
 
 def _platform_dtype(platform: str) -> str:
@@ -89,7 +100,7 @@ def for_devices(devices, compute_dtype: str | None = None, fp8: bool = False) ->
                    # block is 1 GiB, and GEMMs of 8192 rows keep an H100 or a TPU's matrix units busy
                    loss_block_tokens=1024 if cpu else 8192,
                    fp8_gemms=platform == "gpu" and capability is not None and capability >= (8, 9), fp8=fp8,
-                   scan_layers=platform != "gpu",
+                   scan_layers=platform != "gpu", per_device_gradients=platform != "tpu",
                    note=note)
 
 

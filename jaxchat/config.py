@@ -86,8 +86,8 @@ FLAGS = {
         ("compute_dtype", "", "activation and matmul dtype: bfloat16 or float32 ('' = bfloat16 on GPU, float32 "
                               "elsewhere)"),
         ("muon_dtype", "", "Muon's orthogonalisation dtype ('' = bfloat16 on GPU like nanochat, float32 elsewhere)"),
-        ("embed_dtype", "", "storage dtype of wte and value_embeds ('' = bfloat16 on GPU and TPU like nanochat on "
-                            "CUDA, float32 elsewhere)"),
+        ("embed_dtype", "", "storage dtype of wte and value_embeds ('' = bfloat16 on GPU like nanochat on CUDA, "
+                            "float32 elsewhere)"),
         ("fp8", False, "train q, k, v, the projections, c_fc and lm_head in fp8 with dynamic tensorwise scales, like "
                        "nanochat's --fp8 (92d63d4); evaluation stays bf16; faster only on CUDA compute capability "
                        ">= 8.9"),

@@ -30,18 +30,21 @@ from jaxchat.remat import REMAT_AUTO
 # Building the step and its state
 
 
-def make_train_step(graphdef, tx, shardings: dict):
+def make_train_step(graphdef, tx, shardings: dict, per_device: bool = True):
     """The jitted step: (params, opt_state, inputs (A, rows, T), targets, schedule) -> (params, opt_state, metrics).
 
     metrics: "loss", the mean over all A micro-batches (the whole total batch, not only the last micro-batch), and
     "grad_norm", the global norm of the averaged gradient (checked for non-finite values on the host).
+    per_device: each device's gradients summed in a shard_map and reduced once (gradient_sum), else GSPMD's
+    placement of the reductions (gspmd_gradient_sum); Backend.per_device_gradients decides.
     """
     mesh = shardings["replicated"].mesh
+    gradients = gradient_sum if per_device else gspmd_gradient_sum
 
     def train_step(params, opt_state, inputs_ART, targets_ART, schedule):
         # the mesh in context: fp8 scales are taken per data-parallel shard (jaxchat.mesh.data_shard_axes)
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            grad_sum, loss = gradient_sum(graphdef, params, shardings)(params, inputs_ART, targets_ART)
+            grad_sum, loss = gradients(graphdef, params, shardings)(params, inputs_ART, targets_ART)
             grads = jax.tree.map(lambda g: g / inputs_ART.shape[0], grad_sum)  # the mean over micro-batches
             grads = jax.lax.with_sharding_constraint(grads, shardings["grads"])  # ZeRO-2: the optimizer's layout
             opt_state = optim.set_schedule(opt_state, schedule)
@@ -90,11 +93,26 @@ def gradient_sum(graphdef, params_like, shardings: dict):
                          out_specs=(tree.unflatten([spec for _, spec in plans]), P()))
 
 
+def gspmd_gradient_sum(graphdef, params_like, shardings: dict):
+    """gradient_sum's contract with GSPMD deciding where the gradients are reduced (the batch is split over the
+    devices; the model's parameters are used whole as their shardings say)."""
+    def run(params, inputs_ART, targets_ART):
+        def micro_step(grad_sum, batch):
+            inputs_RT, targets_RT = batch
+            loss, grads = jax.value_and_grad(lambda p: nnx.merge(graphdef, p)(inputs_RT, targets_RT))(params)
+            return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+        grad_sum, losses_A = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), (inputs_ART, targets_ART))
+        return grad_sum, losses_A.mean()
+    return run
+
+
 def abstract_training(config: GPTConfig, tx, mesh, *, compute_dtype: str, **model_options):
     """(graphdef, train_step, (abstract params, abstract opt_state) with shardings): shapes only, nothing allocated.
 
     model_options: GPT's scan_layers, remat, loss_chunk, embed_dtype, fp8."""
-    graphdef, abstract_state = nnx.split(abstract_model(config, compute_dtype=compute_dtype, **model_options))
+    model = abstract_model(config, compute_dtype=compute_dtype, **model_options)
+    graphdef, abstract_state = nnx.split(model)
     abstract_params = nnx.to_pure_dict(abstract_state)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     shardings = dict(params=meshlib.param_shardings(abstract_params, mesh),
@@ -103,7 +121,7 @@ def abstract_training(config: GPTConfig, tx, mesh, *, compute_dtype: str, **mode
                      replicated=meshlib.replicated(mesh))
     targets = (meshlib.abstract_like(abstract_params, shardings["params"]),
                meshlib.abstract_like(abstract_opt, shardings["opt_state"]))
-    return graphdef, make_train_step(graphdef, tx, shardings), targets
+    return graphdef, make_train_step(graphdef, tx, shardings, model.backend.per_device_gradients), targets
 
 
 def abstract_steps(config: GPTConfig, tx, mesh, *, remat: str, compute_dtype: str, **model_options):

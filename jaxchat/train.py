@@ -151,8 +151,8 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     init_from = (nanochat_ckpt.check_source(c.init_from, config, c.resume_optimizer, tok)  # every file read now
                  if c.init_from and resume_from is None else None)
     tx, wd_scaled = build_optimizer(c, plan, mesh, muon_dtype)
-    model_options = dict(compute_dtype=compute_dtype, loss_chunk=c.loss_chunk, embed_dtype=run_backend.default_dtype(c.embed_dtype),
-                         fp8=run_backend.fp8, backend=run_backend)
+    model_options = dict(compute_dtype=compute_dtype, loss_chunk=c.loss_chunk,
+                         embed_dtype=run_backend.embed_dtype(c.embed_dtype), fp8=run_backend.fp8, backend=run_backend)
     memory.check_length(config, run_backend, c.memory_budget_gb)  # before tracing: a length no device batch holds
     graphdefs, train_steps, targets = abstract_steps(config, tx, mesh, remat=c.remat, **model_options)
     step_memory = plan_and_compile(train_steps, targets, mesh, device_batch_size=c.device_batch_size,

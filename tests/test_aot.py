@@ -166,8 +166,10 @@ def test_inventory_catches_a_scanned_layer_stack_in_a_gpu_step(compiled, monkeyp
     """The check can fail: the same GPU step with its layers scanned (the CPU's choice, and the GPU's before) writes
     the backward's residuals into stacked buffers inside the loop, and is reported."""
     from jaxchat import backend
-    real = backend.for_mesh
+    real, real_problems = backend.for_mesh, aot.problems
     monkeypatch.setattr(backend, "for_mesh", lambda *a, **k: dataclasses.replace(real(*a, **k), scan_layers=True))
+    monkeypatch.setattr(aot, "problems", lambda counts, run_backend, *a, **k: real_problems(
+        counts, dataclasses.replace(run_backend, scan_layers=False), *a, **k))  # judged as the GPU step it replaces
     r = compiled("--depth=10", "--window-pattern=L", "--max-seq-len=256", "--device-batch-size=1",
                  "--total-batch-size=2048")  # layers 0-7 repeat 4 times (period 2)
     assert r["loop_stacked_writes"] > 0 and any("stacked residual writes" in p for p in r["problems"])
