@@ -39,7 +39,7 @@ class Backend:
     # reduced once per step (jaxchat.step.gradient_sum), or GSPMD places the reductions. Per device on GPU (XLA:GPU's
     # H100 program under GSPMD all-reduced each layer's weight gradient in every micro-batch: 37.5 GB per GPU and
     # step for the record command, against 7.9 GB) and on CPU; GSPMD on TPU, where XLA:TPU predicts more memory for
-    # the per-device step (d12 on v5e-8 at device batch 32: 16.3 GiB, over the chip's 15.75, against 13.3).
+    # the per-device step (d12 on v5e-8 at device batch 32: 15.2 GiB, over 90% of the chip's 15.75, against 13.3).
     per_device_gradients: bool = True
     # the mesh's abstract mesh (for_mesh): splash attention's shard_map where no mesh is in context (evaluation)
     mesh: jax.sharding.AbstractMesh | None = None
