@@ -3,8 +3,9 @@ time (with its memory prediction and `--device-batch-size=auto`); jaxchat.datalo
 
 One jitted, donated step per optimizer step: `lax.scan` over the micro-batches (so the total batch is exactly
 --total-batch-size for any --device-batch-size, as nanochat's scripts/base_train.py accumulates grad_accum_steps
-micro-batches at 348fbb3), gradient averaging by GSPMD over the (data, fsdp) mesh, then the Muon + AdamW update with
-this step's schedule values passed in as traced scalars (never a recompile).
+micro-batches at 348fbb3), each device's gradients summed over them in a shard_map and reduced across the (data,
+fsdp) mesh once (on TPU, where GSPMD places the reductions: Backend.per_device_gradients), then the Muon + AdamW
+update with this step's schedule values passed in as traced scalars (never a recompile).
 
     graphdef, params, opt_state, train_step, targets = init_training(config, tx, mesh, seed=0, compute_dtype="float32")
     step_memory = plan_and_compile(train_step, targets, mesh, device_batch_size=memory.AUTO, total_batch_size=N, seq_len=T)
@@ -76,13 +77,7 @@ def gradient_sum(graphdef, params_like, shardings: dict):
         counts_A = jnp.sum(targets_ART >= 0, axis=(1, 2), dtype=jnp.float32)
         share_A = counts_A / jnp.maximum(jax.lax.psum(counts_A, axes) if axes else counts_A, 1.0)
 
-        def micro_step(grad_sum, batch):
-            inputs_RT, targets_RT, share = batch
-            loss, grads = jax.value_and_grad(lambda p: nnx.merge(graphdef, p)(inputs_RT, targets_RT) * share)(params)
-            return jax.tree.map(jnp.add, grad_sum, grads), loss
-
-        grad_sum = jax.tree.map(jnp.zeros_like, params)
-        grad_sum, losses_A = jax.lax.scan(micro_step, grad_sum, (inputs_ART, targets_ART, share_A))
+        grad_sum, losses_A = _accumulate(graphdef, params, (inputs_ART, targets_ART, share_A))
         grad_sum = tree.unflatten([meshlib.reduce_gradient(g, steps)
                                    for g, (steps, _) in zip(tree.flatten_up_to(grad_sum), plans)])
         return grad_sum, (jax.lax.psum(losses_A, axes) if axes else losses_A).mean()
@@ -97,14 +92,21 @@ def gspmd_gradient_sum(graphdef, params_like, shardings: dict):
     """gradient_sum's contract with GSPMD deciding where the gradients are reduced (the batch is split over the
     devices; the model's parameters are used whole as their shardings say)."""
     def run(params, inputs_ART, targets_ART):
-        def micro_step(grad_sum, batch):
-            inputs_RT, targets_RT = batch
-            loss, grads = jax.value_and_grad(lambda p: nnx.merge(graphdef, p)(inputs_RT, targets_RT))(params)
-            return jax.tree.map(jnp.add, grad_sum, grads), loss
-
-        grad_sum, losses_A = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), (inputs_ART, targets_ART))
+        ones_A = jnp.ones(inputs_ART.shape[:1], jnp.float32)
+        grad_sum, losses_A = _accumulate(graphdef, params, (inputs_ART, targets_ART, ones_A))
         return grad_sum, losses_A.mean()
     return run
+
+
+def _accumulate(graphdef, params, batches):
+    """`lax.scan` over the micro-batches (inputs, targets, weight): (the sum of the gradients of each micro-batch's
+    mean loss times its weight, each micro-batch's weighted loss)."""
+    def micro_step(grad_sum, batch):
+        inputs_RT, targets_RT, weight = batch
+        loss, grads = jax.value_and_grad(lambda p: nnx.merge(graphdef, p)(inputs_RT, targets_RT) * weight)(params)
+        return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+    return jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), batches)
 
 
 def abstract_training(config: GPTConfig, tx, mesh, *, compute_dtype: str, **model_options):
