@@ -5,11 +5,11 @@ inverse scale 1 / scale. Forward: the input (compute dtype) and the float32 mast
 output gradient goes to e5m2, and grad_input and grad_weight are computed from the fp8 operands saved by the forward.
 
 Each matmul multiplies the fp8 operands themselves into the compute dtype and scales the product afterwards (_dot).
-Checked by compiling the train step for 8 H100s (jaxchat.aot, tests/test_aot.py): every qualifying layer's forward GEMM and both backward GEMMs become
-`__cublas$lt$matmul$f8` calls, the forward at operand precision DEFAULT (fast accumulation, like
-`_scaled_mm(use_fast_accum=True)`), the backward at HIGHEST; not run on a GPU yet. Small layers are the exception:
-XLA merges the dots of q, k and v when they are small (d4, width 256) into one GEMM, which is then not fp8. Elsewhere
-(CPU, A100) the same quantised numbers are multiplied in float32: the same results, no speed-up.
+Checked by compiling the train step for 8 H100s (jaxchat.aot, tests/test_aot.py): every qualifying layer's forward
+GEMM and both backward GEMMs become `__cublas$lt$matmul$f8` calls writing bf16, the forward at operand precision
+DEFAULT (fast accumulation, like `_scaled_mm(use_fast_accum=True)`), the backward at HIGHEST; not run on a GPU yet.
+XLA may merge GEMMs that share an fp8 operand (q, k and v's at width 768) into one fp8 GEMM. Elsewhere (CPU, A100)
+the same quantised numbers are multiplied in float32: the same results, no speed-up.
 
 Scales are per data-parallel shard, like each nanochat rank's (no cross-device amax): under a mesh context whose data
 axes split the batch, the activation and gradient quantisation run inside a shard_map over those axes (in the train

@@ -8,6 +8,7 @@ kernels, GEMMs and collectives, each counted as often as it runs per step (loop 
 import collections
 import re
 
+from jaxchat.fp8 import qualifies  # the sizes of a dense layer that --fp8 runs in fp8
 from jaxchat.model import LAYER_SCAN  # the op_name scope of the scan over repeated layers
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -39,11 +40,6 @@ def computations(hlo: str) -> tuple[dict[str, list[str]], str]:
     return comps, entry
 
 
-def _qualifies(rows: int, cols: int) -> bool:
-    """Sizes jaxchat.fp8.qualifies would run in fp8 (restated here: this module reads programs, not the model)."""
-    return rows % 16 == 0 and cols % 16 == 0 and min(rows, cols) >= 128
-
-
 STACK_ELEMENTS = 2**20  # a dynamic-update-slice into a buffer this large inside a loop writes a stacked residual
 
 
@@ -73,7 +69,7 @@ def _own_counts(line: str, name: str, opcode: str, in_async: bool, dtypes: dict[
             # jaxchat.fp8.qualifies makes fp8); Muon's stacked GEMMs are 3-D
             out = re.search(r"= \(\w+\[(\d+),(\d+)\]", line)
             counts["bf16_qualifying_gemms"] += (not name.endswith("$f8") and dtypes.get(kernel) == "bf16" and out
-                                                is not None and _qualifies(*map(int, out.groups())))
+                                                is not None and qualifies(*map(int, out.groups())))
             operands = re.search(r"custom-call\(([^)]*)\)", line).group(1)
             types = [dtypes.get(o.strip().lstrip("%")) for o in operands.split(",")[:2]]  # operands by name
             counts["f32_gemms"] += types == ["f32", "f32"]
@@ -112,8 +108,8 @@ def count(hlo: str) -> collections.Counter:
     A while loop's body runs its trip count times: XLA's known_trip_count (XLA:GPU), or the bound of a `counter <
     constant` condition (XLA:TPU records none); 1 if neither says (counted in "unknown_trip_counts");
     a collective inside an async computation counts as async; "loop:<collective>" counts those that run inside a
-    loop's body, "loop_stacked_writes" the large dynamic-update-slices there of the scan over layers (stacking what the backward
-    pass needs)."""
+    loop's body, "loop_stacked_writes" the large dynamic-update-slices there of the scan over layers (stacking what
+    the backward pass needs)."""
     comps, entry = computations(hlo)
     memo = {}
 
