@@ -40,7 +40,7 @@ def project(checkout: Path, aot_flags: list[str], args, dump: str) -> dict:
                            f"--flops-per-token={args.flops}"], capture_output=True, text=True, check=True).stdout
     step, mfu, wire = _STEP.search(text), _MFU.search(text), _COLLECTIVES.search(text)
     return dict(step_ms=float(step.group(1)), exposed_collectives_ms=float(step.group(3)),
-                tokens_per_s_per_gpu=int(mfu.group(1).replace(",", "")), mfu=float(mfu.group(2)) / 100,
+                tokens_per_s_per_gpu=int(mfu.group(1).replace(",", "")), mfu=round(float(mfu.group(2)) / 100, 3),
                 collective_gb=float(wire.group(1)) if wire else 0.0, peak_gib=round(compiled["peak_bytes"] / 2**30, 1),
                 compile_s=compiled["compile_s"], remat=compiled["remat"], problems=compiled["problems"])
 
