@@ -272,21 +272,22 @@ def download(n: int, source: str = "fineweb-edu", workers: int = 4) -> str:
     out_dir = data_dir(source)
     os.makedirs(out_dir, exist_ok=True)
     failed, stop = [], threading.Event()
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:  # submitting too: a signal there (a worker already fetching) would leave through a waiting shutdown
         futures = {pool.submit(download_shard, i, source, out_dir, stop=stop): i for i in indices}
-        try:
-            for future in tqdm(as_completed(futures), total=len(futures), desc=f"{source} shards", unit="shard"):
-                try:
-                    future.result()
-                except RuntimeError as e:
-                    failed.append(futures[future])
-                    print(e, file=sys.stderr, flush=True)
-        except BaseException:
-            # Interrupted (Ctrl-C, SIGTERM): leaving the `with` waited for every queued shard (all ~180 GB of -1);
-            # queued ones are dropped and running ones stop at their next chunk, removing their .tmp files
-            stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+        for future in tqdm(as_completed(futures), total=len(futures), desc=f"{source} shards", unit="shard"):
+            try:
+                future.result()
+            except RuntimeError as e:
+                failed.append(futures[future])
+                print(e, file=sys.stderr, flush=True)
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM): a `with` pool waited for every queued shard (all ~180 GB of -1); queued
+        # ones are dropped and running ones stop at their next chunk, removing their .tmp files
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     if failed:
         again = f"python -m jaxchat.dataset -n {n}" + ("" if source == "fineweb-edu" else f" --source {source}")
         raise UserError(f"{len(failed)} of {len(indices)} shards failed ({sorted(failed)[:10]}...; is the network "

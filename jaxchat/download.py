@@ -46,12 +46,26 @@ def fetch(url: str, path: str, *, timeout: float = 60.0, check: Callable[[str], 
     return path
 
 
+class _NoBar:
+    """The bar of a fetch that shows none."""
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _progress_bar(desc: str | None, total: int | None):
-    """A tqdm bar on process 0 when `desc` is given, else one that shows nothing."""
+    """A tqdm bar on process 0 when `desc` is given, else one that shows nothing. Not a disabled tqdm: building one
+    takes tqdm's global lock, which a signal can leave held by the main thread (raised in its handler while tqdm's
+    own bar is being built there), and every worker thread's fetch then waited on it for ever."""
     import jax
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=desc is None or jax.process_index() != 0)
+    if desc is None or jax.process_index() != 0:
+        return _NoBar()
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc)
 
 
 def build_directory(dest: str, build: Callable[[str], str | None], complete: Callable[[str], bool],

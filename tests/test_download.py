@@ -56,6 +56,32 @@ def test_fetch_failures_leave_nothing(served, tmp_path):
     assert os.listdir(tmp_path) == ["remote"]  # neither the file nor a temporary one
 
 
+def test_a_fetch_without_a_bar_never_waits_on_tqdm(tmp_path):
+    """dataset's worker threads fetch with no bar. A disabled tqdm still took tqdm's global lock, which a SIGTERM
+    raised while the main thread built its own bar left held: the workers waited for ever, and so did the exit."""
+    from tqdm import tqdm
+
+    src = tmp_path / "src"
+    src.write_bytes(b"shard")
+    tqdm.get_lock()  # built before it is held, as the main thread's bar builds it
+    lock = tqdm.get_lock().locks[-1]  # the threading lock; held here by another thread
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with lock:
+            held.set()
+            release.wait(30)
+
+    threading.Thread(target=hold, daemon=True).start()
+    held.wait(5)
+    result = []
+    worker = threading.Thread(target=lambda: result.append(fetch(src.as_uri(), str(tmp_path / "out"))), daemon=True)
+    worker.start()
+    worker.join(10)
+    release.set()
+    assert result == [str(tmp_path / "out")] and (tmp_path / "out").read_bytes() == b"shard"
+
+
 def test_fetch_replaces_an_existing_file(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     src.write_bytes(b"new")
