@@ -16,7 +16,6 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax is imported: no device is needed, none is started
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -33,10 +32,7 @@ def topology_devices(target: str, devices: int, hosts: int | None = None) -> lis
     hosts: one for GPUs, TpuTarget.default_hosts for TPUs)."""
     if target in TPU_TARGETS:
         return _tpu_devices(target, devices, hosts)
-    if importlib.util.find_spec("jax_cuda12_plugin") is None and importlib.util.find_spec("jax_cuda13_plugin") is None:
-        import jax
-        raise UserError(f"compiling for {target} needs the CUDA plugin (no GPU): pip install "
-                        f"\"jax[cuda12]=={jax.__version__}\"")
+    _needs_plugin("cuda", target)
     hosts = hosts or 1
     if devices <= 0 or hosts <= 0 or devices % hosts:
         raise UserError(f"--devices={devices} must be a positive multiple of --hosts={hosts}")
@@ -44,6 +40,15 @@ def topology_devices(target: str, devices: int, hosts: int | None = None) -> lis
     topology = topologies.get_topology_desc(platform="cuda", topology=f"1x{hosts}x{devices // hosts}",
                                             target_config=GPU_TARGETS[target].proto_text())
     return list(topology.devices)
+
+
+def _needs_plugin(platform: str, target: str) -> None:
+    """The compiler for `target` is JAX's plugin for its platform (no device needed): one line if it is missing."""
+    from jaxchat import backend
+
+    if platform not in backend.installed_plugins():
+        raise UserError(f"compiling for {target} needs JAX's {platform} plugin (not a device): "
+                        f"{backend.PLUGINS[platform][1]}")
 
 
 def _tpu_devices(target: str, chips: int, hosts: int | None) -> list:
@@ -59,9 +64,7 @@ def _tpu_devices(target: str, chips: int, hosts: int | None) -> list:
     if not (hosts == 1 and chips <= tpu.one_host_chips or hosts > 1 and chips == MULTI_HOST_CHIPS * hosts):
         raise UserError(f"--hosts={hosts}: a {target} VM has up to {tpu.one_host_chips} chips alone and "
                         f"{MULTI_HOST_CHIPS} in a slice over several hosts: use --hosts={tpu.default_hosts(chips)}")
-    if importlib.util.find_spec("libtpu") is None:
-        import jax
-        raise UserError(f"compiling for {target} needs libtpu (no TPU): pip install \"jax[tpu]=={jax.__version__}\"")
+    _needs_plugin("tpu", target)
     # Compile-only, no chip opened: this process need not hold libtpu's lock (/tmp/libtpu_lockfile; a training run on
     # this TPU VM, or a second compile, would otherwise be refused), nor ask a cloud metadata server which slice it
     # is on (the topology says), nor know its peers (without a name libtpu prints three lines of warnings)

@@ -194,7 +194,7 @@ def test_missing_plugin_is_one_line(monkeypatch):
     """Without the CUDA plugin: one line naming what to install, exit code 2."""
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     from jaxchat.common import UserError
-    with pytest.raises(UserError, match=r'pip install "jax\[cuda12\]=='):
+    with pytest.raises(UserError, match=r"needs JAX's cuda plugin \(not a device\): pip install -e '\.\[cuda12\]'"):
         aot.topology_devices("h100", 8, 1)
 
 
@@ -242,7 +242,7 @@ def test_tpu_slice_bad_input_is_one_line(monkeypatch):
             aot.topology_devices(target, chips, hosts)
         assert "\n" not in str(error.value)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(UserError, match=r'needs libtpu \(no TPU\): pip install "jax\[tpu\]=='):
+    with pytest.raises(UserError, match=r"needs JAX's tpu plugin \(not a device\): pip install -e '\.\[tpu\]'"):
         aot.topology_devices("v6e", 8)
 
 
