@@ -380,10 +380,10 @@ def range_text(key: str) -> str:
 
 def check_ranges(c: ConfigDict) -> None:
     """Every numeric flag inside its documented range."""
-    for key, (lo, hi, _) in RANGES.items():
+    for key, (lo, hi, note) in RANGES.items():
         value = c[key]
-        bad = value < lo or (hi is not None and value > hi) or (key in REAL_FROM and value != -1 and
-                                                                 value < REAL_FROM[key])
+        bad = (value < lo or (hi is not None and value > hi) or (note == "even" and value % 2)
+               or (key in REAL_FROM and value != -1 and value < REAL_FROM[key]))
         if bad:
             raise UserError(f"--{key.replace('_', '-')}={value} is out of range: use {range_text(key)}")
 
@@ -393,8 +393,7 @@ def validate(c: ConfigDict) -> None:
     their arguments too, but only here are the errors worded for the command line)."""
     if c.resume_optimizer and not c.init_from:
         raise UserError("--resume-optimizer loads a nanochat checkpoint's optimizer state: give it with --init-from")
-    if c.depth <= 0:
-        raise UserError(f"--depth={c.depth} must be a positive integer (e.g. --depth=12)")
+    check_ranges(c)  # every bound is RANGES'; what follows are the contradictions between flags
     if c.model_tag:  # '' = d<depth>; checkpoint.checkpoint_dir checks it again for every reader
         check_name(c.model_tag, "--model-tag")
     if c.depth % 2 and not c.allow_odd_depth:
@@ -407,11 +406,6 @@ def validate(c: ConfigDict) -> None:
     if r.fixed_betas and (c.adam_beta1, c.adam_beta2) != (defaults().adam_beta1, defaults().adam_beta2):
         raise UserError(f"--adam-beta1/--adam-beta2 do not exist in recipe {r.name}: each AdamW group has its own "
                         f"betas (nanochat 92d63d4 GPT.setup_optimizer); drop them or use --recipe=348fbb3")
-    for key in ("max_seq_len", "aspect_ratio", "head_dim", "eval_tokens"):
-        if c[key] <= 0:
-            raise UserError(f"--{key.replace('_', '-')}={c[key]} must be positive")
-    if c.device_batch_size < 0:  # 0 is memory.AUTO
-        raise UserError(f"--device-batch-size={c.device_batch_size} must be positive (or auto)")
     if not c.window_pattern or set(c.window_pattern.upper()) - {"S", "L"}:
         raise UserError(f"--window-pattern={c.window_pattern!r} must use only the letters S and L, e.g. SSSL or L")
     if c.data not in ("fineweb-edu", "climbmix", "demo"):
@@ -424,11 +418,5 @@ def validate(c: ConfigDict) -> None:
             raise UserError(f"--{key.replace('_', '-')}={c[key]!r}: choose bfloat16 or float32")
     if str(c.resume_from_step) != "last" and not (str(c.resume_from_step).isdigit() or str(c.resume_from_step) == "-1"):
         raise UserError(f"--resume-from-step={c.resume_from_step!r}: give a step number or 'last'")
-    for key in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
-        if not 0.0 <= c[key] <= 1.0:
-            raise UserError(f"--{key.replace('_', '-')}={c[key]} must be between 0 and 1")
     if c.warmup_ratio + c.warmdown_ratio > 1.0:
         raise UserError(f"--warmup-ratio + --warmdown-ratio = {c.warmup_ratio + c.warmdown_ratio} exceeds 1")
-    if c.max_seq_len % 2 or c.head_dim % 2:
-        raise UserError("--max-seq-len and --head-dim must be even")
-    check_ranges(c)

@@ -42,12 +42,12 @@ def base_dir(tmp_path_factory):
 
 
 CASES = [
-    (["--depth=0"], "--depth=0 must be a positive integer"),
-    (["--depth=-4"], "--depth=-4 must be a positive integer"),
+    (["--depth=0"], "--depth=0 is out of range: use >= 1"),
+    (["--depth=-4"], "--depth=-4 is out of range: use >= 1"),
     (["--depth=7"], "--depth=7 is odd"),
     (["--depth=abc"], "expected int"),
     (["--device-batch-size=3"], "use --device-batch-size in [1, 2]"),
-    (["--device-batch-size=-2"], "--device-batch-size=-2 must be positive"),
+    (["--device-batch-size=-2"], "--device-batch-size=-2 is out of range: use >= 0 (0 or 'auto' = largest that fits)"),
     (["--total-batch-size=1000"], "make --total-batch-size a multiple of"),
     (["--bogus=1"], "unrecognized arguments: --bogus=1"),
     (["--config=configs/missing.py"], "no such file"),
@@ -66,7 +66,8 @@ CASES = [
     (["--compute-dtype=fp8"], "choose bfloat16 or float32"),
     (["--resume-from-step=soon"], "step number or 'last'"),
     (["--core-metric-every=100"], "python -m jaxchat.core_eval --download"),
-    (["--eval-tokens=0"], "--eval-tokens=0 must be positive"),
+    (["--eval-tokens=0"], "--eval-tokens=0 is out of range: use >= 1"),
+    (["--max-seq-len=63"], "--max-seq-len=63 is out of range: use >= 2 (even)"),
     (["--log-every=0"], "--log-every=0 is out of range: use >= 1"),
     (["--keep-last=-3"], "--keep-last=-3 is out of range: use >= 1"),
     (["--save-every-minutes=-2"], "--save-every-minutes=-2.0 is out of range: use -1 or > 0"),

@@ -64,7 +64,7 @@ def test_checkpoint_restores_onto_another_mesh(base_dir, uninterrupted):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--depth=0"], "--depth=0 must be a positive integer"),
+    (["--depth=0"], "--depth=0 is out of range: use >= 1"),
     (["--device-batch-size=3"], "use --device-batch-size in"),
     (["--bogus-flag=1"], "unrecognized arguments"),
     (["--data=fineweb-edu"], "python -m jaxchat.dataset"),
