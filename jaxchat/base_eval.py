@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxchat import compile_cache, core_bundle, core_eval, dataset, mesh as meshlib
-from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, check_output, cli_parser, print0, run_main, user_path
+from jaxchat.common import (JAXCHAT_ONLY, UserError, base_dir, check_output, cli_parser, print0, replacing,
+                            run_main, user_path)
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
 from jaxchat.model import GPT, abstract_model
 from jaxchat.tokenizer import Tokenizer, check_recorded, default_dir
@@ -96,9 +97,8 @@ def write_csv(path: str, results: dict) -> str:
     lines.append(f"{'CORE':<35}, {'':<10}, {results['core']:<10.6f}")
     text = "\n".join(lines) + "\n"
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    with replacing(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(path + ".tmp", path)
     return text
 
 
@@ -284,9 +284,8 @@ def main(argv=None, compile_cache_on: bool = False) -> None:
         out = {"core": results["core"], "tasks": {label: {k: r[k] for k in ("accuracy", "centered", "correct")}
                                                   for label, r in results["tasks"].items()}}
         os.makedirs(os.path.dirname(args.json), exist_ok=True)  # checked at start-up (check_output)
-        with open(args.json + ".tmp", "w") as f:
+        with replacing(args.json) as tmp, open(tmp, "w") as f:
             json.dump(out, f)
-        os.replace(args.json + ".tmp", args.json)
         print(f"wrote {args.json}")
 
 

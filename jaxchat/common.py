@@ -10,6 +10,7 @@ import signal
 import sys
 import tempfile
 import threading
+import uuid
 
 import jax
 
@@ -100,6 +101,21 @@ def read_input(path: str, read, what: str, fix: str):
         first = (str(e).strip().splitlines() or [""])[0][:120]
         raise UserError(f"the {what} {path} is corrupt or truncated ({os.path.getsize(path):,} bytes; "
                         f"{type(e).__name__}: {first}): {fix}") from None
+
+
+@contextlib.contextmanager
+def replacing(path: str, unique: bool = False):
+    """A temporary name beside `path` to write, renamed over `path` once the block ends without error; removed if it
+    fails or is interrupted (a signal is an exception under run_main), so readers see the whole file or the old one
+    and no half-written file is left. `unique`: a name of this process's own (pid and a random part), for files
+    several processes or hosts may write at once; otherwise `path`.tmp, which a later command can recognise."""
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp" if unique else f"{path}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def print0(*args, **kwargs) -> None:

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, cli_parser, run_main
+from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, cli_parser, replacing, run_main
 from jaxchat.download import Stopped, build_directory, fetch
 
 # nanochat/dataset.py BASE_URL and MAX_SHARD. The last shard of each source is its validation shard; pinning it
@@ -109,14 +109,10 @@ def recorded_val_shard(directory: str, files: list[str]) -> str:
             val = f.read().strip()
     except FileNotFoundError:
         val = files[-1]
-        tmp = f"{record}.{os.getpid()}.tmp"
-        try:  # concurrent first listings (one per process) write the same name; the rename is atomic
+        # concurrent first listings (one per process) write the same name; the rename is atomic
+        with contextlib.suppress(OSError), replacing(record, unique=True) as tmp:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(val + "\n")
-            os.replace(tmp, record)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
     except OSError as e:
         raise UserError(f"cannot read {record} ({e.strerror}), which names the validation shard of {directory}: "
                         f"check its permissions") from None

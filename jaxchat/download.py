@@ -11,6 +11,8 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 
+from jaxchat.common import replacing
+
 
 class Stopped(Exception):
     """A fetch ended by its `stop` event (the command is exiting), never retried."""
@@ -26,8 +28,7 @@ def fetch(url: str, path: str, *, timeout: float = 60.0, check: Callable[[str], 
     command was interrupted: fetches run in worker threads, which no signal reaches) ends it at its next chunk with
     Stopped, its temporary file removed.
     """
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
+    with replacing(path, unique=True) as tmp:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None
             bar = _progress_bar(progress, total)
@@ -39,10 +40,6 @@ def fetch(url: str, path: str, *, timeout: float = 60.0, check: Callable[[str], 
             bar.close()
         if check is not None:
             check(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from jaxchat import nanochat_ckpt, optim
 from jaxchat.recipe import batch_lr_scale
 from jaxchat import tokenizer as toklib
-from jaxchat.common import UserError, check_name, check_output, run_main, user_path
+from jaxchat.common import UserError, check_name, check_output, replacing, run_main, user_path
 from jaxchat.convert import config_from_dict
 
 
@@ -201,7 +201,7 @@ def export(argv: list[str]) -> dict[str, str]:
         if kept := toklib.keep_aside(os.path.dirname(files["tokenizer"]), unless=tok.fingerprint()):
             print(f"The tokenizer in {os.path.dirname(files['tokenizer'])} is another one: kept in {kept}")
         os.makedirs(os.path.dirname(files["tokenizer"]), exist_ok=True)
-        with nanochat_ckpt.replacing(files["tokenizer"]) as tmp:
+        with replacing(files["tokenizer"]) as tmp:
             shutil.copyfile(tokenizer_pkl, tmp)
     nanochat_ckpt.save(token_bytes, files["token_bytes"], "token_bytes.pt")
     print(f"Exported step {step} of {args.model_tag} to {os.path.dirname(files['model'])} "

@@ -14,7 +14,6 @@ second_momentum_buffer, transposed to (out, in) and split into the rank shards o
 PyTorch is needed only here, imported when a function needs it.
 """
 
-import contextlib
 import functools
 import io
 import json
@@ -29,7 +28,7 @@ import numpy as np
 
 from jaxchat import optim
 from jaxchat import params as paramslib
-from jaxchat.common import UserError, check_name, read_input
+from jaxchat.common import UserError, check_name, read_input, replacing
 from jaxchat.convert import config_from_dict, from_reference, recipe_of_state, to_reference
 
 # nanochat's GPTConfig fields: GPT(GPTConfig(**model_config)) rejects any other key.
@@ -562,19 +561,6 @@ def write_json(obj: dict, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
-
-
-@contextlib.contextmanager
-def replacing(path: str):
-    """`path`.tmp to write, renamed to `path` once written; removed if the write fails or is interrupted (a signal is
-    an exception under common.run_main), so no half-written file is left beside the export."""
-    tmp = path + ".tmp"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
 
 
 def _nbytes(obj) -> int:

@@ -16,7 +16,6 @@ update with this step's schedule values passed in as traced scalars (never a rec
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P

@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import tiktoken
 
-from jaxchat.common import UserError, base_dir, print0, read_input, user_path
+from jaxchat.common import UserError, base_dir, print0, read_input, replacing, user_path
 
 # nanochat/tokenizer.py SPLIT_PATTERN: GPT-4's pattern with \p{N}{1,2} instead of {1,3}.
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
@@ -111,17 +111,10 @@ class Tokenizer:
         kept = keep_aside(directory, unless=self.fingerprint())
         os.makedirs(directory, exist_ok=True)
         pkl, npy = os.path.join(directory, "tokenizer.pkl"), os.path.join(directory, "token_bytes.npy")
-        try:
-            with open(pkl + ".tmp", "wb") as f:
-                pickle.dump(self.enc, f)
-            with open(npy + ".tmp", "wb") as f:
-                np.save(f, self.get_token_bytes())
-            os.replace(npy + ".tmp", npy)
-            os.replace(pkl + ".tmp", pkl)  # last: tokenizer.pkl present means the directory is complete
-        finally:  # interrupted (SIGTERM is an exception under run_main) or failed: no half-written file stays
-            for tmp in (pkl + ".tmp", npy + ".tmp"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(tmp)
+        with replacing(npy) as tmp, open(tmp, "wb") as f:
+            np.save(f, self.get_token_bytes())
+        with replacing(pkl) as tmp, open(tmp, "wb") as f:  # last: tokenizer.pkl present means the directory is complete
+            pickle.dump(self.enc, f)
         self.directory = directory
         return kept
 
@@ -201,13 +194,8 @@ def restore(directory: str, which: str) -> tuple[Tokenizer, str | None]:
     os.makedirs(directory, exist_ok=True)
     for name in reversed(FILES):  # tokenizer.pkl last: present means complete
         if os.path.exists(src := os.path.join(source, name)):
-            tmp = os.path.join(directory, name) + ".tmp"
-            try:
+            with replacing(os.path.join(directory, name)) as tmp:
                 shutil.copyfile(src, tmp)
-                os.replace(tmp, os.path.join(directory, name))
-            finally:  # interrupted or failed: no half-copied file stays
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(tmp)
     return Tokenizer.load(directory), aside
 
 
