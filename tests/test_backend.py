@@ -30,9 +30,12 @@ def gpu(capability: str, kind: str = "GPU") -> Device:
 ])
 def test_backend_of_devices(device, dtype, attention, fp8, note):
     """cuDNN attention where it exists and the step is bf16; XLA's with one line elsewhere on GPU; splash attention
-    and bf16 on TPU; jaxchat's blocked attention and float32 on CPU; fp8 GEMMs from compute capability 8.9."""
+    and bf16 on TPU; jaxchat's blocked attention and float32 on CPU; fp8 GEMMs from compute capability 8.9; layers
+    unrolled on GPU only, gradients reduced by GSPMD on TPU only (Backend's comments say why)."""
     b = backend.for_devices([device], dtype)
-    assert b.fused_loss and not b.fp8
+    assert not b.fp8  # only where --fp8 asks for it
+    assert (b.scan_layers, b.per_device_gradients) == (device.platform != "gpu", device.platform != "tpu")
+    assert b.loss_block_tokens == (1024 if device.platform == "cpu" else 8192)
     assert (b.attention, b.fp8_gemms) == (attention, fp8)
     assert (note in b.note) if note else b.note == ""
     assert b.compute_dtype == (dtype or ("float32" if device.platform == "cpu" else "bfloat16"))
