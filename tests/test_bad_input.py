@@ -181,13 +181,22 @@ def test_config_file_errors_name_the_file(tmp_path, body, message):
 
 
 def test_every_numeric_flag_has_a_documented_range():
-    from jaxchat.config import RANGES, defaults, parse_flags, range_text
-    numeric = {k for k, v in defaults().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """Every numeric flag has a range; its default is inside it, its --help line states it, and a value just past
+    either end is refused in one line naming the flag."""
+    from jaxchat.config import RANGES, check_ranges, defaults, make_parser, parse_flags, range_text
+    c = defaults()
+    numeric = {k for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert numeric == set(RANGES)
-    for key in RANGES:  # the default is inside its range, the documented text is in --help
-        assert range_text(key)
-    with pytest.raises(UserError, match="out of range"):
-        parse_flags(["--peer-timeout=0"])
+    check_ranges(c)  # every default inside its range
+    helps = {a.dest: a.help for a in make_parser(c)._actions}
+    for key, (lo, hi, _) in RANGES.items():
+        assert f"[{range_text(key)}] (default: " in helps[key], (key, helps[key])
+        flag = "--" + key.replace("_", "-")
+        for outside in (lo - 1, None if hi is None else hi + 1):
+            if outside is not None:
+                with pytest.raises(UserError, match=f"{flag}[ =]") as e:
+                    parse_flags([f"{flag}={outside}"])
+                assert "\n" not in str(e.value)
 
 
 def _mount_tmpfs(path: Path, size: str) -> None:
