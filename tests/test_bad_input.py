@@ -125,15 +125,69 @@ def test_checkpoint_with_another_tokenizer_vocabulary(base_dir):
         shutil.move(base_dir / "tokenizer_demo_4096", tok_dir)
 
 
-@pytest.mark.parametrize("argv", [["--depth=7"], ["--device-batch-size=3"], ["--data=fineweb-edu"],
-                                  ["--model-tag=tiny", "--resume-from-step=2", "--depth=4"],
-                                  ["--model-tag=tiny", "--resume-from-step=last", "--num-iterations=1"]])
-def test_command_line_exit_code_and_no_traceback(base_dir, argv):
-    proc = subprocess.run([sys.executable, "-m", "jaxchat.train", *TINY, *argv], capture_output=True, text=True,
-                          env=dict(os.environ, JAXCHAT_BASE_DIR=str(base_dir)), timeout=300)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
+REPO = Path(__file__).resolve().parents[1]
+# Each command's refusals as commands, one process each: exit code 2 and one line "error: ..." on stderr, no traceback
+# (common.run_main), from each place a command refuses its input. {command: [(id, base, argv, message)]}; base: "tiny"
+# (this module's base dir: checkpoint tiny, fineweb-edu shards without a tokenizer) or "empty"; in argv {core} is the
+# shared CORE fixture (tests/test_core_eval.py). The in-process tests above check the messages of every case.
+COMMANDS = {
+    "train": [
+        ("odd-depth", "tiny", [*TINY, "--depth=7"], "--depth=7 is odd"),
+        ("zero-depth", "empty", [*TINY, "--depth=0"], "--depth=0 must be a positive integer"),
+        ("device-batch", "empty", [*TINY, "--device-batch-size=3"], "use --device-batch-size in"),
+        ("unknown-flag", "empty", [*TINY, "--bogus-flag=1"], "unrecognized arguments"),
+        ("no-shards", "empty", [*TINY, "--data=fineweb-edu"], "python -m jaxchat.dataset"),
+        ("no-tokenizer", "tiny", [*TINY, "--data=fineweb-edu"], "python -m jaxchat.tok_train"),
+        ("resume-other-depth", "tiny", [*TINY, "--model-tag=tiny", "--resume-from-step=2", "--depth=4"],
+         "saved 2, now 4"),
+        ("resume-past-horizon", "tiny", [*TINY, "--model-tag=tiny", "--resume-from-step=last", "--num-iterations=1"],
+         "past this run's horizon of 1 steps"),
+        ("huge-max-seq-len", "empty", ["--config=configs/demo.py", "--eval-every=-1", "--sample-every=-1",
+                                       "--max-seq-len=1048576", "--total-batch-size=1048576", "--device-batch-size=1",
+                                       "--memory-budget-gb=64"], "--max-seq-len=1048576 cannot fit"),
+    ],
+    "base_eval": [
+        ("model-tag-outside", "empty", ["--model-tag=../x", "--eval=bpb"], "plain folder name"),
+        ("no-checkpoint", "empty", ["--model-tag", "d4", "--bundle", "{core}/eval_bundle"], "no checkpoint"),
+        ("missing-bundle", "empty", ["--nanochat-checkpoint", "{core}/model.npz", "--tokenizer-dir", "{core}/tokenizer",
+                                     "--bundle", "no_bundle"], "python -m jaxchat.core_eval --download"),
+    ],
+    "export": [
+        ("no-checkpoint", "empty", ["--model-tag=nope", "--to=/tmp/x"], "no checkpoint in"),
+        ("no-model-tag", "empty", ["--to=/tmp/x"], "--model-tag"),
+        ("world-size", "tiny", ["--model-tag=tiny", "--to=/tmp/x", "--world-size=0"], "--world-size=0"),
+    ],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.entry
+@pytest.mark.parametrize("command, base, argv, message", [(c, *case[1:]) for c, cases in COMMANDS.items()
+                                                          for case in cases],
+                         ids=[f"{c}-{case[0]}" for c, cases in COMMANDS.items() for case in cases])
+def test_commands_refuse_bad_input_with_exit_2_and_one_line(request, tmp_path, command, base, argv, message):
+    if command == "export" and not importlib.util.find_spec("torch"):
+        pytest.skip("jaxchat.export needs PyTorch: pip install -e '.[torch]'")
+    root = request.getfixturevalue("base_dir") if base == "tiny" else tmp_path / "empty"
+    core = str(request.getfixturevalue("core_fixture")) if any("{core}" in a for a in argv) else ""
+    env = dict(os.environ, JAXCHAT_BASE_DIR=str(root), JAX_PLATFORMS="cpu")
+    if command != "train" or "--max-seq-len=1048576" in argv:
+        env["XLA_FLAGS"] = ""  # one CPU device starts faster; the memory check, not the batch's split, refuses that one
+    proc = subprocess.run([sys.executable, "-m", f"jaxchat.{command}", *(a.replace("{core}", core) for a in argv)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path if command != "train" else REPO,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    if command == "base_eval":  # a failed look-up leaves no empty folder
+        assert not (root / "base_checkpoints").exists()
+
+
+@pytest.fixture
+def core_fixture():
+    """The shared CORE fixture's folder (a small bundle, its model and tokenizer), or skip."""
+    from conftest import shared_fixture
+    return shared_fixture("core_small/expected.json").parent
 
 
 def test_corrupt_shard_names_the_file(base_dir, tmp_path, monkeypatch):

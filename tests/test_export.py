@@ -213,16 +213,6 @@ def test_refuses_to_overwrite_without_force(base_dir, trained, tmp_path):
     assert forced.returncode == 0, forced.stderr
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model-tag=nope", "--to=/tmp/x"], "no checkpoint in"),
-    (["--to=/tmp/x"], "--model-tag"),
-    (["--model-tag=t", "--to=/tmp/x", "--world-size=0"], "--world-size=0"),
-])
-def test_bad_input_is_one_line(base_dir, trained, argv, message):
-    run = run_export(*argv)
-    assert run.returncode == 2 and run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
-
-
 def test_without_torch_says_so(base_dir, trained, tmp_path):
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('no torch here')\n")
