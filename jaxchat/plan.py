@@ -6,7 +6,6 @@ recipe's transfer rules (batch LR scale, Muon weight decay; 92d63d4's auto batch
     python -m jaxchat.plan --readme      # the README's configuration tables, computed
 """
 
-import argparse
 import dataclasses
 import inspect
 import math
