@@ -51,6 +51,7 @@ def test_fp8_is_off_on_tpu_with_one_line():
     assert h100.fp8 and h100.note == ""
 
 
+@pytest.mark.slow
 def test_model_follows_its_backend_not_jax_default_backend(monkeypatch):
     """The model traces the attention its backend names: a jax.default_backend() that says "gpu" changes nothing, and
     the XLA attention (what an older GPU or a TPU gets) gives the blocked CPU attention's loss and gradients."""
@@ -138,6 +139,7 @@ def _run_main(code: str, **env) -> "subprocess.CompletedProcess":
                           env=environ, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_commands_start_jax_quietly_or_say_in_one_line_why_not():
     """Through common.run_main, as every command starts: JAX_PLATFORMS naming an unknown platform is JAX's error in
     one line (exit 2); where no accelerator is here, cuda is one line and an unset JAX_PLATFORMS starts the CPU with

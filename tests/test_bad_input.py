@@ -22,7 +22,9 @@ TINY = TINY_RUN + ["--num-iterations=2", "--eval-every=-1"]
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    """A base dir with the demo corpus, its tokenizer and a 2-step checkpoint of the TINY model (tag 'tiny')."""
+    """A base dir with the demo corpus, its tokenizer and a 2-step checkpoint of the TINY model (tag 'tiny'). Once
+    per module and about 15 s, so the tests that only read it are in the fast tier; those that train or start
+    processes themselves are marked slow."""
     from jaxchat.train import train
     path = tmp_path_factory.mktemp("bad_input")
     old = os.environ.get("JAXCHAT_BASE_DIR")
@@ -510,6 +512,7 @@ def test_second_run_on_the_same_tag_refuses(base_dir):
     assert Checkpointer(str(ckpt)).steps() == [2]
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_save_is_one_line(base_dir, tmp_path, capsys):
     """A checkpoint folder on a 16 MiB file system: the first save(s) fit, then one does not."""
     from jaxchat.checkpoint import Checkpointer

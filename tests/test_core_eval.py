@@ -229,6 +229,8 @@ def _run_cli(args: list[str], base: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
+@pytest.mark.entry
 def test_base_eval_json_end_to_end(tmp_path):
     root = fixture_dir()
     out = tmp_path / "results" / "core.json"  # a folder not there yet: checked at start-up, created at the end
@@ -281,6 +283,7 @@ print("RESULT", json.dumps({"devices": jax.device_count(), "core": r["core"],
 """
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_reference(tmp_path):
     import socket
 
@@ -304,6 +307,8 @@ def test_two_processes_agree_with_reference(tmp_path):
         assert got["correct"] == {k: v["correct"] for k, v in expected["tasks"].items()}
 
 
+@pytest.mark.slow
+@pytest.mark.entry
 @pytest.mark.parametrize("delay", [0.5, 1.0])
 def test_ctrl_c_during_core_is_one_line_and_130_never_a_crash(tmp_path, delay):
     """Ctrl-C while base_eval's CORE compiles or runs its second task: "interrupted by SIGINT", then a segmentation

@@ -22,6 +22,7 @@ def test_user_path_expands_tilde_and_relative_once(tmp_path, monkeypatch):
     assert user_path("gs://bucket/cache") == "gs://bucket/cache" and user_path("") == "" and user_path(None) is None
 
 
+@pytest.mark.entry
 def test_a_tilde_base_dir_is_the_home_folder_for_writers_and_readers(tmp_path):
     """JAXCHAT_BASE_DIR="~/jc" (quoted in a job script, so the shell left the `~`) wrote into ./~/jc, then pyarrow,
     which expands `~` itself, read elsewhere. Now every command writes and reads $HOME/jc."""

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import TINY_RUN
 
+pytestmark = pytest.mark.slow
+
 TINY = TINY_RUN + ["--num-iterations=6", "--eval-every=3", "--save-every=3"]
 
 
