@@ -291,7 +291,7 @@ def test_readme_tpu_memory_table_matches_the_compiler(compiled):
     same_jax = f"jax {jax.__version__}," in table
     in_readme = next(line for line in table.splitlines() if f"`{' '.join(V5E_SMALL)}`" in line).split(" | ")[:-1]
     now = bench.row(tuple(V5E_SMALL), compiled(*V5E_SMALL, target="v5e")).split(" | ")[:-1]
-    peak = 5  # "0.43 of 15.75"; the cells before it and after it but the last (compile s) do not depend on XLA's figure
+    peak = 5  # "0.43 of 15.75" ("... over" where it does not fit); every other cell but the compile time is equal
     assert in_readme[:peak] + in_readme[peak + 1:] == now[:peak] + now[peak + 1:]
     (readme_gib, of, usable), (now_gib, *rest) = in_readme[peak].split(), now[peak].split()
     assert rest == [of, usable] and abs(float(now_gib) - float(readme_gib)) <= OTHER_JAX_PEAK * float(readme_gib), now
