@@ -11,18 +11,15 @@ and refuses at compile time a program that does not fit a chip. The figures are 
 measures can differ (the GPU autotuner's choices, the CUDA runtime's own memory).
 """
 
+import argparse
+import json
 import os
+import sys
+import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax is imported: no device is needed, none is started
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-from jaxchat import xla_flags  # noqa: E402
-from jaxchat.common import UserError, run_main  # noqa: E402
-from jaxchat.targets import GPU_TARGETS, HOST_BOUNDS, MULTI_HOST_CHIPS, TPU_TARGETS  # noqa: E402
+from jaxchat import xla_flags
+from jaxchat.common import UserError, run_main
+from jaxchat.targets import GPU_TARGETS, HOST_BOUNDS, MULTI_HOST_CHIPS, TPU_TARGETS
 
 DENSE_NAMES = ("c_q", "c_k", "c_v", "c_proj", "c_fc", "mlp_proj")  # the per-layer dense weights (model.Blocks)
 
@@ -246,6 +243,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--hosts", type=int, default=None,
                         help="hosts (processes) they are spread over (default: 1 for GPUs; a TPU slice's own)")
     args, train_argv = parser.parse_known_args(argv)
+    if not os.environ.get("JAX_PLATFORMS", "").strip():
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")  # compiling needs no device: start none (a GPU host's included)
     xla_flags.apply()  # the flags `python -m jaxchat.train` runs with, before the backend starts
     # No persistent compilation cache here: a compile-only client cannot load a cached executable ("PjRtCompiler
     # must be constructed with a Client"), so every run compiles.

@@ -1,5 +1,5 @@
 """Attention kernels and their dispatch (as nanochat's flash_attention.py beside gpt.py): causal attention with a
-left window, by the kernel the backend names (jaxchat.backend.ATTENTION), and one query against a KV cache.
+left window, by the kernel the backend names (Backend.attention), and one query against a KV cache.
 
     y_BTHD = attention(q_BTHD, k_BTKD, v_BTKD, window_left, impl=backend.attention)
 
@@ -21,7 +21,7 @@ from jaxchat import mesh as meshlib
 
 def attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, window_left: int, impl: str,
               mesh: jax.sharding.AbstractMesh | None = None) -> jax.Array:
-    """Causal attention where query t sees keys t-window_left..t, by the backend's kernel (backend.ATTENTION);
+    """Causal attention where query t sees keys t-window_left..t, by the backend's kernel (Backend.attention);
     `mesh`: the one the batch is split over (Backend.mesh; None: the ambient mesh)."""
     if impl == "blocked":
         groups = q_BTHD.shape[2] // k_BTKD.shape[2]  # GQA: each kv head serves `groups` query heads

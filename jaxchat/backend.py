@@ -13,9 +13,6 @@ import re
 
 import jax
 
-# jaxchat's blocked attention for XLA:CPU, cuDNN flash attention, Pallas splash attention (TPU), jax.nn's XLA path
-ATTENTION = ("blocked", "cudnn", "splash", "xla")
-
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
@@ -24,9 +21,9 @@ class Backend:
     platform: str  # "cpu", "gpu" or "tpu": of the mesh's devices
     device_kind: str
     compute_dtype: str  # activations and matmuls
-    attention: str  # one of ATTENTION
-    fused_loss: bool  # the mean loss through loss head blocks whose logits never exist whole (loss.fused_mean_cross_entropy)
-    loss_block_tokens: int  # tokens per block of the fused loss head
+    # "blocked" (jaxchat's for XLA:CPU), "cudnn" (cuDNN flash attention), "splash" (Pallas, TPU), "xla" (jax.nn's)
+    attention: str
+    loss_block_tokens: int  # tokens per block of the fused loss head (loss.fused_mean_cross_entropy)
     fp8_gemms: bool  # XLA turns the fp8 pattern into fp8 GEMMs (CUDA compute capability >= 8.9)
     fp8: bool = False  # --fp8 runs: asked for, and not on TPU
     # Whether the forward pass scans over repeated layers (compile time flat in depth) or unrolls them. On GPU
@@ -92,10 +89,6 @@ def for_devices(devices, compute_dtype: str | None = None, fp8: bool = False) ->
         note = f"--fp8: off on TPU ({device.device_kind}): the step runs in {dtype} (nanochat's fp8 recipe is CUDA's)"
         fp8 = False
     return Backend(platform=platform, device_kind=device.device_kind, compute_dtype=dtype, attention=attention,
-                   # The fused head computes the loss head's gradients block by block in the forward pass: on CPU
-                   # it is faster (loss.fused_mean_cross_entropy); on GPU and TPU it keeps the (tokens, vocab)
-                   # float32 logits and their gradient out of memory (d24 at device batch 16: 4 GiB each).
-                   fused_loss=platform in ("cpu", "gpu", "tpu"),
                    # CPU: measured fastest at V 4096 and 32768 on 2 cores; GPU and TPU: a (8192, 32768) float32
                    # block is 1 GiB, and GEMMs of 8192 rows keep an H100 or a TPU's matrix units busy
                    loss_block_tokens=1024 if cpu else 8192,

@@ -83,11 +83,6 @@ def restore_model(ckpt, step: int, meta: dict, compute_dtype=None) -> tuple[GPT,
     return nnx.merge(graphdef, params), meta
 
 
-def load_model_for_eval(model_tag: str, step: int | str = "last", compute_dtype=None) -> tuple[GPT, dict]:
-    """(model, meta) of a saved jaxchat checkpoint, parameters on this process's first device."""
-    return restore_model(*open_checkpoint(model_tag, step), compute_dtype=compute_dtype)
-
-
 def write_csv(path: str, results: dict) -> str:
     """nanochat's CSV (scripts/base_eval.py main): fixed-width Task, Accuracy, Centered columns and a final CORE row;
     returns the text."""

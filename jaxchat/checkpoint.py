@@ -1,7 +1,7 @@
 """Orbax checkpoints: parameters, optimizer state and a JSON meta record, written atomically.
 
 As nanochat/checkpoint_manager.py save_checkpoint / load_checkpoint (model, optimizer and meta files per step); loading
-a model for evaluation is base_eval.load_model_for_eval.
+a model for evaluation is base_eval.open_checkpoint and base_eval.restore_model.
 
 Layout: `$JAXCHAT_BASE_DIR/base_checkpoints/<model_tag>/<step>/{params,opt_state,meta}`. Orbax writes each step into
 a temporary directory and renames it when complete, so a crash during a save leaves the previous step usable and the

@@ -150,14 +150,6 @@ def reference_groups(params_like: dict, config, adamw_groups: tuple) -> list[dic
     return groups
 
 
-def _items(tree: dict, prefix: tuple = ()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _items(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
-
 def optimizer_shards(opt: dict, config, groups: list[dict], settings: dict, world_size: int) -> list[dict]:
     """nanochat's optimizer state_dict for each of `world_size` ranks (nanochat/optim.py DistMuonAdamW layout:
     AdamW parameters of 1024 or more elements split by rows, Muon stacks zero-padded and split in chunks).

@@ -2,10 +2,11 @@
 
     python -m jaxchat.parity FIXTURE.npz --out OUT.npz
 
-Reads `config/*`, `param/*`, `idx`, `targets` (format: shared/fixtures/README.md) and writes `loss`, `logits` and
-`grad/<name>` computed by jaxchat in float32 on the current backend. If the fixture has `opt/json`, it also runs
-its optimizer steps (batches `step{k}_idx`/`step{k}_targets`, fresh state, from `param/*`) and writes `step{k}_loss`
-and `step{k}/<name>` (parameters after step k). An fp8 unit fixture (`x`, `w`, `go`) gets jaxchat's fp8 matmul
+Reads `config/*`, `param/*`, `idx`, `targets` (nanochat/gpt.py GPT's parameter names and PyTorch layouts at
+348fbb3; tests/fixtures/README.md) and writes `loss`, `logits` and `grad/<name>` computed by jaxchat in float32 on
+the current backend. If the fixture has `opt/json`, it also runs its optimizer steps (batches
+`step{k}_idx`/`step{k}_targets`, fresh state, from `param/*`) and writes `step{k}_loss` and `step{k}/<name>`
+(parameters after step k). An fp8 unit fixture (`x`, `w`, `go`) gets jaxchat's fp8 matmul
 instead: `q_x`, `q_w`, `q_go`, `inv_*`, `y`, `grad_x`, `grad_w` (jaxchat.fp8.unit_fixture_outputs).
 """
 

@@ -217,7 +217,7 @@ def open_checkpoints(c: ConfigDict, stop_request: StopRequest, tok,
     checkpointer = Checkpointer(checkpoint_dir(model_tag(c)), lock=True, keep_last=c.keep_last)
     stop_request.on_exit.append(checkpointer.release)
     run_inputs = dict(tokenizer=tok.fingerprint(), data=c.data, total_batch_size=plan.total_batch_size,
-                      max_seq_len=c.max_seq_len, **({"recipe": c.recipe} if "recipe" in c else {}))
+                      max_seq_len=c.max_seq_len, recipe=c.recipe)
     step = resume_point(c, checkpointer, dataclasses.asdict(plan.model), run_inputs, tok)
     if step is not None:
         check_horizon(c, step, plan, checkpointer.steps())

@@ -9,7 +9,7 @@ from jaxchat.attention import attention
 
 
 @pytest.mark.parametrize("T, window, kv_heads", [(32, 32, 2), (30, 12, 2), (21, 5, 1)])
-@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("use_jit", [pytest.param(False, marks=pytest.mark.slow), True])  # eager: slow dispatches
 def test_cpu_attention_equals_jax_dot_product_attention(T, window, kv_heads, use_jit):
     """The blocked CPU kernel (flash-style backward; T not divisible by the blocks, windows, GQA) gives
     jax.nn.dot_product_attention's outputs and input gradients."""
@@ -31,7 +31,8 @@ def test_cpu_attention_equals_jax_dot_product_attention(T, window, kv_heads, use
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("window, kv_heads", [(128, 2), (50, 1)])  # full causal; a short window with GQA
+# full causal; a short window with GQA
+@pytest.mark.parametrize("window, kv_heads", [pytest.param(128, 2, marks=pytest.mark.slow), (50, 1)])
 def test_splash_attention_equals_cpu_attention_in_interpret_mode(window, kv_heads):
     """TPU's splash attention, run by Pallas's interpreter on CPU inside its shard_map over a 2-device data mesh (as
     the train step runs it), gives jaxchat's CPU attention's outputs and input gradients in float32."""

@@ -30,9 +30,12 @@ def gpu(capability: str, kind: str = "GPU") -> Device:
 ])
 def test_backend_of_devices(device, dtype, attention, fp8, note):
     """cuDNN attention where it exists and the step is bf16; XLA's with one line elsewhere on GPU; splash attention
-    and bf16 on TPU; jaxchat's blocked attention and float32 on CPU; fp8 GEMMs from compute capability 8.9."""
+    and bf16 on TPU; jaxchat's blocked attention and float32 on CPU; fp8 GEMMs from compute capability 8.9; layers
+    unrolled on GPU only, gradients reduced by GSPMD on TPU only (Backend's comments say why)."""
     b = backend.for_devices([device], dtype)
-    assert b.fused_loss and not b.fp8
+    assert not b.fp8  # only where --fp8 asks for it
+    assert (b.scan_layers, b.per_device_gradients) == (device.platform != "gpu", device.platform != "tpu")
+    assert b.loss_block_tokens == (1024 if device.platform == "cpu" else 8192)
     assert (b.attention, b.fp8_gemms) == (attention, fp8)
     assert (note in b.note) if note else b.note == ""
     assert b.compute_dtype == (dtype or ("float32" if device.platform == "cpu" else "bfloat16"))
@@ -48,6 +51,7 @@ def test_fp8_is_off_on_tpu_with_one_line():
     assert h100.fp8 and h100.note == ""
 
 
+@pytest.mark.slow
 def test_model_follows_its_backend_not_jax_default_backend(monkeypatch):
     """The model traces the attention its backend names: a jax.default_backend() that says "gpu" changes nothing, and
     the XLA attention (what an older GPU or a TPU gets) gives the blocked CPU attention's loss and gradients."""
@@ -135,6 +139,7 @@ def _run_main(code: str, **env) -> "subprocess.CompletedProcess":
                           env=environ, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_commands_start_jax_quietly_or_say_in_one_line_why_not():
     """Through common.run_main, as every command starts: JAX_PLATFORMS naming an unknown platform is JAX's error in
     one line (exit 2); where no accelerator is here, cuda is one line and an unset JAX_PLATFORMS starts the CPU with

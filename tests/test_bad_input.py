@@ -22,7 +22,9 @@ TINY = TINY_RUN + ["--num-iterations=2", "--eval-every=-1"]
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    """A base dir with the demo corpus, its tokenizer and a 2-step checkpoint of the TINY model (tag 'tiny')."""
+    """A base dir with the demo corpus, its tokenizer and a 2-step checkpoint of the TINY model (tag 'tiny'). Once
+    per module and about 15 s, so the tests that only read it are in the fast tier; those that train or start
+    processes themselves are marked slow."""
     from jaxchat.train import train
     path = tmp_path_factory.mktemp("bad_input")
     old = os.environ.get("JAXCHAT_BASE_DIR")
@@ -126,15 +128,70 @@ def test_checkpoint_with_another_tokenizer_vocabulary(base_dir):
         shutil.move(base_dir / "tokenizer_demo_4096", tok_dir)
 
 
-@pytest.mark.parametrize("argv", [["--depth=7"], ["--device-batch-size=3"], ["--data=fineweb-edu"],
-                                  ["--model-tag=tiny", "--resume-from-step=2", "--depth=4"],
-                                  ["--model-tag=tiny", "--resume-from-step=last", "--num-iterations=1"]])
-def test_command_line_exit_code_and_no_traceback(base_dir, argv):
-    proc = subprocess.run([sys.executable, "-m", "jaxchat.train", *TINY, *argv], capture_output=True, text=True,
-                          env=dict(os.environ, JAXCHAT_BASE_DIR=str(base_dir)), timeout=300)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
+REPO = Path(__file__).resolve().parents[1]
+# Each command's refusals as commands, one process each: exit code 2 and one line "error: ..." on stderr, no traceback
+# (common.run_main), from each place a command refuses its input. {command: [(id, base, argv, message)]}; base: "tiny"
+# (this module's base dir: checkpoint tiny, fineweb-edu shards without a tokenizer) or "empty"; in argv {core} is the
+# shared CORE fixture (tests/test_core_eval.py). In-process tests check each refusal's wording; these, that a command
+# turns it into exit code 2 and one line.
+COMMANDS = {
+    "train": [
+        ("odd-depth", "tiny", [*TINY, "--depth=7"], "--depth=7 is odd"),
+        ("zero-depth", "empty", [*TINY, "--depth=0"], "--depth=0 is out of range: use >= 1"),
+        ("device-batch", "empty", [*TINY, "--device-batch-size=3"], "use --device-batch-size in"),
+        ("unknown-flag", "empty", [*TINY, "--bogus-flag=1"], "unrecognized arguments"),
+        ("no-shards", "empty", [*TINY, "--data=fineweb-edu"], "python -m jaxchat.dataset"),
+        ("no-tokenizer", "tiny", [*TINY, "--data=fineweb-edu"], "python -m jaxchat.tok_train"),
+        ("resume-other-depth", "tiny", [*TINY, "--model-tag=tiny", "--resume-from-step=2", "--depth=4"],
+         "saved 2, now 4"),
+        ("resume-past-horizon", "tiny", [*TINY, "--model-tag=tiny", "--resume-from-step=last", "--num-iterations=1"],
+         "past this run's horizon of 1 steps"),
+        ("huge-max-seq-len", "empty", ["--config=configs/demo.py", "--eval-every=-1", "--sample-every=-1",
+                                       "--max-seq-len=1048576", "--total-batch-size=1048576", "--device-batch-size=1",
+                                       "--memory-budget-gb=64"], "--max-seq-len=1048576 cannot fit"),
+    ],
+    "base_eval": [
+        ("model-tag-outside", "empty", ["--model-tag=../x", "--eval=bpb"], "plain folder name"),
+        ("no-checkpoint", "empty", ["--model-tag", "d4", "--bundle", "{core}/eval_bundle"], "no checkpoint"),
+        ("missing-bundle", "empty", ["--nanochat-checkpoint", "{core}/model.npz", "--tokenizer-dir", "{core}/tokenizer",
+                                     "--bundle", "no_bundle"], "python -m jaxchat.core_eval --download"),
+    ],
+    "export": [
+        ("no-checkpoint", "empty", ["--model-tag=nope", "--to=/tmp/x"], "no checkpoint in"),
+        ("no-model-tag", "empty", ["--to=/tmp/x"], "--model-tag"),
+        ("world-size", "tiny", ["--model-tag=tiny", "--to=/tmp/x", "--world-size=0"], "--world-size=0"),
+    ],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.entry
+@pytest.mark.parametrize("command, base, argv, message", [(c, *case[1:]) for c, cases in COMMANDS.items()
+                                                          for case in cases],
+                         ids=[f"{c}-{case[0]}" for c, cases in COMMANDS.items() for case in cases])
+def test_commands_refuse_bad_input_with_exit_2_and_one_line(request, tmp_path, command, base, argv, message):
+    if command == "export" and not importlib.util.find_spec("torch"):
+        pytest.skip("jaxchat.export needs PyTorch: pip install -e '.[torch]'")
+    root = request.getfixturevalue("base_dir") if base == "tiny" else tmp_path / "empty"
+    core = str(request.getfixturevalue("core_fixture")) if any("{core}" in a for a in argv) else ""
+    env = dict(os.environ, JAXCHAT_BASE_DIR=str(root), JAX_PLATFORMS="cpu")
+    if command != "train" or "--max-seq-len=1048576" in argv:
+        env["XLA_FLAGS"] = ""  # one CPU device starts faster; the memory check, not the batch's split, refuses that one
+    proc = subprocess.run([sys.executable, "-m", f"jaxchat.{command}", *(a.replace("{core}", core) for a in argv)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path if command != "train" else REPO,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    if command == "base_eval":  # a failed look-up leaves no empty folder
+        assert not (root / "base_checkpoints").exists()
+
+
+@pytest.fixture
+def core_fixture():
+    """The shared CORE fixture's folder (a small bundle, its model and tokenizer), or skip."""
+    from conftest import shared_fixture
+    return shared_fixture("core_small/expected.json").parent
 
 
 def test_corrupt_shard_names_the_file(base_dir, tmp_path, monkeypatch):
@@ -182,13 +239,22 @@ def test_config_file_errors_name_the_file(tmp_path, body, message):
 
 
 def test_every_numeric_flag_has_a_documented_range():
-    from jaxchat.config import RANGES, defaults, parse_flags, range_text
-    numeric = {k for k, v in defaults().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """Every numeric flag has a range; its default is inside it, its --help line states it, and a value just past
+    either end is refused in one line naming the flag."""
+    from jaxchat.config import RANGES, check_ranges, defaults, make_parser, parse_flags, range_text
+    c = defaults()
+    numeric = {k for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert numeric == set(RANGES)
-    for key in RANGES:  # the default is inside its range, the documented text is in --help
-        assert range_text(key)
-    with pytest.raises(UserError, match="out of range"):
-        parse_flags(["--peer-timeout=0"])
+    check_ranges(c)  # every default inside its range
+    helps = {a.dest: a.help for a in make_parser(c)._actions}
+    for key, (lo, hi, _) in RANGES.items():
+        assert f"[{range_text(key)}] (default: " in helps[key], (key, helps[key])
+        flag = "--" + key.replace("_", "-")
+        for outside in (lo - 1, None if hi is None else hi + 1):
+            if outside is not None:
+                with pytest.raises(UserError, match=f"{flag}[ =]") as e:
+                    parse_flags([f"{flag}={outside}"])
+                assert "\n" not in str(e.value)
 
 
 def _mount_tmpfs(path: Path, size: str) -> None:
@@ -448,6 +514,7 @@ def test_second_run_on_the_same_tag_refuses(base_dir):
     assert Checkpointer(str(ckpt)).steps() == [2]
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_save_is_one_line(base_dir, tmp_path, capsys):
     """A checkpoint folder on a 16 MiB file system: the first save(s) fit, then one does not."""
     from jaxchat.checkpoint import Checkpointer

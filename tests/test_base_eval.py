@@ -61,6 +61,7 @@ def reference_bpb(model, tokenizer, split: str, rows: int, steps: int) -> float:
     return nats / (math.log(2) * nbytes)
 
 
+@pytest.mark.slow
 def test_split_bpb_matches_a_plain_computation(fixture_model, base, capsys):
     model, tokenizer, _ = fixture_model
     tokens_per_step = 1 * model.config.sequence_len * jax.device_count()
@@ -74,6 +75,8 @@ def test_split_bpb_matches_a_plain_computation(fixture_model, base, capsys):
         base_eval.split_bpb(model, tokenizer, "fineweb-edu", 1, 100)
 
 
+@pytest.mark.slow
+@pytest.mark.entry
 def test_bpb_on_the_command_line(fixture_model, base):
     model, tokenizer, root = fixture_model
     tokens_per_step = 1 * model.config.sequence_len * jax.device_count()

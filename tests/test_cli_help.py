@@ -45,6 +45,7 @@ def test_booleans_take_no_value_and_jaxchat_flags_are_marked(name):
     assert any(a.help.startswith(JAXCHAT_ONLY) for a in options(parser))
 
 
+@pytest.mark.entry
 def test_core_eval_is_the_bundle_command():
     """`python -m jaxchat.core_eval --download` (the command the error messages name) is core_bundle's command line."""
     import subprocess

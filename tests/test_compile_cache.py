@@ -41,6 +41,8 @@ def train(base, cache, tag: str) -> str:
     return proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.entry
 def test_second_start_loads_every_program_from_the_cache(tmp_path):
     prepare(tmp_path)
     cache = str(tmp_path / "cache")
@@ -79,6 +81,7 @@ def jit_once(cache, patch: str = "") -> tuple[list[str], list[str]]:
     return proc.stdout.splitlines(), proc.stderr.splitlines()
 
 
+@pytest.mark.slow
 def test_corrupt_entries_are_one_line_then_compiled_and_replaced(tmp_path):
     cache = tmp_path / "cache"
     (value, kind), err = jit_once(cache)
@@ -91,6 +94,7 @@ def test_corrupt_entries_are_one_line_then_compiled_and_replaced(tmp_path):
     assert jit_once(cache) == ([value, kind], [])  # repaired: read back without a word
 
 
+@pytest.mark.slow
 def test_an_unusable_directory_is_one_line_and_no_cache(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -98,6 +102,7 @@ def test_an_unusable_directory_is_one_line_and_no_cache(tmp_path):
     assert len(err) == 1 and err[0].startswith(WARNING + "cannot write to") and out[1] == "NoneType", err
 
 
+@pytest.mark.slow
 def test_failed_writes_are_one_line_and_leave_no_partial_entry(tmp_path):
     cache = tmp_path / "cache"
     full = ("import os, errno\n"
@@ -149,6 +154,7 @@ aot.compile_for_target(["--depth=2", "--max-seq-len=256", "--total-batch-size=20
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not any(__import__("importlib").util.find_spec(p) for p in ("jax_cuda12_plugin",
                                                                                 "jax_cuda13_plugin")),
                     reason="the CUDA plugin is not installed: pip install -e \".[cuda12]\"")

@@ -229,6 +229,8 @@ def _run_cli(args: list[str], base: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
+@pytest.mark.entry
 def test_base_eval_json_end_to_end(tmp_path):
     root = fixture_dir()
     out = tmp_path / "results" / "core.json"  # a folder not there yet: checked at start-up, created at the end
@@ -245,15 +247,6 @@ def test_base_eval_json_end_to_end(tmp_path):
     assert len(csv_text) == 2 + len(expected["tasks"])
 
 
-def test_base_eval_missing_bundle_is_one_line(tmp_path):
-    root = fixture_dir()
-    proc = _run_cli(["--nanochat-checkpoint", str(root / "model.npz"), "--tokenizer-dir", str(root / "tokenizer"),
-                     "--bundle", str(tmp_path / "no_bundle")], tmp_path)
-    assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
-    assert "python -m jaxchat.core_eval --download" in proc.stderr
-
-
 def test_base_eval_max_per_task_below_fewshot_is_one_line_before_loading(tmp_path):
     """In process (a UserError is one line and exit code 2 in every command: run_main); bfloat16 leaves this
     process's matmul precision alone."""
@@ -263,12 +256,6 @@ def test_base_eval_max_per_task_below_fewshot_is_one_line_before_loading(tmp_pat
     for value in ("3", "0"):  # the model file is never opened: checked first
         with pytest.raises(UserError, match=f"--max-per-task={value} .*: use --max-per-task=4 or more, or -1 for all"):
             base_eval.main([*args, "--max-per-task", value])
-
-
-def test_base_eval_model_tag_without_checkpoint_is_one_line(tmp_path):
-    proc = _run_cli(["--model-tag", "d4", "--bundle", str(fixture_dir() / "eval_bundle")], tmp_path)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
-    assert not (tmp_path / "base_checkpoints" / "d4").exists()  # a failed look-up leaves no empty folder
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -296,6 +283,7 @@ print("RESULT", json.dumps({"devices": jax.device_count(), "core": r["core"],
 """
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_reference(tmp_path):
     import socket
 
@@ -319,6 +307,8 @@ def test_two_processes_agree_with_reference(tmp_path):
         assert got["correct"] == {k: v["correct"] for k, v in expected["tasks"].items()}
 
 
+@pytest.mark.slow
+@pytest.mark.entry
 @pytest.mark.parametrize("delay", [0.5, 1.0])
 def test_ctrl_c_during_core_is_one_line_and_130_never_a_crash(tmp_path, delay):
     """Ctrl-C while base_eval's CORE compiles or runs its second task: "interrupted by SIGINT", then a segmentation

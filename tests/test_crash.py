@@ -13,6 +13,8 @@ import pytest
 from conftest import TINY_RUN
 from crash_harness import STEPS, final_state, interrupted_run, losses, prepare, run
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
@@ -37,6 +39,7 @@ def assert_identical(base_dir, tag, outputs, uninterrupted):
         np.testing.assert_array_equal(state[key], ref_state[key], err_msg=key)
 
 
+@pytest.mark.entry
 def test_sigkill_and_sigterm_then_resume_is_identical(base_dir, uninterrupted):
     outputs = interrupted_run(base_dir, "interrupted", [(3, signal.SIGKILL, 0.0), (6, signal.SIGTERM, 0.0)])
     assert any("Stopped by SIGTERM" in o and "--resume-from-step=last" in o for o in outputs)
@@ -55,6 +58,7 @@ def test_half_written_checkpoint_is_ignored(base_dir, uninterrupted):
     assert Checkpointer(str(ckpt / "partial")).resolve_step("last") == STEPS
 
 
+@pytest.mark.entry
 def test_corrupt_checkpoint_is_a_one_line_error(base_dir, uninterrupted):
     ckpt = base_dir / "base_checkpoints"
     shutil.copytree(ckpt / "straight", ckpt / "corrupt")
@@ -67,6 +71,7 @@ def test_corrupt_checkpoint_is_a_one_line_error(base_dir, uninterrupted):
     assert len(error) == 1 and f"{STEPS}" in error[0] and "Traceback" not in output
 
 
+@pytest.mark.entry
 def test_non_finite_loss_stops_without_saving(base_dir):
     env_cmd = [sys.executable, "-m", "jaxchat.train", *TINY_RUN, "--num-iterations=6", "--eval-every=-1",
                "--save-every=2", "--scalar-lr=1e38", "--model-tag=nan"]
@@ -78,6 +83,7 @@ def test_non_finite_loss_stops_without_saving(base_dir):
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
+@pytest.mark.entry
 def test_rollback_resume_moves_newer_checkpoints_aside(base_dir, uninterrupted):
     """--resume-from-step=5 after a run reached 10: steps 6..10 move aside (kept), the re-run ends identical."""
     ckpt = base_dir / "base_checkpoints"
@@ -94,6 +100,7 @@ def test_rollback_resume_moves_newer_checkpoints_aside(base_dir, uninterrupted):
         np.testing.assert_array_equal(state[key], ref_state[key], err_msg=key)
 
 
+@pytest.mark.entry
 def test_ctrl_c_while_compiling_exits_130_with_one_line(base_dir):
     code, output = run(base_dir, "compiling", resume=False, kill_at_line="batch LR scale", sig=signal.SIGINT,
                        kill_delay=0.5)
@@ -137,6 +144,7 @@ def test_locks_rotation_and_a_failed_final_evaluation_lose_nothing(base_dir, mon
     assert not [p for p in ckpt.iterdir() if "tmp" in p.name or p.name == ".lock"]
 
 
+@pytest.mark.entry
 def test_signals_during_evaluations_save_first_and_lose_nothing(base_dir, uninterrupted):
     """SIGHUP (treated as SIGTERM) during an --eval-every validation: it stops at its next batch, saves the step
     (not saved yet: no --save-every) and exits 129; the resume, Ctrl-C'd during the final evaluation (its checkpoint
@@ -162,6 +170,7 @@ def test_signals_during_evaluations_save_first_and_lose_nothing(base_dir, uninte
     assert_identical(base_dir, "evalstop", [first, second], uninterrupted)
 
 
+@pytest.mark.entry
 def test_a_signal_during_a_fresh_runs_first_validation_saves_step_0(base_dir):
     """A fresh run's step 0 has no checkpoint (resume_step named it as if it had one): SIGTERM during its first
     validation printed "checkpoint 0 saved" with nothing saved. Now step 0 is saved, and the line is true."""

@@ -6,11 +6,14 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from jaxchat import mesh as meshlib
 from jaxchat.evaluate import evaluate_bpb, greedy_generate, make_bpb_step
 from jaxchat.model import GPT, GPTConfig
+
+pytestmark = pytest.mark.slow
 
 CONFIG = GPTConfig(sequence_len=32, vocab_size=64, n_layer=3, n_head=2, n_kv_head=2, n_embd=32, window_pattern="SL")
 

@@ -174,6 +174,7 @@ def runs(base_dir):
             for name, flags in (("plain", []), ("fp8", ["--fp8=true"]))}
 
 
+@pytest.mark.slow
 def test_fp8_run_tracks_the_unquantised_run(runs):
     """Training losses within 2% of the run without fp8; validation (step 0, same weights) identical, because
     evaluation never uses fp8; the MFU is labelled bf16_mfu; the CPU says it gets no speed-up, once."""
@@ -187,6 +188,7 @@ def test_fp8_run_tracks_the_unquantised_run(runs):
     assert "has no fp8 matmuls" not in plain_out and "| mfu:" in plain_out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resume_flags", [["--fp8=true"], []], ids=["with-fp8", "without-fp8"])
 def test_fp8_checkpoint_resumes_bit_identically(base_dir, runs, resume_flags):
     """A checkpoint saved with --fp8 resumes exactly: with --fp8 the continued losses equal the uninterrupted run's;
@@ -204,6 +206,7 @@ def test_fp8_checkpoint_resumes_bit_identically(base_dir, runs, resume_flags):
         assert all(abs(resumed["losses"][s] - fp8_run["losses"][s]) <= 0.02 * fp8_run["losses"][s] for s in (3, 4, 5))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", MODEL_RECIPES)
 def test_fp8_quantises_only_the_qualifying_layers(monkeypatch, recipe):
     """With fp8 on, exactly q, k, v, both projections, c_fc and lm_head go through fp8 (never the VE or smear gate,
@@ -239,6 +242,7 @@ def test_fp8_quantises_only_the_qualifying_layers(monkeypatch, recipe):
     assert all(cosine[name] > 0.99 for name in gates), cosine
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_with_fp8():
     """bench/throughput.py --fp8: the step trains in fp8 (CPU: the no-speed-up line), the JSON says so, MFU against
     the bf16 peak, and the README row's depth reads "2 fp8"."""

@@ -1,5 +1,6 @@
 """Importing jaxchat changes no process-wide state: signal handlers, environment, logging filters, jax's config."""
 
+import os
 import subprocess
 import sys
 
@@ -26,8 +27,10 @@ print(len(names), {k: v for k, v in changes.items() if v})
 
 
 def test_importing_every_module_changes_no_global_state():
-    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300,
-                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+    # No JAX_PLATFORMS (nor XLA_FLAGS, ...: tests/conftest.py sets them in this process) in the probe's environment,
+    # so that a module writing one at import is seen; the probe starts no backend. PYTHONPATH: the checkout tested.
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}
+    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     imported, changes = done.stdout.strip().splitlines()[-1].split(" ", 1)
     assert changes == "{}" and int(imported) >= 30, done.stdout

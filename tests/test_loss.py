@@ -9,6 +9,7 @@ from jaxchat import backend
 from jaxchat import loss as losslib
 
 
+@pytest.mark.slow
 def test_softcapped_cross_entropy_gradient_is_autodiffs():
     """The hand-written backward equals autodiff of the plain formula, ignored targets (-1) included."""
     logits = 20 * jax.random.normal(jax.random.key(2), (3, 7, 50))
@@ -27,7 +28,7 @@ def test_softcapped_cross_entropy_gradient_is_autodiffs():
     assert not np.any(ours[0, :3])  # ignored positions get no gradient
 
 
-@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("use_jit", [pytest.param(False, marks=pytest.mark.slow), True])  # eager: slow dispatches
 def test_fused_mean_cross_entropy_equals_the_plain_loss_head(use_jit):
     """Loss and gradients (x, lm_head) of the blocked head with its gradients from the forward pass equal autodiff
     of the plain head: several blocks, the last one padded, ignored targets, padded vocabulary columns, and a

@@ -79,6 +79,7 @@ def compiled_update(mesh, param_shardings, recipe_name: str = "348fbb3") -> str:
     return update.lower(*args).compile().as_text()
 
 
+@pytest.mark.slow
 def test_muon_orthogonalises_each_matrix_on_one_device():
     """With gradients, parameters and state split by stack entry (ZeRO-2), the whole update (5 Polar Express
     iterations per matrix, NorMuon, AdamW) runs without one collective; with the parameters split along the model
@@ -98,6 +99,7 @@ def test_92d63d4_optimizer_needs_no_collective_either():
     assert not [c for c in COLLECTIVES if c in local]
 
 
+@pytest.mark.slow
 def test_muon_splits_stacks_that_do_not_divide_the_devices():
     """6 layers on 8 devices: without padding every device orthogonalises all 6 matrices of each stack; padded to 8
     and split, each does one, with the same updates (the FLOPs saved: bench/muon_split.py, tests/test_bench.py)."""

@@ -36,10 +36,12 @@ def check_forward(ours, ref):
         assert np.abs(ours[k] - ref[k]).max() <= 1e-4 * scale, k
 
 
+@pytest.mark.slow
 def test_parity_with_reference_d2(tmp_path):
     check_parity(shared_fixture("nanochat_parity_d2.npz"), tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", sorted(LOCAL_FIXTURES.glob("ref_*.npz")), ids=lambda p: p.stem)
 def test_parity_with_unseen_reference_fixtures(path):
     """Forward and gradients (the d2 test above goes through the command line; these fixtures' optimizer steps are
@@ -65,6 +67,7 @@ def batch(config=TINY, B=2, T=24, seed=0):
     return jnp.asarray(idx), jnp.asarray(targets)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_scanned_layers_equal_unrolled(use_jit):
     idx, targets = batch()
@@ -75,6 +78,7 @@ def test_scanned_layers_equal_unrolled(use_jit):
     np.testing.assert_allclose(call(scanned, idx, targets), call(unrolled, idx, targets), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scanned_layers_have_unrolled_gradients():
     idx, targets = batch()
     grad = nnx.jit(lambda m: nnx.grad(lambda m: m(idx, targets))(m))
@@ -95,6 +99,7 @@ def test_outputs_and_reductions():
     np.testing.assert_allclose(mean, per_token.sum() / (targets >= 0).sum(), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_close_to_float32():
     idx, targets = batch()
     loss32 = make_model()(idx, targets)
@@ -226,6 +231,7 @@ def test_recipe_92d63d4_windows_and_runs():
     assert layer_runs(R92D63D4, scan=False) == [(i, 1, 1) for i in range(12)]
 
 
+@pytest.mark.slow
 def test_recipe_92d63d4_scanned_layers_equal_unrolled():
     """Jitted only: the runs around backout are what is new here, and op by op (29 s) adds nothing that
     test_scanned_layers_equal_unrolled's eager case does not check."""
@@ -236,6 +242,7 @@ def test_recipe_92d63d4_scanned_layers_equal_unrolled():
     np.testing.assert_allclose(call(scanned, idx, targets), call(unrolled, idx, targets), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_recipe_92d63d4_scanned_layers_have_unrolled_gradients():
     idx, targets = batch(R92D63D4)
     grad = nnx.jit(lambda m: nnx.grad(lambda m: m(idx, targets))(m))
@@ -264,6 +271,7 @@ def test_recipe_92d63d4_rotary_tables_in_compute_dtype():
 
 
 
+@pytest.mark.slow
 def test_model_mean_loss_uses_the_fused_head_on_cpu():
     """GPT's mean loss and its gradients equal those of its per-token losses (the plain head) on CPU."""
     config = GPTConfig(sequence_len=32, vocab_size=100, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")

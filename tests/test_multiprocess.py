@@ -23,6 +23,8 @@ import pytest
 
 from conftest import TINY_RUN, moved
 
+pytestmark = [pytest.mark.slow, pytest.mark.entry]
+
 TINY = TINY_RUN + ["--num-iterations=6", "--eval-every=3", "--save-every=3", "--tensorboard=false", "--data-shards=2"]
 RUN_TIMEOUT = 240  # seconds for one launch (compilation dominates on a loaded 2-core box)
 

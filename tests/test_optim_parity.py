@@ -19,6 +19,8 @@ from flax import nnx
 
 from conftest import LOCAL_FIXTURES, moved, shared_fixture
 
+pytestmark = pytest.mark.slow
+
 FP32_FIXTURES = ["shared:nanochat_parity_d2_fp32muon.npz", "ref_d3_v300_LSS_fp32muon.npz",
                  "ref_d10_v260_SSSL_fp32muon.npz"]
 BF16_FIXTURES = ["shared:nanochat_parity_d2.npz", "ref_d3_v300_LSS.npz", "ref_d10_v260_SSSL.npz"]

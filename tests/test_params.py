@@ -81,6 +81,7 @@ def test_every_leaf_of_each_recipe_is_declared_and_covered_everywhere(recipe_nam
     assert square[:2] == ["transformer.h.0.attn.c_q.weight", "transformer.h.0.attn.c_proj.weight"]
 
 
+@pytest.mark.slow
 def test_a_new_block_matrix_is_one_declaration(monkeypatch):
     """Adding a block matrix to PARAMS alone gives the model the parameter, its sharding, its nanochat name per layer,
     its Muon group, and its share of the parameter and FLOP counts (the forward pass is where it would be used)."""

@@ -9,7 +9,8 @@ from jaxchat.common import UserError
 from jaxchat.model import config_for_depth, estimate_flops, num_scaling_params
 from jaxchat.plan import device_batch_warning, grad_accum_steps, make_plan, num_iterations, readme_tables
 
-# Spec §2.3, computed from the reference at 348fbb3.
+# nanochat/gpt.py at 348fbb3: its GPT built on PyTorch's meta device, parameter counts per group, num_scaling_params()
+# and estimate_flops().
 TABLE_2_3 = {  # depth: n, H, #VE, wte, value_embeds, lm_head, transformer_matrices, scalars, total, scaling, flops/token
     4: (256, 2, 2, 8388608, 16777216, 8388608, 3145856, 8, 36700296, 11534464, 84935424),
     12: (768, 6, 6, 25165824, 150994944, 25165824, 84935808, 24, 286262424, 110101632, 802167552),

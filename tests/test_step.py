@@ -49,6 +49,7 @@ def test_abstract_state_matches_the_real_one_and_allocates_nothing():
     assert params_like["blocks"]["c_q"].sharding.spec == meshlib.param_shardings(params, mesh)["blocks"]["c_q"].spec
 
 
+@pytest.mark.slow
 def test_seed_changes_the_parameters_only(one_device):
     tx = optimizer(one_device)
     a = init_training(CONFIG, tx, one_device, seed=0, compute_dtype="float32")[1]
@@ -56,6 +57,7 @@ def test_seed_changes_the_parameters_only(one_device):
     assert not np.array_equal(a["wte"], b["wte"]) and np.array_equal(a["resid_lambdas"], b["resid_lambdas"])
 
 
+@pytest.mark.slow
 def test_compiled_jitted_and_eager_steps_agree(one_device):
     """The ahead-of-time executable, the jitted function and the same function run op by op give one result."""
     tx = optimizer(one_device)

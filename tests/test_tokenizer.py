@@ -126,6 +126,7 @@ def test_a_replaced_tokenizer_is_kept_never_deleted(trained, tmp_path):
     assert kept_fingerprints(str(target)) == [os.path.basename(kept).split(".", 1)[1]]
 
 
+@pytest.mark.entry
 @pytest.mark.parametrize("delay", [0.3, 0.5, 2.0])
 def test_sigterm_during_tok_train_is_one_line_and_leaves_no_temporary_files(tmp_path, delay):
     """SIGTERM's default action killed tok_train on the spot: no line, `.tmp` files (a half-built demo corpus, a

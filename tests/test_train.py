@@ -11,6 +11,8 @@ from jaxchat import optim
 from jaxchat.model import GPTConfig
 from jaxchat.step import init_training
 
+pytestmark = pytest.mark.slow
+
 CONFIG = GPTConfig(sequence_len=16, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
 ROWS, STEPS = 32, 2  # 32 rows x 16 tokens per step
 

@@ -1,16 +1,16 @@
-"""`python -m jaxchat.train` end to end on the demo corpus: checkpoints, exact resume, logging, bad input."""
+"""`python -m jaxchat.train`'s train() end to end on the demo corpus: checkpoints, exact resume, logging (its bad
+command lines: tests/test_bad_input.py)."""
 
 import glob
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from conftest import TINY_RUN
+
+pytestmark = pytest.mark.slow
 
 TINY = TINY_RUN + ["--num-iterations=6", "--eval-every=3", "--save-every=3"]
 
@@ -61,21 +61,6 @@ def test_checkpoint_restores_onto_another_mesh(base_dir, uninterrupted):
     resumed = train(TINY + ["--model-tag=c", "--resume-from-step=3", "--fsdp=4"])
     np.testing.assert_allclose([resumed["losses"][s] for s in (3, 4, 5)],
                                [uninterrupted["losses"][s] for s in (3, 4, 5)], rtol=1e-4)
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--depth=0"], "--depth=0 is out of range: use >= 1"),
-    (["--device-batch-size=3"], "use --device-batch-size in"),
-    (["--bogus-flag=1"], "unrecognized arguments"),
-    (["--data=fineweb-edu"], "python -m jaxchat.dataset"),
-])
-def test_bad_input_exits_2_with_one_line(base_dir, argv, message):
-    env = dict(os.environ, JAXCHAT_BASE_DIR=str(base_dir / "empty"))
-    proc = subprocess.run([sys.executable, "-m", "jaxchat.train"] + TINY + argv, capture_output=True, text=True,
-                          env=env, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_base_eval_on_a_trained_checkpoint(base_dir, uninterrupted, capsys):

@@ -22,6 +22,7 @@ def nanochat_dir() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_bench_runs_both_sides_and_prints_the_ratio():
     if importlib.util.find_spec("torch") is None:
         pytest.skip("torch is not installed (only bench/vs_nanochat.py needs it): pip install torch")

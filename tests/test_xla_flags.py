@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from jaxchat import xla_flags
 
 
@@ -23,6 +25,7 @@ def start_backend(env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_installed_jaxlib_knows_every_flag():
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     done = start_backend(env)
@@ -33,6 +36,7 @@ def test_installed_jaxlib_knows_every_flag():
     assert bogus.returncode != 0 and "no_such_flag" in bogus.stderr
 
 
+@pytest.mark.slow
 def test_opt_out():
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAXCHAT_XLA_FLAGS="0")
     done = start_backend(env)
