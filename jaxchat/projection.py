@@ -156,14 +156,14 @@ class _Model:
 
     def fusion_bytes(self, comp: str, instr: Instruction, fused: str) -> int:
         """Operands + outputs of a fusion, where a parameter only sliced counts its slices and a buffer updated in
-        place (a dynamic-update-slice at the root) counts the update, read and written, not the whole buffer."""
+        place (a dynamic-update-slice at the root) counts the update written, not the whole buffer."""
         code = self.code.get(fused, [])
         if not code:
             return self.operand_bytes(comp, instr) + nbytes(instr.shape)
         shapes = self.shapes[fused]
         users = collections.defaultdict(list)
         for i in code:
-            for o in i.operands:
+            for o in dict.fromkeys(i.operands):  # a value used twice by one instruction is read once
                 users[o].append(i)
         by_name = {i.name: i for i in code}
         root = by_name.get(_root_name(self.lines[fused]), code[-1])
@@ -172,7 +172,7 @@ class _Model:
         for out in outputs:
             if out.opcode == "dynamic-update-slice":
                 in_place.add(out.operands[0])
-                total += 2 * nbytes(shapes.get(out.operands[1], ""))  # the update read, then written
+                total += nbytes(shapes.get(out.operands[1], ""))  # the update written (read: as an operand)
             else:
                 total += nbytes(out.shape)
         def read(value: Instruction) -> int | None:
