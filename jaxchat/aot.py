@@ -102,8 +102,10 @@ def qualifying_fp8_layers(config) -> int:
     return per_layer * config.n_layer + fp8.qualifies(*model.lm_head.shape)
 
 
-def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int | None = None) -> dict:
-    """The train step of these train flags compiled for the target; its memory plan and kernel inventory as a dict.
+def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int | None = None,
+                       reproject: tuple[str, ...] = ()) -> dict:
+    """The train step of these train flags compiled for the target; its memory plan and kernel inventory as a dict
+    (reproject: other GPUs whose figures the same program is projected with, under "reprojections").
 
     jaxchat's XLA flags must be in $XLA_FLAGS before the process's first backend starts (`main` and the tests'
     conftest call xla_flags.apply()): with XLA's defaults every GEMM is a Triton fusion and there is no fp8 GEMM."""
@@ -159,7 +161,7 @@ def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int
         cpu_attention=counts["cpu_attention"], unknown_trip_counts=counts["unknown_trip_counts"],
         problems=problems(counts, run_backend, per_step, fp8_layers, fsdp=mesh.shape["fsdp"] > 1),
         projection=project(hlo, target, devices, plan),
-    )
+    ) | ({"reprojections": {other: project(hlo, other, devices, plan) for other in reproject}} if reproject else {})
 
 
 def project(hlo: str, target: str, devices: int, plan) -> dict | None:
@@ -281,11 +283,17 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--devices", type=int, default=8, help="GPUs or TPU chips in all")
     parser.add_argument("--hosts", type=int, default=None,
                         help="hosts (processes) they are spread over (default: 1 for GPUs; a TPU slice's own)")
+    parser.add_argument("--reproject", default="", help="comma-separated GPUs (" + ", ".join(sorted(GPU_TARGETS))
+                        + ") whose figures the same compiled program is also projected with (JSON only)")
     args, train_argv = parser.parse_known_args(argv)
+    reproject = tuple(name for name in args.reproject.split(",") if name)
+    if unknown := [name for name in reproject if name not in GPU_TARGETS]:
+        raise UserError(f"--reproject={args.reproject}: {', '.join(unknown)} is not one of {', '.join(GPU_TARGETS)}")
     xla_flags.apply()  # the flags `python -m jaxchat.train` runs with, before the backend starts
     # No persistent compilation cache here: a compile-only client cannot load a cached executable ("PjRtCompiler
     # must be constructed with a Client"), so every run compiles.
-    result = compile_for_target(train_argv, target=args.target, devices=args.devices, hosts=args.hosts)
+    result = compile_for_target(train_argv, target=args.target, devices=args.devices, hosts=args.hosts,
+                                reproject=reproject)
     print(table(result))
     print(json.dumps(result))
     if result["problems"] or not result["fits"]:

@@ -127,3 +127,13 @@ def test_causal_pairs_with_and_without_a_window():
     assert projection.causal_pairs(4) == 1 + 2 + 3 + 4
     assert projection.causal_pairs(4, window=2) == 1 + 2 + 2 + 2
     assert projection.causal_pairs(2048, window=513) == sum(min(i + 1, 513) for i in range(2048))
+
+
+def test_reproject_on_an_unknown_gpu_is_one_line():
+    """python -m jaxchat.aot --reproject names GPUs of jaxchat.targets; another is one line (exit code 2 via run_main),
+    before anything compiles."""
+    from jaxchat import aot
+    from jaxchat.common import UserError
+    with pytest.raises(UserError, match="--reproject=h200,b200: b200 is not one of h100, h200, a100") as error:
+        aot.main(["--reproject=h200,b200", "--depth=2"])
+    assert "\n" not in str(error.value)
