@@ -56,9 +56,9 @@ def main(argv=None) -> None:
         for recipe in args.recipes:
             for fp8 in (False, True):
                 r = compile_row(depth, recipe, fp8)
-                p = r["projection"]
+                p, over = r["projection"], "" if r["fits"] else " (over 90% of memory)"
                 print(f"| d{depth} | {recipe} | {'fp8' if fp8 else 'bf16'} | {p['horizon_steps']:,} | "
-                      f"{r['device_batch_size']} x {r['grad_accum']}{'' if r['fits'] else ' (over 90% of memory)'} | " + " | ".join(cells(r, fp8)) + " |",
+                      f"{r['device_batch_size']} x {r['grad_accum']}{over} | " + " | ".join(cells(r, fp8)) + " |",
                       flush=True)
 
 

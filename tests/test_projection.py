@@ -30,7 +30,9 @@ HLO = f"""HloModule m, is_scheduled=true
   %w = bf16[4096,4096]{{1,0}} get-tuple-element(%p), index=2
   %g = f32[16777216]{{0}} get-tuple-element(%p), index=3
   %ars = f32[16777216]{{0}} all-reduce-start(%g), channel_id=1, replica_groups={{{{0,1,2,3,4,5,6,7}}}}, to_apply=%sum
-  %gemm = (bf16[4096,4096]{{1,0}}, s8[4194304]{{0}}) custom-call(%x, %w), custom_call_target="__cublas$lt$matmul", backend_config={{"gemm_backend_config":{{"dot_dimension_numbers":{{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}}}}
+  %gemm = (bf16[4096,4096]{{1,0}}, s8[4194304]{{0}}) custom-call(%x, %w), custom_call_target="__cublas$lt$matmul", \
+backend_config={{"gemm_backend_config":{{"dot_dimension_numbers":{{"lhs_contracting_dimensions":["1"],\
+"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}}}}
   %y = bf16[4096,4096]{{1,0}} get-tuple-element(%gemm), index=0
   %e = bf16[4096,4096]{{1,0}} fusion(%y, %x), kind=kLoop, calls=%fused_add
   %ard = f32[16777216]{{0}} all-reduce-done(%ars)
