@@ -139,3 +139,16 @@ def test_reproject_on_an_unknown_gpu_is_one_line():
     with pytest.raises(UserError, match="--reproject=h200,b200: b200 is not one of h100, h200, a100") as error:
         aot.main(["--reproject=h200,b200", "--depth=2"])
     assert "\n" not in str(error.value)
+
+
+def test_horizon_table_cells_say_na_for_fp8_on_the_a100():
+    """bench/horizon.py's cells: hours, step ms and MFU per GPU from the projections; fp8 on the A100 is n/a."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("horizon", Path(__file__).resolve().parents[1] / "bench" / "horizon.py")
+    horizon = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(horizon)
+    p = dict(horizon_s=7200.0, step_s=0.5, mfu=0.4)
+    r = dict(projection=p, reprojections=dict(h200=p, a100=p))
+    assert horizon.cells(r, fp8=False) == ["2.00 h (500 ms, 40%)"] * 3
+    assert horizon.cells(r, fp8=True)[2] == "n/a (no fp8)"
