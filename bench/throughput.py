@@ -28,7 +28,7 @@ from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import xla_flags
 from jaxchat.model import config_for_depth, estimate_flops
-from jaxchat.monitor import peak_flops
+from jaxchat.targets import peak_flops
 from jaxchat.step import compile_step, init_training
 
 

@@ -1,8 +1,8 @@
 """`python -m jaxchat.aot --target=h100|v5e|... --devices=8 [--hosts=N] <train flags or --config=...>`: compile the
 real train step for GPUs or TPUs that are not here, as `python -m jaxchat.train` would on them, and print what XLA's
 compiler made of it: per-device memory against the target's usable memory, the device batch `auto` picks there,
-compile time and the kernel inventory (cuDNN or splash attention, cuBLASLt and fp8 GEMMs, collectives, anything that
-should not be there).
+compile time, the kernel inventory (cuDNN or splash attention, cuBLASLt and fp8 GEMMs, collectives, anything that
+should not be there) and, on GPUs, a roofline projection of the step's time (jaxchat.projection).
 
 No accelerator is needed. GPUs: the CUDA plugin (`pip install "jax[cuda12]==<the installed jax version>"`); XLA's GPU
 compiler runs on the host with the target's description (jaxchat.targets). TPUs: libtpu (`pip install
@@ -12,6 +12,7 @@ measures can differ (the GPU autotuner's choices, the CUDA runtime's own memory)
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -98,8 +99,10 @@ def qualifying_fp8_layers(config) -> int:
     return per_layer * config.n_layer + fp8.qualifies(*model.lm_head.shape)
 
 
-def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int | None = None) -> dict:
-    """The train step of these train flags compiled for the target; its memory plan and kernel inventory as a dict.
+def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int | None = None,
+                       reproject: tuple[str, ...] = ()) -> dict:
+    """The train step of these train flags compiled for the target; its memory plan and kernel inventory as a dict
+    (reproject: other GPUs whose figures the same program is projected with, under "reprojections").
 
     jaxchat's XLA flags must be in $XLA_FLAGS before the process's first backend starts (`main` and the tests'
     conftest call xla_flags.apply()): with XLA's defaults every GEMM is a Triton fusion and there is no fp8 GEMM."""
@@ -127,7 +130,8 @@ def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int
         log=lambda line: print(line, file=sys.stderr, flush=True))
     compile_s = time.perf_counter() - t0
     analysis = plan_memory.compiled.memory_analysis()
-    counts = inventory.count(plan_memory.compiled.as_text())
+    hlo = plan_memory.compiled.as_text()
+    counts = inventory.count(hlo)
     per_step = plan.model.n_layer * plan_memory.grad_accum  # attention calls expected per step
     fp8_layers = qualifying_fp8_layers(plan.model) * plan_memory.grad_accum if run_backend.fp8 else 0
     per_layer = lambda *kinds: [counts[k] / per_step for k in kinds]  # noqa: E731
@@ -153,7 +157,19 @@ def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int
         loop_stacked_writes=counts["loop_stacked_writes"],
         cpu_attention=counts["cpu_attention"], unknown_trip_counts=counts["unknown_trip_counts"],
         problems=problems(counts, run_backend, per_step, fp8_layers, fsdp=mesh.shape["fsdp"] > 1),
-    )
+        projection=project(hlo, target, devices, plan),
+    ) | ({"reprojections": {other: project(hlo, other, devices, plan) for other in reproject}} if reproject else {})
+
+
+def project(hlo: str, target: str, devices: int, plan) -> dict | None:
+    """The roofline projection of this program's step on the target (jaxchat.projection); None for TPUs (the model
+    reads XLA:GPU's kernels: cuBLAS GEMMs, cuDNN attention, NCCL collectives)."""
+    if target not in GPU_TARGETS:
+        return None
+    from jaxchat import projection
+    result = projection.project(hlo, GPU_TARGETS[target], devices=devices, tokens_per_step=plan.total_batch_size,
+                                flops_per_token=plan.flops_per_token, steps=plan.num_iterations, name=target)
+    return dataclasses.asdict(result)
 
 
 def problems(counts, run_backend, attention_calls: int, fp8_layers: int, fsdp: bool = False) -> list[str]:
@@ -221,8 +237,30 @@ def table(r: dict) -> str:
                             f"{r['loop_collectives'] or 'none'}"),
         ]
     rows += [("note", r["note"])] if r["note"] else []
+    rows += projection_rows(r.get("projection"))
     rows.append(("problems", "; ".join(r["problems"]) or "none"))
     return "\n".join(f"{name:>18}: {text}" for name, text in rows)
+
+
+PROJECTION_LABEL = ("roofline model of XLA's optimised program, not a measurement; assumptions in "
+                    "jaxchat/targets.py")
+
+
+def projection_rows(p: dict | None) -> list[tuple[str, str]]:
+    """The projection's rows of the table: its label, the step and its parts, what follows from it."""
+    if p is None:
+        return [("projection", "n/a on TPUs (the roofline model reads XLA:GPU's kernels)")]
+    ms = {k: v * 1e3 for k, v in p["breakdown_s"].items()}
+    return [
+        ("projection", PROJECTION_LABEL),
+        ("projected step", f"{p['step_s'] * 1e3:.1f} ms = GEMMs {ms['gemm']:.1f} + attention {ms['attention']:.1f} + "
+                           f"other memory-bound {ms['memory']:.1f} + launch gaps {ms['launch']:.1f} + exposed "
+                           f"collectives {ms['collective_exposed']:.1f} (busy {p['collective_busy_s'] * 1e3:.1f}); "
+                           f"{p['kernels']:,} kernels"),
+        ("projected speed", f"{p['tokens_per_s_per_device']:,.0f} tokens/s per device, "
+                            f"{p['tokens_per_s_per_node']:,.0f} per node; MFU (nanochat's) {p['mfu']:.1%}; "
+                            f"{p['horizon_steps']:,} steps in {p['horizon_s'] / 3600:.2f} h"),
+    ]
 
 
 def _merged(r: dict) -> dict[str, int]:
@@ -242,15 +280,21 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--devices", type=int, default=8, help="GPUs or TPU chips in all")
     parser.add_argument("--hosts", type=int, default=None,
                         help="hosts (processes) they are spread over (default: 1 for GPUs; a TPU slice's own)")
+    parser.add_argument("--reproject", default="", help="comma-separated GPUs (" + ", ".join(sorted(GPU_TARGETS))
+                        + ") whose figures the same compiled program is also projected with (JSON only)")
     args, train_argv = parser.parse_known_args(argv)
     if not os.environ.get("JAX_PLATFORMS", "").strip():
         import jax
 
         jax.config.update("jax_platforms", "cpu")  # compiling needs no device: start none (a GPU host's included)
+    reproject = tuple(name for name in args.reproject.split(",") if name)
+    if unknown := [name for name in reproject if name not in GPU_TARGETS]:
+        raise UserError(f"--reproject={args.reproject}: {', '.join(unknown)} is not one of {', '.join(GPU_TARGETS)}")
     xla_flags.apply()  # the flags `python -m jaxchat.train` runs with, before the backend starts
     # No persistent compilation cache here: a compile-only client cannot load a cached executable ("PjRtCompiler
     # must be constructed with a Client"), so every run compiles.
-    result = compile_for_target(train_argv, target=args.target, devices=args.devices, hosts=args.hosts)
+    result = compile_for_target(train_argv, target=args.target, devices=args.devices, hosts=args.hosts,
+                                reproject=reproject)
     print(table(result))
     print(json.dumps(result))
     if result["problems"] or not result["fits"]:

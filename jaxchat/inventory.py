@@ -102,6 +102,13 @@ def _counted_trips(comps: dict[str, list[str]], while_line: str) -> int | None:
     return next((int(m.group(1)) for line in lines if (m := constant.match(line))), None)
 
 
+def trip_count(comps: dict[str, list[str]], while_line: str) -> int | None:
+    """How often a while loop's body runs: XLA's known_trip_count (XLA:GPU), else the bound of a `counter <
+    constant` condition (XLA:TPU records none); None if neither says."""
+    trip = _TRIP_COUNT.search(while_line)
+    return int(trip.group(1)) if trip else _counted_trips(comps, while_line)
+
+
 def count(hlo: str) -> collections.Counter:
     """Every counted kind, weighted by how often its computation runs per call of the entry computation.
 
@@ -126,8 +133,7 @@ def count(hlo: str) -> collections.Counter:
             counts += _own_counts(line, found.group(1), opcode, in_async, dtypes, in_loop)
             trips = 1
             if opcode == "while":
-                trip = _TRIP_COUNT.search(line)
-                trips = int(trip.group(1)) if trip else _counted_trips(comps, line)
+                trips = trip_count(comps, line)
                 counts["unknown_trip_counts"] += trips is None
                 trips = trips or 1
             for callee in _CALLEE.finditer(line):

@@ -1,32 +1,10 @@
 """Monitoring: the per-step line, MFU against the peak-FLOPs table, WandB and TensorBoard (process 0 only)."""
 
-import math
 import os
 
 import jax
 
 from jaxchat.common import print0
-from jaxchat.targets import TPU_TARGETS
-
-# Peak dense bf16 FLOP/s per device (nanochat/common.py get_peak_flops at 348fbb3, and TPUs); substring match on the
-# lower-cased device kind, first match wins.
-PEAK_FLOPS = (
-    ("gb200", 2.5e15), ("grace blackwell", 2.5e15), ("b200", 2.25e15), ("b100", 1.8e15),
-    ("h200 nvl", 836e12), ("h200 pcie", 836e12), ("h200", 989e12),
-    ("h100 nvl", 835e12), ("h100 pcie", 756e12), ("h100", 989e12),
-    ("h800 nvl", 989e12), ("h800", 756e12), ("a100", 312e12), ("a800", 312e12), ("a40", 149.7e12), ("a30", 165e12),
-    ("l40s", 362e12), ("l4", 121e12), ("mi355", 2.5e15), ("mi325", 1.3074e15), ("mi300x", 1.3074e15),
-    ("mi300a", 980.6e12), ("mi250x", 383e12), ("mi250", 362.1e12), ("rtx 5090", 209.5e12), ("4090", 165.2e12),
-    ("3090", 71e12),
-    # TPUs: each chip's bf16 peak (jaxchat.targets), longer device kinds first ("tpu v5 lite" before "tpu v5")
-    *sorted(((t.device_kind.lower(), t.bf16_flops) for t in TPU_TARGETS.values()), key=lambda e: -len(e[0])),
-)
-
-
-def peak_flops(device_kind: str) -> float:
-    """Peak bf16 FLOP/s of one device; inf (so MFU reads 0) for CPUs and unknown devices."""
-    kind = device_kind.lower()
-    return next((flops for name, flops in PEAK_FLOPS if name in kind), math.inf)
 
 
 def step_line(step: int, num_iterations: int, loss: float, lrm: float, dt: float, tokens_per_sec: int, mfu: float,

@@ -15,7 +15,7 @@ import math
 class GpuTarget:
     """One GPU model, as XLA's GPU compiler sees it."""
 
-    device_kind: str  # what `jax.devices()[0].device_kind` says on the real device (monitor.peak_flops keys on it)
+    device_kind: str  # what `jax.devices()[0].device_kind` says on the real device (peak_flops below keys on it)
     capability: tuple[int, int]  # CUDA compute capability
     sms: int  # streaming multiprocessors (core_count)
     fpus_per_sm: int
@@ -25,6 +25,15 @@ class GpuTarget:
     clock_ghz: float
     shared_per_sm: int
     shared_per_block_optin: int
+    # Roofline figures (jaxchat.projection), the vendor's data sheet per GPU: dense fp8 tensor-core FLOP/s (no
+    # sparsity) and NVLink bytes/s per direction per GPU; `bandwidth` above is the HBM's, bf16_flops is PEAK_FLOPS's
+    fp8_flops: float | None = None  # None: no fp8 tensor cores (A100)
+    interconnect: float = 0.0
+
+    @property
+    def bf16_flops(self) -> float:
+        """Peak dense bf16 FLOP/s: the one table MFU uses (PEAK_FLOPS)."""
+        return peak_flops(self.device_kind)
 
     def proto_text(self) -> str:
         """The GpuTargetConfigProto in text form."""
@@ -56,8 +65,10 @@ device_description_str: "{self.device_kind}"
 """
 
 
+# H100 SXM and H200 data sheets: 989 TFLOP/s dense bf16, 1979 fp8; NVLink 4, 900 GB/s per GPU (450 each way)
 _HOPPER = dict(capability=(9, 0), sms=132, fpus_per_sm=128, l2_bytes=50 * 2**20, clock_ghz=1.98,
-               shared_per_sm=233472, shared_per_block_optin=232448)
+               shared_per_sm=233472, shared_per_block_optin=232448, fp8_flops=1979e12,
+               interconnect=450e9)
 
 GPU_TARGETS = {
     "h100": GpuTarget(device_kind="NVIDIA H100 80GB HBM3", memory_bytes=84_978_434_048, bandwidth=3_352_320_000_000,
@@ -65,15 +76,34 @@ GPU_TARGETS = {
     "h200": GpuTarget(device_kind="NVIDIA H200", memory_bytes=150_754_820_096, bandwidth=4_800_000_000_000, **_HOPPER),
     "a100": GpuTarget(device_kind="NVIDIA A100-SXM4-80GB", capability=(8, 0), sms=108, fpus_per_sm=64,
                       memory_bytes=85_097_971_712, bandwidth=2_039_000_000_000, l2_bytes=40 * 2**20, clock_ghz=1.41,
-                      shared_per_sm=167936, shared_per_block_optin=166912),
+                      shared_per_sm=167936, shared_per_block_optin=166912,
+                      # A100 SXM data sheet: 312 TFLOP/s dense bf16, no fp8; NVLink 3, 600 GB/s (300 each way)
+                      fp8_flops=None, interconnect=300e9),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Efficiency:
+    """The fractions of a GPU's peaks that jaxchat.projection assumes its kernels reach: assumptions, not
+    measurements (no GPU here); change them here to see what a projection rests on."""
+
+    gemm_bf16: float = 0.70  # cuBLASLt bf16 GEMMs of thousands a side reach 65-75% of the dense peak
+    gemm_fp8: float = 0.55  # fp8 GEMMs reach less of their (2x) peak: scaling epilogues, fp32 promotion
+    attention_fwd: float = 0.55  # cuDNN flash attention forward, of the bf16 peak, on the (query, key) pairs kept
+    attention_bwd: float = 0.40  # its backward (five GEMMs per tile, atomics/recomputation)
+    hbm: float = 0.80  # memory-bound kernels: streaming reads and writes reach ~80% of the HBM's bandwidth
+    interconnect: float = 0.75  # NCCL ring collectives of MBs to GBs: ~75% of NVLink's per-direction bandwidth
+    launch_s: float = 2e-6  # per kernel: the gap between kernels in XLA's command buffers (CUDA graphs)
+
+
+GPU_EFFICIENCY = Efficiency()
 
 
 @dataclasses.dataclass(frozen=True)
 class TpuTarget:
     """One TPU generation: its chips as libtpu's compiler describes them, and the figures planning and MFU use."""
 
-    device_kind: str  # what `jax.devices()[0].device_kind` says on the real chip (monitor.peak_flops keys on it)
+    device_kind: str  # what `jax.devices()[0].device_kind` says on the real chip (peak_flops below keys on it)
     topology: str  # libtpu's name of the generation in topology names ("v5e" in "v5e:2x4")
     dims: int  # the torus: 2 (v5e, v6e) or 3 (v4, v5p)
     one_host_chips: int  # the most chips one TPU VM has (a one-host slice); slices over several hosts have 4 per host
@@ -114,3 +144,24 @@ TPU_TARGETS = {
     "v4": TpuTarget(device_kind="TPU v4", topology="v4", dims=3, one_host_chips=4, hbm_bytes=32 * _GiB,
                     usable_bytes=None, bf16_flops=275e12),
 }
+
+
+# Peak dense bf16 FLOP/s per device (nanochat/common.py get_peak_flops at 348fbb3, and TPUs); substring match on the
+# lower-cased device kind, first match wins.
+PEAK_FLOPS = (
+    ("gb200", 2.5e15), ("grace blackwell", 2.5e15), ("b200", 2.25e15), ("b100", 1.8e15),
+    ("h200 nvl", 836e12), ("h200 pcie", 836e12), ("h200", 989e12),
+    ("h100 nvl", 835e12), ("h100 pcie", 756e12), ("h100", 989e12),
+    ("h800 nvl", 989e12), ("h800", 756e12), ("a100", 312e12), ("a800", 312e12), ("a40", 149.7e12), ("a30", 165e12),
+    ("l40s", 362e12), ("l4", 121e12), ("mi355", 2.5e15), ("mi325", 1.3074e15), ("mi300x", 1.3074e15),
+    ("mi300a", 980.6e12), ("mi250x", 383e12), ("mi250", 362.1e12), ("rtx 5090", 209.5e12), ("4090", 165.2e12),
+    ("3090", 71e12),
+    # TPUs: each chip's bf16 peak (TPU_TARGETS above), longer device kinds first ("tpu v5 lite" before "tpu v5")
+    *sorted(((t.device_kind.lower(), t.bf16_flops) for t in TPU_TARGETS.values()), key=lambda e: -len(e[0])),
+)
+
+
+def peak_flops(device_kind: str) -> float:
+    """Peak bf16 FLOP/s of one device; inf (so MFU reads 0) for CPUs and unknown devices."""
+    kind = device_kind.lower()
+    return next((flops for name, flops in PEAK_FLOPS if name in kind), math.inf)

@@ -36,9 +36,10 @@ from jaxchat.dataloader import (ShardLoaders, check_resume_data, global_batch, m
 from jaxchat.distributed import gather_json, init_distributed
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
 from jaxchat.faults import SaveTimer, Stopped, StopRequest
-from jaxchat.monitor import Monitor, peak_flops, step_line
+from jaxchat.monitor import Monitor, step_line
 from jaxchat.plan import Plan, device_batch_warning, make_plan
 from jaxchat.step import abstract_steps, init_state, plan_and_compile, without_fp8
+from jaxchat.targets import peak_flops
 from jaxchat.tokenizer import check_recorded
 
 

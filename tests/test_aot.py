@@ -127,6 +127,23 @@ def test_h100_bf16_step_has_cudnn_attention_in_every_layer_and_fits(compiled):
 
 @pytest.mark.slow
 @needs_plugin
+def test_h100_step_has_a_projection_whose_parts_sum_to_the_step(compiled):
+    """The roofline projection of d12 at T 2048 on 8 H100s (jaxchat.projection): positive, its parts summing to the
+    step, MFU below 1, tokens/s and the horizon's time following from the step, and labelled in the table."""
+    r = compiled(*D12)
+    p = r["projection"]
+    assert p["step_s"] > 0 and p["kernels"] > 0 and p["flops"] > 0 and p["bytes"] > 0
+    assert p["breakdown_s"]["gemm"] > 0 and p["breakdown_s"]["attention"] > 0 and p["breakdown_s"]["memory"] > 0
+    assert min(p["breakdown_s"].values()) >= 0 and p["collective_busy_s"] > 0
+    assert sum(p["breakdown_s"].values()) == pytest.approx(p["step_s"])
+    assert 0 < p["mfu"] < 1
+    assert p["tokens_per_s_per_device"] == pytest.approx(2**19 / 8 / p["step_s"])  # d12's 2^19 tokens per step
+    assert p["tokens_per_s_per_node"] == pytest.approx(8 * p["tokens_per_s_per_device"])
+    assert p["horizon_steps"] > 0 and p["horizon_s"] == pytest.approx(p["horizon_steps"] * p["step_s"])
+    assert "not a measurement; assumptions in jaxchat/targets.py" in aot.table(r)
+
+
+@needs_plugin
 def test_h100_fp8_step_has_three_fp8_gemms_per_qualifying_layer(compiled):
     """--fp8: the forward GEMM and both backward GEMMs of q, k, v, c_proj, c_fc, mlp_proj and lm_head in fp8."""
     r = compiled(*D12, "--fp8")

@@ -3,7 +3,8 @@
 import math
 import struct
 
-from jaxchat.monitor import PEAK_FLOPS, Monitor, peak_flops, step_line
+from jaxchat.monitor import Monitor, step_line
+from jaxchat.targets import PEAK_FLOPS, peak_flops
 
 
 def test_step_line_is_nanochats_format():
