@@ -32,6 +32,11 @@ GPU_FLAGS = {
     # (jaxchat.memory: --device-batch-size=auto, --remat policies), so the pass only costs time.
     "xla_disable_hlo_passes": "rematerialization",
 }
+# Not set: xla_gpu_enable_analytical_latency_estimator. Compiled for 8 H100s (python -m jaxchat.aot --depth=12
+# --device-batch-size=8, with and without it) it leaves this step's schedule as it is: peak 9.2 GiB either way, the
+# roofline projection (jaxchat.projection) 149.6 against 149.7 ms. (Before the once-per-step gradient reduction it
+# moved the peak from 9.46 to 12.65 GiB.) Its own estimate (--xla_dump_latency_hiding_schedule) totals 7.9e11
+# "cycles" at 1 per microsecond for that step, nine days: no unit to read a step time from.
 
 
 # The rest stays for the CUDA context, NCCL's buffers and cuDNN/cuBLAS workspaces outside JAX's allocator (~2-4 GB).
