@@ -172,7 +172,15 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_INSTALLED: set[int] = set()  # the signals run_main handles with _interrupt
+
+
 def _interrupt(signum, frame):
+    """Raise Interrupted, once: the signals are ignored from here on, so that a second one cannot cut the first one's
+    clean-up short (a download's worker threads removing their .tmp files) and leave files behind."""
+    for s in _INSTALLED:
+        signal.signal(s, signal.SIG_IGN)
     raise Interrupted(signum)
 
 
@@ -184,6 +192,8 @@ def _unraisable(previous):
     def hook(unraisable):
         if isinstance(unraisable.exc_value, KeyboardInterrupt):  # Ctrl-C's, or Interrupted
             signum = getattr(unraisable.exc_value, "signum", signal.SIGINT)
+            if signum in _INSTALLED:  # _interrupt ignored it from then on: heard again, it must raise
+                signal.signal(signum, _interrupt)
             threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
         else:
             previous(unraisable)
@@ -201,15 +211,17 @@ def run_main(main, *args) -> None:
 
     previous, hook = {}, sys.unraisablehook
     if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(s) is signal.SIG_DFL:  # an ignored SIGHUP (nohup) stays ignored
+        for s in _SIGNALS:  # an ignored SIGHUP (nohup) stays ignored; Ctrl-C's KeyboardInterrupt becomes Interrupted
+            if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
                 previous[s] = signal.signal(s, _interrupt)
+                _INSTALLED.add(s)
         sys.unraisablehook = _unraisable(hook)
     try:
         _run_main(main, args, backend, watchdog)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+            _INSTALLED.discard(s)
         sys.unraisablehook = hook
 
 
@@ -230,7 +242,7 @@ def _run_main(main, args, backend, watchdog) -> None:
         # training has faults.StopRequest): one line and the shell's code, not a traceback from whatever it
         # interrupted.
         signum = getattr(e, "signum", signal.SIGINT)
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second signal now adds nothing
+        for s in _SIGNALS:  # a second signal now adds nothing
             signal.signal(s, signal.SIG_IGN)
         line = f"{watchdog.prefix()}interrupted by {signal.Signals(signum).name}: exiting"
         if watchdog.active():

@@ -281,7 +281,7 @@ def download(n: int, source: str = "fineweb-edu", workers: int = 4) -> str:
         # Interrupted (Ctrl-C, SIGTERM): a `with` pool waited for every queued shard (all ~180 GB of -1); queued
         # ones are dropped and running ones stop at their next chunk, removing their .tmp files
         stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)  # common.run_main ignores a second signal meanwhile
         raise
     pool.shutdown()
     if failed:

@@ -246,10 +246,12 @@ run_main(dataset.main, ["-n", "6", "-w", "2"])
 """
 
 
-def test_a_signal_during_downloads_stops_them_and_leaves_no_temporary_file(tmp_path):
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_signal_during_downloads_stops_them_and_leaves_no_temporary_file(tmp_path, signals):
     """SIGTERM (or Ctrl-C) during `dataset -n N`: leaving the worker pool waited for every queued shard (with -1, all
     ~180 GB), and the shards being fetched left their .tmp files. Now queued shards are dropped, running ones stop
-    at their next chunk and remove their .tmp, and the command exits with one line and 143."""
+    at their next chunk and remove their .tmp, and the command exits with one line and 143. A second signal 20 ms
+    later (an impatient user, a scheduler repeating itself) cut that clean-up short and left the .tmp files."""
     import signal
     import subprocess
     import sys
@@ -265,7 +267,9 @@ def test_a_signal_during_downloads_stops_them_and_leaves_no_temporary_file(tmp_p
             assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
             time.sleep(0.05)
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        for _ in range(signals):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.02)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
