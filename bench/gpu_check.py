@@ -10,7 +10,7 @@ where this checkout's aot has one), run on the CPU while nanochat runs on the GP
 MuonAdamW built as its scripts/base_train.py builds them (bench/vs_nanochat.py's NanochatSide: torch.compile, bf16
 autocast), timed the same way at the same shape, in its own process. One micro-batch per step on both sides
 (--total-batch-size = device batch x T). MFU: nanochat's count of FLOPs per token (jaxchat.model.estimate_flops) over
-the device's bf16 peak (jaxchat.monitor.peak_flops), for both sides and for --fp8 too, as nanochat labels bf16_mfu.
+the device's bf16 peak (jaxchat.targets.peak_flops), for both sides and for --fp8 too, as nanochat labels bf16_mfu.
 
 Each phase has a timeout and the whole run a budget (--budget-s): a phase that fails or runs out is reported as such
 and the others still run. Prints a table, then one JSON line (the last line). `--dry-run`: the same path on CPU at a
@@ -118,7 +118,7 @@ def jaxchat_case(spec: dict) -> dict:
     from jaxchat import recipe as recipes
     from jaxchat.config import parse_flags
     from jaxchat.model import estimate_flops
-    from jaxchat.monitor import peak_flops
+    from jaxchat.targets import peak_flops
     from jaxchat.step import abstract_steps, init_state, plan_and_compile
     from jaxchat.train import build_optimizer, planned_vocab, run_plan
 
@@ -191,7 +191,7 @@ def nanochat_case(spec: dict) -> dict:
 
     from jaxchat.config import parse_flags
     from jaxchat.model import estimate_flops
-    from jaxchat.monitor import peak_flops
+    from jaxchat.targets import peak_flops
     from jaxchat.train import planned_vocab, run_plan
 
     c = parse_flags(spec["flags"])
