@@ -173,7 +173,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-_INSTALLED: set[int] = set()  # the signals run_main handles with _interrupt
+_INSTALLED: set[int] = set()  # the signals run_main handles with _interrupt (SIGTERM, SIGHUP)
 
 
 def _interrupt(signum, frame):
@@ -211,8 +211,8 @@ def run_main(main, *args) -> None:
 
     previous, hook = {}, sys.unraisablehook
     if threading.current_thread() is threading.main_thread():
-        for s in _SIGNALS:  # an ignored SIGHUP (nohup) stays ignored; Ctrl-C's KeyboardInterrupt becomes Interrupted
-            if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
+        for s in (signal.SIGTERM, signal.SIGHUP):  # an ignored SIGHUP (nohup) stays ignored; Ctrl-C keeps Python's
+            if signal.getsignal(s) is signal.SIG_DFL:  # KeyboardInterrupt, so a second one still cuts a clean-up short
                 previous[s] = signal.signal(s, _interrupt)
                 _INSTALLED.add(s)
         sys.unraisablehook = _unraisable(hook)
