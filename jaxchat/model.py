@@ -118,8 +118,17 @@ def recomputed_when_narrow(fn):
     The elementwise steps computed in float32 inside a bf16 layer (norms, the lambda mix, relu^2) would keep their
     float32 intermediates for the backward pass, in every layer; recomputed from the bf16 input instead, the
     arithmetic and the gradients are the same. Compiled for H100s (jaxchat.aot), d26 at device batch 16 needs 92.9 GiB
-    per device instead of 110.3. In a float32 step (CPU) there is no narrower input to keep: nothing is recomputed."""
-    checkpointed = jax.checkpoint(fn)
+    per device instead of 110.3. In a float32 step (CPU) there is no narrower input to keep: nothing is recomputed.
+
+    prevent_cse=False: jax.checkpoint's default puts the backward's recomputation behind an optimisation barrier,
+    which also fences off the incoming gradient, so XLA cannot fuse the scaling of the fp8 GEMM that produced it into
+    the fp8 quantisation that reads it (each backward fp8 GEMM's output was rescaled in a pass of its own) and keeps
+    the forward's scaled MLP input for the backward besides the GEMM's raw output. Compiled for 8 H100s and projected
+    with the roofline of docs/performance.md: the record command 1,142 -> 1,069 ms per step, peak 55.8 -> 53.5 GiB;
+    configs/d24.py (bf16) 634 -> 638 ms, 55.0 -> 52.9 GiB. The barrier's other use, keeping XLA from merging the recomputation
+    back into the forward, is not needed in a scanned layer stack (TPU), whose forward and backward are separate loops,
+    and unrolled (GPU) the figures above show nothing merged back: the peak fell."""
+    checkpointed = jax.checkpoint(fn, prevent_cse=False)
 
     @functools.wraps(fn)
     def wrapper(x, *args):

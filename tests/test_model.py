@@ -295,3 +295,21 @@ def test_model_mean_loss_uses_the_fused_head_on_cpu():
     np.testing.assert_allclose(fused_loss, plain_loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(plain_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("fn", ["rmsnorm", "_mix", "_relu_squared"])
+def test_narrow_elementwise_steps_are_recomputed_without_a_barrier(fn):
+    """In bf16 the norms, the lambda mix and relu^2 are recomputed in the backward pass (only their bf16 inputs kept),
+    with no optimisation barrier fencing off the incoming gradient (model.recomputed_when_narrow), and their
+    gradients are those of the plain function; in float32 nothing is wrapped."""
+    from jaxchat import model as modellib
+    f = getattr(modellib, fn)
+    args = [jnp.linspace(-2, 2, 4 * 64, dtype=jnp.bfloat16).reshape(4, 64)]
+    args += [args[0][::-1], jnp.float32(0.7), jnp.float32(0.2)] if fn == "_mix" else []
+    loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2)
+    assert "remat" in str(jax.make_jaxpr(jax.grad(loss))(*args))  # recomputed in the backward
+    assert "optimization_barrier" not in jax.jit(jax.grad(loss)).lower(*args).as_text()
+    plain = lambda *a: jnp.sum(f.__wrapped__(*a).astype(jnp.float32) ** 2)
+    np.testing.assert_array_equal(jax.grad(loss)(*args), jax.grad(plain)(*args))
+    f32 = [a.astype(jnp.float32) for a in args]
+    assert "remat" not in str(jax.make_jaxpr(jax.grad(loss))(*f32))
