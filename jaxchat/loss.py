@@ -34,7 +34,7 @@ def softcapped_logits(x_BTn: jax.Array, lm_head_nV: jax.Array, vocab_size: int, 
 def token_losses(x_BTn: jax.Array, lm_head_nV: jax.Array, targets_BT: jax.Array, vocab_size: int,
                  matmul=None) -> jax.Array:
     """Per-token losses of the softcapped logits."""
-    return softcapped_cross_entropy(vocab_logits(x_BTn, lm_head_nV, vocab_size, matmul), targets_BT)
+    return softcapped_cross_entropy((matmul or dense.matmul)(x_BTn, lm_head_nV)[..., :vocab_size], targets_BT)
 
 
 @jax.custom_vjp
@@ -47,21 +47,32 @@ def softcapped_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> ja
 
 
 def _softcapped_ce_fwd(logits_BTV, targets_BT):
-    capped_BTV = softcap(logits_BTV)
+    capped_BTV = softcap(logits_BTV.astype(jnp.float32))
     valid_BT = targets_BT >= 0
     # |capped| < SOFTCAP, so exp cannot overflow: no max to subtract first (one pass fewer over the logits)
     logz_BT = jnp.log(jnp.sum(jnp.exp(capped_BTV), axis=-1))
-    picked_BT = jnp.take_along_axis(capped_BTV, jnp.where(valid_BT, targets_BT, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(valid_BT, logz_BT - picked_BT, 0.0), (capped_BTV, logz_BT, targets_BT)
+    # the target's logit squashed on its own, so the squashed (tokens, vocab) logits have one reader, the sum above
+    picked_BT = softcap(jnp.take_along_axis(logits_BTV, jnp.where(valid_BT, targets_BT, 0)[..., None],
+                                            axis=-1)[..., 0].astype(jnp.float32))
+    # the logits as they came (bf16 from a bf16 or fp8 lm_head), not their float32 squashed copy: twice the bytes
+    return jnp.where(valid_BT, logz_BT - picked_BT, 0.0), (logits_BTV, logz_BT, targets_BT)
 
 
 def _softcapped_ce_bwd(residuals, g_BT):
-    """d loss / d logits = g * (softmax - onehot(target)) * (1 - tanh^2); zero where the target is ignored (-1)."""
-    capped_BTV, logz_BT, targets_BT = residuals
+    """d loss / d logits = g * (softmax - onehot(target)) * (1 - tanh^2); zero where the target is ignored (-1).
+    Returned in the logits' dtype, as the cast to float32 in nanochat's GPT.forward hands its gradient back."""
+    logits_BTV, logz_BT, targets_BT = residuals
+    # the squash recomputed from the saved logits; the barrier keeps XLA from merging it with the forward's, which
+    # would write the float32 squashed logits out in the forward for the backward to read (compiled for 8 H100s:
+    # 4.3 GB per micro-batch of the record command)
+    capped_BTV = softcap(jax.lax.optimization_barrier(logits_BTV).astype(jnp.float32))
     g_BT1 = jnp.where(targets_BT >= 0, g_BT, 0.0)[..., None]
     onehot_BTV = jnp.arange(capped_BTV.shape[-1]) == targets_BT[..., None]
     softmax_BTV = jnp.exp(capped_BTV - logz_BT[..., None])
-    return g_BT1 * (softmax_BTV - onehot_BTV) * (1 - jnp.square(capped_BTV / SOFTCAP)), None
+    grad_BTV = (g_BT1 * (softmax_BTV - onehot_BTV) * (1 - jnp.square(capped_BTV / SOFTCAP))).astype(logits_BTV.dtype)
+    # written out once in the logits' dtype for the lm_head's backward (the fp8 head reads it twice: amax, then the
+    # cast), rather than each reader recomputing it from the logits and XLA keeping a float32 copy between them
+    return jax.lax.optimization_barrier(grad_BTV), None
 
 
 softcapped_cross_entropy.defvjp(_softcapped_ce_fwd, _softcapped_ce_bwd)

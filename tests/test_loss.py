@@ -28,6 +28,23 @@ def test_softcapped_cross_entropy_gradient_is_autodiffs():
     assert not np.any(ours[0, :3])  # ignored positions get no gradient
 
 
+def test_bf16_logits_give_the_float32_losses_and_a_bf16_gradient():
+    """bf16 logits (a bf16 or fp8 lm_head's) go into the loss as they are, computed in float32 inside: the same losses
+    as the float32 copy of them, and the float32 copy's gradient rounded to bf16, which is what the cast to float32
+    in nanochat's GPT.forward hands back; the bf16 logits are what the backward keeps, not a float32 squashed copy."""
+    logits = (20 * jax.random.normal(jax.random.key(2), (3, 7, 50))).astype(jnp.bfloat16)
+    targets = jax.random.randint(jax.random.key(3), (3, 7), 0, 50).at[0, :3].set(-1)
+    weights = jax.random.uniform(jax.random.key(4), (3, 7))
+    f = jax.jit(lambda z: (losslib.softcapped_cross_entropy(z, targets) * weights).sum())
+    np.testing.assert_array_equal(losslib.softcapped_cross_entropy(logits, targets),
+                                  losslib.softcapped_cross_entropy(logits.astype(jnp.float32), targets))
+    grad = jax.grad(f)(logits)
+    assert grad.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(grad, jax.grad(f)(logits.astype(jnp.float32)).astype(jnp.bfloat16))
+    kept = jax.tree.leaves(jax.vjp(lambda z: losslib.softcapped_cross_entropy(z, targets), logits)[1])
+    assert [x.dtype for x in kept if x.shape == logits.shape] == [jnp.bfloat16]  # the residual the backward reads
+
+
 @pytest.mark.parametrize("use_jit", [pytest.param(False, marks=pytest.mark.slow), True])  # eager: slow dispatches
 def test_fused_mean_cross_entropy_equals_the_plain_loss_head(use_jit):
     """Loss and gradients (x, lm_head) of the blocked head with its gradients from the forward pass equal autodiff
