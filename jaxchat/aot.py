@@ -18,8 +18,8 @@ import os
 import sys
 import time
 
-from jaxchat import xla_flags
-from jaxchat.common import UserError, run_main
+from jaxchat import cli, xla_flags
+from jaxchat.common import UserError
 from jaxchat.targets import GPU_TARGETS, HOST_BOUNDS, MULTI_HOST_CHIPS, TPU_TARGETS
 
 DENSE_NAMES = ("c_q", "c_k", "c_v", "c_proj", "c_fc", "mlp_proj")  # the per-layer dense weights (model.Blocks)
@@ -104,8 +104,8 @@ def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int
     """The train step of these train flags compiled for the target; its memory plan and kernel inventory as a dict
     (reproject: other GPUs whose figures the same program is projected with, under "reprojections").
 
-    jaxchat's XLA flags must be in $XLA_FLAGS before the process's first backend starts (`main` and the tests'
-    conftest call xla_flags.apply()): with XLA's defaults every GEMM is a Triton fusion and there is no fp8 GEMM."""
+    jaxchat's XLA flags must be in $XLA_FLAGS before the process's first backend starts (cli.run and the tests'
+    conftest apply them): with XLA's defaults every GEMM is a Triton fusion and there is no fp8 GEMM."""
     from jaxchat import backend, inventory, step
     from jaxchat import mesh as meshlib
     from jaxchat.config import parse_flags
@@ -283,16 +283,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--reproject", default="", help="comma-separated GPUs (" + ", ".join(sorted(GPU_TARGETS))
                         + ") whose figures the same compiled program is also projected with (JSON only)")
     args, train_argv = parser.parse_known_args(argv)
-    if not os.environ.get("JAX_PLATFORMS", "").strip():
-        import jax
-
-        jax.config.update("jax_platforms", "cpu")  # compiling needs no device: start none (a GPU host's included)
     reproject = tuple(name for name in args.reproject.split(",") if name)
     if unknown := [name for name in reproject if name not in GPU_TARGETS]:
         raise UserError(f"--reproject={args.reproject}: {', '.join(unknown)} is not one of {', '.join(GPU_TARGETS)}")
-    xla_flags.apply()  # the flags `python -m jaxchat.train` runs with, before the backend starts
-    # No persistent compilation cache here: a compile-only client cannot load a cached executable ("PjRtCompiler
-    # must be constructed with a Client"), so every run compiles.
     result = compile_for_target(train_argv, target=args.target, devices=args.devices, hosts=args.hosts,
                                 reproject=reproject)
     print(table(result))
@@ -301,5 +294,10 @@ def main(argv: list[str]) -> None:
         sys.exit(1)
 
 
+# `python -m jaxchat.aot`: compiling needs no device, so none starts (a GPU host's included) unless JAX_PLATFORMS names
+# one. No persistent compilation cache: a compile-only client cannot load a cached executable ("PjRtCompiler must be
+# constructed with a Client"), so every run compiles.
+SETUP = cli.Setup(compile_only=True)
+
 if __name__ == "__main__":
-    run_main(main, sys.argv[1:])
+    cli.run(main, sys.argv[1:], setup=SETUP)

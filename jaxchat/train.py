@@ -22,18 +22,16 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jaxchat import backend, fp8, host_memory
-from jaxchat import compile_cache, memory, nanochat_ckpt
+from jaxchat import backend, cli, fp8, memory, nanochat_ckpt
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import recipe as recipes
-from jaxchat import xla_flags
 from jaxchat.checkpoint import Checkpointer, checkpoint_dir, input_changes, recorded_tokenizer
-from jaxchat.common import UserError, base_dir, check_writable, fmt_bytes, print0, run_main
+from jaxchat.common import UserError, base_dir, check_writable, fmt_bytes, print0
 from jaxchat.config import parse_flags
 from jaxchat.dataloader import (ShardLoaders, check_resume_data, global_batch, make_loaders, prepare_data,
                                 shard_layout, step_batch)
-from jaxchat.distributed import gather_json, init_distributed
+from jaxchat.distributed import gather_json
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
 from jaxchat.faults import SaveTimer, Stopped, StopRequest
 from jaxchat.monitor import Monitor, step_line
@@ -128,9 +126,6 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     """(run, params, opt_state): start-up, data, the checkpoint to resume (checked before compiling), model and
     optimizer state (sharded), the step compiled for the device batch (auto decided here, before the plan and the
     loaders exist), the plan."""
-    init_distributed(c.coordinator_address or None, c.num_processes or None,
-                     c.process_id if c.process_id >= 0 else None, init_timeout=c.init_timeout,
-                     peer_timeout=c.peer_timeout)
     mesh = meshlib.make_mesh(c.fsdp)
     run_backend = backend.for_mesh(mesh, c.compute_dtype or None, c.fp8)  # decided once: dtype, attention, loss, fp8
     compute_dtype, muon_dtype = run_backend.compute_dtype, run_backend.default_dtype(c.muon_dtype)
@@ -555,16 +550,18 @@ def finish(run: Run, state: TrainState, stop_request: StopRequest, losses: dict[
     return {"losses": losses, "loop": state.loop}
 
 
-def train(argv: list[str], command_line: bool = False) -> dict:
-    """Run training; returns {"losses": {step: loss}, "loop": LoopState} for tests and scripts.
+def train(argv: list[str]) -> dict:
+    """Run training in this process (tests, scripts); returns {"losses": {step: loss}, "loop": LoopState}. Nothing of
+    the process is set up (the command's SETUP), and the caller gets its signal handlers back."""
+    return train_with(parse_flags(argv))
 
-    command_line: use --compile-cache, and keep handling signals until the process has exited (in-process callers
-    keep their jax config and get their signal handlers back)."""
-    c = parse_flags(argv)
+
+def train_with(c: ConfigDict, command_line: bool = False) -> dict:
+    """Train with these flags (the process set up before, for a multi-process run joined: `main`).
+
+    command_line: keep handling signals until the process has exited (in-process callers get their handlers back)."""
     if c.dry_run:
         return dry_run(c)
-    if command_line:
-        compile_cache.enable(c.compile_cache)  # before anything compiles; touches no backend (before distributed)
     stop_request = StopRequest()  # from here on a signal ends the run cleanly (130 / 143 / 129, at most one line)
     try:
         run, params, opt_state = set_up(c, stop_request)
@@ -582,10 +579,13 @@ def train(argv: list[str], command_line: bool = False) -> dict:
             stop_request.restore_handlers()
 
 
+# `python -m jaxchat.train`: malloc keeps freed host memory (XLA:CPU's step buffers), the persistent compilation cache
+# (--compile-cache) and the multi-process start (--coordinator-address, ...; or the environment)
+SETUP = cli.Setup(keep_freed_memory=True, compile_cache=True, distributed=True)
+
+
 def main() -> None:
-    xla_flags.apply()  # before the backend starts
-    host_memory.keep_freed_memory()  # before threads allocate
-    run_main(train, sys.argv[1:], True)  # command_line: the persistent compilation cache, signals until the end
+    cli.run(functools.partial(train_with, command_line=True), sys.argv[1:], parse=parse_flags, setup=SETUP)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def test_checkpoint_with_another_tokenizer_vocabulary(base_dir):
 
 REPO = Path(__file__).resolve().parents[1]
 # Each command's refusals as commands, one process each: exit code 2 and one line "error: ..." on stderr, no traceback
-# (common.run_main), from each place a command refuses its input. {command: [(id, base, argv, message)]}; base: "tiny"
+# (cli.run), from each place a command refuses its input. {command: [(id, base, argv, message)]}; base: "tiny"
 # (this module's base dir: checkpoint tiny, fineweb-edu shards without a tokenizer) or "empty"; in argv {core} is the
 # shared CORE fixture (tests/test_core_eval.py). In-process tests check each refusal's wording; these, that a command
 # turns it into exit code 2 and one line.
