@@ -13,6 +13,8 @@ import re
 
 import jax
 
+from jaxchat.common import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
@@ -164,8 +166,6 @@ def platforms_to_use(requested: str, installed: set[str], present) -> str | None
     only the CPU starts: the CUDA plugin's cuInit traceback and libtpu's TPU_* block are those plugins failing to
     find a device, and JAX falls back to the CPU after them anyway. With any of the devices here nothing is
     changed."""
-    from jaxchat.common import UserError
-
     if requested.strip():
         for name in (n.strip().lower() for n in requested.split(",")):
             wanted = ALIASES.get(name, (name,))

@@ -93,8 +93,7 @@ def start_distributed(flags) -> None:
         given[name] = given.get(name) or None
     if given.get("process_id") is not None and given["process_id"] < 0:
         given["process_id"] = None
-    guard = StopRequest()
-    guard.idle_line = "while joining the other processes: exiting"
+    guard = StopRequest("while joining the other processes: exiting", every_process=True)
     try:
         init_distributed(**given)
     finally:
