@@ -22,9 +22,6 @@ from jaxchat import cli, xla_flags
 from jaxchat.common import UserError
 from jaxchat.targets import GPU_TARGETS, HOST_BOUNDS, MULTI_HOST_CHIPS, TPU_TARGETS
 
-DENSE_NAMES = ("c_q", "c_k", "c_v", "c_proj", "c_fc", "mlp_proj")  # the per-layer dense weights (model.Blocks)
-
-
 def topology_devices(target: str, devices: int, hosts: int | None = None) -> list:
     """Compile-only devices of a slice or of `hosts` x `devices / hosts` GPUs of the target (None: the target's usual
     hosts: one for GPUs, TpuTarget.default_hosts for TPUs)."""
@@ -89,16 +86,6 @@ def target_memory(target: str) -> tuple[str, int, str]:
     return gpu.device_kind, int(gpu.memory_bytes * fraction), f"{gpu.device_kind} x {fraction}"
 
 
-def qualifying_fp8_layers(config) -> int:
-    """Dense layers that run in fp8 under --fp8 (jaxchat.fp8.qualifies): per layer q, k, v, both projections, c_fc;
-    and the lm_head."""
-    from jaxchat import fp8
-    from jaxchat.model import abstract_model
-    model = abstract_model(config)
-    per_layer = sum(fp8.qualifies(*getattr(model.blocks, name).shape[1:]) for name in DENSE_NAMES)
-    return per_layer * config.n_layer + fp8.qualifies(*model.lm_head.shape)
-
-
 def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int | None = None,
                        reproject: tuple[str, ...] = ()) -> dict:
     """The train step of these train flags compiled for the target; its memory plan and kernel inventory as a dict
@@ -106,34 +93,27 @@ def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int
 
     jaxchat's XLA flags must be in $XLA_FLAGS before the process's first backend starts (cli.run and the tests'
     conftest apply them): with XLA's defaults every GEMM is a Triton fusion and there is no fp8 GEMM."""
-    from jaxchat import backend, inventory, step
+    from jaxchat import build, fp8, inventory
     from jaxchat import mesh as meshlib
     from jaxchat.config import parse_flags
-    from jaxchat.train import build_optimizer, planned_vocab, run_plan
 
     c = parse_flags(argv)
     target_devices = topology_devices(target, devices, hosts)
     mesh = meshlib.make_mesh(c.fsdp, devices=target_devices)
-    run_backend = backend.for_mesh(mesh, c.compute_dtype or None, c.fp8)
-    vocab_size, _ = planned_vocab(c)
-    plan = run_plan(c, vocab_size, device_batch_size=c.device_batch_size or 1, data_parallel_size=mesh.size)
-    tx, _ = build_optimizer(c, plan, mesh, run_backend.default_dtype(c.muon_dtype))
-    _, train_steps, targets = step.abstract_steps(
-        plan.model, tx, mesh, remat=c.remat, compute_dtype=run_backend.compute_dtype, loss_chunk=c.loss_chunk,
-        embed_dtype=run_backend.embed_dtype(c.embed_dtype), fp8=run_backend.fp8, backend=run_backend)
+    run_backend = build.backend_for(c, mesh)
+    plan = build.run_plan(c, build.planned_vocab(c)[0], device_batch_size=c.device_batch_size or 1,
+                          data_parallel_size=mesh.size)
     device_kind, usable, source = target_memory(target)
     t0 = time.perf_counter()
-    plan_memory = step.plan_and_compile(
-        train_steps, targets, mesh, device_batch_size=c.device_batch_size, total_batch_size=plan.total_batch_size,
-        seq_len=c.max_seq_len, budget_gb=c.memory_budget_gb,
-        capacity=None if c.memory_budget_gb > 0 else (usable, source),
-        log=lambda line: print(line, file=sys.stderr, flush=True))
+    plan_memory = build.compile_train_step(c, plan, mesh, run_backend,
+                                           capacity=None if c.memory_budget_gb > 0 else (usable, source),
+                                           log=lambda line: print(line, file=sys.stderr, flush=True)).memory
     compile_s = time.perf_counter() - t0
     analysis = plan_memory.compiled.memory_analysis()
     hlo = plan_memory.compiled.as_text()
     counts = inventory.count(hlo)
     per_step = plan.model.n_layer * plan_memory.grad_accum  # attention calls expected per step
-    fp8_layers = qualifying_fp8_layers(plan.model) * plan_memory.grad_accum if run_backend.fp8 else 0
+    fp8_layers = fp8.qualifying_matmuls(plan.model) * plan_memory.grad_accum if run_backend.fp8 else 0
     per_layer = lambda *kinds: [counts[k] / per_step for k in kinds]  # noqa: E731
     return dict(
         target=target, platform=run_backend.platform, device_kind=device_kind, devices=devices,

@@ -1,8 +1,9 @@
 """Base-model pretraining: `python -m jaxchat.train`, nanochat's scripts/base_train.py (348fbb3) with its flags.
 
-This module is the command line and the loop; the step itself (building, sharding, compiling, feeding) lives in
-jaxchat/step.py. `train()` runs the phases in order: `set_up` (multi-process start-up, data, model and optimizer, the
-step compiled for the device batch, the plan), `restore_or_start` (a checkpoint, or step 0), `run_loop` (evaluation
+This module is the command line and the loop; the step is built from the flags and compiled in jaxchat/build.py (the
+path jaxchat.aot shares), the step itself lives in jaxchat/step.py, the process is set up by jaxchat/cli.py (SETUP).
+`train_with()` runs the phases in order: `set_up` (the devices, data, the checkpoint to resume, the step compiled for
+the device batch, model and optimizer state, the plan), `restore_or_start` (a checkpoint, or step 0), `run_loop` (evaluation
 at chosen steps in `evaluate_at_step`, one optimizer step at a time in `train_one_step`, saves) and `finish`.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jaxchat import backend, cli, fp8, memory, nanochat_ckpt
+from jaxchat import build, cli, fp8, memory, nanochat_ckpt
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import recipe as recipes
@@ -35,8 +36,8 @@ from jaxchat.distributed import gather_json
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
 from jaxchat.faults import SaveTimer, Stopped, StopRequest
 from jaxchat.monitor import Monitor, step_line
-from jaxchat.plan import Plan, device_batch_warning, make_plan
-from jaxchat.step import abstract_steps, init_state, plan_and_compile, without_fp8
+from jaxchat.plan import Plan, device_batch_warning
+from jaxchat.step import without_fp8
 from jaxchat.targets import peak_flops
 from jaxchat.tokenizer import check_recorded
 
@@ -123,16 +124,15 @@ class TrainState:
 
 
 def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
-    """(run, params, opt_state): start-up, data, the checkpoint to resume (checked before compiling), model and
-    optimizer state (sharded), the step compiled for the device batch (auto decided here, before the plan and the
-    loaders exist), the plan."""
+    """(run, params, opt_state): the devices, data, the checkpoint to resume (checked before compiling), the step
+    compiled for the device batch (jaxchat.build: auto decided here, before the plan and the loaders exist), model
+    and optimizer state (sharded), the plan."""
     mesh = meshlib.make_mesh(c.fsdp)
-    run_backend = backend.for_mesh(mesh, c.compute_dtype or None, c.fp8)  # decided once: dtype, attention, loss, fp8
-    compute_dtype, muon_dtype = run_backend.compute_dtype, run_backend.default_dtype(c.muon_dtype)
+    run_backend = build.backend_for(c, mesh)  # decided once: dtype, attention, loss, fp8
     device_kind = jax.devices()[0].device_kind
     print0(f"Devices: {jax.device_count()} x {device_kind} over {jax.process_count()} process(es); "
-           f"mesh {dict(mesh.shape)}; peak bf16 FLOP/s per device {peak_flops(device_kind):.3g}; compute {compute_dtype}, "
-           f"Muon orthogonalisation {muon_dtype}")
+           f"mesh {dict(mesh.shape)}; peak bf16 FLOP/s per device {peak_flops(device_kind):.3g}; compute "
+           f"{run_backend.compute_dtype}, Muon orthogonalisation {run_backend.default_dtype(c.muon_dtype)}")
     if run_backend.note:
         print0(run_backend.note)
     if run_backend.fp8 and (note := fp8.no_speedup_note(run_backend)):
@@ -140,57 +140,28 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     check_writable(base_dir(), "base directory")  # data, tokenizer, logs: before anything is built or compiled
     tok, files = prepare_data(c.data)
     core_bundle = find_core_bundle(c)
-    plan = run_plan(c, tok.vocab_size, device_batch_size=c.device_batch_size or 1)  # the batch and the transfer
-    config = plan.model
+    plan = build.run_plan(c, tok.vocab_size, device_batch_size=c.device_batch_size or 1)  # the batch, the transfer
     checkpointer, resume_from, run_inputs = open_checkpoints(c, stop_request, tok, plan)
     # --init-from: a nanochat checkpoint's weights for a run that starts at step 0 (a resume continues instead).
-    init_from = (nanochat_ckpt.check_source(c.init_from, config, c.resume_optimizer, tok)  # every file read now
+    init_from = (nanochat_ckpt.check_source(c.init_from, plan.model, c.resume_optimizer, tok)  # every file read now
                  if c.init_from and resume_from is None else None)
-    tx, wd_scaled = build_optimizer(c, plan, mesh, muon_dtype)
-    model_options = dict(compute_dtype=compute_dtype, loss_chunk=c.loss_chunk,
-                         embed_dtype=run_backend.embed_dtype(c.embed_dtype), fp8=run_backend.fp8, backend=run_backend)
-    memory.check_length(config, run_backend, c.memory_budget_gb)  # before tracing: a length no device batch holds
-    graphdefs, train_steps, targets = abstract_steps(config, tx, mesh, remat=c.remat, **model_options)
-    step_memory = plan_and_compile(train_steps, targets, mesh, device_batch_size=c.device_batch_size,
-                                   total_batch_size=plan.total_batch_size, seq_len=c.max_seq_len,
-                                   budget_gb=c.memory_budget_gb)
-    graphdef = graphdefs[step_memory.variant]
-    params, opt_state = init_state(config, tx, targets, seed=c.seed, remat=step_memory.variant, **model_options)
-    plan = run_plan(c, tok.vocab_size, device_batch_size=step_memory.device_batch_size)
-    report_plan(c, step_memory, plan)
-    eval_graphdef = without_fp8(graphdef, targets[0]) if run_backend.fp8 else graphdef
-    run = Run(c=c, mesh=mesh, plan=plan, tok=tok, files=files, graphdef=eval_graphdef, train_step=step_memory.compiled,
-              step_memory=step_memory, targets=targets, wd_scaled=wd_scaled, core_bundle=core_bundle,
-              device_kind=device_kind, checkpointer=checkpointer, resume_from=resume_from, run_inputs=run_inputs,
-              init_from=init_from)
+    compiled = build.compile_train_step(c, plan, mesh, run_backend)
+    params, opt_state = compiled.initial_state(c.seed)
+    plan = build.run_plan(c, tok.vocab_size, device_batch_size=compiled.memory.device_batch_size)
+    report_plan(c, compiled.memory, plan)
+    graphdef = without_fp8(compiled.graphdef, compiled.targets[0]) if run_backend.fp8 else compiled.graphdef
+    run = Run(c=c, mesh=mesh, plan=plan, tok=tok, files=files, graphdef=graphdef, train_step=compiled.memory.compiled,
+              step_memory=compiled.memory, targets=compiled.targets, wd_scaled=compiled.wd_scaled,
+              core_bundle=core_bundle, device_kind=device_kind, checkpointer=checkpointer, resume_from=resume_from,
+              run_inputs=run_inputs, init_from=init_from)
     return run, params, opt_state
-
-
-def run_plan(c: ConfigDict, vocab_size: int, device_batch_size: int, data_parallel_size: int | None = None) -> Plan:
-    """The plan for the flags (jaxchat.plan): sizes, horizon, the batch (the recipe's auto batch for -1) and the
-    recipe's transfer of the LRs and the Muon weight decay; over every device unless data_parallel_size says."""
-    return make_plan(depth=c.depth, aspect_ratio=c.aspect_ratio, head_dim=c.head_dim, max_seq_len=c.max_seq_len,
-                     vocab_size=vocab_size, window_pattern=c.window_pattern, num_iterations_flag=c.num_iterations,
-                     target_flops=c.target_flops, target_param_data_ratio=c.target_param_data_ratio,
-                     total_batch_size=c.total_batch_size, device_batch_size=device_batch_size,
-                     data_parallel_size=data_parallel_size or jax.device_count(), recipe=c.recipe,
-                     weight_decay=c.weight_decay)
-
-
-def planned_vocab(c: ConfigDict) -> tuple[int, str]:
-    """(vocabulary size, where it came from) without building anything: the tokenizer if trained, else nanochat's."""
-    from jaxchat.tokenizer import Tokenizer, default_dir
-    try:
-        return Tokenizer.load(default_dir(c.data)).vocab_size, "the tokenizer"
-    except UserError:
-        return 32768, "nanochat's default: no tokenizer trained yet"
 
 
 def dry_run(c: ConfigDict) -> dict:
     """--dry-run: the plan printed, nothing read, built or compiled (the vocabulary from the tokenizer if trained)."""
-    vocab_size, source = planned_vocab(c)
+    vocab_size, source = build.planned_vocab(c)
     print0(f"--dry-run: vocabulary {vocab_size:,} ({source})")
-    plan = run_plan(c, vocab_size, device_batch_size=c.device_batch_size or 1)
+    plan = build.run_plan(c, vocab_size, device_batch_size=c.device_batch_size or 1)
     print0("\n".join(plan.summary()))
     return {"losses": {}, "loop": LoopState(), "plan": plan}
 
@@ -278,20 +249,6 @@ def resume_point(c, checkpointer: Checkpointer, model_config: dict, inputs: dict
                         f"{shards}: resume with --data-shards={saved_shards} (a multiple of the process count)")
     check_resume_data(meta, c.data, c.allow_data_change, f"checkpoint step {step} of {model_tag(c)} was saved")
     return step
-
-
-def build_optimizer(c: ConfigDict, plan: Plan, mesh, muon_dtype: str) -> tuple[Any, float]:
-    """(MuonAdamW, scaled Muon weight decay) for the flags and the recipe, as nanochat's scripts/base_train.py sets
-    them up (the plan holds the batch LR scale and the weight decay its recipe's rule gives)."""
-    t = plan.transfer
-    tx = optim.make_optimizer(model_dim=plan.model.n_embd, embedding_lr=c.embedding_lr,
-                              unembedding_lr=c.unembedding_lr, matrix_lr=c.matrix_lr, scalar_lr=c.scalar_lr,
-                              adam_betas=(c.adam_beta1, c.adam_beta2), weight_decay=t.weight_decay_scaled,
-                              batch_lr_scale=t.batch_lr_scale, muon_dtype=jnp.dtype(muon_dtype),
-                              muon_stack_sharding=meshlib.muon_stack_sharding(mesh),
-                              **recipes.get(c.recipe).optimizer_options())
-    print0(plan.summary()[-1])  # the recipe, batch LR scale and Muon weight decay, before the long compile
-    return tx, t.weight_decay_scaled
 
 
 def report_plan(c: ConfigDict, step_memory: memory.StepMemory, plan: Plan) -> None:

@@ -101,7 +101,8 @@ def test_checkpoint_at_the_horizon_finishes_at_once(base_dir, capsys):
     """A checkpoint at this run's last step is a finished run: no error, the loop goes straight to the final
     evaluation (one past it is refused: CASES)."""
     from jaxchat.config import parse_flags
-    from jaxchat.train import check_horizon, run_plan
+    from jaxchat.build import run_plan
+    from jaxchat.train import check_horizon
     c = parse_flags(TINY + ["--model-tag=tiny"])
     check_horizon(c, 2, run_plan(c, 4096, device_batch_size=1), [1, 2])
     assert ("Checkpoint step 2 is this run's horizon (2 steps, from --num-iterations): nothing left to train; running "
