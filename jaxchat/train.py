@@ -31,7 +31,7 @@ from jaxchat.checkpoint import Checkpointer, checkpoint_dir, input_changes, reco
 from jaxchat.common import UserError, base_dir, check_writable, fmt_bytes, print0
 from jaxchat.config import parse_flags
 from jaxchat.dataloader import (ShardLoaders, check_resume_data, global_batch, make_loaders, prepare_data,
-                                shard_layout, step_batch)
+                                saved_states, shard_layout, step_batch)
 from jaxchat.distributed import gather_json
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
 from jaxchat.faults import SaveTimer, Stopped, StopRequest
@@ -58,6 +58,16 @@ class LoopState:
     total_training_time: float = 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """The checkpoint a run continues from, as its meta record says: read once, checked against this run before
+    anything compiles (resume_point), restored after."""
+
+    step: int
+    loader_states: list  # every data shard's loader state, in shard order (dataloader.saved_states)
+    loop: LoopState
+
+
 @dataclasses.dataclass(kw_only=True)
 class Run:
     """What set-up decides once: the flags, the mesh, the plan (with the device batch), the data, the compiled step."""
@@ -75,7 +85,7 @@ class Run:
     core_bundle: str | None
     device_kind: str
     checkpointer: Checkpointer  # locked: one run writes the directory
-    resume_from: int | None  # the checkpoint step to restore (checked against this run in resume_point)
+    resume: Resume | None  # the checkpoint to restore (checked against this run in resume_point); None: a fresh start
     run_inputs: dict  # what the run depends on beyond the model's shape, saved and compared on resume
     init_from: nanochat_ckpt.Source | None = None  # --init-from's files (read, checked against this run): a fresh start
 
@@ -141,10 +151,10 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     tok, files = prepare_data(c.data)
     core_bundle = find_core_bundle(c)
     plan = build.run_plan(c, tok.vocab_size, device_batch_size=c.device_batch_size or 1)  # the batch, the transfer
-    checkpointer, resume_from, run_inputs = open_checkpoints(c, stop_request, tok, plan)
+    checkpointer, resume, run_inputs = open_checkpoints(c, stop_request, tok, plan)
     # --init-from: a nanochat checkpoint's weights for a run that starts at step 0 (a resume continues instead).
     init_from = (nanochat_ckpt.check_source(c.init_from, plan.model, c.resume_optimizer, tok)  # every file read now
-                 if c.init_from and resume_from is None else None)
+                 if c.init_from and resume is None else None)
     compiled = build.compile_train_step(c, plan, mesh, run_backend)
     params, opt_state = compiled.initial_state(c.seed)
     plan = build.run_plan(c, tok.vocab_size, device_batch_size=compiled.memory.device_batch_size)
@@ -152,7 +162,7 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     graphdef = without_fp8(compiled.graphdef, compiled.targets[0]) if run_backend.fp8 else compiled.graphdef
     run = Run(c=c, mesh=mesh, plan=plan, tok=tok, files=files, graphdef=graphdef, train_step=compiled.memory.compiled,
               step_memory=compiled.memory, targets=compiled.targets, wd_scaled=compiled.wd_scaled,
-              core_bundle=core_bundle, device_kind=device_kind, checkpointer=checkpointer, resume_from=resume_from,
+              core_bundle=core_bundle, device_kind=device_kind, checkpointer=checkpointer, resume=resume,
               run_inputs=run_inputs, init_from=init_from)
     return run, params, opt_state
 
@@ -178,17 +188,17 @@ def find_core_bundle(c: ConfigDict) -> str | None:
 
 
 def open_checkpoints(c: ConfigDict, stop_request: StopRequest, tok,
-                     plan: Plan) -> tuple[Checkpointer, int | None, dict]:
-    """(checkpointer, step to resume from or None, run inputs): the directory locked for this run (released on any
-    exit) and the resume checked against this run and its horizon, before anything compiles."""
+                     plan: Plan) -> tuple[Checkpointer, Resume | None, dict]:
+    """(checkpointer, the checkpoint to resume or None, run inputs): the directory locked for this run (released on
+    any exit) and the resume checked against this run and its horizon, before anything compiles."""
     checkpointer = Checkpointer(checkpoint_dir(model_tag(c)), lock=True, keep_last=c.keep_last)
     stop_request.on_exit.append(checkpointer.release)
     run_inputs = dict(tokenizer=tok.fingerprint(), data=c.data, total_batch_size=plan.total_batch_size,
                       max_seq_len=c.max_seq_len, recipe=c.recipe)
-    step = resume_point(c, checkpointer, dataclasses.asdict(plan.model), run_inputs, tok)
-    if step is not None:
-        check_horizon(c, step, plan, checkpointer.steps())
-    return checkpointer, step, run_inputs
+    resume = resume_point(c, checkpointer, dataclasses.asdict(plan.model), run_inputs, tok)
+    if resume is not None:
+        check_horizon(c, resume.step, plan, checkpointer.steps())
+    return checkpointer, resume, run_inputs
 
 
 def check_horizon(c: ConfigDict, step: int, plan: Plan, saved: list[int]) -> None:
@@ -211,8 +221,9 @@ def check_horizon(c: ConfigDict, step: int, plan: Plan, saved: list[int]) -> Non
                         f"{flag}): to train on, resume with a horizon of more than {step} steps ({longer}); {shorter}")
 
 
-def resume_point(c, checkpointer: Checkpointer, model_config: dict, inputs: dict, tok) -> int | None:
-    """The checkpoint step to resume from (None: start at 0), checked against this run before anything compiles."""
+def resume_point(c, checkpointer: Checkpointer, model_config: dict, inputs: dict, tok) -> Resume | None:
+    """The checkpoint to resume from (None: start at 0), its meta record read once and checked against this run
+    before anything compiles."""
     resume = str(c.resume_from_step)
     if resume == "last" and not checkpointer.steps():
         print0(f"No checkpoint in {checkpointer.directory} yet: starting from step 0")
@@ -242,13 +253,19 @@ def resume_point(c, checkpointer: Checkpointer, model_config: dict, inputs: dict
         raise UserError(f"checkpoint step {step} of {model_tag(c)} was trained with other inputs ("
                         + ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in changes.items())
                         + f"): resume with the saving run's inputs, or train a new --model-tag{hint}")
+    loop = LoopState(step=step, val_bpb=meta["val_bpb"], **meta["loop_state"])
+    return Resume(step, resume_data(c, step, saved_states(meta)), loop)
+
+
+def resume_data(c: ConfigDict, step: int, states: list[dict]) -> list[dict]:
+    """A checkpoint's loader states, checked: one per data shard this run reads, saved on the train shards here (or
+    changes accepted with --allow-data-change)."""
     shards = c.data_shards or jax.process_count()
-    saved_shards = len(meta.get("dataloader_states") or [meta["dataloader_state_dict"]])
-    if saved_shards != shards:
-        raise UserError(f"checkpoint step {step} was saved with {saved_shards} data shard(s), this run reads "
-                        f"{shards}: resume with --data-shards={saved_shards} (a multiple of the process count)")
-    check_resume_data(meta, c.data, c.allow_data_change, f"checkpoint step {step} of {model_tag(c)} was saved")
-    return step
+    if len(states) != shards:
+        raise UserError(f"checkpoint step {step} was saved with {len(states)} data shard(s), this run reads "
+                        f"{shards}: resume with --data-shards={len(states)} (a multiple of the process count)")
+    check_resume_data(states, c.data, c.allow_data_change, f"checkpoint step {step} of {model_tag(c)} was saved")
+    return states
 
 
 def report_plan(c: ConfigDict, step_memory: memory.StepMemory, plan: Plan) -> None:
@@ -273,8 +290,9 @@ def restore_or_start(run: Run, params, opt_state) -> TrainState:
     """The loop's state at its first step: from the checkpoint set-up chose, or step 0."""
     c, checkpointer = run.c, run.checkpointer
     loader, loop = run.loader("train"), LoopState()
-    if run.resume_from is not None:
-        params, opt_state, loop = restore(run, run.resume_from, loader)
+    if run.resume is not None:
+        params, opt_state = restore(run, loader)
+        loop = dataclasses.replace(run.resume.loop)  # the loop's own, changed as it goes
     elif run.init_from:
         params, opt_state, meta = nanochat_ckpt.start_from(run.init_from, run.plan.model, run.targets, opt_state,
                                                            c.resume_optimizer)
@@ -287,17 +305,17 @@ def restore_or_start(run: Run, params, opt_state) -> TrainState:
                       os.path.join(base_dir(), "tensorboard", run.model_tag) if c.tensorboard else None,
                       wandb_dir=base_dir())
     return TrainState(params, opt_state, loop, loader, monitor, SaveTimer(c.save_every_minutes),
-                      resume_step=loop.step if run.resume_from is not None else None, consumed=loader.get_state())
+                      resume_step=loop.step if run.resume is not None else None, consumed=loader.get_state())
 
 
-def restore(run: Run, step: int, loader: ShardLoaders) -> tuple[Any, Any, LoopState]:
-    """(params, opt_state, loop state) of a checkpoint; the loader continues where that step's data ended."""
-    params, opt_state, meta = run.checkpointer.restore(step, *run.targets)
-    states = meta.get("dataloader_states") or [meta["dataloader_state_dict"]]  # one per data shard
+def restore(run: Run, loader: ShardLoaders) -> tuple[Any, Any]:
+    """(params, opt_state) of the checkpoint set-up chose; the loader continues where that step's data ended."""
+    step = run.resume.step
+    params, opt_state, _ = run.checkpointer.restore(step, *run.targets)  # the meta record: read by resume_point
     _, per_process, first = shard_layout(run.c.data_shards, run.plan.device_batch_size)
-    loader.set_state(states[first:][:per_process], allow_data_change=run.c.allow_data_change)
+    loader.set_state(run.resume.loader_states[first:][:per_process], allow_data_change=run.c.allow_data_change)
     print0(f"Resumed from step {step} of {run.checkpointer.directory}")
-    return params, opt_state, LoopState(step=step, val_bpb=meta["val_bpb"], **meta["loop_state"])
+    return params, opt_state
 
 
 # ----------------------------------------------------------------------------------------------------------------
