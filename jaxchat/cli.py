@@ -15,8 +15,12 @@ import os
 import signal
 import sys
 import threading
+import traceback
 
+from jaxchat import backend, compile_cache, host_memory, watchdog, xla_flags
 from jaxchat.common import UserError
+from jaxchat.distributed import init_distributed
+from jaxchat.faults import StopRequest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +66,6 @@ def run(main, *args, setup: Setup = Setup(), parse=None) -> None:
 
 def _start(main, args, setup: Setup, parse) -> None:
     """The set-up in its order (each before what it must precede), then the command."""
-    from jaxchat import backend, host_memory, xla_flags
-
     backend.choose_platforms(compile_only=setup.compile_only)  # JAX_PLATFORMS checked, a quiet CPU start
     xla_flags.apply()  # XLA reads $XLA_FLAGS once, when the first backend starts
     if setup.keep_freed_memory:
@@ -74,8 +76,6 @@ def _start(main, args, setup: Setup, parse) -> None:
     # train's --dry-run prints the plan and nothing else: no cache directory written, no peers joined
     if not getattr(flags, "dry_run", False):
         if setup.compile_cache:
-            from jaxchat import compile_cache
-
             compile_cache.enable(flags.compile_cache)  # touches no backend: before the start below
         if setup.distributed:
             start_distributed(flags)
@@ -85,9 +85,6 @@ def _start(main, args, setup: Setup, parse) -> None:
 def start_distributed(flags) -> None:
     """Join the other processes with the command's coordinator flags (unset: '', 0 or -1) or the environment; a signal
     while waiting for them exits at once, in one line (a Python handler would wait for the C++ join to return)."""
-    from jaxchat.distributed import init_distributed
-    from jaxchat.faults import StopRequest
-
     given = {name: getattr(flags, name) for name in DISTRIBUTED_FLAGS if hasattr(flags, name)}
     for name in ("coordinator_address", "num_processes"):
         given[name] = given.get(name) or None
@@ -145,8 +142,6 @@ def _unraisable(previous):
 
 def _run(work) -> None:
     """`work()`, its errors and interruptions each ended as `run` says."""
-    from jaxchat import backend, watchdog
-
     try:
         work()
     except UserError as e:
@@ -159,8 +154,6 @@ def _run(work) -> None:
         if (line := backend.startup_error(e)) is not None:  # JAX_PLATFORMS naming a backend that cannot start
             _exit_2(f"error: {line}")
         if watchdog.active():
-            import traceback
-
             if type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError"):  # e.g. gloo: "Connection reset by peer"
                 watchdog.await_verdict()  # a dead peer is named by the watchdog's line, not this exception
             traceback.print_exc()
@@ -180,8 +173,6 @@ def _exit_2(line: str) -> None:
 def _interrupted(signum: int) -> None:
     """Ctrl-C (or SIGTERM, SIGHUP: Interrupted) where no handler of ours runs (evaluation, export, downloads;
     training has faults.StopRequest): one line and the shell's code, not a traceback from whatever it interrupted."""
-    from jaxchat import watchdog
-
     for s in _SIGNALS:  # a second signal now adds nothing
         signal.signal(s, signal.SIG_IGN)
     line = f"{watchdog.prefix()}interrupted by {signal.Signals(signum).name}: exiting"
