@@ -13,9 +13,9 @@ import time
 
 import jax
 
-from jaxchat import core_bundle, core_eval
+from jaxchat import cli, core_bundle, core_eval
 from jaxchat.base_eval import DTYPES, load_model
-from jaxchat.common import check_output, print0, run_main
+from jaxchat.common import check_output, print0
 
 
 def main(argv=None) -> None:
@@ -69,4 +69,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run(main)

@@ -113,14 +113,12 @@ def jaxchat_case(spec: dict) -> dict:
     import jax
     import numpy as np
 
-    from jaxchat import backend, compile_cache, memory, optim
+    from jaxchat import build, compile_cache, memory, optim
     from jaxchat import mesh as meshlib
     from jaxchat import recipe as recipes
     from jaxchat.config import parse_flags
     from jaxchat.model import estimate_flops
     from jaxchat.targets import peak_flops
-    from jaxchat.step import abstract_steps, init_state, plan_and_compile
-    from jaxchat.train import build_optimizer, planned_vocab, run_plan
 
     events = collections.Counter()
     jax.monitoring.register_event_listener(lambda event, **kw: events.update([event]))
@@ -128,28 +126,23 @@ def jaxchat_case(spec: dict) -> dict:
     c = parse_flags(spec["flags"])
     device = jax.devices()[0]
     mesh = meshlib.make_mesh(1, devices=[device])
-    run_backend = backend.for_mesh(mesh, c.compute_dtype or None, c.fp8)
-    plan = run_plan(c, planned_vocab(c)[0], device_batch_size=c.device_batch_size, data_parallel_size=1)
-    with contextlib.redirect_stdout(sys.stderr):  # the optimizer's summary line stays off the JSON output
-        tx, wd_scaled = build_optimizer(c, plan, mesh, run_backend.default_dtype(c.muon_dtype))
-    options = dict(compute_dtype=run_backend.compute_dtype, loss_chunk=c.loss_chunk, fp8=run_backend.fp8,
-                   embed_dtype=run_backend.embed_dtype(c.embed_dtype), backend=run_backend)
-    _, train_steps, targets = abstract_steps(plan.model, tx, mesh, remat=c.remat, **options)
+    run_backend = build.backend_for(c, mesh)
+    plan = build.run_plan(c, build.planned_vocab(c)[0], device_batch_size=c.device_batch_size, data_parallel_size=1)
 
-    def compile_step():
-        return plan_and_compile(train_steps, targets, mesh, device_batch_size=c.device_batch_size,
-                                total_batch_size=plan.total_batch_size, seq_len=c.max_seq_len,
-                                budget_gb=c.memory_budget_gb)
+    def compile_step():  # as `python -m jaxchat.train` compiles it (jaxchat.build)
+        with contextlib.redirect_stdout(sys.stderr):  # the optimizer's summary line stays off the JSON output
+            return build.compile_train_step(c, plan, mesh, run_backend)
 
-    cold = compile_step()
+    built = compile_step()
+    cold = built.memory
     cold_events = {e: events[e] for e in CACHE_EVENTS}
-    params, opt_state = init_state(plan.model, tx, targets, seed=c.seed, remat=cold.variant, **options)
+    params, opt_state = built.initial_state(c.seed)
     rows, accum, T = cold.device_batch_size, cold.grad_accum, c.max_seq_len
     tokens = np.random.default_rng(0).integers(0, plan.model.vocab_size, (accum, rows, T + 1), dtype=np.int32)
     inputs, targets_ = (jax.device_put(t, meshlib.batch_sharding(mesh)) for t in (tokens[..., :-1], tokens[..., 1:]))
     values = optim.schedule_values(0, num_iterations=plan.num_iterations, warmup_ratio=c.warmup_ratio,
                                    warmdown_ratio=c.warmdown_ratio, final_lr_frac=c.final_lr_frac,
-                                   weight_decay=wd_scaled, warmup_steps=c.warmup_steps,
+                                   weight_decay=built.wd_scaled, warmup_steps=c.warmup_steps,
                                    schedules=recipes.get(c.recipe).schedules)
     schedule = optim.schedule_arrays(values)
     state = {"params": params, "opt_state": opt_state}
@@ -165,7 +158,7 @@ def jaxchat_case(spec: dict) -> dict:
     del state, params, opt_state
     jax.clear_caches()  # the in-memory executables gone: the next compile can only load from the persistent cache
     before = dict(events)
-    warm = compile_step()
+    warm = compile_step().memory
     tokens_per_step = accum * rows * T
     return dict(
         depth=plan.model.n_layer, n_embd=plan.model.n_embd, fp8=run_backend.fp8, device_batch=rows, grad_accum=accum,
@@ -192,7 +185,7 @@ def nanochat_case(spec: dict) -> dict:
     from jaxchat.config import parse_flags
     from jaxchat.model import estimate_flops
     from jaxchat.targets import peak_flops
-    from jaxchat.train import planned_vocab, run_plan
+    from jaxchat.build import planned_vocab, run_plan
 
     c = parse_flags(spec["flags"])
     config = run_plan(c, planned_vocab(c)[0], device_batch_size=c.device_batch_size, data_parallel_size=1).model

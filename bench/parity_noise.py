@@ -20,7 +20,8 @@ import optax
 from flax import nnx
 
 from jaxchat import optim, parity
-from jaxchat.common import UserError, run_main
+from jaxchat import cli
+from jaxchat.common import UserError
 from jaxchat.convert import model_from_reference, read_reference_npz
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures")
@@ -70,4 +71,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main, sys.argv[1:])
+    cli.run(main, sys.argv[1:])

@@ -31,8 +31,8 @@ from jaxchat import recipe
 
 from jaxchat import mesh as meshlib
 from jaxchat import optim
-from jaxchat import host_memory, xla_flags
-from jaxchat.common import UserError, run_main
+from jaxchat import cli, host_memory
+from jaxchat.common import UserError
 from jaxchat.model import GPTConfig, config_for_depth
 from jaxchat import backend
 from jaxchat.step import init_training
@@ -262,12 +262,11 @@ def bench(argv: list[str]) -> dict:
 
 
 def main() -> None:
-    xla_flags.apply()  # before the backend starts, as `python -m jaxchat.train` does
     argv = sys.argv[1:]
     if argv and argv[0].startswith("--worker="):
-        run_main(worker, argv[0].removeprefix("--worker="), argv[1:])
+        cli.run(worker, argv[0].removeprefix("--worker="), argv[1:])
     else:
-        run_main(bench, argv)
+        cli.run(bench, argv)  # XLA flags applied as for `python -m jaxchat.train`
 
 
 if __name__ == "__main__":

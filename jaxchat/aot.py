@@ -18,12 +18,9 @@ import os
 import sys
 import time
 
-from jaxchat import xla_flags
-from jaxchat.common import UserError, run_main
+from jaxchat import cli, xla_flags
+from jaxchat.common import UserError
 from jaxchat.targets import GPU_TARGETS, HOST_BOUNDS, MULTI_HOST_CHIPS, TPU_TARGETS
-
-DENSE_NAMES = ("c_q", "c_k", "c_v", "c_proj", "c_fc", "mlp_proj")  # the per-layer dense weights (model.Blocks)
-
 
 def topology_devices(target: str, devices: int, hosts: int | None = None) -> list:
     """Compile-only devices of a slice or of `hosts` x `devices / hosts` GPUs of the target (None: the target's usual
@@ -89,51 +86,34 @@ def target_memory(target: str) -> tuple[str, int, str]:
     return gpu.device_kind, int(gpu.memory_bytes * fraction), f"{gpu.device_kind} x {fraction}"
 
 
-def qualifying_fp8_layers(config) -> int:
-    """Dense layers that run in fp8 under --fp8 (jaxchat.fp8.qualifies): per layer q, k, v, both projections, c_fc;
-    and the lm_head."""
-    from jaxchat import fp8
-    from jaxchat.model import abstract_model
-    model = abstract_model(config)
-    per_layer = sum(fp8.qualifies(*getattr(model.blocks, name).shape[1:]) for name in DENSE_NAMES)
-    return per_layer * config.n_layer + fp8.qualifies(*model.lm_head.shape)
-
-
 def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int | None = None,
                        reproject: tuple[str, ...] = ()) -> dict:
     """The train step of these train flags compiled for the target; its memory plan and kernel inventory as a dict
     (reproject: other GPUs whose figures the same program is projected with, under "reprojections").
 
-    jaxchat's XLA flags must be in $XLA_FLAGS before the process's first backend starts (`main` and the tests'
-    conftest call xla_flags.apply()): with XLA's defaults every GEMM is a Triton fusion and there is no fp8 GEMM."""
-    from jaxchat import backend, inventory, step
+    jaxchat's XLA flags must be in $XLA_FLAGS before the process's first backend starts (cli.run and the tests'
+    conftest apply them): with XLA's defaults every GEMM is a Triton fusion and there is no fp8 GEMM."""
+    from jaxchat import build, fp8, inventory
     from jaxchat import mesh as meshlib
     from jaxchat.config import parse_flags
-    from jaxchat.train import build_optimizer, planned_vocab, run_plan
 
     c = parse_flags(argv)
     target_devices = topology_devices(target, devices, hosts)
     mesh = meshlib.make_mesh(c.fsdp, devices=target_devices)
-    run_backend = backend.for_mesh(mesh, c.compute_dtype or None, c.fp8)
-    vocab_size, _ = planned_vocab(c)
-    plan = run_plan(c, vocab_size, device_batch_size=c.device_batch_size or 1, data_parallel_size=mesh.size)
-    tx, _ = build_optimizer(c, plan, mesh, run_backend.default_dtype(c.muon_dtype))
-    _, train_steps, targets = step.abstract_steps(
-        plan.model, tx, mesh, remat=c.remat, compute_dtype=run_backend.compute_dtype, loss_chunk=c.loss_chunk,
-        embed_dtype=run_backend.embed_dtype(c.embed_dtype), fp8=run_backend.fp8, backend=run_backend)
+    run_backend = build.backend_for(c, mesh)
+    plan = build.run_plan(c, build.planned_vocab(c)[0], device_batch_size=c.device_batch_size or 1,
+                          data_parallel_size=mesh.size)
     device_kind, usable, source = target_memory(target)
     t0 = time.perf_counter()
-    plan_memory = step.plan_and_compile(
-        train_steps, targets, mesh, device_batch_size=c.device_batch_size, total_batch_size=plan.total_batch_size,
-        seq_len=c.max_seq_len, budget_gb=c.memory_budget_gb,
-        capacity=None if c.memory_budget_gb > 0 else (usable, source),
-        log=lambda line: print(line, file=sys.stderr, flush=True))
+    plan_memory = build.compile_train_step(c, plan, mesh, run_backend,
+                                           capacity=None if c.memory_budget_gb > 0 else (usable, source),
+                                           log=lambda line: print(line, file=sys.stderr, flush=True)).memory
     compile_s = time.perf_counter() - t0
     analysis = plan_memory.compiled.memory_analysis()
     hlo = plan_memory.compiled.as_text()
     counts = inventory.count(hlo)
     per_step = plan.model.n_layer * plan_memory.grad_accum  # attention calls expected per step
-    fp8_layers = qualifying_fp8_layers(plan.model) * plan_memory.grad_accum if run_backend.fp8 else 0
+    fp8_layers = fp8.qualifying_matmuls(plan.model) * plan_memory.grad_accum if run_backend.fp8 else 0
     per_layer = lambda *kinds: [counts[k] / per_step for k in kinds]  # noqa: E731
     return dict(
         target=target, platform=run_backend.platform, device_kind=device_kind, devices=devices,
@@ -283,16 +263,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--reproject", default="", help="comma-separated GPUs (" + ", ".join(sorted(GPU_TARGETS))
                         + ") whose figures the same compiled program is also projected with (JSON only)")
     args, train_argv = parser.parse_known_args(argv)
-    if not os.environ.get("JAX_PLATFORMS", "").strip():
-        import jax
-
-        jax.config.update("jax_platforms", "cpu")  # compiling needs no device: start none (a GPU host's included)
     reproject = tuple(name for name in args.reproject.split(",") if name)
     if unknown := [name for name in reproject if name not in GPU_TARGETS]:
         raise UserError(f"--reproject={args.reproject}: {', '.join(unknown)} is not one of {', '.join(GPU_TARGETS)}")
-    xla_flags.apply()  # the flags `python -m jaxchat.train` runs with, before the backend starts
-    # No persistent compilation cache here: a compile-only client cannot load a cached executable ("PjRtCompiler
-    # must be constructed with a Client"), so every run compiles.
     result = compile_for_target(train_argv, target=args.target, devices=args.devices, hosts=args.hosts,
                                 reproject=reproject)
     print(table(result))
@@ -301,5 +274,10 @@ def main(argv: list[str]) -> None:
         sys.exit(1)
 
 
+# `python -m jaxchat.aot`: compiling needs no device, so none starts (a GPU host's included) unless JAX_PLATFORMS names
+# one. No persistent compilation cache: a compile-only client cannot load a cached executable ("PjRtCompiler must be
+# constructed with a Client"), so every run compiles.
+SETUP = cli.Setup(compile_only=True)
+
 if __name__ == "__main__":
-    run_main(main, sys.argv[1:])
+    cli.run(main, sys.argv[1:], setup=SETUP)

@@ -13,6 +13,8 @@ import re
 
 import jax
 
+from jaxchat.common import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
@@ -108,7 +110,7 @@ def local(compute_dtype: str | None = None) -> "Backend":
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Which platforms JAX may start: checked once per command, before anything starts a backend (common.run_main)
+# Which platforms JAX may start: checked once per command, before anything starts a backend (cli.run)
 
 # Accelerator plugins: {platform: (modules any of which means it is installed, how to install it)}
 PLUGINS = {
@@ -164,8 +166,6 @@ def platforms_to_use(requested: str, installed: set[str], present) -> str | None
     only the CPU starts: the CUDA plugin's cuInit traceback and libtpu's TPU_* block are those plugins failing to
     find a device, and JAX falls back to the CPU after them anyway. With any of the devices here nothing is
     changed."""
-    from jaxchat.common import UserError
-
     if requested.strip():
         for name in (n.strip().lower() for n in requested.split(",")):
             wanted = ALIASES.get(name, (name,))
@@ -185,9 +185,14 @@ def platforms_to_use(requested: str, installed: set[str], present) -> str | None
     return None
 
 
-def choose_platforms() -> None:
-    """Once per command, before any backend starts: platforms_to_use for this machine, applied."""
-    use = platforms_to_use(os.environ.get("JAX_PLATFORMS", ""), installed_plugins(), device_present)
+def choose_platforms(compile_only: bool = False) -> None:
+    """Once per command, before any backend starts: platforms_to_use for this machine, applied. compile_only: the
+    command compiles for devices that are not here (jaxchat.aot), so with JAX_PLATFORMS unset only the CPU starts
+    (a GPU host's GPUs included)."""
+    requested = os.environ.get("JAX_PLATFORMS", "")
+    use = platforms_to_use(requested, installed_plugins(), device_present)
+    if compile_only and not requested.strip():
+        use = "cpu"
     if use is not None:
         jax.config.update("jax_platforms", use)
 

@@ -14,15 +14,16 @@ import argparse
 import json
 import os
 import re
+import sys
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxchat import compile_cache, core_bundle, core_eval, dataset, mesh as meshlib
+from jaxchat import cli, compile_cache, core_bundle, core_eval, dataset, mesh as meshlib
 from jaxchat.common import (JAXCHAT_ONLY, UserError, base_dir, check_output, cli_parser, print0, replacing,
-                            run_main, user_path)
+                            user_path)
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
 from jaxchat.model import GPT, abstract_model
 from jaxchat.tokenizer import Tokenizer, check_recorded, default_dir
@@ -234,15 +235,14 @@ def load_model(args: argparse.Namespace) -> Loaded:
     return Loaded(model, tokenizer, name, step, source)
 
 
-def main(argv=None, compile_cache_on: bool = False) -> None:
-    """`python -m jaxchat.base_eval`; compile_cache_on: use --compile-cache (the command line does; in-process
-    callers keep their jax config)."""
-    args = parse_args(argv)
-    from jaxchat.distributed import init_distributed
+def main(argv=None) -> None:
+    """`python -m jaxchat.base_eval`'s evaluations in this process (tests): nothing of the process is set up (SETUP);
+    in-process callers keep their jax config."""
+    run_evals(parse_args(argv))
 
-    if compile_cache_on:
-        compile_cache.enable(args.compile_cache)  # touches no backend: before the distributed start-up
-    init_distributed()
+
+def run_evals(args: argparse.Namespace) -> None:
+    """The evaluations these flags ask for, after the checks that fail fast; CORE's results written and printed."""
     if args.dtype == "float32":
         # A float32 evaluation means float32 matmuls (no TF32/bf16 passes), so results match nanochat's CPU runs.
         jax.config.update("jax_default_matmul_precision", "highest")
@@ -284,5 +284,9 @@ def main(argv=None, compile_cache_on: bool = False) -> None:
         print(f"wrote {args.json}")
 
 
+# `python -m jaxchat.base_eval`: the persistent compilation cache (--compile-cache) and the multi-process start (the
+# environment's JAX_COORDINATOR_ADDRESS, SLURM, a TPU slice: distributed.init_distributed)
+SETUP = cli.Setup(compile_cache=True, distributed=True)
+
 if __name__ == "__main__":
-    run_main(main, None, True)  # with the persistent compilation cache
+    cli.run(run_evals, sys.argv[1:], parse=parse_args, setup=SETUP)

@@ -6,10 +6,7 @@ import contextlib
 import errno
 import math
 import os
-import signal
-import sys
 import tempfile
-import threading
 import uuid
 
 import jax
@@ -106,7 +103,7 @@ def read_input(path: str, read, what: str, fix: str):
 @contextlib.contextmanager
 def replacing(path: str, unique: bool = False):
     """A temporary name beside `path` to write, renamed over `path` once the block ends without error; removed if it
-    fails or is interrupted (a signal is an exception under run_main), so readers see the whole file or the old one
+    fails or is interrupted (a signal is an exception under cli.run), so readers see the whole file or the old one
     and no half-written file is left. `unique`: a name of this process's own (pid and a random part), for files
     several processes or hosts may write at once; otherwise `path`.tmp, which a later command can recognise."""
     tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp" if unique else f"{path}.tmp"
@@ -139,7 +136,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def cli_parser(description: str) -> argparse.ArgumentParser:
     """An argument parser whose --help shows the description verbatim and every option's default; a bad argument
-    is one line and exit code 2 (a UserError through run_main), not argparse's usage block."""
+    is one line and exit code 2 (a UserError through cli.run), not argparse's usage block."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     parser.error = lambda message: (_ for _ in ()).throw(UserError(f"{message} (see --help)"))
     return parser
@@ -159,116 +156,6 @@ def finite_float(text) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number (NaN and infinities are refused)")
     return value
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP where no handler of ours runs (tok_train, base_eval, export, downloads; training has
-    faults.StopRequest), raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that the interrupted
-    work's `finally` clean-up (temporary files) runs before run_main's one line. Their default action killed the
-    process on the spot: no line, and `.tmp` files left behind."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-_INSTALLED: set[int] = set()  # the signals run_main handles with _interrupt (SIGTERM, SIGHUP)
-
-
-def _interrupt(signum, frame):
-    """Raise Interrupted, once: the signals are ignored from here on, so that a second one cannot cut the first one's
-    clean-up short (a download's worker threads removing their .tmp files) and leave files behind."""
-    for s in _INSTALLED:
-        signal.signal(s, signal.SIG_IGN)
-    raise Interrupted(signum)
-
-
-def _unraisable(previous):
-    """sys.unraisablehook that sends a KeyboardInterrupt or Interrupted swallowed where Python cannot raise (a
-    garbage-collector callback, a __del__: "Exception ignored in _xla_gc_callback") again, so it lands in the main
-    code. From another thread a moment later: sent from here, the handler would run at once, inside the same
-    callback, and be swallowed again."""
-    def hook(unraisable):
-        if isinstance(unraisable.exc_value, KeyboardInterrupt):  # Ctrl-C's, or Interrupted
-            signum = getattr(unraisable.exc_value, "signum", signal.SIGINT)
-            if signum in _INSTALLED:  # _interrupt ignored it from then on: heard again, it must raise
-                signal.signal(signum, _interrupt)
-            threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
-        else:
-            previous(unraisable)
-    return hook
-
-
-def run_main(main, *args) -> None:
-    """Run an entry point; a UserError becomes one line on stderr and exit code 2 (no traceback), a Ctrl-C, SIGTERM
-    or SIGHUP one line and code 130, 143 or 129, after the interrupted work's clean-up.
-
-    In a multi-process run a failing process also tells the others, which exit at once rather than wait in a
-    collective for it; its line starts with 'process P of N:'.
-    """
-    from jaxchat import backend, watchdog
-
-    previous, hook = {}, sys.unraisablehook
-    if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGTERM, signal.SIGHUP):  # an ignored SIGHUP (nohup) stays ignored; Ctrl-C keeps Python's
-            if signal.getsignal(s) is signal.SIG_DFL:  # KeyboardInterrupt, so a second one still cuts a clean-up short
-                previous[s] = signal.signal(s, _interrupt)
-                _INSTALLED.add(s)
-        sys.unraisablehook = _unraisable(hook)
-    try:
-        _run_main(main, args, backend, watchdog)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-            _INSTALLED.discard(s)
-        sys.unraisablehook = hook
-
-
-def _run_main(main, args, backend, watchdog) -> None:
-    try:
-        backend.choose_platforms()  # before anything starts a backend: JAX_PLATFORMS checked, a quiet CPU start
-        main(*args)
-    except UserError as e:
-        if watchdog.active():
-            watchdog.abort(f"error: {watchdog.prefix()}{e}", 2)
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        # Library threads (orbax, tensorstore) interrupted by the early exit print tracebacks during interpreter
-        # shutdown that would bury the one line that matters: nothing after it goes to stderr.
-        sys.stderr = open(os.devnull, "w")
-        sys.exit(2)
-    except KeyboardInterrupt as e:
-        # Ctrl-C (or SIGTERM, SIGHUP: Interrupted) where no handler of ours runs (evaluation, export, downloads;
-        # training has faults.StopRequest): one line and the shell's code, not a traceback from whatever it
-        # interrupted.
-        signum = getattr(e, "signum", signal.SIGINT)
-        for s in _SIGNALS:  # a second signal now adds nothing
-            signal.signal(s, signal.SIG_IGN)
-        line = f"{watchdog.prefix()}interrupted by {signal.Signals(signum).name}: exiting"
-        if watchdog.active():
-            watchdog.abort(line, 128 + signum)
-        with contextlib.suppress(Exception):  # OSError: the terminal hung up (SIGHUP)
-            print(line, file=sys.stderr, flush=True)
-        # Out at once: the interrupted work's own `finally` clean-up has run while the exception unwound, but XLA's
-        # threads may still be compiling or running what it started, and tearing the interpreter down under them
-        # crashed (SIGSEGV, rc 139, Ctrl-C during base_eval's CORE). faults.StopRequest exits the same way.
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-        os._exit(128 + signum)
-    except Exception as e:
-        if (line := backend.startup_error(e)) is not None:  # JAX_PLATFORMS naming a backend that cannot start
-            print(f"error: {line}", file=sys.stderr, flush=True)
-            sys.stderr = open(os.devnull, "w")
-            sys.exit(2)
-        if watchdog.active():
-            import traceback
-
-            if type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError"):  # e.g. gloo: "Connection reset by peer"
-                watchdog.await_verdict()  # a dead peer is named by the watchdog's line, not this exception
-            traceback.print_exc()
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            watchdog.abort(f"error: {watchdog.prefix()}{type(e).__name__}: {first}", 1)
-        raise
 
 
 def fmt_bytes(n: int) -> str:

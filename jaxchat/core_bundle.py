@@ -10,9 +10,11 @@ per machine under a file lock, the archive extracted beside the destination and 
 import argparse
 import fcntl
 import os
+import sys
 import zipfile
 
-from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, cli_parser, run_main, user_path
+from jaxchat import cli
+from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, cli_parser, user_path
 from jaxchat.download import build_directory, fetch
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -126,4 +128,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run(main, sys.argv[1:])

@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,8 +25,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxchat import core_bundle, faults, mesh as meshlib
-from jaxchat.common import UserError, print0, run_main
+from jaxchat import cli, core_bundle, faults, mesh as meshlib
+from jaxchat.common import UserError, print0
 from jaxchat.core_bundle import find_bundle
 from jaxchat.tokenizer import Tokenizer
 
@@ -404,4 +405,4 @@ def evaluate_core(model: nnx.Module, tokenizer: Tokenizer, bundle_dir: str | Non
 
 
 if __name__ == "__main__":  # `python -m jaxchat.core_eval --download`: the bundle's command line (core_bundle.py)
-    run_main(core_bundle.main)
+    cli.run(core_bundle.main, sys.argv[1:])

@@ -399,11 +399,17 @@ def prepare_data(data: str) -> tuple:
     return Tokenizer.load(tok_dir), files
 
 
-def check_resume_data(meta: dict, data: str, allow_change: bool, where: str) -> None:
-    """Before compiling: a checkpoint's loader state against the train shards present now (
+def saved_states(meta: dict) -> list[dict]:
+    """The loader states a checkpoint's meta record holds, one per data shard in shard order (saved before data
+    shards: its one state)."""
+    return meta.get("dataloader_states") or [meta["dataloader_state_dict"]]
+
+
+def check_resume_data(states: list[dict], data: str, allow_change: bool, where: str) -> None:
+    """Before compiling: a checkpoint's loader states (saved_states) against the train shards present now (
     check_resume_shards: changed shards are one line, accepted ones print what the resume does)."""
-    state = (meta.get("dataloader_states") or [meta["dataloader_state_dict"]])[0]  # every rank's lists the same shards
-    note = check_resume_shards(state, dataset.shard_identities(dataset.list_shards(data, "train")), allow_change, where)
+    now = dataset.shard_identities(dataset.list_shards(data, "train"))
+    note = check_resume_shards(states[0], now, allow_change, where)  # every shard's state lists the same files
     if note:
         print0(note)
 

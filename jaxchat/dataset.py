@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, cli_parser, replacing, run_main
+from jaxchat import cli
+from jaxchat.common import JAXCHAT_ONLY, UserError, base_dir, cli_parser, replacing
 from jaxchat.download import Stopped, build_directory, fetch
 
 # nanochat/dataset.py BASE_URL and MAX_SHARD. The last shard of each source is its validation shard; pinning it
@@ -281,7 +282,7 @@ def download(n: int, source: str = "fineweb-edu", workers: int = 4) -> str:
         # Interrupted (Ctrl-C, SIGTERM): a `with` pool waited for every queued shard (all ~180 GB of -1); queued
         # ones are dropped and running ones stop at their next chunk, removing their .tmp files
         stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)  # common.run_main ignores a second signal meanwhile
+        pool.shutdown(wait=True, cancel_futures=True)  # cli.run ignores a second signal meanwhile
         raise
     pool.shutdown()
     if failed:
@@ -415,4 +416,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main, sys.argv[1:])
+    cli.run(main, sys.argv[1:])

@@ -16,10 +16,10 @@ import sys
 
 import numpy as np
 
-from jaxchat import nanochat_ckpt, optim
+from jaxchat import cli, nanochat_ckpt, optim
 from jaxchat.recipe import batch_lr_scale
 from jaxchat import tokenizer as toklib
-from jaxchat.common import UserError, check_name, check_output, replacing, run_main, user_path
+from jaxchat.common import UserError, check_name, check_output, replacing, user_path
 from jaxchat.convert import config_from_dict
 
 
@@ -210,9 +210,5 @@ def export(argv: list[str]) -> dict[str, str]:
     return files
 
 
-def main() -> None:
-    run_main(export, sys.argv[1:])
-
-
 if __name__ == "__main__":
-    main()
+    cli.run(export, sys.argv[1:])

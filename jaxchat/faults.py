@@ -52,11 +52,15 @@ class StopRequest:
     does not want to wait for the save. `on_exit` callbacks (releasing the checkpoint lock) run first.
     """
 
-    def __init__(self):
+    def __init__(self, idle_line: str = "before training started: exiting, nothing to save", every_process=False):
+        """idle_line: what a signal outside training says; every_process: every process says it, not process 0 alone
+        (while the processes join, asking JAX which process this is would start a backend, which waits for the
+        join, or fails with it)."""
         global _active
         self.signum: int | None = None
         self.training = False
-        self.idle_line = "before training started: exiting, nothing to save"  # a signal outside training says this
+        self.idle_line = idle_line
+        self.every_process = every_process
         self.on_exit: list = []
         self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS
                           if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)}
@@ -93,7 +97,7 @@ class StopRequest:
                 callback()
             except Exception:
                 pass
-        if jax.process_index() == 0:
+        if self.every_process or jax.process_index() == 0:
             try:
                 os.write(2, f"{line}\n".encode())
             except OSError:  # the terminal hung up (SIGHUP): nobody to tell

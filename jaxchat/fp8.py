@@ -25,6 +25,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from jaxchat import params
 from jaxchat.mesh import data_shard_axes
 
 E4M3 = jnp.float8_e4m3fn  # input and weight: more mantissa, max 448
@@ -36,6 +37,13 @@ def qualifies(n_in: int, n_out: int) -> bool:
     """Whether a dense layer runs in fp8: both sizes multiples of 16, the smaller >= 128 (nanochat base_train.py
     fp8_module_filter), so q, k, v, both projections, c_fc and lm_head do, the VE and smear gates do not."""
     return n_in % 16 == 0 and n_out % 16 == 0 and min(n_in, n_out) >= 128
+
+
+def qualifying_matmuls(config) -> int:
+    """The dense-layer matmuls of one forward pass that run in fp8 under --fp8: each matmul weight of PARAMS (a
+    "linear" layout: nanochat's Linear modules) that qualifies, once per layer it is stacked over."""
+    return sum((len(p.layers(config)) if p.per_layer else 1) * qualifies(*p.shape_for(config)[-2:])
+               for p in params.declared(config) if p.linear)
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,6 +11,7 @@ instead: `q_x`, `q_w`, `q_go`, `inv_*`, `y`, `grad_x`, `grad_w` (jaxchat.fp8.uni
 """
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxchat import fp8, optim, recipe as recipes
-from jaxchat.common import UserError, check_output, cli_parser, read_input, run_main, user_path
+from jaxchat import cli, fp8, optim, recipe as recipes
+from jaxchat.common import UserError, check_output, cli_parser, read_input, user_path
 from jaxchat.convert import model_from_reference, read_reference_npz, to_reference
 from jaxchat.model import GPT
 
@@ -130,4 +131,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run(main, sys.argv[1:])

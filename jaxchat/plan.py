@@ -9,9 +9,11 @@ recipe's transfer rules (batch LR scale, Muon weight decay; 92d63d4's auto batch
 import dataclasses
 import inspect
 import math
+import sys
 
+from jaxchat import cli
 from jaxchat import recipe as recipes
-from jaxchat.common import UserError, cli_parser, finite_float, run_main
+from jaxchat.common import UserError, cli_parser, finite_float
 from jaxchat.model import GPTConfig, config_for_depth, estimate_flops, num_scaling_params
 
 
@@ -261,4 +263,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run(main, sys.argv[1:])

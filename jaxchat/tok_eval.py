@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import tiktoken
 import tiktoken.load
 
-from jaxchat import dataset
-from jaxchat.common import JAXCHAT_ONLY, UserError, cli_parser, run_main
+from jaxchat import cli, dataset
+from jaxchat.common import JAXCHAT_ONLY, UserError, cli_parser
 from jaxchat.tokenizer import Tokenizer, default_dir
 
 SAMPLES = {
@@ -147,4 +147,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main, sys.argv[1:])
+    cli.run(main, sys.argv[1:])

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 
 import rustbpe
 
-from jaxchat import dataset
+from jaxchat import cli, dataset
 from jaxchat import tokenizer as toklib
-from jaxchat.common import JAXCHAT_ONLY, UserError, check_output, cli_parser, finite_float, run_main, user_path
+from jaxchat.common import JAXCHAT_ONLY, UserError, check_output, cli_parser, finite_float, user_path
 from jaxchat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, default_dir, encoding_from_ranks
 
 ROUND_TRIP_TEXT = """Hello world! This is a test.
@@ -142,5 +142,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main, sys.argv[1:])
+    cli.run(main, sys.argv[1:])
 

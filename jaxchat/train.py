@@ -1,8 +1,9 @@
 """Base-model pretraining: `python -m jaxchat.train`, nanochat's scripts/base_train.py (348fbb3) with its flags.
 
-This module is the command line and the loop; the step itself (building, sharding, compiling, feeding) lives in
-jaxchat/step.py. `train()` runs the phases in order: `set_up` (multi-process start-up, data, model and optimizer, the
-step compiled for the device batch, the plan), `restore_or_start` (a checkpoint, or step 0), `run_loop` (evaluation
+This module is the command line and the loop; the step is built from the flags and compiled in jaxchat/build.py (the
+path jaxchat.aot shares), the step itself lives in jaxchat/step.py, the process is set up by jaxchat/cli.py (SETUP).
+`train_with()` runs the phases in order: `set_up` (the devices, data, the checkpoint to resume, the step compiled for
+the device batch, model and optimizer state, the plan), `restore_or_start` (a checkpoint, or step 0), `run_loop` (evaluation
 at chosen steps in `evaluate_at_step`, one optimizer step at a time in `train_one_step`, saves) and `finish`.
 """
 
@@ -22,23 +23,21 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jaxchat import backend, fp8, host_memory
-from jaxchat import compile_cache, memory, nanochat_ckpt
+from jaxchat import build, cli, fp8, memory, nanochat_ckpt
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import recipe as recipes
-from jaxchat import xla_flags
 from jaxchat.checkpoint import Checkpointer, checkpoint_dir, input_changes, recorded_tokenizer
-from jaxchat.common import UserError, base_dir, check_writable, fmt_bytes, print0, run_main
+from jaxchat.common import UserError, base_dir, check_writable, fmt_bytes, print0
 from jaxchat.config import parse_flags
 from jaxchat.dataloader import (ShardLoaders, check_resume_data, global_batch, make_loaders, prepare_data,
-                                shard_layout, step_batch)
-from jaxchat.distributed import gather_json, init_distributed
+                                saved_states, shard_layout, step_batch)
+from jaxchat.distributed import gather_json
 from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
 from jaxchat.faults import SaveTimer, Stopped, StopRequest
 from jaxchat.monitor import Monitor, step_line
-from jaxchat.plan import Plan, device_batch_warning, make_plan
-from jaxchat.step import abstract_steps, init_state, plan_and_compile, without_fp8
+from jaxchat.plan import Plan, device_batch_warning
+from jaxchat.step import without_fp8
 from jaxchat.targets import peak_flops
 from jaxchat.tokenizer import check_recorded
 
@@ -59,6 +58,16 @@ class LoopState:
     total_training_time: float = 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """The checkpoint a run continues from, as its meta record says: read once, checked against this run before
+    anything compiles (resume_point), restored after."""
+
+    step: int
+    loader_states: list  # every data shard's loader state, in shard order (dataloader.saved_states)
+    loop: LoopState
+
+
 @dataclasses.dataclass(kw_only=True)
 class Run:
     """What set-up decides once: the flags, the mesh, the plan (with the device batch), the data, the compiled step."""
@@ -76,7 +85,7 @@ class Run:
     core_bundle: str | None
     device_kind: str
     checkpointer: Checkpointer  # locked: one run writes the directory
-    resume_from: int | None  # the checkpoint step to restore (checked against this run in resume_point)
+    resume: Resume | None  # the checkpoint to restore (checked against this run in resume_point); None: a fresh start
     run_inputs: dict  # what the run depends on beyond the model's shape, saved and compared on resume
     init_from: nanochat_ckpt.Source | None = None  # --init-from's files (read, checked against this run): a fresh start
 
@@ -125,19 +134,15 @@ class TrainState:
 
 
 def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
-    """(run, params, opt_state): start-up, data, the checkpoint to resume (checked before compiling), model and
-    optimizer state (sharded), the step compiled for the device batch (auto decided here, before the plan and the
-    loaders exist), the plan."""
-    init_distributed(c.coordinator_address or None, c.num_processes or None,
-                     c.process_id if c.process_id >= 0 else None, init_timeout=c.init_timeout,
-                     peer_timeout=c.peer_timeout)
+    """(run, params, opt_state): the devices, data, the checkpoint to resume (checked before compiling), the step
+    compiled for the device batch (jaxchat.build: auto decided here, before the plan and the loaders exist), model
+    and optimizer state (sharded), the plan."""
     mesh = meshlib.make_mesh(c.fsdp)
-    run_backend = backend.for_mesh(mesh, c.compute_dtype or None, c.fp8)  # decided once: dtype, attention, loss, fp8
-    compute_dtype, muon_dtype = run_backend.compute_dtype, run_backend.default_dtype(c.muon_dtype)
+    run_backend = build.backend_for(c, mesh)  # decided once: dtype, attention, loss, fp8
     device_kind = jax.devices()[0].device_kind
     print0(f"Devices: {jax.device_count()} x {device_kind} over {jax.process_count()} process(es); "
-           f"mesh {dict(mesh.shape)}; peak bf16 FLOP/s per device {peak_flops(device_kind):.3g}; compute {compute_dtype}, "
-           f"Muon orthogonalisation {muon_dtype}")
+           f"mesh {dict(mesh.shape)}; peak bf16 FLOP/s per device {peak_flops(device_kind):.3g}; compute "
+           f"{run_backend.compute_dtype}, Muon orthogonalisation {run_backend.default_dtype(c.muon_dtype)}")
     if run_backend.note:
         print0(run_backend.note)
     if run_backend.fp8 and (note := fp8.no_speedup_note(run_backend)):
@@ -145,57 +150,28 @@ def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     check_writable(base_dir(), "base directory")  # data, tokenizer, logs: before anything is built or compiled
     tok, files = prepare_data(c.data)
     core_bundle = find_core_bundle(c)
-    plan = run_plan(c, tok.vocab_size, device_batch_size=c.device_batch_size or 1)  # the batch and the transfer
-    config = plan.model
-    checkpointer, resume_from, run_inputs = open_checkpoints(c, stop_request, tok, plan)
+    plan = build.run_plan(c, tok.vocab_size, device_batch_size=c.device_batch_size or 1)  # the batch, the transfer
+    checkpointer, resume, run_inputs = open_checkpoints(c, stop_request, tok, plan)
     # --init-from: a nanochat checkpoint's weights for a run that starts at step 0 (a resume continues instead).
-    init_from = (nanochat_ckpt.check_source(c.init_from, config, c.resume_optimizer, tok)  # every file read now
-                 if c.init_from and resume_from is None else None)
-    tx, wd_scaled = build_optimizer(c, plan, mesh, muon_dtype)
-    model_options = dict(compute_dtype=compute_dtype, loss_chunk=c.loss_chunk,
-                         embed_dtype=run_backend.embed_dtype(c.embed_dtype), fp8=run_backend.fp8, backend=run_backend)
-    memory.check_length(config, run_backend, c.memory_budget_gb)  # before tracing: a length no device batch holds
-    graphdefs, train_steps, targets = abstract_steps(config, tx, mesh, remat=c.remat, **model_options)
-    step_memory = plan_and_compile(train_steps, targets, mesh, device_batch_size=c.device_batch_size,
-                                   total_batch_size=plan.total_batch_size, seq_len=c.max_seq_len,
-                                   budget_gb=c.memory_budget_gb)
-    graphdef = graphdefs[step_memory.variant]
-    params, opt_state = init_state(config, tx, targets, seed=c.seed, remat=step_memory.variant, **model_options)
-    plan = run_plan(c, tok.vocab_size, device_batch_size=step_memory.device_batch_size)
-    report_plan(c, step_memory, plan)
-    eval_graphdef = without_fp8(graphdef, targets[0]) if run_backend.fp8 else graphdef
-    run = Run(c=c, mesh=mesh, plan=plan, tok=tok, files=files, graphdef=eval_graphdef, train_step=step_memory.compiled,
-              step_memory=step_memory, targets=targets, wd_scaled=wd_scaled, core_bundle=core_bundle,
-              device_kind=device_kind, checkpointer=checkpointer, resume_from=resume_from, run_inputs=run_inputs,
-              init_from=init_from)
+    init_from = (nanochat_ckpt.check_source(c.init_from, plan.model, c.resume_optimizer, tok)  # every file read now
+                 if c.init_from and resume is None else None)
+    compiled = build.compile_train_step(c, plan, mesh, run_backend)
+    params, opt_state = compiled.initial_state(c.seed)
+    plan = build.run_plan(c, tok.vocab_size, device_batch_size=compiled.memory.device_batch_size)
+    report_plan(c, compiled.memory, plan)
+    graphdef = without_fp8(compiled.graphdef, compiled.targets[0]) if run_backend.fp8 else compiled.graphdef
+    run = Run(c=c, mesh=mesh, plan=plan, tok=tok, files=files, graphdef=graphdef, train_step=compiled.memory.compiled,
+              step_memory=compiled.memory, targets=compiled.targets, wd_scaled=compiled.wd_scaled,
+              core_bundle=core_bundle, device_kind=device_kind, checkpointer=checkpointer, resume=resume,
+              run_inputs=run_inputs, init_from=init_from)
     return run, params, opt_state
-
-
-def run_plan(c: ConfigDict, vocab_size: int, device_batch_size: int, data_parallel_size: int | None = None) -> Plan:
-    """The plan for the flags (jaxchat.plan): sizes, horizon, the batch (the recipe's auto batch for -1) and the
-    recipe's transfer of the LRs and the Muon weight decay; over every device unless data_parallel_size says."""
-    return make_plan(depth=c.depth, aspect_ratio=c.aspect_ratio, head_dim=c.head_dim, max_seq_len=c.max_seq_len,
-                     vocab_size=vocab_size, window_pattern=c.window_pattern, num_iterations_flag=c.num_iterations,
-                     target_flops=c.target_flops, target_param_data_ratio=c.target_param_data_ratio,
-                     total_batch_size=c.total_batch_size, device_batch_size=device_batch_size,
-                     data_parallel_size=data_parallel_size or jax.device_count(), recipe=c.recipe,
-                     weight_decay=c.weight_decay)
-
-
-def planned_vocab(c: ConfigDict) -> tuple[int, str]:
-    """(vocabulary size, where it came from) without building anything: the tokenizer if trained, else nanochat's."""
-    from jaxchat.tokenizer import Tokenizer, default_dir
-    try:
-        return Tokenizer.load(default_dir(c.data)).vocab_size, "the tokenizer"
-    except UserError:
-        return 32768, "nanochat's default: no tokenizer trained yet"
 
 
 def dry_run(c: ConfigDict) -> dict:
     """--dry-run: the plan printed, nothing read, built or compiled (the vocabulary from the tokenizer if trained)."""
-    vocab_size, source = planned_vocab(c)
+    vocab_size, source = build.planned_vocab(c)
     print0(f"--dry-run: vocabulary {vocab_size:,} ({source})")
-    plan = run_plan(c, vocab_size, device_batch_size=c.device_batch_size or 1)
+    plan = build.run_plan(c, vocab_size, device_batch_size=c.device_batch_size or 1)
     print0("\n".join(plan.summary()))
     return {"losses": {}, "loop": LoopState(), "plan": plan}
 
@@ -212,17 +188,17 @@ def find_core_bundle(c: ConfigDict) -> str | None:
 
 
 def open_checkpoints(c: ConfigDict, stop_request: StopRequest, tok,
-                     plan: Plan) -> tuple[Checkpointer, int | None, dict]:
-    """(checkpointer, step to resume from or None, run inputs): the directory locked for this run (released on any
-    exit) and the resume checked against this run and its horizon, before anything compiles."""
+                     plan: Plan) -> tuple[Checkpointer, Resume | None, dict]:
+    """(checkpointer, the checkpoint to resume or None, run inputs): the directory locked for this run (released on
+    any exit) and the resume checked against this run and its horizon, before anything compiles."""
     checkpointer = Checkpointer(checkpoint_dir(model_tag(c)), lock=True, keep_last=c.keep_last)
     stop_request.on_exit.append(checkpointer.release)
     run_inputs = dict(tokenizer=tok.fingerprint(), data=c.data, total_batch_size=plan.total_batch_size,
                       max_seq_len=c.max_seq_len, recipe=c.recipe)
-    step = resume_point(c, checkpointer, dataclasses.asdict(plan.model), run_inputs, tok)
-    if step is not None:
-        check_horizon(c, step, plan, checkpointer.steps())
-    return checkpointer, step, run_inputs
+    resume = resume_point(c, checkpointer, dataclasses.asdict(plan.model), run_inputs, tok)
+    if resume is not None:
+        check_horizon(c, resume.step, plan, checkpointer.steps())
+    return checkpointer, resume, run_inputs
 
 
 def check_horizon(c: ConfigDict, step: int, plan: Plan, saved: list[int]) -> None:
@@ -245,8 +221,9 @@ def check_horizon(c: ConfigDict, step: int, plan: Plan, saved: list[int]) -> Non
                         f"{flag}): to train on, resume with a horizon of more than {step} steps ({longer}); {shorter}")
 
 
-def resume_point(c, checkpointer: Checkpointer, model_config: dict, inputs: dict, tok) -> int | None:
-    """The checkpoint step to resume from (None: start at 0), checked against this run before anything compiles."""
+def resume_point(c, checkpointer: Checkpointer, model_config: dict, inputs: dict, tok) -> Resume | None:
+    """The checkpoint to resume from (None: start at 0), its meta record read once and checked against this run
+    before anything compiles."""
     resume = str(c.resume_from_step)
     if resume == "last" and not checkpointer.steps():
         print0(f"No checkpoint in {checkpointer.directory} yet: starting from step 0")
@@ -276,27 +253,19 @@ def resume_point(c, checkpointer: Checkpointer, model_config: dict, inputs: dict
         raise UserError(f"checkpoint step {step} of {model_tag(c)} was trained with other inputs ("
                         + ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in changes.items())
                         + f"): resume with the saving run's inputs, or train a new --model-tag{hint}")
+    loop = LoopState(step=step, val_bpb=meta["val_bpb"], **meta["loop_state"])
+    return Resume(step, resume_data(c, step, saved_states(meta)), loop)
+
+
+def resume_data(c: ConfigDict, step: int, states: list[dict]) -> list[dict]:
+    """A checkpoint's loader states, checked: one per data shard this run reads, saved on the train shards here (or
+    changes accepted with --allow-data-change)."""
     shards = c.data_shards or jax.process_count()
-    saved_shards = len(meta.get("dataloader_states") or [meta["dataloader_state_dict"]])
-    if saved_shards != shards:
-        raise UserError(f"checkpoint step {step} was saved with {saved_shards} data shard(s), this run reads "
-                        f"{shards}: resume with --data-shards={saved_shards} (a multiple of the process count)")
-    check_resume_data(meta, c.data, c.allow_data_change, f"checkpoint step {step} of {model_tag(c)} was saved")
-    return step
-
-
-def build_optimizer(c: ConfigDict, plan: Plan, mesh, muon_dtype: str) -> tuple[Any, float]:
-    """(MuonAdamW, scaled Muon weight decay) for the flags and the recipe, as nanochat's scripts/base_train.py sets
-    them up (the plan holds the batch LR scale and the weight decay its recipe's rule gives)."""
-    t = plan.transfer
-    tx = optim.make_optimizer(model_dim=plan.model.n_embd, embedding_lr=c.embedding_lr,
-                              unembedding_lr=c.unembedding_lr, matrix_lr=c.matrix_lr, scalar_lr=c.scalar_lr,
-                              adam_betas=(c.adam_beta1, c.adam_beta2), weight_decay=t.weight_decay_scaled,
-                              batch_lr_scale=t.batch_lr_scale, muon_dtype=jnp.dtype(muon_dtype),
-                              muon_stack_sharding=meshlib.muon_stack_sharding(mesh),
-                              **recipes.get(c.recipe).optimizer_options())
-    print0(plan.summary()[-1])  # the recipe, batch LR scale and Muon weight decay, before the long compile
-    return tx, t.weight_decay_scaled
+    if len(states) != shards:
+        raise UserError(f"checkpoint step {step} was saved with {len(states)} data shard(s), this run reads "
+                        f"{shards}: resume with --data-shards={len(states)} (a multiple of the process count)")
+    check_resume_data(states, c.data, c.allow_data_change, f"checkpoint step {step} of {model_tag(c)} was saved")
+    return states
 
 
 def report_plan(c: ConfigDict, step_memory: memory.StepMemory, plan: Plan) -> None:
@@ -321,8 +290,9 @@ def restore_or_start(run: Run, params, opt_state) -> TrainState:
     """The loop's state at its first step: from the checkpoint set-up chose, or step 0."""
     c, checkpointer = run.c, run.checkpointer
     loader, loop = run.loader("train"), LoopState()
-    if run.resume_from is not None:
-        params, opt_state, loop = restore(run, run.resume_from, loader)
+    if run.resume is not None:
+        params, opt_state = restore(run, loader)
+        loop = dataclasses.replace(run.resume.loop)  # the loop's own, changed as it goes
     elif run.init_from:
         params, opt_state, meta = nanochat_ckpt.start_from(run.init_from, run.plan.model, run.targets, opt_state,
                                                            c.resume_optimizer)
@@ -335,17 +305,17 @@ def restore_or_start(run: Run, params, opt_state) -> TrainState:
                       os.path.join(base_dir(), "tensorboard", run.model_tag) if c.tensorboard else None,
                       wandb_dir=base_dir())
     return TrainState(params, opt_state, loop, loader, monitor, SaveTimer(c.save_every_minutes),
-                      resume_step=loop.step if run.resume_from is not None else None, consumed=loader.get_state())
+                      resume_step=loop.step if run.resume is not None else None, consumed=loader.get_state())
 
 
-def restore(run: Run, step: int, loader: ShardLoaders) -> tuple[Any, Any, LoopState]:
-    """(params, opt_state, loop state) of a checkpoint; the loader continues where that step's data ended."""
-    params, opt_state, meta = run.checkpointer.restore(step, *run.targets)
-    states = meta.get("dataloader_states") or [meta["dataloader_state_dict"]]  # one per data shard
+def restore(run: Run, loader: ShardLoaders) -> tuple[Any, Any]:
+    """(params, opt_state) of the checkpoint set-up chose; the loader continues where that step's data ended."""
+    step = run.resume.step
+    params, opt_state, _ = run.checkpointer.restore(step, *run.targets)  # the meta record: read by resume_point
     _, per_process, first = shard_layout(run.c.data_shards, run.plan.device_batch_size)
-    loader.set_state(states[first:][:per_process], allow_data_change=run.c.allow_data_change)
+    loader.set_state(run.resume.loader_states[first:][:per_process], allow_data_change=run.c.allow_data_change)
     print0(f"Resumed from step {step} of {run.checkpointer.directory}")
-    return params, opt_state, LoopState(step=step, val_bpb=meta["val_bpb"], **meta["loop_state"])
+    return params, opt_state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -555,16 +525,18 @@ def finish(run: Run, state: TrainState, stop_request: StopRequest, losses: dict[
     return {"losses": losses, "loop": state.loop}
 
 
-def train(argv: list[str], command_line: bool = False) -> dict:
-    """Run training; returns {"losses": {step: loss}, "loop": LoopState} for tests and scripts.
+def train(argv: list[str]) -> dict:
+    """Run training in this process (tests, scripts); returns {"losses": {step: loss}, "loop": LoopState}. Nothing of
+    the process is set up (the command's SETUP), and the caller gets its signal handlers back."""
+    return train_with(parse_flags(argv))
 
-    command_line: use --compile-cache, and keep handling signals until the process has exited (in-process callers
-    keep their jax config and get their signal handlers back)."""
-    c = parse_flags(argv)
+
+def train_with(c: ConfigDict, command_line: bool = False) -> dict:
+    """Train with these flags (the process set up before, for a multi-process run joined: `main`).
+
+    command_line: keep handling signals until the process has exited (in-process callers get their handlers back)."""
     if c.dry_run:
         return dry_run(c)
-    if command_line:
-        compile_cache.enable(c.compile_cache)  # before anything compiles; touches no backend (before distributed)
     stop_request = StopRequest()  # from here on a signal ends the run cleanly (130 / 143 / 129, at most one line)
     try:
         run, params, opt_state = set_up(c, stop_request)
@@ -582,10 +554,13 @@ def train(argv: list[str], command_line: bool = False) -> dict:
             stop_request.restore_handlers()
 
 
+# `python -m jaxchat.train`: malloc keeps freed host memory (XLA:CPU's step buffers), the persistent compilation cache
+# (--compile-cache) and the multi-process start (--coordinator-address, ...; or the environment)
+SETUP = cli.Setup(keep_freed_memory=True, compile_cache=True, distributed=True)
+
+
 def main() -> None:
-    xla_flags.apply()  # before the backend starts
-    host_memory.keep_freed_memory()  # before threads allocate
-    run_main(train, sys.argv[1:], True)  # command_line: the persistent compilation cache, signals until the end
+    cli.run(functools.partial(train_with, command_line=True), sys.argv[1:], parse=parse_flags, setup=SETUP)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 the backend starts.
 
 XLA reads $XLA_FLAGS once, when the first backend initialises; so `apply()` must run before anything asks JAX for
-devices. A flag the user already set in $XLA_FLAGS keeps the user's value; JAXCHAT_XLA_FLAGS=0 turns the defaults
+devices: every command applies it first (jaxchat.cli), so training, evaluation and jaxchat.aot compile with the same
+options. A flag the user already set in $XLA_FLAGS keeps the user's value; JAXCHAT_XLA_FLAGS=0 turns the defaults
 off (to measure them: `bench/throughput.py --no-xla-flags`). The flags only affect GPU compilation (CPU ignores
 them), and every one is checked by a test to be known to the installed jaxlib: an unknown flag aborts the process.
 

@@ -76,7 +76,7 @@ def test_model_follows_its_backend_not_jax_default_backend(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Which platforms JAX may start (backend.platforms_to_use, called once per command by common.run_main)
+# Which platforms JAX may start (backend.platforms_to_use, called once per command by cli.run)
 
 def fake_machine(root, *nodes, pci=()):
     """A file tree with the device nodes and PCI (vendor, device) ids that backend.device_present reads."""
@@ -127,7 +127,7 @@ def test_jax_platforms_that_cannot_work_is_one_line(tmp_path):
         assert backend.platforms_to_use(requested, {"cuda", "tpu"}, gpu_here) is None
 
 
-def _run_main(code: str, **env) -> "subprocess.CompletedProcess":
+def _run(code: str, **env) -> "subprocess.CompletedProcess":
     import os
     import subprocess
     import sys
@@ -135,23 +135,23 @@ def _run_main(code: str, **env) -> "subprocess.CompletedProcess":
 
     environ = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"} | env
     environ["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    return subprocess.run([sys.executable, "-c", f"import jax\nfrom jaxchat.common import run_main\n{code}"],
+    return subprocess.run([sys.executable, "-c", f"import jax\nfrom jaxchat import cli\n{code}"],
                           env=environ, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.slow
 def test_commands_start_jax_quietly_or_say_in_one_line_why_not():
-    """Through common.run_main, as every command starts: JAX_PLATFORMS naming an unknown platform is JAX's error in
+    """Through cli.run, as every command starts: JAX_PLATFORMS naming an unknown platform is JAX's error in
     one line (exit 2); where no accelerator is here, cuda is one line and an unset JAX_PLATFORMS starts the CPU with
     nothing on stderr, whatever plugins are installed."""
-    r = _run_main("run_main(jax.devices)", JAX_PLATFORMS="bogus")
+    r = _run("cli.run(jax.devices)", JAX_PLATFORMS="bogus")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Unable to initialize backend 'bogus'" in r.stderr, \
         r.stderr
     if any(backend.device_present(p) for p in backend.PLUGINS):
         pytest.skip("an accelerator is here: the CPU-only cases do not apply")
-    r = _run_main("run_main(jax.devices)", JAX_PLATFORMS="cuda")
+    r = _run("cli.run(jax.devices)", JAX_PLATFORMS="cuda")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "JAX_PLATFORMS=cuda asks for cuda" in r.stderr, r.stderr
-    r = _run_main("run_main(lambda: print(jax.devices()))")
+    r = _run("cli.run(lambda: print(jax.devices()))")
     assert r.returncode == 0 and r.stderr == "" and "CpuDevice" in r.stdout, r.stderr
 
 

@@ -101,7 +101,8 @@ def test_checkpoint_at_the_horizon_finishes_at_once(base_dir, capsys):
     """A checkpoint at this run's last step is a finished run: no error, the loop goes straight to the final
     evaluation (one past it is refused: CASES)."""
     from jaxchat.config import parse_flags
-    from jaxchat.train import check_horizon, run_plan
+    from jaxchat.build import run_plan
+    from jaxchat.train import check_horizon
     c = parse_flags(TINY + ["--model-tag=tiny"])
     check_horizon(c, 2, run_plan(c, 4096, device_batch_size=1), [1, 2])
     assert ("Checkpoint step 2 is this run's horizon (2 steps, from --num-iterations): nothing left to train; running "
@@ -130,7 +131,7 @@ def test_checkpoint_with_another_tokenizer_vocabulary(base_dir):
 
 REPO = Path(__file__).resolve().parents[1]
 # Each command's refusals as commands, one process each: exit code 2 and one line "error: ..." on stderr, no traceback
-# (common.run_main), from each place a command refuses its input. {command: [(id, base, argv, message)]}; base: "tiny"
+# (cli.run), from each place a command refuses its input. {command: [(id, base, argv, message)]}; base: "tiny"
 # (this module's base dir: checkpoint tiny, fineweb-edu shards without a tokenizer) or "empty"; in argv {core} is the
 # shared CORE fixture (tests/test_core_eval.py). In-process tests check each refusal's wording; these, that a command
 # turns it into exit code 2 and one line.

@@ -109,7 +109,7 @@ def test_every_float_flag_refuses_non_finite_numbers(text, tmp_path):
     ("tok_train", ["--max-chars=nan"]), ("tok_train", ["--max-chars=inf"])])
 def test_other_commands_float_flags_refuse_non_finite_numbers(command, argv):
     """jaxchat.plan's and tok_train's own float flags go through the same validator (their argparse type), one line
-    naming the flag via run_main (exit code 2: test_bad_input.py)."""
+    naming the flag via cli.run (exit code 2: test_bad_input.py)."""
     import importlib
 
     main = importlib.import_module(f"jaxchat.{command}").main

@@ -144,5 +144,5 @@ def test_download_over_http_and_the_command_line(http_root, tmp_path, capsys):
     assert (dest / "eval_data" / "t.jsonl").read_bytes() == (tmp_path / "src" / "eval_data" / "t.jsonl").read_bytes()
     with pytest.raises(UserError, match="cannot download the CORE eval bundle"):
         core_bundle.download_bundle(f"{url}/missing.zip", str(tmp_path / "other" / "eval_bundle"))
-    with pytest.raises(UserError, match="nothing to do"):  # one line and exit code 2 through run_main
+    with pytest.raises(UserError, match="nothing to do"):  # one line and exit code 2 through cli.run
         core_bundle.main(["--no-download"])

@@ -248,7 +248,7 @@ def test_base_eval_json_end_to_end(tmp_path):
 
 
 def test_base_eval_max_per_task_below_fewshot_is_one_line_before_loading(tmp_path):
-    """In process (a UserError is one line and exit code 2 in every command: run_main); bfloat16 leaves this
+    """In process (a UserError is one line and exit code 2 in every command: cli.run); bfloat16 leaves this
     process's matmul precision alone."""
     from jaxchat import base_eval
     args = ["--nanochat-checkpoint", str(tmp_path / "never_read.npz"), "--bundle", str(fixture_dir() / "eval_bundle"),
@@ -312,7 +312,7 @@ def test_two_processes_agree_with_reference(tmp_path):
 @pytest.mark.parametrize("delay", [0.5, 1.0])
 def test_ctrl_c_during_core_is_one_line_and_130_never_a_crash(tmp_path, delay):
     """Ctrl-C while base_eval's CORE compiles or runs its second task: "interrupted by SIGINT", then a segmentation
-    fault (rc 139) as the interpreter was torn down under XLA's threads. run_main now leaves at once with 130."""
+    fault (rc 139) as the interpreter was torn down under XLA's threads. cli.run now leaves at once with 130."""
     import signal
     import time
 

@@ -221,7 +221,7 @@ def test_demo_and_bare_directories_record_their_validation_shard_by_name(tmp_pat
 SLOW_SERVER = """
 import http.server, sys, threading, time
 from jaxchat import dataset
-from jaxchat.common import run_main
+from jaxchat import cli
 
 class Slow(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # 64 MB at 2 MB/s: a shard takes half a minute
@@ -242,7 +242,7 @@ class Server(http.server.ThreadingHTTPServer):
 httpd = Server(("127.0.0.1", 0), Slow)
 threading.Thread(target=httpd.serve_forever, daemon=True).start()
 dataset.SOURCES["fineweb-edu"]["url"] = f"http://127.0.0.1:{httpd.server_port}"
-run_main(dataset.main, ["-n", "6", "-w", "2"])
+cli.run(dataset.main, ["-n", "6", "-w", "2"])
 """
 
 

@@ -563,7 +563,7 @@ def test_init_from_a_nanochat_folder_without_its_tokenizer_is_one_line(tmp_path)
 def test_an_unfinished_export_is_named_and_leaves_no_temporary_file(tmp_path):
     """kill -9 during export left optim_*.pt.tmp and a model file the next export refused to overwrite without
     saying why: the refusal now names the unfinished export, --force clears its .tmp files; a write that fails (or a
-    signal, an exception under run_main) removes its own .tmp."""
+    signal, an exception under cli.run) removes its own .tmp."""
     from jaxchat import nanochat_ckpt
     from jaxchat.common import UserError
     from jaxchat.export import check_targets

@@ -165,18 +165,18 @@ def test_sighup_from_a_terminal_that_hung_up_still_saves(tmp_path):
 
 
 def test_ctrl_c_outside_training_is_one_line():
-    """run_main, every command's entry point: a KeyboardInterrupt (base_eval, export, downloads) is one line and 130,
+    """cli.run, every command's entry point: a KeyboardInterrupt (base_eval, export, downloads) is one line and 130,
     at once: work still running in other threads (XLA compiling) is not waited for, nor torn down under (that was a
     segmentation fault: tests/test_core_eval.py::test_ctrl_c_during_core_is_one_line_and_130_never_a_crash)."""
     script = textwrap.dedent("""
         import threading, time
-        from jaxchat.common import run_main
+        from jaxchat import cli
 
         def interrupted():
             threading.Thread(target=time.sleep, args=(60,)).start()  # still busy, like XLA's compile threads
             raise KeyboardInterrupt
 
-        run_main(interrupted)
+        cli.run(interrupted)
     """)
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)

@@ -81,6 +81,16 @@ def test_qualifying_layers():
     assert not fp8.qualifies(64, 256) and not fp8.qualifies(136, 200)
 
 
+def test_qualifying_matmuls_are_counted_from_the_parameter_table():
+    """Per layer q, k, v, both projections and c_fc, and the lm_head, where they qualify (jaxchat.aot's expected fp8
+    GEMMs); a width under 128 has none."""
+    from jaxchat.model import config_for_depth
+
+    assert fp8.qualifying_matmuls(config_for_depth(12)) == 6 * 12 + 1
+    assert fp8.qualifying_matmuls(config_for_depth(24, max_seq_len=2048)) == 6 * 24 + 1
+    assert fp8.qualifying_matmuls(config_for_depth(2, aspect_ratio=32, head_dim=32)) == 0  # n_embd 64
+
+
 def test_which_devices_have_fp8_matmuls():
     """CUDA compute capability 8.9 and up (Ada, Hopper, Blackwell); a CPU, an A100 or a ROCm device get the note."""
     from types import SimpleNamespace as Device
@@ -228,6 +238,7 @@ def test_fp8_quantises_only_the_qualifying_layers(monkeypatch, recipe):
         grads[fp8_on] = nnx.to_flat_state(jax.jit(jax.grad(loss))(params))
     per_layer = [(n, n), (n, n), (n, n), (n, n), (n, 4 * n), (4 * n, n)]  # q, k, v, c_proj, c_fc, mlp_proj
     assert sorted(seen) == sorted(per_layer * config.n_layer + [(n, Vp)])
+    assert len(seen) == fp8.qualifying_matmuls(config)  # the count jaxchat.aot checks a compiled step against
     seen.clear()
     model = nnx.merge(graphdef, params)
     model.decode_step(idx[:, 0], jnp.int32(0), model.init_cache(4, 8))

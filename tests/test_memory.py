@@ -14,7 +14,8 @@ from jaxchat import recipe
 from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
-from jaxchat.common import UserError, run_main
+from jaxchat import cli
+from jaxchat.common import UserError
 from jaxchat.model import GPT, GPTConfig
 from jaxchat.step import abstract_training, compile_step
 
@@ -164,7 +165,7 @@ def test_out_of_memory_is_one_line_exit_2_and_keeps_the_checkpoint(tmp_path, mon
             "--eval-tokens=512", "--core-metric-every=-1", "--sample-every=-1", "--save-every=2", "--model-tag=oom",
             "--tensorboard=false"]
     with pytest.raises(SystemExit) as exit_info:
-        run_main(train, argv)
+        cli.run(train, argv)
     out, err = capsys.readouterr()
     assert exit_info.value.code == 2
     assert "--device-batch-size=auto: 4 (1 accumulation steps" in out  # 8 devices x 4 rows x 64 = 2048 tokens

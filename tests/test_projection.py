@@ -132,7 +132,7 @@ def test_causal_pairs_with_and_without_a_window():
 
 
 def test_reproject_on_an_unknown_gpu_is_one_line():
-    """python -m jaxchat.aot --reproject names GPUs of jaxchat.targets; another is one line (exit code 2 via run_main),
+    """python -m jaxchat.aot --reproject names GPUs of jaxchat.targets; another is one line (exit code 2 via cli.run),
     before anything compiles."""
     from jaxchat import aot
     from jaxchat.common import UserError

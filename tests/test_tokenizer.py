@@ -130,7 +130,7 @@ def test_a_replaced_tokenizer_is_kept_never_deleted(trained, tmp_path):
 @pytest.mark.parametrize("delay", [0.3, 0.5, 2.0])
 def test_sigterm_during_tok_train_is_one_line_and_leaves_no_temporary_files(tmp_path, delay):
     """SIGTERM's default action killed tok_train on the spot: no line, `.tmp` files (a half-built demo corpus, a
-    half-written tokenizer) left behind. Under run_main it unwinds like Ctrl-C: the clean-up runs, one line, 143."""
+    half-written tokenizer) left behind. Under cli.run it unwinds like Ctrl-C: the clean-up runs, one line, 143."""
     import signal
     import subprocess
     import sys
