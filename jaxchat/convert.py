@@ -19,6 +19,7 @@ from jaxchat.common import UserError, read_input
 from jaxchat.loss import SOFTCAP
 from jaxchat.model import GPT, GPTConfig
 
+
 @dataclasses.dataclass(frozen=True)
 class Group:
     """One of nanochat's optimizer param_groups: "adamw" or "muon", jaxchat's group label, its state-dict names in

@@ -87,7 +87,7 @@ def to_numpy(tensors: dict) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Optimizer state: jaxchat's restored optimizer tree (orbax, no target: dicts, None where optax masks a leaf)
+# Optimizer state: nanochat's MuonAdamW rank shards (the moments read and written through jaxchat.optim)
 
 
 def optimizer_shards(opt: dict, layout: Layout, settings: dict, world_size: int) -> list[dict]:

@@ -29,7 +29,9 @@ matrix axes.
 
 Optimizer state: ScheduleState(schedule, inner=optax.partition state); AdamW `count` (int32) with fp32 `mu`/`nu`
 per leaf; Muon fp32 `momentum` and NorMuon `second_moment`, both in the param layout: the second moment is
-(..., 1, fan_out) (one statistic per reference row) if fan_out >= fan_in, else (..., fan_in, 1).
+(..., 1, fan_out) (one statistic per reference row) if fan_out >= fan_in, else (..., fan_in, 1). Only this module
+reads that layout: `read_moments` and `write_moments` move the moments in and out of it (nanochat's files,
+jaxchat.nanochat_ckpt), and `param_group_fields` gives each group's fields as nanochat's param_groups hold them.
 """
 
 import dataclasses
