@@ -540,7 +540,8 @@ def _merge(trees: list) -> dict:
 
 def write_moments(opt_state, targets, moments: dict, place: Callable):
     """`opt_state` with every moment leaf, and the AdamW step counts, set from `moments` ({"first", "second":
-    parameter-shaped trees, "count": int}) as place(value, that leaf's target in `targets`); the schedule values kept."""
+    parameter-shaped trees, "count": int}) as place(value, that leaf's target in `targets`); the schedule values
+    kept."""
     def leaf(path, target, fresh):
         names = key_names(path)
         if "inner_state" not in names:
