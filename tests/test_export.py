@@ -279,7 +279,7 @@ def test_resume_optimizer_restores_every_moment(base_dir, trained, tmp_path, wor
     from jaxchat import mesh as meshlib
     from jaxchat import nanochat_ckpt, optim
     from jaxchat.recipe import get as get_recipe
-    from jaxchat.convert import config_from_dict
+    from jaxchat.convert import Layout, config_from_dict
     from jaxchat.export import export, read_jaxchat
     from jaxchat.step import abstract_training
 
@@ -290,7 +290,10 @@ def test_resume_optimizer_restores_every_moment(base_dir, trained, tmp_path, wor
     _, _, targets = abstract_training(config, tx, meshlib.make_mesh(2), compute_dtype="float32")
     loaded, _, _ = nanochat_ckpt.start_from(str(tmp_path), config, targets, None, with_optimizer=False)
     fresh = jax.jit(tx.init, out_shardings=jax.tree.map(lambda t: t.sharding, targets[1]))(loaded)
-    _, opt_state, _ = nanochat_ckpt.start_from(str(tmp_path), config, targets, fresh, with_optimizer=True)
+    # read and checked once (its layout carried with it): loading needs nothing more of this run's model config
+    source = nanochat_ckpt.check_source(str(tmp_path), config, with_optimizer=True)
+    assert source.layout == Layout.of(config) and len(source.shards) == world_size
+    _, opt_state, _ = nanochat_ckpt.start_from(source, None, targets, fresh, with_optimizer=True)
     compared = 0
     for (path, leaf), target in zip(jax.tree_util.tree_flatten_with_path(opt_state)[0], jax.tree.leaves(targets[1])):
         names = optim.key_names(path)
