@@ -4,6 +4,7 @@ The reference stores each Linear as (out, in) per layer; jaxchat stores kernels 
 The round trip is exact (transposes and stacking only).
 """
 
+import dataclasses
 import json
 
 import jax
@@ -11,38 +12,94 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxchat import optim
 from jaxchat import params as paramslib
+from jaxchat import recipe as recipes
 from jaxchat.common import UserError, read_input
 from jaxchat.loss import SOFTCAP
 from jaxchat.model import GPT, GPTConfig
-from jaxchat.recipe import DEFAULT as DEFAULT_RECIPE
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """One of nanochat's optimizer param_groups: "adamw" or "muon", jaxchat's group label, its state-dict names in
+    nanochat's order."""
+
+    kind: str
+    label: str
+    names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """nanochat's state dict and optimizer groups of one model config, derived from jaxchat.params once: every
+    state-dict name in table order -> (its declaration, its index along the declaration's leading axis or None), its
+    shape in nanochat's layout, and the optimizer groups in nanochat's order."""
+
+    config: GPTConfig
+    names: dict[str, tuple[paramslib.Param, int | None]]
+    shapes: dict[str, tuple[int, ...]]
+    groups: tuple[Group, ...]
+
+    @classmethod
+    def of(cls, config: GPTConfig) -> "Layout":
+        names = paramslib.reference_layout(config)
+        shapes = {n: p.reference_shape(config) for n, (p, _) in names.items()}
+        return cls(config, names, shapes, _groups(names, shapes, recipes.get(config.recipe).adamw_groups))
+
+    @classmethod
+    def of_checkpoint(cls, model_config: dict, state: dict) -> "Layout":
+        """The layout of a nanochat checkpoint: its meta's model_config, and the recipe its state dict's names tell
+        (nanochat's meta names no commit)."""
+        return cls.of(config_from_dict(model_config, recipe=recipe_of_state(state)))
+
+    def to_nanochat(self, params: dict) -> dict[str, np.ndarray]:
+        """A jaxchat parameter tree (or a gradient or moment of the same structure) as a nanochat state dict."""
+        leaves = dict(_flatten(params))
+        return {name: np.asarray(p.to_reference(leaves[p.path] if j is None else leaves[p.path][j]))
+                for name, (p, j) in self.names.items()}
+
+    def from_nanochat(self, state: dict[str, np.ndarray]) -> dict:
+        """A nanochat state dict (name -> array, PyTorch layout) as a jaxchat parameter tree of float32 arrays."""
+        state = {k.removeprefix("_orig_mod."): np.asarray(v, np.float32) for k, v in state.items()}
+        if set(state) != set(self.names):
+            missing, extra = sorted(set(self.names) - set(state)), sorted(set(state) - set(self.names))
+            raise UserError(f"state dict does not match the model config: missing {missing[:4]}, "
+                            f"unexpected {extra[:4]}")
+        arrays = {}  # declaration -> its tensors in jaxchat's layout, layer by layer
+        for name, (p, j) in self.names.items():
+            arrays.setdefault(p, []).append(p.from_reference(state[name]))
+        params = {}
+        for p, xs in arrays.items():
+            *parents, leaf = p.path.split("/")
+            node = params
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = np.stack(xs) if "{i}" in p.ref else xs[0]
+        return params
+
+
+def _groups(names: dict, shapes: dict, adamw_groups: tuple) -> tuple[Group, ...]:
+    """nanochat's optimizer groups (nanochat/gpt.py setup_optimizer): the recipe's `adamw_groups` (optim.AdamWGroup)
+    in its order, each holding its parameters in table order (which is setup_optimizer's) and value embeddings by
+    layer; then Muon's block matrices, one group per shape in sorted order, each in `transformer.h.parameters()`
+    order (params.muon_order). Every parameter must have a group of the recipe."""
+    labels = {n: optim.group_of(p, p.path, adamw_groups) for n, (p, _) in names.items()}
+    groups = [Group("adamw", g.name, tuple(n for n in names if labels[n] == g.name)) for g in adamw_groups]
+    blocks = sorted((n for n in names if labels[n] == "muon"), key=lambda n: paramslib.muon_order(n, names[n][0]))
+    groups += [Group("muon", "muon", tuple(n for n in blocks if shapes[n] == shape))
+               for shape in sorted({shapes[n] for n in blocks})]
+    return tuple(g for g in groups if g.names)
+
 
 def from_reference(state: dict[str, np.ndarray], config: GPTConfig) -> dict:
     """A nanochat state dict (name -> array, PyTorch layout) as a jaxchat parameter tree of float32 numpy arrays."""
-    state = {k.removeprefix("_orig_mod."): np.asarray(v, np.float32) for k, v in state.items()}
-    expected = set(to_reference_names(config))
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise UserError(f"state dict does not match the model config: missing {missing[:4]}, unexpected {extra[:4]}")
-    params = {}
-    for p in paramslib.declared(config):
-        arrays = [p.from_reference(state[name]) for name in p.reference_names(config)]
-        value = np.stack(arrays) if "{i}" in p.ref else arrays[0]
-        *parents, leaf = p.path.split("/")
-        node = params
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return params
+    return Layout.of(config).from_nanochat(state)
 
 
 def to_reference(params: dict, config: GPTConfig) -> dict[str, np.ndarray]:
     """A jaxchat parameter tree (or a gradient of the same structure) as a nanochat state dict."""
-    leaves = dict(_flatten(params))
-    state = {}
-    for name, (p, j) in paramslib.reference_layout(config).items():
-        state[name] = p.to_reference(leaves[p.path] if j is None else leaves[p.path][j])
-    return {k: np.asarray(v) for k, v in state.items()}
+    return Layout.of(config).to_nanochat(params)
 
 
 def to_reference_names(config: GPTConfig) -> list[str]:
@@ -84,7 +141,7 @@ def config_from_dict(model_config: dict, recipe: str | None = None) -> GPTConfig
     keys = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
     return GPTConfig(**{k: int(model_config[k]) for k in keys},
                      window_pattern=str(model_config.get("window_pattern", "L")),
-                     recipe=str(recipe or model_config.get("recipe", DEFAULT_RECIPE)))
+                     recipe=str(recipe or model_config.get("recipe", recipes.DEFAULT)))
 
 
 def read_reference_npz(path: str) -> tuple[GPTConfig, dict[str, np.ndarray], "np.lib.npyio.NpzFile"]:

@@ -17,10 +17,11 @@ import sys
 import numpy as np
 
 from jaxchat import cli, nanochat_ckpt, optim
+from jaxchat import recipe as recipes
 from jaxchat.recipe import batch_lr_scale
 from jaxchat import tokenizer as toklib
 from jaxchat.common import UserError, check_name, check_output, replacing, user_path
-from jaxchat.convert import config_from_dict
+from jaxchat.convert import Layout, config_from_dict
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,27 +108,17 @@ def group_settings(user_config: dict, total_batch_size: int, model_dim: int, sch
         matrix_lr=user_config["matrix_lr"], scalar_lr=user_config["scalar_lr"], adam_betas=betas,
         batch_lr_scale=batch_lr_scale(total_batch_size), adamw_groups=recipe.adamw_groups,
         muon_variant=recipe.muon)
-    weight_decay = {g.name: g.weight_decay for g in recipe.adamw_groups}  # AdamW's is constant
-    lrm = float(schedule["lrm"])
-    out = {}
-    for label, g in base.items():
-        if g["kind"] == "adamw":
-            out[label] = dict(kind="adamw", lr=g["lr"] * lrm, betas=list(g["betas"]), eps=optim.ADAMW_EPS,
-                              weight_decay=weight_decay[label], initial_lr=g["lr"])
-        else:
-            out[label] = dict(kind="muon", lr=g["lr"] * lrm, momentum=float(schedule["momentum"]),
-                              ns_steps=optim.NS_STEPS, beta2=g["beta2"], weight_decay=float(schedule["wd"]),
-                              initial_lr=g["lr"])
-    return out
+    return optim.param_group_fields(base, recipe.adamw_groups, float(schedule["lrm"]), float(schedule["momentum"]),
+                                    float(schedule["wd"]))
 
 
-def optimizer_files(params: dict, opt: dict, meta: dict, config, world_size: int) -> list[dict]:
-    """nanochat's optimizer state_dict of every rank for a jaxchat optimizer state."""
-    recipe = nanochat_ckpt.recipe_of(config)
-    groups = nanochat_ckpt.reference_groups(params, config, recipe.adamw_groups)
+def optimizer_files(opt: dict, meta: dict, layout, world_size: int) -> list[dict]:
+    """nanochat's optimizer state_dict of every rank for a jaxchat optimizer state (of the model `layout` describes:
+    convert.Layout)."""
     total_batch_size = meta.get("total_batch_size") or meta["user_config"]["total_batch_size"]
-    settings = group_settings(meta["user_config"], total_batch_size, config.n_embd, opt["schedule"], recipe)
-    return nanochat_ckpt.optimizer_shards(opt, config, groups, settings, world_size)
+    settings = group_settings(meta["user_config"], total_batch_size, layout.config.n_embd, opt["schedule"],
+                              recipes.get(layout.config.recipe))
+    return nanochat_ckpt.optimizer_shards(opt, layout, settings, world_size)
 
 
 def tokenizer_files(tok, vocab_size: int) -> tuple[str, object]:
@@ -179,6 +170,7 @@ def export(argv: list[str]) -> dict[str, str]:
     opened = open_jaxchat(args.model_tag, args.step)
     _, step, meta = opened
     config = config_from_dict(meta["model_config"])
+    layout = Layout.of(config)
     source = meta["user_config"].get("data", "fineweb-edu")
     tok = toklib.Tokenizer.load(args.tokenizer_dir or toklib.default_dir(source))
     tok = toklib.check_recorded(tok, recorded_tokenizer(meta), f"step {step} of {args.model_tag}",
@@ -190,8 +182,8 @@ def export(argv: list[str]) -> dict[str, str]:
     check_targets(files, tokenizer_pkl, args.force)
     step, params, opt, meta = read_jaxchat(args.model_tag, step, opened)
 
-    state = nanochat_ckpt.model_state(params, config, args.embed_dtype)
-    shards = [] if args.no_optimizer else optimizer_files(params, opt, meta, config, args.world_size)  # may refuse
+    state = nanochat_ckpt.model_state(params, layout, args.embed_dtype)
+    shards = [] if args.no_optimizer else optimizer_files(opt, meta, layout, args.world_size)  # may refuse
     nanochat_ckpt.save(state, files["model"], os.path.basename(files["model"]))
     for rank, shard in enumerate(shards):
         nanochat_ckpt.save(shard, files[f"optim{rank}"], os.path.basename(files[f"optim{rank}"]))

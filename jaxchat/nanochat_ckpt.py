@@ -14,7 +14,6 @@ second_momentum_buffer, transposed to (out, in) and split into the rank shards o
 PyTorch is needed only here, imported when a function needs it.
 """
 
-import functools
 import io
 import json
 import math
@@ -27,9 +26,8 @@ import jax
 import numpy as np
 
 from jaxchat import optim
-from jaxchat import params as paramslib
 from jaxchat.common import UserError, check_name, read_input, replacing
-from jaxchat.convert import config_from_dict, from_reference, recipe_of_state, to_reference
+from jaxchat.convert import Group, Layout, config_from_dict
 
 # nanochat's GPTConfig fields: GPT(GPTConfig(**model_config)) rejects any other key.
 MODEL_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern")
@@ -68,17 +66,16 @@ def optim_path(model_path: str, rank: int) -> str:
 # Model state dict
 
 
-def model_state(params: dict, config, embed_dtype: str = "") -> dict:
+def model_state(params: dict, layout: Layout, embed_dtype: str = "") -> dict:
     """jaxchat parameters as nanochat's state dict of torch tensors (contiguous, so each file holds only its bytes).
 
     Every tensor is float32 like nanochat's master weights, except wte and value embeddings, which keep the dtype
     they were trained in (bfloat16 like nanochat on CUDA, float32 like nanochat on CPU) unless `embed_dtype` says.
     """
     torch = torch_module()
-    layout = paramslib.reference_layout(config)
     state = {}
-    for name, value in to_reference(params, config).items():  # values keep the dtype they were trained in
-        dtype = (embed_dtype or str(value.dtype)) if layout[name][0].embedding else "float32"
+    for name, value in layout.to_nanochat(params).items():  # values keep the dtype they were trained in
+        dtype = (embed_dtype or str(value.dtype)) if layout.names[name][0].embedding else "float32"
         tensor = torch.from_numpy(np.array(value, np.float32, order="C"))
         state[name] = tensor.to(getattr(torch, dtype)) if dtype != "float32" else tensor
     return state
@@ -90,92 +87,36 @@ def to_numpy(tensors: dict) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Optimizer state: jaxchat's restored optimizer tree (orbax, no target: dicts, None where optax masks a leaf)
+# Optimizer state: nanochat's MuonAdamW rank shards (the moments read and written through jaxchat.optim)
 
 
-def _merge(trees: list) -> dict:
-    """One parameter-shaped tree from masked ones (each leaf present in exactly one)."""
-    out = {}
-    for tree in trees:
-        for k, v in tree.items():
-            if isinstance(v, dict):
-                out[k] = _merge([out.get(k, {}), v])
-            elif v is not None:
-                out[k] = np.asarray(v)
-    return out
-
-
-def _moments(opt: dict) -> tuple[dict, dict, dict[str, int]]:
-    """(first moments, second moments, AdamW step count per group label) as parameter-shaped trees."""
-    firsts, seconds, counts = [], [], {}
-    for label, group in opt["inner"]["inner_states"].items():
-        state = group["inner_state"]
-        muon = "momentum" in state
-        firsts.append(state["momentum" if muon else "mu"])
-        seconds.append(state["second_moment" if muon else "nu"])
-        if not muon:
-            counts[label] = int(state["count"])
-    return _merge(firsts), _merge(seconds), counts
-
-
-def recipe_of(config):
-    """The training recipe (jaxchat.recipe) of a model config."""
-    from jaxchat import recipe
-
-    return recipe.get(config.recipe)
-
-
-def reference_groups(params_like: dict, config, adamw_groups: tuple) -> list[dict]:
-    """nanochat's optimizer groups for jaxchat's parameters, in nanochat's order: [{kind, label, names, shapes}].
-
-    AdamW groups are the recipe's `adamw_groups` (optim.AdamWGroup) in nanochat's order, each holding its
-    parameters in table order (jaxchat.params, which is nanochat/gpt.py setup_optimizer's order) and value
-    embeddings by layer; Muon takes the block matrices, one group per shape in sorted order, each in
-    `transformer.h.parameters()` order (params.muon_order).
-    """
-    optim.param_labels(params_like, adamw_groups)  # every parameter has a group of this recipe
-    layout = paramslib.reference_layout(config)
-    views = jax.tree.map(lambda x: np.broadcast_to(np.float32(0), x.shape), params_like)  # arrays or shapes alike
-    shapes = {n: tuple(a.shape) for n, a in to_reference(views, config).items()}
-    groups = []
-    for label in [g.name for g in adamw_groups]:
-        names = [n for n, (p, _) in layout.items() if p.optimizer == label]  # table order, layers in order
-        if names:
-            groups.append(dict(kind="adamw", label=label, names=names, shapes={n: shapes[n] for n in names}))
-    blocks = sorted((n for n, (p, _) in layout.items() if p.optimizer == "muon"),
-                    key=lambda n: paramslib.muon_order(n, layout[n][0]))
-    for shape in sorted({shapes[n] for n in blocks}):
-        names = [n for n in blocks if shapes[n] == shape]
-        groups.append(dict(kind="muon", label="muon", names=names, shapes={n: shape for n in names}))
-    return groups
-
-
-def optimizer_shards(opt: dict, config, groups: list[dict], settings: dict, world_size: int) -> list[dict]:
+def optimizer_shards(opt: dict, layout: Layout, settings: dict, world_size: int) -> list[dict]:
     """nanochat's optimizer state_dict for each of `world_size` ranks (nanochat/optim.py DistMuonAdamW layout:
     AdamW parameters of 1024 or more elements split by rows, Muon stacks zero-padded and split in chunks).
 
-    opt: jaxchat's optimizer state as restored without a target; settings: group label -> nanochat's group fields.
+    opt: jaxchat's optimizer state as restored without a target; settings: group label -> nanochat's group fields
+    (optim.param_group_fields).
     """
     torch = torch_module()
-    first, second, counts = _moments(opt)
-    m1, m2 = to_reference(first, config), to_reference(second, config)
-    index = {n: i for i, n in enumerate(n for g in groups for n in g["names"])}
+    first, second, counts = optim.read_moments(opt)
+    m1, m2 = layout.to_nanochat(first), layout.to_nanochat(second)
+    index = {n: i for i, n in enumerate(n for g in layout.groups for n in g.names)}
     shards = []
     for rank in range(world_size):
         state = {}
-        for g in groups:
-            if g["kind"] == "adamw":
-                for n in g["names"]:
+        for g in layout.groups:
+            if g.kind == "adamw":
+                for n in g.names:
                     rows = _rank_rows(m1[n].shape, rank, world_size)
-                    state[index[n]] = {"step": counts[g["label"]], "exp_avg": _tensor(torch, m1[n][rows]),
+                    state[index[n]] = {"step": counts[g.label], "exp_avg": _tensor(torch, m1[n][rows]),
                                        "exp_avg_sq": _tensor(torch, m2[n][rows])}
             else:
-                chunk = math.ceil(len(g["names"]) / world_size)
-                mine = g["names"][rank * chunk:(rank + 1) * chunk]
-                state[index[g["names"][0]]] = {k: _tensor(torch, _padded([m[n] for n in mine], chunk, m[g["names"][0]]))
-                                               for k, m in (("momentum_buffer", m1), ("second_momentum_buffer", m2))}
+                chunk = math.ceil(len(g.names) / world_size)
+                mine = g.names[rank * chunk:(rank + 1) * chunk]
+                state[index[g.names[0]]] = {k: _tensor(torch, _padded([m[n] for n in mine], chunk, m[g.names[0]]))
+                                            for k, m in (("momentum_buffer", m1), ("second_momentum_buffer", m2))}
         shards.append({"state": state, "param_groups": [
-            dict(settings[g["label"]], params=[index[n] for n in g["names"]]) for g in groups]})
+            dict(settings[g.label], params=[index[n] for n in g.names]) for g in layout.groups]})
     return shards
 
 
@@ -202,20 +143,16 @@ def _tensor(torch, array: np.ndarray):
     return torch.from_numpy(np.array(array, np.float32, order="C"))
 
 
-def optimizer_from_shards(shards: list[dict], config, groups: list[dict]) -> dict:
+def optimizer_from_shards(shards: list[dict], layout: Layout) -> dict:
     """The inverse of `optimizer_shards`: {"first": tree, "second": tree (parameter layout), "count": AdamW step}.
 
-    groups: this model's `reference_groups` (checked against the file's group sizes).
+    shards: checked against the layout's groups (check_optimizer).
     """
-    saved = shards[0]["param_groups"]
-    if [len(g["params"]) for g in saved] != [len(g["names"]) for g in groups]:
-        raise UserError(f"the optimizer file's groups ({[len(g['params']) for g in saved]} parameters) differ from "
-                        f"this model's ({[len(g['names']) for g in groups]}): start without --resume-optimizer")
     m1, m2, steps = {}, {}, set()
-    for g, s in zip(groups, saved):
-        if g["kind"] == "adamw":
-            for n, i in zip(g["names"], s["params"]):
-                split = len(shards) > 1 and math.prod(g["shapes"][n]) >= 1024  # the rows of each rank, concatenated
+    for g, s in zip(layout.groups, shards[0]["param_groups"]):
+        if g.kind == "adamw":
+            for n, i in zip(g.names, s["params"]):
+                split = len(shards) > 1 and math.prod(layout.shapes[n]) >= 1024  # the rows of each rank, concatenated
                 for key, m in (("exp_avg", m1), ("exp_avg_sq", m2)):
                     parts = [shard["state"][i][key].float().numpy() for shard in (shards if split else shards[:1])]
                     m[n] = np.concatenate(parts)
@@ -224,11 +161,11 @@ def optimizer_from_shards(shards: list[dict], config, groups: list[dict]) -> dic
             first = s["params"][0]
             for key, m in (("momentum_buffer", m1), ("second_momentum_buffer", m2)):
                 stack = np.concatenate([shard["state"][first][key].float().numpy() for shard in shards])
-                m.update(zip(g["names"], stack[:len(g["names"])]))
+                m.update(zip(g.names, stack[:len(g.names)]))
     if len(steps) > 1:
         raise UserError(f"the optimizer file's AdamW step counts differ ({sorted(steps)}); start without "
                         f"--resume-optimizer")
-    return {"first": from_reference(m1, config), "second": from_reference(m2, config), "count": max(steps, default=0)}
+    return {"first": layout.from_nanochat(m1), "second": layout.from_nanochat(m2), "count": max(steps, default=0)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -290,10 +227,10 @@ def read_state(model_path: str) -> dict:
     return state
 
 
-def check_state(state: dict, config, model_path: str) -> None:
-    """Every parameter of `config`'s model, with its shape, and nothing else: checked on the file's tensors before
+def check_state(state: dict, layout: Layout, model_path: str) -> None:
+    """Every parameter of the layout's model, with its shape, and nothing else: checked on the file's tensors before
     anything is read into memory or compiled."""
-    expected = reference_shapes(config)
+    expected = layout.shapes
     shapes = {k.removeprefix("_orig_mod."): tuple(v.shape) for k, v in state.items()}
     if set(shapes) != set(expected):
         missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
@@ -325,22 +262,14 @@ def check_values(tensors: dict, path: str, fix: str, non_negative: tuple[str, ..
             raise UserError(f"{path}: {name} holds {bad}, which no trained model has (damaged bytes?): {fix}")
 
 
-def reference_shapes(config) -> dict[str, tuple]:
-    """{name: shape} of nanochat's state dict for a model config (from shapes only, nothing allocated)."""
-    import jax
-
-    views = jax.tree.map(lambda s: np.broadcast_to(np.float32(0), s.shape), _abstract_params(config))  # no memory
-    return {k: tuple(v.shape) for k, v in to_reference(views, config).items()}
-
-
 def read_checkpoint(model_path: str) -> tuple:
     """(GPTConfig, reference state dict as float32 numpy, meta) of a nanochat model_<step>.pt and its meta json: the
     one reader of nanochat model files (base_eval's --nanochat-checkpoint, --init-from), every file checked."""
     meta = read_meta(model_path)
     state = read_state(model_path)
-    config = config_from_dict(meta["model_config"], recipe=recipe_of_state(state))  # the meta names no commit
-    check_state(state, config, model_path)
-    return config, to_numpy(state), meta
+    layout = Layout.of_checkpoint(meta["model_config"], state)
+    check_state(state, layout, model_path)
+    return layout.config, to_numpy(state), meta
 
 
 def read_optimizer(model_path: str) -> list[dict]:
@@ -360,18 +289,18 @@ def read_optimizer(model_path: str) -> list[dict]:
     return shards
 
 
-def check_optimizer(shards: list[dict], groups: list[dict], model_path: str) -> None:
+def check_optimizer(shards: list[dict], groups: tuple[Group, ...], model_path: str) -> None:
     """The optimizer files' groups against this model's (sizes, and each group's state entries in every rank's
     file), before anything is compiled or read into memory."""
     saved = shards[0]["param_groups"]
-    if [len(g["params"]) for g in saved] != [len(g["names"]) for g in groups]:
+    if [len(g["params"]) for g in saved] != [len(g.names) for g in groups]:
         raise UserError(f"the optimizer file's groups ({[len(g['params']) for g in saved]} parameters) differ from "
-                        f"this model's ({[len(g['names']) for g in groups]}): start without --resume-optimizer")
+                        f"this model's ({[len(g.names) for g in groups]}): start without --resume-optimizer")
     for rank, shard in enumerate(shards):
         for g, s in zip(groups, shard["param_groups"]):
-            keys = ("step", "exp_avg", "exp_avg_sq") if g["kind"] == "adamw" else ("momentum_buffer",
-                                                                                   "second_momentum_buffer")
-            for i in s["params"] if g["kind"] == "adamw" else s["params"][:1]:
+            keys = ("step", "exp_avg", "exp_avg_sq") if g.kind == "adamw" else ("momentum_buffer",
+                                                                                "second_momentum_buffer")
+            for i in s["params"] if g.kind == "adamw" else s["params"][:1]:
                 if not all(k in shard["state"].get(i, {}) for k in keys):
                     raise UserError(f"{optim_path(model_path, rank)} lacks the {'/'.join(keys)} of parameter {i}: "
                                     f"copy it again, or start without --resume-optimizer")
@@ -401,6 +330,7 @@ class Source(NamedTuple):
     path: str  # the model_<step>.pt
     meta: dict
     state: dict  # nanochat's state dict
+    layout: Layout  # its names, shapes and optimizer groups (this run's model: checked)
     shards: list | None  # every rank's optimizer state_dict (with --resume-optimizer)
 
 
@@ -417,17 +347,18 @@ def check_source(source: str, config, with_optimizer: bool, tok=None) -> Source:
         tok_dir = tokenizer_of(path)
         check_recorded(tok, Tokenizer.load(tok_dir).fingerprint(), f"--init-from={source}", recorded_at=tok_dir,
                        otherwise="--init-from a model trained with this run's tokenizer")
-    check_config(config, config_from_dict(meta["model_config"], recipe=config.recipe), source)
     state = read_state(path)
-    # nanochat's meta names no commit: the state dict's parameters tell the recipe
-    check_config(config, config_from_dict(meta["model_config"], recipe=recipe_of_state(state)), source)
-    check_state(state, config, path)
-    shards = None
-    if with_optimizer:
-        shards = read_optimizer(path)
-        check_optimizer(shards, reference_groups(_abstract_params(config), config, recipe_of(config).adamw_groups),
-                        path)
-    return Source(path, meta, state, shards)
+    layout = Layout.of_checkpoint(meta["model_config"], state)
+    check_config(config, layout.config, source)
+    check_state(state, layout, path)
+    return Source(path, meta, state, layout, read_checked_optimizer(path, layout) if with_optimizer else None)
+
+
+def read_checked_optimizer(model_path: str, layout: Layout) -> list[dict]:
+    """Every rank's optimizer state_dict beside a model file, checked against the layout's groups."""
+    shards = read_optimizer(model_path)
+    check_optimizer(shards, layout.groups, model_path)
+    return shards
 
 
 def check_tokenizer_present(what: str, model_path: str, mine: str | None = None, flag: str | None = None) -> None:
@@ -457,79 +388,41 @@ def tokenizer_of(model_path: str) -> str:
     return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(model_path)))), "tokenizer")
 
 
-@functools.lru_cache(maxsize=4)
-def _abstract_params(config) -> dict:
-    """The model's parameter tree as shapes (read only: cached)."""
-    from flax import nnx
+def start_from(source: str | Source, config, targets: tuple, opt_state, with_optimizer: bool) -> tuple:
+    """(params, opt_state, meta) for --init-from: a nanochat checkpoint's weights (and with `with_optimizer` its
+    optimizer moments) placed like `targets` (abstract params and optimizer state with shardings); the rest of
+    `opt_state` (schedule values) is kept.
 
-    from jaxchat.model import abstract_model
-
-    return nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
-
-
-def load_for_training(source: str | Source, config, params_like: dict, with_optimizer: bool) -> tuple:
-    """(parameters, optimizer moments or None, meta) of a nanochat checkpoint, checked against this run's model.
-
-    source: a Source, or a model_<step>.pt, its directory, or a nanochat base directory; params_like: this run's
-    parameter tree (shapes only), which decides the reference optimizer groups the file must have.
+    source: a Source (check_source), or a model_<step>.pt, its directory, or a nanochat base directory, checked
+    here against this run's model `config`.
     """
     if not isinstance(source, Source):
         source = check_source(source, config, with_optimizer)
     if with_optimizer and source.shards is None:  # read without them
-        source = source._replace(shards=read_optimizer(source.path))
-    params = from_reference(to_numpy(source.state), config)
-    moments = None
-    if with_optimizer:
-        groups = reference_groups(params_like, config, recipe_of(config).adamw_groups)
-        try:
-            moments = optimizer_from_shards(source.shards, config, groups)
-        except (KeyError, IndexError, ValueError, TypeError) as e:  # tensors of the wrong shapes
-            raise UserError(f"cannot use the optimizer state beside {source.path} ({type(e).__name__}: "
-                            f"{str(e)[:100]}): start without --resume-optimizer") from None
-    return params, moments, dict(source.meta, path=source.path)
-
-
-def optimizer_leaf(names: tuple, moments: dict, fresh):
-    """One leaf of jaxchat's optimizer state (its key path as names, e.g. inner/inner_states/wte/inner_state/mu/wte)
-    from loaded moments; the schedule values, which are not moments, stay `fresh`."""
-    if "inner_state" not in names:
-        return fresh
-    field, rest = names[names.index("inner_state") + 1], names[names.index("inner_state") + 2:]
-    if field == "count":
-        return np.asarray(moments["count"])
-    value = moments[{"mu": "first", "momentum": "first", "nu": "second", "second_moment": "second"}[field]]
-    for k in rest:
-        value = value[k]
-    return value
-
-
-def start_from(source: str | Source, config, targets: tuple, opt_state, with_optimizer: bool) -> tuple:
-    """(params, opt_state, meta) for --init-from: a nanochat checkpoint's weights (and with `with_optimizer` its
-    optimizer moments) placed like `targets` (abstract params and optimizer state with shardings); the rest of
-    `opt_state` (schedule values) is kept."""
-    import jax
-
-    params, moments, meta = load_for_training(source, config, targets[0], with_optimizer)
-    params = jax.tree.map(_place, params, targets[0])
+        source = source._replace(shards=read_checked_optimizer(source.path, source.layout))
+    state = to_numpy(source.state)
+    moments = load_moments(source) if with_optimizer else None
+    params = jax.tree.map(_place, source.layout.from_nanochat(state), targets[0])
     if moments is not None:
-        opt_state = jax.tree_util.tree_map_with_path(
-            lambda path, t, fresh: _place(leaf, t) if (leaf := optimizer_leaf(_names(path), moments, fresh))
-            is not fresh else fresh, targets[1], opt_state)
-    return params, opt_state, meta
+        opt_state = optim.write_moments(opt_state, targets[1], moments, _place)
+    return params, opt_state, dict(source.meta, path=source.path)
+
+
+def load_moments(source: Source) -> dict:
+    """The optimizer moments of a Source read with its optimizer files (optimizer_from_shards), or a UserError."""
+    try:
+        return optimizer_from_shards(source.shards, source.layout)
+    except (KeyError, IndexError, ValueError, TypeError) as e:  # tensors of the wrong shapes
+        raise UserError(f"cannot use the optimizer state beside {source.path} ({type(e).__name__}: "
+                        f"{str(e)[:100]}): start without --resume-optimizer") from None
 
 
 def _place(value, target):
     """A host array as a global array with the target's dtype and sharding (each process supplies its own shards)."""
-    import jax
-
     value = np.asarray(value).astype(target.dtype)
     if value.shape != target.shape:
         raise UserError(f"a nanochat tensor of shape {value.shape} does not fit this model's {target.shape}")
     return jax.make_array_from_callback(target.shape, target.sharding, lambda index: value[index])
-
-
-def _names(path) -> tuple:
-    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,9 @@ matrix axes.
 
 Optimizer state: ScheduleState(schedule, inner=optax.partition state); AdamW `count` (int32) with fp32 `mu`/`nu`
 per leaf; Muon fp32 `momentum` and NorMuon `second_moment`, both in the param layout: the second moment is
-(..., 1, fan_out) (one statistic per reference row) if fan_out >= fan_in, else (..., fan_in, 1).
+(..., 1, fan_out) (one statistic per reference row) if fan_out >= fan_in, else (..., fan_in, 1). Only this module
+reads that layout: `read_moments` and `write_moments` move the moments in and out of it (nanochat's files,
+jaxchat.nanochat_ckpt), and `param_group_fields` gives each group's fields as nanochat's param_groups hold them.
 """
 
 import dataclasses
@@ -38,6 +40,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxchat import params as paramslib
@@ -415,18 +418,22 @@ def muon(lr: float, beta2: float = MUON_BETA2, dtype=jnp.bfloat16, ns_steps: int
 # ---------------------------------------------------------------------------------------------------------------
 # The combined optimizer (nanochat/gpt.py GPT.setup_optimizer)
 
-def param_labels(params: dict, groups: tuple[AdamWGroup, ...]) -> dict:
-    """Optimizer group of every leaf: its declared optimizer (jaxchat.params), 'muon' or one of `groups`' names."""
+def group_of(p: paramslib.Param | None, key: str, groups: tuple[AdamWGroup, ...]) -> str:
+    """Optimizer group of the parameter declared as `p` (`key`: its path, for the error): its declared optimizer,
+    'muon' or one of `groups`' names."""
     names = {g.name for g in groups} | {"muon"}
+    if p is None or p.optimizer not in names:
+        raise ValueError(f"no optimizer group for parameter {key}"
+                         + (f" (it needs AdamW group {p.optimizer!r})" if p else " (not in jaxchat.params.PARAMS)")
+                         + f": this recipe's groups are {sorted(names)}")
+    return p.optimizer
 
+
+def param_labels(params: dict, groups: tuple[AdamWGroup, ...]) -> dict:
+    """Optimizer group of every leaf (`group_of`)."""
     def label(path, _):
         key = paramslib.path_of(path)
-        p = paramslib.declaring(key)
-        if p is None or p.optimizer not in names:
-            raise ValueError(f"no optimizer group for parameter {key}"
-                             + (f" (it needs AdamW group {p.optimizer!r})" if p else " (not in jaxchat.params.PARAMS)")
-                             + f": this recipe's groups are {sorted(names)}")
-        return p.optimizer
+        return group_of(paramslib.declaring(key), key, groups)
     return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -477,3 +484,78 @@ def make_optimizer(*, model_dim: int, embedding_lr: float = 0.3, unembedding_lr:
         return updates, ScheduleState(state.schedule, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def param_group_fields(hyperparams: dict[str, dict[str, Any]], adamw_groups: tuple[AdamWGroup, ...], lrm: float,
+                       momentum: float, wd: float) -> dict[str, dict[str, Any]]:
+    """Each group's fields as nanochat's MuonAdamW param_groups hold them at a step (nanochat/gpt.py setup_optimizer
+    and base_train's per-step updates at 348fbb3: lr = initial_lr x lrm, Muon momentum and weight decay set), by
+    jaxchat label; `hyperparams`: group_hyperparams', lrm, momentum, wd: that step's schedule values."""
+    weight_decay = {g.name: g.weight_decay for g in adamw_groups}  # AdamW's is constant
+    out = {}
+    for label, g in hyperparams.items():
+        if g["kind"] == "adamw":
+            out[label] = dict(kind="adamw", lr=g["lr"] * lrm, betas=list(g["betas"]), eps=ADAMW_EPS,
+                              weight_decay=weight_decay[label], initial_lr=g["lr"])
+        else:
+            out[label] = dict(kind="muon", lr=g["lr"] * lrm, momentum=float(momentum), ns_steps=NS_STEPS,
+                              beta2=g["beta2"], weight_decay=float(wd), initial_lr=g["lr"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The state's layout, read and written by moment: ScheduleState(schedule, inner=optax.partition's state), whose
+# inner_states[label].inner_state is that group's AdamWState or MuonState (leaves optax masks out are None when
+# restored without a target)
+
+# Each moment field of AdamWState and MuonState: which of the two moments it is.
+MOMENTS = {"mu": "first", "momentum": "first", "nu": "second", "second_moment": "second"}
+
+
+def read_moments(opt: dict) -> tuple[dict, dict, dict[str, int]]:
+    """(first moments, second moments, AdamW step count per group label) of an optimizer state restored without a
+    target (dicts), the moments as parameter-shaped trees."""
+    moments, counts = {"first": [], "second": []}, {}
+    for label, group in opt["inner"]["inner_states"].items():
+        state = group["inner_state"]
+        for field, moment in MOMENTS.items():
+            if field in state:
+                moments[moment].append(state[field])
+        if "count" in state:
+            counts[label] = int(state["count"])
+    return _merge(moments["first"]), _merge(moments["second"]), counts
+
+
+def _merge(trees: list) -> dict:
+    """One parameter-shaped tree from masked ones (each leaf present in exactly one)."""
+    out = {}
+    for tree in trees:
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                out[k] = _merge([out.get(k, {}), v])
+            elif v is not None:
+                out[k] = np.asarray(v)
+    return out
+
+
+def write_moments(opt_state, targets, moments: dict, place: Callable):
+    """`opt_state` with every moment leaf, and the AdamW step counts, set from `moments` ({"first", "second":
+    parameter-shaped trees, "count": int}) as place(value, that leaf's target in `targets`); the schedule values
+    kept."""
+    def leaf(path, target, fresh):
+        names = key_names(path)
+        if "inner_state" not in names:
+            return fresh
+        field, rest = names[names.index("inner_state") + 1], names[names.index("inner_state") + 2:]
+        if field == "count":
+            return place(np.asarray(moments["count"]), target)
+        value = moments[MOMENTS[field]]
+        for k in rest:
+            value = value[k]
+        return place(value, target)
+    return jax.tree_util.tree_map_with_path(leaf, targets, opt_state)
+
+
+def key_names(path) -> tuple:
+    """A jax tree key path as its keys, field names and indices."""
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)

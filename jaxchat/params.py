@@ -160,6 +160,11 @@ class Param:
         """Its nanochat state-dict names: one per layer where ref has "{i}"."""
         return [self.ref.format(i=i) for i in self.layers(config)] if "{i}" in self.ref else [self.ref]
 
+    def reference_shape(self, config) -> tuple[int, ...]:
+        """Its shape in nanochat's state dict (one layer's where ref has "{i}"), as `to_reference` lays it out."""
+        shape = self.shape_for(config)[1:] if "{i}" in self.ref else self.shape_for(config)
+        return {"linear": shape[::-1], "scalar": (1,), "same": shape}[self.layout]
+
     def to_reference(self, x: np.ndarray) -> np.ndarray:
         """One jaxchat array (or one layer's slice of it) in nanochat's layout."""
         return {"linear": lambda: np.asarray(x).T, "scalar": lambda: np.asarray(x).reshape(1),

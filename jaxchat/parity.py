@@ -49,19 +49,18 @@ def optimizer_from_settings(settings: dict, model_dim: int,
                   matrix_lr=settings["matrix_lr"], scalar_lr=settings["scalar_lr"], adam_betas=tuple(groups[0]["betas"]))
     ours = optim.group_hyperparams(**kwargs, adamw_groups=r.adamw_groups, muon_variant=r.muon)
     lrm = float(settings["lr_multiplier"])
+    fields = optim.param_group_fields(ours, r.adamw_groups, lrm, settings["muon_momentum"], settings["weight_decay"])
     # The reference's group order: the AdamW groups, then one Muon group per distinct shape (same settings).
-    expected = [dict(ours[g.name], weight_decay=g.weight_decay) for g in r.adamw_groups]
-    expected += [ours["muon"]] * (len(groups) - len(expected))
+    expected = [fields[g.name] for g in r.adamw_groups]
+    expected += [fields["muon"]] * (len(groups) - len(expected))
     for i, (g, e) in enumerate(zip(groups, expected)):
-        same = (g["kind"] == e["kind"] and np.isclose(g["lr"], e["lr"] * lrm, rtol=1e-9, atol=0)
-                and (g["kind"] != "adamw" or np.allclose(g["betas"], e["betas"])
-                     and np.isclose(g["weight_decay"], e["weight_decay"]))
-                and (g["kind"] != "muon" or np.isclose(g["beta2"], e["beta2"]) and g["ns_steps"] == optim.NS_STEPS
-                     and np.isclose(g["weight_decay"], settings["weight_decay"])
-                     and np.isclose(g["momentum"], settings["muon_momentum"])))
+        same = (g["kind"] == e["kind"] and np.isclose(g["lr"], e["lr"], rtol=1e-9, atol=0)
+                and np.isclose(g["weight_decay"], e["weight_decay"])
+                and (g["kind"] != "adamw" or np.allclose(g["betas"], e["betas"]))
+                and (g["kind"] != "muon" or np.isclose(g["beta2"], e["beta2"]) and g["ns_steps"] == e["ns_steps"]
+                     and np.isclose(g["momentum"], e["momentum"])))
         if not same:
-            raise UserError(f"opt/json group {i} {g} does not match jaxchat's recipe {r.name} group settings {e} "
-                            f"(lr x {lrm})")
+            raise UserError(f"opt/json group {i} {g} does not match jaxchat's recipe {r.name} group fields {e}")
     tx = optim.make_optimizer(**kwargs, weight_decay=settings["weight_decay"],
                               muon_dtype=jnp.dtype(settings["muon_dtype"]), **r.optimizer_options())
     values = {"lrm": lrm, "momentum": settings["muon_momentum"], "wd": settings["weight_decay"]}

@@ -63,8 +63,8 @@ def flat(tree: dict, prefix: str = "") -> dict:
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_round_trip_is_bit_identical(base_dir, trained, tmp_path, world_size):
-    from jaxchat import nanochat_ckpt
-    from jaxchat.convert import config_from_dict, from_reference
+    from jaxchat import nanochat_ckpt, optim
+    from jaxchat.convert import Layout, config_from_dict, from_reference
     from jaxchat.export import export, read_jaxchat
 
     export([f"--model-tag={trained}", f"--to={tmp_path}", f"--world-size={world_size}"])
@@ -79,9 +79,8 @@ def test_round_trip_is_bit_identical(base_dir, trained, tmp_path, world_size):
     for k in ours:
         assert back[k].dtype == ours[k].dtype and np.array_equal(back[k], ours[k]), k
     # Optimizer moments: the same bits after nanochat's layout (per-shape stacks, rank shards) and back.
-    groups = nanochat_ckpt.reference_groups(params, config, nanochat_ckpt.recipe_of(config).adamw_groups)
-    moments = nanochat_ckpt.optimizer_from_shards(shards, config, groups)
-    first, second, counts = nanochat_ckpt._moments(opt)
+    moments = nanochat_ckpt.optimizer_from_shards(shards, Layout.of(config))
+    first, second, counts = optim.read_moments(opt)
     for mine, theirs in ((first, moments["first"]), (second, moments["second"])):
         mine, theirs = flat(mine), flat(theirs)
         assert mine.keys() == theirs.keys() and all(np.array_equal(mine[k], theirs[k]) for k in mine)
@@ -280,7 +279,7 @@ def test_resume_optimizer_restores_every_moment(base_dir, trained, tmp_path, wor
     from jaxchat import mesh as meshlib
     from jaxchat import nanochat_ckpt, optim
     from jaxchat.recipe import get as get_recipe
-    from jaxchat.convert import config_from_dict
+    from jaxchat.convert import Layout, config_from_dict
     from jaxchat.export import export, read_jaxchat
     from jaxchat.step import abstract_training
 
@@ -291,10 +290,13 @@ def test_resume_optimizer_restores_every_moment(base_dir, trained, tmp_path, wor
     _, _, targets = abstract_training(config, tx, meshlib.make_mesh(2), compute_dtype="float32")
     loaded, _, _ = nanochat_ckpt.start_from(str(tmp_path), config, targets, None, with_optimizer=False)
     fresh = jax.jit(tx.init, out_shardings=jax.tree.map(lambda t: t.sharding, targets[1]))(loaded)
-    _, opt_state, _ = nanochat_ckpt.start_from(str(tmp_path), config, targets, fresh, with_optimizer=True)
+    # read and checked once (its layout carried with it): loading needs nothing more of this run's model config
+    source = nanochat_ckpt.check_source(str(tmp_path), config, with_optimizer=True)
+    assert source.layout == Layout.of(config) and len(source.shards) == world_size
+    _, opt_state, _ = nanochat_ckpt.start_from(source, None, targets, fresh, with_optimizer=True)
     compared = 0
     for (path, leaf), target in zip(jax.tree_util.tree_flatten_with_path(opt_state)[0], jax.tree.leaves(targets[1])):
-        names = nanochat_ckpt._names(path)
+        names = optim.key_names(path)
         saved = opt
         for k in names:
             saved = saved[k]
@@ -314,8 +316,9 @@ def test_record_recipe_optimizer_is_nanochats(base_dir, tokenizer_500, tmp_path)
     by nanochat's own MuonAdamW (with a checkout), and read back bit for bit."""
     import jax
     from jaxchat import mesh as meshlib
-    from jaxchat import nanochat_ckpt, parity
+    from jaxchat import nanochat_ckpt, optim, parity
     from jaxchat.checkpoint import Checkpointer, checkpoint_dir
+    from jaxchat.convert import Layout
     from jaxchat.export import read_jaxchat
     from jaxchat.step import abstract_training
 
@@ -343,19 +346,20 @@ def test_record_recipe_optimizer_is_nanochats(base_dir, tokenizer_500, tmp_path)
     assert run.returncode == 0, run.stderr
     _, _, (shard,) = read_export(tmp_path / "o", tag, 2)
     _, saved_params, saved_opt, _ = read_jaxchat(tag, 2)
-    groups = nanochat_ckpt.reference_groups(saved_params, config, nanochat_ckpt.recipe_of(config).adamw_groups)
-    assert [g["names"] for g in groups] == [g["param_names"] for g in settings["groups"]]
+    layout = Layout.of(config)
+    groups = layout.groups
+    assert [list(g.names) for g in groups] == [g["param_names"] for g in settings["groups"]]
     for ours, ref in zip(shard["param_groups"], settings["groups"]):
         fields = ("kind", "betas", "eps", "weight_decay") if ref["kind"] == "adamw" else ("kind", "beta2", "ns_steps")
         assert {f: ours[f] for f in fields} == {f: ref[f] for f in fields}
-    moments = nanochat_ckpt.optimizer_from_shards([shard], config, groups)
-    first, second, counts = nanochat_ckpt._moments(saved_opt)
+    moments = nanochat_ckpt.optimizer_from_shards([shard], layout)
+    first, second, counts = optim.read_moments(saved_opt)
     for mine, theirs in ((first, moments["first"]), (second, moments["second"])):
         mine, theirs = flat(mine), flat(theirs)
         assert mine.keys() == theirs.keys() and all(np.array_equal(mine[k], theirs[k]) for k in mine)
     assert set(counts.values()) == {moments["count"]} == {2}
     out = probe(tmp_path / "o", tag, "--optimizer", rev="92d63d4")
-    assert out["finite"] and [g["n"] for g in out["param_groups"]] == [len(g["names"]) for g in groups]
+    assert out["finite"] and [g["n"] for g in out["param_groups"]] == [len(g.names) for g in groups]
 
 
 def first_batch(argv: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxchat import convert, nanochat_ckpt, optim, recipe
+from jaxchat import convert, optim, recipe
 from jaxchat import mesh as meshlib
 from jaxchat import params as paramslib
 from jaxchat.model import GPT, GPTConfig, estimate_flops, num_scaling_params
@@ -60,8 +60,10 @@ def check_covered_everywhere(config):
     for k in leaves:
         np.testing.assert_array_equal(back[k], leaves[k].astype(np.float32), err_msg=k)
     # nanochat's optimizer groups hold every state-dict name exactly once
-    groups = nanochat_ckpt.reference_groups(params, config, r.adamw_groups)
-    assert sorted(n for g in groups for n in g["names"]) == sorted(state)
+    layout = convert.Layout.of(config)
+    groups = layout.groups
+    assert sorted(n for g in groups for n in g.names) == sorted(state)
+    assert layout.shapes == {k: v.shape for k, v in state.items()}  # shapes from the declarations alone
     # counts: every element in one of nanochat's groups
     counts = num_scaling_params(config)
     assert counts["total"] == sum(v.size for v in leaves.values())
@@ -75,9 +77,9 @@ def test_every_leaf_of_each_recipe_is_declared_and_covered_everywhere(recipe_nam
     has_smear = recipe_name == "92d63d4"
     assert ("smear_gate" in params) == ("backout_lambda" in params) == has_smear
     assert state["transformer.h.4.attn.ve_gate.weight"].shape == (2, config.constants.ve_gate_channels)
-    muon = [g for g in groups if g["kind"] == "muon"]
+    muon = [g for g in groups if g.kind == "muon"]
     # nanochat's Muon order within a layer: attn (c_q, c_k, c_v, c_proj, ve_gate) before mlp
-    square = next(g["names"] for g in muon if g["names"][0] == "transformer.h.0.attn.c_q.weight")
+    square = next(list(g.names) for g in muon if g.names[0] == "transformer.h.0.attn.c_q.weight")
     assert square[:2] == ["transformer.h.0.attn.c_q.weight", "transformer.h.0.attn.c_proj.weight"]
 
 
@@ -95,7 +97,7 @@ def test_a_new_block_matrix_is_one_declaration(monkeypatch):
     L, n = CONFIG.n_layer, CONFIG.n_embd
     assert params["blocks"]["c_gate"].shape == (L, n, 4 * n) and np.ptp(params["blocks"]["c_gate"]) > 0.1
     assert [state[f"transformer.h.{i}.attn.c_gate.weight"].shape for i in range(L)] == [(4 * n, n)] * L
-    tall = next(g["names"] for g in groups if "transformer.h.0.attn.c_gate.weight" in g["names"])
+    tall = next(list(g.names) for g in groups if "transformer.h.0.attn.c_gate.weight" in g.names)
     assert tall[:3] == ["transformer.h.0.attn.c_gate.weight", "transformer.h.0.mlp.c_fc.weight",
                         "transformer.h.1.attn.c_gate.weight"]
     assert num_scaling_params(CONFIG)["transformer_matrices"] == before[0] + L * 4 * n * n
