@@ -24,7 +24,7 @@ from flax import nnx
 from jaxchat import cli, compile_cache, core_bundle, core_eval, dataset, mesh as meshlib
 from jaxchat.common import (JAXCHAT_ONLY, UserError, base_dir, check_output, cli_parser, print0, replacing,
                             user_path)
-from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
+from jaxchat.loss_eval import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
 from jaxchat.model import GPT, abstract_model
 from jaxchat.tokenizer import Tokenizer, check_recorded, default_dir
 

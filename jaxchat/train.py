@@ -33,8 +33,8 @@ from jaxchat.config import parse_flags
 from jaxchat.dataloader import (ShardLoaders, check_resume_data, global_batch, make_loaders, prepare_data,
                                 saved_states, shard_layout, step_batch)
 from jaxchat.distributed import gather_json
-from jaxchat.evaluate import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
 from jaxchat.faults import SaveTimer, Stopped, StopRequest
+from jaxchat.loss_eval import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
 from jaxchat.monitor import Monitor, step_line
 from jaxchat.plan import Plan, device_batch_warning
 from jaxchat.step import without_fp8

@@ -326,7 +326,7 @@ def test_tpu_evaluation_runs_splash_in_its_shard_map_without_a_mesh_in_context()
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxchat import backend, evaluate
+    from jaxchat import backend, loss_eval
     from jaxchat import mesh as meshlib
     from jaxchat.model import GPTConfig, abstract_model
     mesh = meshlib.make_mesh(devices=aot.topology_devices("v5e", 8))
@@ -338,5 +338,5 @@ def test_tpu_evaluation_runs_splash_in_its_shard_map_without_a_mesh_in_context()
     params = meshlib.abstract_like(params, meshlib.param_shardings(params, mesh))
     tokens = jax.ShapeDtypeStruct((8, 256), jnp.int32, sharding=meshlib.row_sharding(mesh))
     token_bytes = jax.ShapeDtypeStruct((512,), jnp.int32, sharding=meshlib.replicated(mesh))
-    hlo = evaluate.make_bpb_step(graphdef).lower(params, tokens, tokens, token_bytes).compile().as_text()
+    hlo = loss_eval.make_bpb_step(graphdef).lower(params, tokens, tokens, token_bytes).compile().as_text()
     assert inventory.count(hlo)["splash_fwd"] == 2  # both layers, the short window and the full one

@@ -103,7 +103,7 @@ def test_every_evaluation_loop_stops_at_its_next_batch(capsys):
     from flax import nnx
 
     from jaxchat.core_eval import RowScorer
-    from jaxchat.evaluate import evaluate_bpb, greedy_generate, make_bpb_step
+    from jaxchat.loss_eval import evaluate_bpb, greedy_generate, make_bpb_step
     from jaxchat.model import GPT, GPTConfig
 
     config = GPTConfig(sequence_len=32, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, window_pattern="L")
