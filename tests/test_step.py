@@ -67,7 +67,7 @@ def test_compiled_jitted_and_eager_steps_agree(one_device):
                                    total_batch_size=4 * CONFIG.sequence_len, seq_len=CONFIG.sequence_len)
     assert (step_memory.device_batch_size, step_memory.grad_accum) == (2, 2)
     inputs, labels = (jax.device_put(a, meshlib.batch_sharding(one_device)) for a in tokens(2, 2))
-    # Perturbed like tests/test_train.py: at init the lambdas' gradients are rounding noise that Adam amplifies.
+    # Perturbed like tests/test_step_devices.py: at init the lambdas' gradients are rounding noise that Adam amplifies.
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     params = jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])

@@ -1,4 +1,5 @@
-"""The train step on 8 host devices: accumulation, device count and FSDP do not change the result."""
+"""jaxchat.step on 8 host devices: accumulation, device count and FSDP do not change the result (one device:
+tests/test_step.py)."""
 
 import jax
 import jax.numpy as jnp
