@@ -75,7 +75,7 @@ def device_capacity(budget_gb: float = 0.0, device=None) -> tuple[int, str]:
 
 @dataclasses.dataclass
 class StepMemory:
-    """The compiled step and its memory plan."""
+    """The compiled step, its device batch and its predicted memory (what plan_step chose)."""
 
     compiled: jax.stages.Compiled
     device_batch_size: int
@@ -118,7 +118,7 @@ def plan_step(compile_for: Callable[..., jax.stages.Compiled], *, device_batch_s
     else:
         candidates = [device_batch_size]
     tried = {}
-    plan, refusal = None, None
+    candidate, refusal = None, None
     for b in candidates:
         accum = grad_accum_steps(total_batch_size, b, seq_len, data_parallel_size)  # a bad fixed batch fails here
         for variant in variants:
@@ -133,21 +133,22 @@ def plan_step(compile_for: Callable[..., jax.stages.Compiled], *, device_batch_s
                     log(f"device batch {b}{f', remat {variant}' if variant else ''}: XLA refuses it ({refusal}), "
                         f"{time.perf_counter() - t0:.0f} s")
                 continue
-            plan = StepMemory(compiled, b, accum, peak_bytes(compiled), capacity, source, time.perf_counter() - t0,
-                              tried, variant)
-            tried[b] = plan.predicted_bytes  # at the last variant tried
+            candidate = StepMemory(compiled, b, accum, peak_bytes(compiled), capacity, source,
+                                   time.perf_counter() - t0, tried, variant)
+            tried[b] = candidate.predicted_bytes  # at the last variant tried
             if log:
-                log(f"device batch {b}{f', remat {variant}' if variant else ''}: {fmt_bytes(plan.predicted_bytes)} "
-                    f"predicted, {plan.compile_seconds:.0f} s")
-            if plan.fits:
-                return plan
+                log(f"device batch {b}{f', remat {variant}' if variant else ''}: "
+                    f"{fmt_bytes(candidate.predicted_bytes)} predicted, {candidate.compile_seconds:.0f} s")
+            if candidate.fits:
+                return candidate
         if device_batch_size != AUTO:
-            if plan is None:
+            if candidate is None:
                 raise UserError(f"--device-batch-size={b} does not fit: XLA refuses to compile the step ({refusal}); "
                                 f"try --device-batch-size={max(1, b // 2)}, auto, --remat=block or a larger --fsdp")
-            return plan
-    need = (f"is predicted to need {fmt_bytes(plan.predicted_bytes)} per device, over {SAFETY_MARGIN:.0%} of "
-            f"{fmt_bytes(capacity)} ({source})" if plan is not None and plan.device_batch_size == candidates[-1]
+            return candidate
+    need = (f"is predicted to need {fmt_bytes(candidate.predicted_bytes)} per device, over {SAFETY_MARGIN:.0%} of "
+            f"{fmt_bytes(capacity)} ({source})"
+            if candidate is not None and candidate.device_batch_size == candidates[-1]
             else f"does not fit: XLA refuses to compile it ({refusal})")
     raise UserError(f"--device-batch-size=auto: even device batch {candidates[-1]} {need}; use --remat=block, "
                     f"--loss-chunk=256 or a larger --fsdp")
@@ -195,14 +196,14 @@ def check_length(config, run_backend, budget_gb: float = 0.0, capacity: tuple[in
                         f"use a shorter --max-seq-len")
 
 
-def over_capacity_warning(plan: StepMemory) -> str | None:
+def over_capacity_warning(chosen: StepMemory) -> str | None:
     """A warning line when a fixed device batch is predicted not to fit."""
-    if plan.fits:
+    if chosen.fits:
         return None
-    return (f"warning: --device-batch-size={plan.device_batch_size} is predicted to need "
-            f"{fmt_bytes(plan.predicted_bytes)} per device, over {SAFETY_MARGIN:.0%} of {fmt_bytes(plan.capacity_bytes)} "
-            f"({plan.capacity_source}); expect an out-of-memory error: try --device-batch-size="
-            f"{max(1, plan.device_batch_size // 2)} or auto")
+    return (f"warning: --device-batch-size={chosen.device_batch_size} is predicted to need "
+            f"{fmt_bytes(chosen.predicted_bytes)} per device, over {SAFETY_MARGIN:.0%} of "
+            f"{fmt_bytes(chosen.capacity_bytes)} ({chosen.capacity_source}); expect an out-of-memory error: try "
+            f"--device-batch-size={max(1, chosen.device_batch_size // 2)} or auto")
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -211,12 +212,12 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower())
 
 
-def oom_message(plan: StepMemory, step: int, last_checkpoint: int | None) -> str:
-    """The one line a user sees instead of an out-of-memory traceback."""
-    smaller = max(1, plan.device_batch_size // 2)
+def oom_message(chosen: StepMemory, step: int, last_checkpoint: int | None) -> str:
+    """The one line a user sees instead of an out-of-memory traceback (`chosen`: the step plan_step chose)."""
+    smaller = max(1, chosen.device_batch_size // 2)
     saved = (f"the last checkpoint (step {last_checkpoint}) is intact: add --resume-from-step={last_checkpoint}"
              if last_checkpoint is not None else "no checkpoint was saved yet")
-    return (f"out of device memory at step {step} with --device-batch-size={plan.device_batch_size} (predicted "
-            f"{fmt_bytes(plan.predicted_bytes)} per device, {fmt_bytes(plan.capacity_bytes)} available from "
-            f"{plan.capacity_source}): try --device-batch-size={smaller} or auto (the total batch stays the same); "
+    return (f"out of device memory at step {step} with --device-batch-size={chosen.device_batch_size} (predicted "
+            f"{fmt_bytes(chosen.predicted_bytes)} per device, {fmt_bytes(chosen.capacity_bytes)} available from "
+            f"{chosen.capacity_source}): try --device-batch-size={smaller} or auto (the total batch stays the same); "
             f"{saved}")

@@ -148,16 +148,16 @@ def test_out_of_memory_is_one_line_exit_2_and_keeps_the_checkpoint(tmp_path, mon
     real_plan_step, calls = memory.plan_step, []
 
     def plan_that_runs_out(*args, **kwargs):  # the compiled step fails like XLA does on its third call
-        plan = real_plan_step(*args, **kwargs)
-        compiled = plan.compiled
+        chosen = real_plan_step(*args, **kwargs)
+        compiled = chosen.compiled
 
         def step(*step_args):
             calls.append(1)
             if len(calls) == 3:
                 raise JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8589934592 bytes.")
             return compiled(*step_args)
-        plan.compiled = step
-        return plan
+        chosen.compiled = step
+        return chosen
 
     monkeypatch.setattr(memory, "plan_step", plan_that_runs_out)
     argv = ["--data=demo", "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64",
