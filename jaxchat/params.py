@@ -176,14 +176,14 @@ class Param:
                 "same": lambda: np.asarray(x)}[self.layout]()
 
 
-def C(name: str) -> Callable:
+def recipe_value(name: str) -> Callable:
     """The recipe constant `name` (jaxchat.recipe.ModelRecipe) of a config."""
     return lambda config: getattr(config.constants, name)
 
 
 # In the order initial values are drawn: reordering changes every seed's weights.
 PARAMS = (
-    Param("wte", ("V", "n"), ("vocab", "embed"), normal(C("wte_std")),
+    Param("wte", ("V", "n"), ("vocab", "embed"), normal(recipe_value("wte_std")),
           "transformer.wte.weight", "same", "wte", embedding=True),
     Param("lm_head", ("n", "V"), ("embed", "vocab"), normal(lambda c: 0.001),
           "lm_head.weight", "linear", "lm_head"),
@@ -195,21 +195,21 @@ PARAMS = (
           "transformer.h.{i}.attn.c_v.weight", "linear", "muon"),
     Param("blocks/c_proj", ("L", "HD", "n"), ("stack", "heads", "embed"), constant(_zero),
           "transformer.h.{i}.attn.c_proj.weight", "linear", "muon"),
-    Param("blocks/c_fc", ("L", "n", "4n"), ("stack", "embed", "mlp"), _symmetric(C("c_fc_scale")),
+    Param("blocks/c_fc", ("L", "n", "4n"), ("stack", "embed", "mlp"), _symmetric(recipe_value("c_fc_scale")),
           "transformer.h.{i}.mlp.c_fc.weight", "linear", "muon"),
     Param("blocks/mlp_proj", ("L", "4n", "n"), ("stack", "mlp", "embed"), constant(_zero),
           "transformer.h.{i}.mlp.c_proj.weight", "linear", "muon"),
-    Param("blocks/ve_gate", ("E", "C", "K"), ("stack", None, None), uniform(_zero, C("ve_gate_init")),
+    Param("blocks/ve_gate", ("E", "C", "K"), ("stack", None, None), uniform(_zero, recipe_value("ve_gate_init")),
           "transformer.h.{i}.attn.ve_gate.weight", "linear", "muon"),
-    Param("resid_lambdas", ("L",), (None,), ramp(C("resid_init")),
+    Param("resid_lambdas", ("L",), (None,), ramp(recipe_value("resid_init")),
           "resid_lambdas", "same", "resid_lambdas"),
-    Param("x0_lambdas", ("L",), (None,), ramp(C("x0_init")),
+    Param("x0_lambdas", ("L",), (None,), ramp(recipe_value("x0_init")),
           "x0_lambdas", "same", "x0_lambdas"),
-    Param("smear_gate", ("Cs", 1), (None, None), uniform(_zero, C("smear_gate_init")),
+    Param("smear_gate", ("Cs", 1), (None, None), uniform(_zero, recipe_value("smear_gate_init")),
           "smear_gate.weight", "linear", "smear", present=_has_smear),
-    Param("smear_lambda", (), (), constant(C("smear_lambda_init")),
+    Param("smear_lambda", (), (), constant(recipe_value("smear_lambda_init")),
           "smear_lambda", "scalar", "smear", present=_has_smear),
-    Param("backout_lambda", (), (), constant(C("backout_lambda_init")),
+    Param("backout_lambda", (), (), constant(recipe_value("backout_lambda_init")),
           "backout_lambda", "scalar", "smear", present=_has_backout),
     Param("value_embeds", ("E", "V", "KD"), ("stack", "vocab", "embed"), _symmetric(_one),
           "value_embeds.{i}.weight", "same", "value_embeds", embedding=True),
