@@ -20,6 +20,7 @@ from jaxchat import recipe
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import xla_flags
+from jaxchat.config import optimizer_flags
 from jaxchat.model import config_for_depth
 from jaxchat.step import abstract_training, step_input_specs
 
@@ -35,7 +36,7 @@ def measure(depth: int, scan_layers: bool, args) -> dict:
     config = config_for_depth(depth, aspect_ratio=aspect_ratio, head_dim=args.head_dim, max_seq_len=args.seq_len,
                               vocab_size=args.vocab_size, window_pattern=args.window_pattern)
     mesh = meshlib.make_mesh(1)
-    tx = optim.make_optimizer(**recipe.get("348fbb3").optimizer_options(), model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(args.muon_dtype))
+    tx = optim.make_optimizer(**optimizer_flags(), **recipe.get("348fbb3").optimizer_options(), model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(args.muon_dtype))
     _, train_step, (params_like, opt_like) = abstract_training(config, tx, mesh, compute_dtype=args.compute_dtype,
                                                                scan_layers=scan_layers)
     t0 = time.perf_counter()

@@ -21,7 +21,7 @@ from jaxchat import backend
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import xla_flags
-from jaxchat.config import parse_flags
+from jaxchat.config import optimizer_flags, parse_flags
 from jaxchat.plan import make_plan
 from jaxchat.dataloader import make_loaders, prepare_data, step_batch
 from jaxchat.step import compile_step, init_training
@@ -37,7 +37,7 @@ def set_up(c, steps: int) -> tuple:
                      target_flops=-1, target_param_data_ratio=c.target_param_data_ratio,
                      total_batch_size=c.total_batch_size, device_batch_size=c.device_batch_size,
                      data_parallel_size=jax.device_count())
-    tx = optim.make_optimizer(**recipe.get("348fbb3").optimizer_options(), model_dim=plan.model.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(dtype),
+    tx = optim.make_optimizer(**optimizer_flags(), **recipe.get("348fbb3").optimizer_options(), model_dim=plan.model.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(dtype),
                               muon_stack_sharding=meshlib.muon_stack_sharding(mesh))
     _, params, opt_state, train_step, targets = init_training(plan.model, tx, mesh, seed=0,
                                                               compute_dtype=dtype)

@@ -18,6 +18,7 @@ from jaxchat import recipe
 
 from jaxchat import mesh as meshlib
 from jaxchat import optim
+from jaxchat.config import optimizer_flags
 from jaxchat.mesh import abstract_like
 from jaxchat.model import abstract_model, config_for_depth
 
@@ -37,7 +38,7 @@ def main(argv: list[str]) -> None:
         params = nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
         flops = {}
         for name, stack_sharding in (("whole", None), ("split", meshlib.muon_stack_sharding(mesh))):
-            tx = optim.make_optimizer(**recipe.get("348fbb3").optimizer_options(), model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.bfloat16,
+            tx = optim.make_optimizer(**optimizer_flags(), **recipe.get("348fbb3").optimizer_options(), model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.bfloat16,
                                       muon_stack_sharding=stack_sharding)
             state = jax.eval_shape(tx.init, params)
             inputs = (abstract_like(params, meshlib.optimizer_shardings(params, mesh)),

@@ -27,6 +27,7 @@ from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import xla_flags
+from jaxchat.config import optimizer_flags
 from jaxchat.model import config_for_depth, estimate_flops
 from jaxchat.targets import peak_flops
 from jaxchat.step import compile_step, init_training
@@ -67,7 +68,7 @@ def main(argv=None) -> dict:
     mesh = meshlib.make_mesh(args.fsdp)
     run_backend = backend.for_mesh(mesh)
     compute_dtype, muon_dtype = (run_backend.default_dtype(flag) for flag in (args.compute_dtype, args.muon_dtype))
-    tx = optim.make_optimizer(**recipe.get("348fbb3").optimizer_options(), model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(muon_dtype),
+    tx = optim.make_optimizer(**optimizer_flags(), **recipe.get("348fbb3").optimizer_options(), model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(muon_dtype),
                               muon_stack_sharding=meshlib.muon_stack_sharding(mesh))
     _, params, opt_state, train_step, (params_like, opt_like) = init_training(
         config, tx, mesh, seed=0, compute_dtype=compute_dtype, remat=args.remat, loss_chunk=args.loss_chunk,

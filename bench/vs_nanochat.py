@@ -33,6 +33,7 @@ from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import cli, host_memory
 from jaxchat.common import UserError
+from jaxchat.config import optimizer_flags
 from jaxchat.model import GPTConfig, config_for_depth
 from jaxchat import backend
 from jaxchat.step import init_training
@@ -130,7 +131,7 @@ class JaxchatSide:
     def __init__(self, config: GPTConfig, tokens: np.ndarray):
         compute_dtype = muon_dtype = backend.local().compute_dtype
         mesh = meshlib.make_mesh(1, devices=jax.devices()[:1])  # one device, like nanochat's single process
-        self.tx = optim.make_optimizer(**recipe.get("348fbb3").optimizer_options(), model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(muon_dtype),
+        self.tx = optim.make_optimizer(**optimizer_flags(), **recipe.get("348fbb3").optimizer_options(), model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.dtype(muon_dtype),
                                        muon_stack_sharding=meshlib.muon_stack_sharding(mesh))
         self.graphdef, self.params, self.opt_state, self.train_step, _ = init_training(
             config, self.tx, mesh, seed=0, compute_dtype=compute_dtype)

@@ -17,6 +17,7 @@ from jaxchat import optim
 from jaxchat import recipe as recipes
 from jaxchat import step
 from jaxchat.common import UserError, print0
+from jaxchat.config import optimizer_flags
 from jaxchat.model import GPTConfig
 from jaxchat.plan import Plan, make_plan
 
@@ -45,9 +46,7 @@ def build_optimizer(c: ConfigDict, plan: Plan, mesh, muon_dtype: str) -> tuple[A
     """(MuonAdamW, scaled Muon weight decay) for the flags and the recipe, as nanochat's scripts/base_train.py sets
     them up (the plan holds the batch LR scale and the weight decay its recipe's rule gives)."""
     t = plan.transfer
-    tx = optim.make_optimizer(model_dim=plan.model.n_embd, embedding_lr=c.embedding_lr,
-                              unembedding_lr=c.unembedding_lr, matrix_lr=c.matrix_lr, scalar_lr=c.scalar_lr,
-                              adam_betas=(c.adam_beta1, c.adam_beta2), weight_decay=t.weight_decay_scaled,
+    tx = optim.make_optimizer(model_dim=plan.model.n_embd, **optimizer_flags(c), weight_decay=t.weight_decay_scaled,
                               batch_lr_scale=t.batch_lr_scale, muon_dtype=jnp.dtype(muon_dtype),
                               muon_stack_sharding=meshlib.muon_stack_sharding(mesh),
                               **recipes.get(c.recipe).optimizer_options())

@@ -12,14 +12,15 @@ flags. Booleans take
 import argparse
 import importlib.util
 import os
+import types
 
 from ml_collections import ConfigDict
 
 from jaxchat import recipe as recipes
 from jaxchat.common import JAXCHAT_ONLY, HelpFormatter, UserError, check_name, finite_float, user_path
-from jaxchat.memory import AUTO
 from jaxchat.remat import REMAT_POLICIES
 
+AUTO = 0  # --device-batch-size=auto, as the flags store it (the one place that says 0 means auto; jaxchat.memory)
 JAXCHAT_GROUP = "jaxchat"  # starts the name of each group of flags that nanochat's base_train does not have
 
 # Every flag: {group: [(name, default, one-line description)]}. The first seven groups are nanochat's base_train
@@ -134,11 +135,20 @@ FLAGS = {
 
 
 PATH_FLAGS = ("init_from",)  # flags naming a file or folder: `~` and relative paths expanded by common.user_path
+# Every flag's default by name, read-only: the one home of nanochat's defaults, which the library functions that
+# take a flag's value (model.config_for_depth, plan.make_plan) default to.
+DEFAULTS = types.MappingProxyType({name: default for flags in FLAGS.values() for name, default, _ in flags})
 
 
 def defaults() -> ConfigDict:
     """Every flag with its default: nanochat 348fbb3's for its flags, plus jaxchat's own."""
-    return ConfigDict({name: default for flags in FLAGS.values() for name, default, _ in flags})
+    return ConfigDict(dict(DEFAULTS))
+
+
+def optimizer_flags(c=DEFAULTS) -> dict:
+    """The flags optim.make_optimizer and optim.group_hyperparams take, from the flags `c` (by default nanochat's)."""
+    return dict(embedding_lr=c["embedding_lr"], unembedding_lr=c["unembedding_lr"], matrix_lr=c["matrix_lr"],
+                scalar_lr=c["scalar_lr"], adam_betas=(c["adam_beta1"], c["adam_beta2"]))
 
 
 def _parse_flag(key: str, value, like, origin: str = ""):

@@ -18,10 +18,10 @@ from collections.abc import Callable
 import jax
 
 from jaxchat.common import UserError, fmt_bytes
+from jaxchat.config import AUTO
 from jaxchat.plan import grad_accum_steps, valid_device_batch_sizes
 
 SAFETY_MARGIN = 0.9  # a step must be predicted to use at most this fraction of the capacity (fragmentation, runtime)
-AUTO = 0  # --device-batch-size=auto, as config stores it (the one place that says 0 means auto)
 AUTO_SIZES = (32, 16, 8, 4, 2, 1)  # what auto tries, largest first (nanochat's default device batch is 32)
 GiB = 2**30
 

@@ -27,6 +27,7 @@ from jaxchat import mesh as meshlib
 from jaxchat import params as paramslib
 from jaxchat import recipe as recipes
 from jaxchat.common import UserError
+from jaxchat.config import DEFAULTS
 from jaxchat.remat import remat_layer
 
 VOCAB_PAD = 64
@@ -96,9 +97,11 @@ class GPTConfig:
         return self.constants.backout_layer(self.n_layer)
 
 
-def config_for_depth(depth: int, *, aspect_ratio: int = 64, head_dim: int = 128, max_seq_len: int = 2048,
-                     vocab_size: int = 32768, window_pattern: str = "SSSL", recipe: str = recipes.DEFAULT) -> GPTConfig:
-    """The one dial: width = depth * aspect_ratio rounded up to a multiple of head_dim, heads = width / head_dim."""
+def config_for_depth(depth: int, *, aspect_ratio: int = DEFAULTS["aspect_ratio"], head_dim: int = DEFAULTS["head_dim"],
+                     max_seq_len: int = DEFAULTS["max_seq_len"], vocab_size: int = GPTConfig.vocab_size,
+                     window_pattern: str = DEFAULTS["window_pattern"], recipe: str = DEFAULTS["recipe"]) -> GPTConfig:
+    """The one dial: width = depth * aspect_ratio rounded up to a multiple of head_dim, heads = width / head_dim.
+    The defaults are the flags' (jaxchat.config) and nanochat's GPTConfig vocabulary."""
     if min(depth, aspect_ratio, head_dim, max_seq_len) <= 0:  # library guard: the command line refuses it first (config.validate)
         raise ValueError(f"depth {depth}, aspect_ratio {aspect_ratio}, head_dim {head_dim} and max_seq_len "
                          f"{max_seq_len} must be positive")

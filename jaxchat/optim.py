@@ -437,11 +437,11 @@ def param_labels(params: dict, groups: tuple[AdamWGroup, ...]) -> dict:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def group_hyperparams(*, model_dim: int, embedding_lr: float = 0.3, unembedding_lr: float = 0.004,
-                      matrix_lr: float = 0.02, scalar_lr: float = 0.5, adam_betas: tuple[float, float] = (0.8, 0.95),
-                      batch_lr_scale: float = 1.0, adamw_groups: tuple[AdamWGroup, ...],
-                      muon_variant: MuonVariant) -> dict[str, dict[str, Any]]:
-    """Base LR and betas of each group (before the LR multiplier), in the reference's group order."""
+def group_hyperparams(*, model_dim: int, embedding_lr: float, unembedding_lr: float, matrix_lr: float,
+                      scalar_lr: float, adam_betas: tuple[float, float], batch_lr_scale: float = 1.0,
+                      adamw_groups: tuple[AdamWGroup, ...], muon_variant: MuonVariant) -> dict[str, dict[str, Any]]:
+    """Base LR and betas of each group (before the LR multiplier), in the reference's group order. The learning
+    rates and betas are the flags' (jaxchat.config.optimizer_flags, whose defaults are nanochat's)."""
     flags = {"embedding_lr": embedding_lr, "unembedding_lr": unembedding_lr, "scalar_lr": scalar_lr}
     dmodel_lr_scale = (model_dim / 768) ** -0.5
     groups = {}
@@ -454,14 +454,14 @@ def group_hyperparams(*, model_dim: int, embedding_lr: float = 0.3, unembedding_
     return groups
 
 
-def make_optimizer(*, model_dim: int, embedding_lr: float = 0.3, unembedding_lr: float = 0.004,
-                   matrix_lr: float = 0.02, scalar_lr: float = 0.5, adam_betas: tuple[float, float] = (0.8, 0.95),
-                   weight_decay: float = 0.0, batch_lr_scale: float = 1.0, muon_dtype=jnp.bfloat16,
+def make_optimizer(*, model_dim: int, embedding_lr: float, unembedding_lr: float, matrix_lr: float,
+                   scalar_lr: float, adam_betas: tuple[float, float], weight_decay: float = 0.0, batch_lr_scale: float = 1.0, muon_dtype=jnp.bfloat16,
                    muon_stack_sharding=None, adamw_groups: tuple[AdamWGroup, ...], muon_variant: MuonVariant,
                    schedules: Schedules) -> optax.GradientTransformationExtraArgs:
     """MuonAdamW for jaxchat's parameter tree; per-step values via `set_schedule` (see the module docstring).
 
     `weight_decay` is the scaled Muon wd; it is only the initial `wd` of the state (step 0 of its schedule).
+    The learning rates and betas: the flags' (jaxchat.config.optimizer_flags).
     `muon_stack_sharding`: mesh.muon_stack_sharding(mesh) on a mesh, so Muon's work is split, never repeated.
     adamw_groups, muon_variant, schedules: the recipe's (jaxchat.recipe Recipe.optimizer_options()).
     """

@@ -7,13 +7,13 @@ recipe's transfer rules (batch LR scale, Muon weight decay; 92d63d4's auto batch
 """
 
 import dataclasses
-import inspect
 import math
 import sys
 
 from jaxchat import cli
 from jaxchat import recipe as recipes
 from jaxchat.common import UserError, cli_parser, finite_float
+from jaxchat.config import DEFAULTS
 from jaxchat.model import GPTConfig, config_for_depth, estimate_flops, num_scaling_params
 
 
@@ -160,14 +160,19 @@ class Plan:
         return lines
 
 
-def make_plan(*, depth: int, aspect_ratio: int = 64, head_dim: int = 128, max_seq_len: int = 2048,
-              vocab_size: int = 32768, window_pattern: str = "SSSL", num_iterations_flag: int = -1,
-              target_flops: float = -1.0, target_param_data_ratio: float = 10.5, total_batch_size: int = 524288,
-              device_batch_size: int = 32, data_parallel_size: int = 1, recipe: str = recipes.DEFAULT,
-              weight_decay: float = 0.2) -> Plan:
+def make_plan(*, depth: int, aspect_ratio: int = DEFAULTS["aspect_ratio"], head_dim: int = DEFAULTS["head_dim"],
+              max_seq_len: int = DEFAULTS["max_seq_len"], vocab_size: int = GPTConfig.vocab_size,
+              window_pattern: str = DEFAULTS["window_pattern"], num_iterations_flag: int = DEFAULTS["num_iterations"],
+              target_flops: float = DEFAULTS["target_flops"],
+              target_param_data_ratio: float = DEFAULTS["target_param_data_ratio"],
+              total_batch_size: int = DEFAULTS["total_batch_size"],
+              device_batch_size: int = DEFAULTS["device_batch_size"],
+              data_parallel_size: int = 1, recipe: str = DEFAULTS["recipe"],
+              weight_decay: float = DEFAULTS["weight_decay"]) -> Plan:
     """The plan for a depth and horizon; raises UserError for a horizon or batch that cannot work.
 
-    total_batch_size -1: auto (92d63d4); weight_decay: --weight-decay, before the recipe's transfer rule."""
+    The defaults are the flags' (jaxchat.config: nanochat 348fbb3's); total_batch_size -1: auto (92d63d4);
+    weight_decay: --weight-decay, before the recipe's transfer rule."""
     r = recipes.get(recipe)
     shape = dict(aspect_ratio=aspect_ratio, head_dim=head_dim, max_seq_len=max_seq_len, vocab_size=vocab_size,
                  window_pattern=window_pattern, recipe=r.name)
@@ -236,14 +241,14 @@ def recipe_table(name: str) -> str:
 def main(argv=None) -> None:
     parser = cli_parser(__doc__)
     parser.add_argument("--readme", action="store_true", help="print the README's configuration tables")
-    parser.add_argument("--recipe", default=recipes.DEFAULT, help=f"one of {', '.join(recipes.RECIPES)}")
-    parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--recipe", default=DEFAULTS["recipe"], help=f"one of {', '.join(recipes.RECIPES)}")
+    parser.add_argument("--depth", type=int, default=DEFAULTS["depth"])
     parser.add_argument("--target-param-data-ratio", type=finite_float, help="(default: the recipe's)")
-    parser.add_argument("--num-iterations", type=int, default=-1)
-    parser.add_argument("--target-flops", type=finite_float, default=-1.0)
+    parser.add_argument("--num-iterations", type=int, default=DEFAULTS["num_iterations"])
+    parser.add_argument("--target-flops", type=finite_float, default=DEFAULTS["target_flops"])
     parser.add_argument("--total-batch-size", type=int, help="(default: the recipe's; -1 = auto in 92d63d4)")
     parser.add_argument("--weight-decay", type=finite_float, help="(default: the recipe's)")
-    parser.add_argument("--device-batch-size", type=int, default=32)
+    parser.add_argument("--device-batch-size", type=int, default=DEFAULTS["device_batch_size"])
     parser.add_argument("--num-devices", type=int, default=8, help="data-parallel devices")
     args = parser.parse_args(argv)
     if args.depth <= 0:  # this command's own check (jaxchat.train's is config.validate)
@@ -253,8 +258,8 @@ def main(argv=None) -> None:
             print(f"<!-- table:{name} -->\n{table}\n")
         return
     r = recipes.get(args.recipe)
-    signature = inspect.signature(make_plan).parameters  # 348fbb3's defaults, where the recipe keeps them
-    recipe_default = {k: getattr(args, k) if getattr(args, k) is not None else r.defaults.get(k, signature[k].default)
+    # the recipe's defaults, else the flags' (348fbb3's), as jaxchat.train's precedence has it
+    recipe_default = {k: getattr(args, k) if getattr(args, k) is not None else r.defaults.get(k, DEFAULTS[k])
                       for k in ("target_param_data_ratio", "total_batch_size", "weight_decay")}
     plan = make_plan(depth=args.depth, num_iterations_flag=args.num_iterations, target_flops=args.target_flops,
                      device_batch_size=args.device_batch_size, data_parallel_size=args.num_devices, recipe=r.name,

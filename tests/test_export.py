@@ -279,6 +279,7 @@ def test_resume_optimizer_restores_every_moment(base_dir, trained, tmp_path, wor
     from jaxchat import mesh as meshlib
     from jaxchat import nanochat_ckpt, optim
     from jaxchat.recipe import get as get_recipe
+    from jaxchat.config import optimizer_flags
     from jaxchat.convert import Layout, config_from_dict
     from jaxchat.export import export, read_jaxchat
     from jaxchat.step import abstract_training
@@ -286,7 +287,7 @@ def test_resume_optimizer_restores_every_moment(base_dir, trained, tmp_path, wor
     export([f"--model-tag={trained}", f"--to={tmp_path}", f"--world-size={world_size}"])
     _, params, opt, meta = read_jaxchat(trained, None)
     config = config_from_dict(meta["model_config"])
-    tx = optim.make_optimizer(**get_recipe("348fbb3").optimizer_options(), model_dim=config.n_embd)
+    tx = optim.make_optimizer(**optimizer_flags(), **get_recipe("348fbb3").optimizer_options(), model_dim=config.n_embd)
     _, _, targets = abstract_training(config, tx, meshlib.make_mesh(2), compute_dtype="float32")
     loaded, _, _ = nanochat_ckpt.start_from(str(tmp_path), config, targets, None, with_optimizer=False)
     fresh = jax.jit(tx.init, out_shardings=jax.tree.map(lambda t: t.sharding, targets[1]))(loaded)

@@ -16,6 +16,7 @@ from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import cli
 from jaxchat.common import UserError
+from jaxchat.config import optimizer_flags
 from jaxchat.model import GPT, GPTConfig
 from jaxchat.step import abstract_training, compile_step
 
@@ -99,7 +100,7 @@ SMALL = GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_hea
 
 
 def compile_small(mesh):
-    tx = optim.make_optimizer(**recipe.get("348fbb3").optimizer_options(), model_dim=SMALL.n_embd, weight_decay=0.2, muon_dtype=jnp.float32)
+    tx = optim.make_optimizer(**optimizer_flags(), **recipe.get("348fbb3").optimizer_options(), model_dim=SMALL.n_embd, weight_decay=0.2, muon_dtype=jnp.float32)
     _, step, (params_like, opt_like) = abstract_training(SMALL, tx, mesh, compute_dtype="float32")
     return lambda b, accum, variant="": compile_step(step, params_like, opt_like, mesh, device_batch_size=b,
                                                      grad_accum=accum, seq_len=SMALL.sequence_len)

@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 from jaxchat import recipe
 from jaxchat import mesh as meshlib
 from jaxchat.common import UserError
+from jaxchat.config import optimizer_flags
 from jaxchat.model import GPT, GPTConfig, abstract_model
 
 CONFIG = GPTConfig(sequence_len=32, vocab_size=120, n_layer=8, n_head=2, n_kv_head=2, n_embd=64)
@@ -70,7 +71,7 @@ def compiled_update(mesh, param_shardings, recipe_name: str = "348fbb3") -> str:
     from jaxchat.mesh import abstract_like
 
     params = abstract_params()
-    tx = optim.make_optimizer(model_dim=CONFIG.n_embd, weight_decay=0.2, muon_dtype=jnp.bfloat16,
+    tx = optim.make_optimizer(**optimizer_flags(), model_dim=CONFIG.n_embd, weight_decay=0.2, muon_dtype=jnp.bfloat16,
                               **recipe.get(recipe_name).optimizer_options())
     opt = jax.eval_shape(tx.init, params)
     opt_sh, grad_sh = meshlib.optimizer_shardings(opt, mesh), meshlib.optimizer_shardings(params, mesh)
@@ -118,7 +119,7 @@ def test_muon_splits_stacks_that_do_not_divide_the_devices():
     assert meshlib.optimizer_shardings(params, mesh)["blocks"]["c_q"].spec == P(None, None, None)  # 6 % 8: whole
 
     def compiled(stack_sharding):
-        tx = optim.make_optimizer(**recipe.get("348fbb3").optimizer_options(), model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.float32,
+        tx = optim.make_optimizer(**optimizer_flags(), **recipe.get("348fbb3").optimizer_options(), model_dim=config.n_embd, weight_decay=0.2, muon_dtype=jnp.float32,
                                   muon_stack_sharding=stack_sharding)
         state = tx.init(params)
         sh = meshlib.optimizer_shardings(params, mesh)

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from jaxchat import optim, recipe
+from jaxchat.config import optimizer_flags
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -228,8 +229,8 @@ def test_adamw_matches_reference_formula():
 # ------------------------------------------------------------------ the combined optimizer
 
 def test_routing_and_group_learning_rates():
-    groups = optim.group_hyperparams(model_dim=1536, batch_lr_scale=2.0, adam_betas=(0.7, 0.9),
-                                     adamw_groups=R348.adamw_groups, muon_variant=R348.muon)
+    groups = optim.group_hyperparams(**dict(optimizer_flags(), adam_betas=(0.7, 0.9)), model_dim=1536,
+                                     batch_lr_scale=2.0, adamw_groups=R348.adamw_groups, muon_variant=R348.muon)
     s_d = (1536 / 768) ** -0.5
     assert groups["lm_head"]["lr"] == pytest.approx(0.004 * s_d * 2)
     assert groups["wte"]["lr"] == groups["value_embeds"]["lr"] == pytest.approx(0.3 * s_d * 2)
@@ -245,7 +246,7 @@ def test_routing_and_group_learning_rates():
 
 def test_make_optimizer_updates_every_group_and_state_layout():
     params = tiny_params(np.random.default_rng(5))
-    tx = optim.make_optimizer(**R348.optimizer_options(), model_dim=32, weight_decay=0.2)
+    tx = optim.make_optimizer(**optimizer_flags(), **R348.optimizer_options(), model_dim=32, weight_decay=0.2)
     state = tx.init(params)
     initial = {"lrm": np.float32(1.0), "momentum": np.float32(0.85), "wd": np.float32(0.2)}
     chex.assert_trees_all_equal(state.schedule, initial)
@@ -264,7 +265,7 @@ def test_make_optimizer_updates_every_group_and_state_layout():
 
 def test_schedule_changes_never_recompile():
     params = tiny_params(np.random.default_rng(6))
-    tx = optim.make_optimizer(**R348.optimizer_options(), model_dim=32, weight_decay=0.2)
+    tx = optim.make_optimizer(**optimizer_flags(), **R348.optimizer_options(), model_dim=32, weight_decay=0.2)
     state = tx.init(params)
 
     @jax.jit

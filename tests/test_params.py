@@ -13,6 +13,7 @@ from flax import nnx
 from jaxchat import convert, optim, recipe
 from jaxchat import mesh as meshlib
 from jaxchat import params as paramslib
+from jaxchat.config import optimizer_flags
 from jaxchat.model import GPT, GPTConfig, estimate_flops, num_scaling_params
 
 # 5 layers (value embeddings on 0, 2, 4), grouped-query attention, a vocabulary that needs padding
@@ -104,7 +105,7 @@ def test_a_new_block_matrix_is_one_declaration(monkeypatch):
     assert estimate_flops(CONFIG) == before[1] + 6 * L * 4 * n * n
     model = GPT(CONFIG, rngs=nnx.Rngs(0))
     assert model(jnp.zeros((1, 8), jnp.int32)).shape == (1, 8, CONFIG.vocab_size)
-    opt = optim.make_optimizer(model_dim=n, **recipe.get(CONFIG.recipe).optimizer_options())
+    opt = optim.make_optimizer(**optimizer_flags(), model_dim=n, **recipe.get(CONFIG.recipe).optimizer_options())
     assert "c_gate" in str(jax.tree_util.tree_structure(opt.init(params)))
 
 

@@ -100,7 +100,8 @@ def test_recipe_tables():
 
 def test_92d63d4_groups_and_learning_rates():
     """GPT.setup_optimizer at 92d63d4, d24 at the record batch (bls √2): the spec's effective LRs."""
-    groups = optim.group_hyperparams(model_dim=1536, unembedding_lr=0.008, batch_lr_scale=2**0.5,
+    groups = optim.group_hyperparams(**config.optimizer_flags(dict(config.DEFAULTS, unembedding_lr=0.008)), model_dim=1536,
+                                     batch_lr_scale=2**0.5,
                                      adamw_groups=R92D63D4.adamw_groups, muon_variant=R92D63D4.muon)
     lrs = {name: g["lr"] for name, g in groups.items()}
     assert lrs == pytest.approx({"lm_head": 0.008, "wte": 0.3, "value_embeds": 0.15, "resid_lambdas": 0.0070711,

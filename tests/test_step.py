@@ -12,6 +12,7 @@ from jaxchat import memory
 from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat.common import UserError
+from jaxchat.config import optimizer_flags
 from jaxchat.model import GPTConfig
 from jaxchat.dataloader import ShardLoaders, global_batch, shard_layout, step_batch
 from jaxchat.step import abstract_training, init_training, plan_and_compile, step_input_specs
@@ -22,7 +23,7 @@ SCHEDULE = optim.schedule_arrays(optim.schedule_values(3, num_iterations=10, war
 
 
 def optimizer(mesh):
-    return optim.make_optimizer(**recipe.get("348fbb3").optimizer_options(), model_dim=CONFIG.n_embd, weight_decay=0.2, muon_dtype=jnp.float32,
+    return optim.make_optimizer(**optimizer_flags(), **recipe.get("348fbb3").optimizer_options(), model_dim=CONFIG.n_embd, weight_decay=0.2, muon_dtype=jnp.float32,
                                 muon_stack_sharding=meshlib.muon_stack_sharding(mesh))
 
 

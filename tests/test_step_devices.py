@@ -9,6 +9,7 @@ import pytest
 from jaxchat import recipe
 from jaxchat import mesh as meshlib
 from jaxchat import optim
+from jaxchat.config import optimizer_flags
 from jaxchat.model import GPTConfig
 from jaxchat.step import init_training
 
@@ -31,7 +32,7 @@ def batches(ignored: bool = False):
 
 def run(mesh, accum_steps: int, ignored: bool = False):
     """Losses and final parameters of STEPS steps, each step's rows split into `accum_steps` micro-batches."""
-    tx = optim.make_optimizer(**recipe.get("348fbb3").optimizer_options(), model_dim=CONFIG.n_embd, weight_decay=0.2, muon_dtype=jnp.float32)
+    tx = optim.make_optimizer(**optimizer_flags(), **recipe.get("348fbb3").optimizer_options(), model_dim=CONFIG.n_embd, weight_decay=0.2, muon_dtype=jnp.float32)
     _, params, opt_state, train_step, _ = init_training(CONFIG, tx, mesh, seed=0, compute_dtype="float32")
     # Perturb the init as the reference fixtures do: with zero projections the lambdas' gradients are pure rounding
     # noise (the output is scale-invariant in them) and Adam's first step would amplify that noise to +-lr.
@@ -87,7 +88,7 @@ def test_fsdp_equals_data_parallel(reference_run):
 
 def test_loss_falls_and_step_compiles_once():
     mesh = meshlib.make_mesh(fsdp=2)
-    tx = optim.make_optimizer(**recipe.get("348fbb3").optimizer_options(), model_dim=CONFIG.n_embd, weight_decay=0.2)
+    tx = optim.make_optimizer(**optimizer_flags(), **recipe.get("348fbb3").optimizer_options(), model_dim=CONFIG.n_embd, weight_decay=0.2)
     _, params, opt_state, train_step, _ = init_training(CONFIG, tx, mesh, seed=0, compute_dtype="float32")
     inputs, targets = (jax.device_put(a[0][None], meshlib.batch_sharding(mesh)) for a in batches())
     losses = []
