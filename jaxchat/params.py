@@ -209,6 +209,7 @@ PARAMS = (
           "smear_gate.weight", "linear", "smear", present=_has_smear),
     Param("smear_lambda", (), (), constant(recipe_value("smear_lambda_init")),
           "smear_lambda", "scalar", "smear", present=_has_smear),
+    # in AdamW group "smear" as nanochat 92d63d4 gpt.py GPT.setup_optimizer puts it in `smear_params` (jaxchat.recipe)
     Param("backout_lambda", (), (), constant(recipe_value("backout_lambda_init")),
           "backout_lambda", "scalar", "smear", present=_has_backout),
     Param("value_embeds", ("E", "V", "KD"), ("stack", "vocab", "embed"), _symmetric(_one),

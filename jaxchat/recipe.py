@@ -147,7 +147,9 @@ ADAMW_GROUPS_348FBB3 = (
 
 
 # nanochat/gpt.py GPT.setup_optimizer at 92d63d4: per-group betas and decoupled weight decay, value embeddings at
-# half the embedding LR, and the smear/backout scalars (and the 1×24 smear gate) at a fixed 0.2, unscaled.
+# half the embedding LR, and the smear/backout scalars (and the 1×24 smear gate) at a fixed 0.2, unscaled. The group
+# is "smear" although it holds backout_lambda too: nanochat's name for it (`smear_params`), and the key of its state
+# in every jaxchat checkpoint's optimizer state (renaming it would stop those resuming).
 ADAMW_GROUPS_92D63D4 = (
     optim.AdamWGroup("lm_head", "unembedding_lr", betas=(0.8, 0.96), weight_decay=0.01),
     optim.AdamWGroup("wte", "embedding_lr", betas=(0.8, 0.995), weight_decay=0.001),
