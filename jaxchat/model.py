@@ -8,6 +8,10 @@ is data: one `ModelRecipe` per commit in jaxchat.recipe.MODEL_RECIPES, chosen by
 Parameters are float32 and stored stacked over layers (Flax kernel layout (in, out), leading axis = layer), so
 the forward pass can `lax.scan` over repeats of the window pattern and compile time stays flat in depth. Each one is
 declared once, with its shape, sharding, initial value and nanochat name, in jaxchat.params.PARAMS.
+
+Top to bottom: GPTConfig; the building blocks (norm, rotary, embedding lookup); one transformer layer
+(`block_forward`: attention inputs, attention, MLP); the layer stack (`layer_runs`: which layers one scan covers);
+the GPT (`hidden_states` -> `_trunk` -> `block_forward`, and `decode_step`); the parameter and FLOP counts.
 """
 
 import dataclasses
@@ -97,8 +101,8 @@ class GPTConfig:
         return self.constants.backout_layer(self.n_layer)
 
 
-def config_for_depth(depth: int, *, aspect_ratio: int = DEFAULTS["aspect_ratio"], head_dim: int = DEFAULTS["head_dim"],
-                     max_seq_len: int = DEFAULTS["max_seq_len"], vocab_size: int = GPTConfig.vocab_size,
+def config_for_depth(depth: int, *, aspect_ratio: int = DEFAULTS["aspect_ratio"],
+                     head_dim: int = DEFAULTS["head_dim"], max_seq_len: int = DEFAULTS["max_seq_len"], vocab_size: int = GPTConfig.vocab_size,
                      window_pattern: str = DEFAULTS["window_pattern"], recipe: str = DEFAULTS["recipe"]) -> GPTConfig:
     """The one dial: width = depth * aspect_ratio rounded up to a multiple of head_dim, heads = width / head_dim.
     The defaults are the flags' (jaxchat.config) and nanochat's GPTConfig vocabulary."""
@@ -191,27 +195,57 @@ def _relu_squared(h: jax.Array) -> jax.Array:
     return h * h
 
 
-def block_forward(x_BTn, x0_BTn, idx_BT, layer: dict, *, attend, cos, sin, config: GPTConfig, matmul):
-    """One transformer layer: lambda mix, attention (`attend(q, k, v)` -> (output, anything the caller wants back),
-    with the layer's value embedding if it has one, i.e. `layer["value_embeds"]` is not None), relu^2 MLP (nanochat
-    gpt.py Block.forward). `layer` holds the layer's slice of each per-layer parameter (jaxchat.params), by name;
-    every dense layer goes through `matmul(x, w)`. Returns (x, attend's second output)."""
-    B, T, n = x_BTn.shape
+# ----------------------------------------------------------------------------------------------------------------
+# One transformer layer (nanochat gpt.py Block.forward). `layer` holds the layer's slice of each per-layer parameter
+# (jaxchat.params), by name; `matmul(x, w)` is every dense layer's matmul (GPT.dense_matmul or GPT.plain_matmul).
+
+
+def attention_inputs(a_BTn, idx_BT, layer: dict, *, cos, sin, config: GPTConfig, matmul):
+    """q, k, v of one layer from its normalised input (nanochat gpt.py CausalSelfAttention.forward up to the
+    attention): the value embedding gated into v where the layer has one (`layer["value_embeds"]` is not None), then
+    rotary, QK-norm and the recipe's QK scale."""
+    B, T, _ = a_BTn.shape
     c = config.constants
-    dtype = x_BTn.dtype
-    x = _mix(x_BTn, x0_BTn, layer["resid_lambdas"], layer["x0_lambdas"])
-    a = rmsnorm(x)
-    q = matmul(a, layer["c_q"]).reshape(B, T, config.n_head, config.head_dim)
-    k = matmul(a, layer["c_k"]).reshape(B, T, config.n_kv_head, config.head_dim)
-    v = matmul(a, layer["c_v"]).reshape(B, T, config.n_kv_head, config.head_dim)
+    q = matmul(a_BTn, layer["c_q"]).reshape(B, T, config.n_head, config.head_dim)
+    k = matmul(a_BTn, layer["c_k"]).reshape(B, T, config.n_kv_head, config.head_dim)
+    v = matmul(a_BTn, layer["c_v"]).reshape(B, T, config.n_kv_head, config.head_dim)
     if layer["value_embeds"] is not None:
-        ve = lookup(layer["value_embeds"], idx_BT, dtype).reshape(v.shape)
-        gate_BTK = scale(jax.nn.sigmoid(matmul(a[..., :c.ve_gate_channels], layer["ve_gate"])), c.ve_gate_scale)
+        ve = lookup(layer["value_embeds"], idx_BT, a_BTn.dtype).reshape(v.shape)
+        gate_BTK = scale(jax.nn.sigmoid(matmul(a_BTn[..., :c.ve_gate_channels], layer["ve_gate"])), c.ve_gate_scale)
         v = v + gate_BTK[..., None] * ve
     q, k = (scale(rmsnorm(apply_rotary(t, cos, sin)), c.qk_scale) for t in (q, k))
+    return q, k, v
+
+
+def mlp(a_BTn, layer: dict, matmul) -> jax.Array:
+    """relu(a @ c_fc)^2 @ mlp_proj (nanochat gpt.py MLP.forward); the up-projection is named for the remat policies."""
+    h_BTf = matmul(a_BTn, layer["c_fc"], name="mlp_up")
+    return matmul(_relu_squared(h_BTf), layer["mlp_proj"])
+
+
+def block_forward(x_BTn, layer: dict, *, x0_BTn, idx_BT, attend, cos, sin, config: GPTConfig, matmul):
+    """One transformer layer: lambda mix, attention, relu^2 MLP (nanochat gpt.py Block.forward). `attend(q, k, v)`
+    -> (output, anything the caller wants back: nothing in training, the updated caches in decoding). Returns
+    (x, attend's second output)."""
+    B, T, n = x_BTn.shape
+    x = _mix(x_BTn, x0_BTn, layer["resid_lambdas"], layer["x0_lambdas"])
+    q, k, v = attention_inputs(rmsnorm(x), idx_BT, layer, cos=cos, sin=sin, config=config, matmul=matmul)
     y, kept = attend(q, k, v)
     x = x + matmul(y.reshape(B, T, n), layer["c_proj"])
-    return x + matmul(_relu_squared(matmul(rmsnorm(x), layer["c_fc"], name="mlp_up")), layer["mlp_proj"]), kept
+    return x + mlp(rmsnorm(x), layer, matmul), kept
+
+
+def sequence_attention(q, k, v, *, window_left: int, backend: backendlib.Backend):
+    """`attend` for training and evaluation: the backend's attention kernel over the whole sequence; keeps nothing."""
+    return attentionlib.attention(q, k, v, window_left=window_left, impl=backend.attention, mesh=backend.mesh), None
+
+
+def decode_attention(q, k, v, *, cache: dict, i: int, pos, window_left: int):
+    """`attend` for decoding at position `pos`: this token's k, v written into layer i's caches, then attention over
+    them; keeps the layer's updated caches."""
+    k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"][i], k.astype(cache["k"].dtype), pos, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"][i], v.astype(cache["v"].dtype), pos, axis=1)
+    return attentionlib.cached_attention(q, k_cache, v_cache, pos, window_left), (k_cache, v_cache)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,12 +297,34 @@ def layer_at(arrays: dict, config: GPTConfig, start: int, j: int) -> dict:
 
 
 class Blocks(nnx.Module):
-    """Every transformer layer's matrices, stacked over layers (the `blocks/*` parameters of jaxchat.params)."""
+    """Every transformer layer's matrices, stacked over layers: the `blocks/*` parameters of jaxchat.params, which
+    declares each one's shape, sharding, initial value and nanochat name (GPT.__init__ builds them from it)."""
+
+    c_q: nnx.Param  # (L, n, HD) queries (nanochat attn.c_q)
+    c_k: nnx.Param  # (L, n, KD) keys, n_kv_head heads (attn.c_k)
+    c_v: nnx.Param  # (L, n, KD) values (attn.c_v)
+    c_proj: nnx.Param  # (L, HD, n) attention output projection (attn.c_proj)
+    c_fc: nnx.Param  # (L, n, 4n) MLP up-projection (mlp.c_fc)
+    mlp_proj: nnx.Param  # (L, 4n, n) MLP down-projection (mlp.c_proj)
+    ve_gate: nnx.Param  # (E, C, K) per value-embedding layer: how much of its value embedding each kv head takes
 
 
 class GPT(nnx.Module):
     """nanochat's GPT: untied embeddings, value embeddings, sliding windows, QK-norm, relu^2, softcapped logits,
-    and per recipe smear and backout."""
+    and per recipe smear and backout (nanochat gpt.py GPT).
+
+    Its parameters are the annotated attributes below and `blocks`' (tests/test_model.py checks they are exactly
+    jaxchat.params.PARAMS, which declares each one's shape, sharding, initial value and nanochat name)."""
+
+    wte: nnx.Param  # (V, n) token embedding (nanochat transformer.wte), in embed_dtype
+    lm_head: nnx.Param  # (n, V) untied output projection to the (padded) vocabulary
+    blocks: Blocks  # the transformer layers' matrices, stacked over layers
+    resid_lambdas: nnx.Param  # (L,) per layer: the weight of the residual stream in the layer's input mix
+    x0_lambdas: nnx.Param  # (L,) per layer: the weight of the first layer's input x0 in that mix
+    smear_gate: nnx.Param  # (Cs, 1) recipes with smear: the gate mixing the previous token's embedding into each
+    smear_lambda: nnx.Param  # () recipes with smear: that mix's strength
+    backout_lambda: nnx.Param  # () recipes with backout: how much mid-stack residual to subtract before the final norm
+    value_embeds: nnx.Param  # (E, V, KD) per value-embedding layer: a token's embedding added to the attention values
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, compute_dtype=jnp.float32, scan_layers: bool | None = None,
                  remat: str = "none", loss_chunk: int = 0, embed_dtype=jnp.float32, fp8: bool = False,
@@ -285,7 +341,7 @@ class GPT(nnx.Module):
         self.loss_chunk = loss_chunk
         self.backend = backend or backendlib.local(self.compute_dtype.name)
         self.scan_layers = self.backend.scan_layers if scan_layers is None else scan_layers
-        self.matmul = dense.choose(self.backend)  # decoding and the smear gate: never fp8
+        self.plain_matmul = dense.choose(self.backend)  # never fp8: decode_step and the smear gate
         self.set_fp8(fp8)
         self.blocks = Blocks()
         for p in paramslib.declared(config):  # in table order, which is the order initial values are drawn in
@@ -294,20 +350,21 @@ class GPT(nnx.Module):
     def __call__(self, idx_BT: jax.Array, targets_BT: jax.Array | None = None, *, reduction: str = "mean"):
         """Softcapped float32 logits (B, T, vocab), or with targets the mean loss (reduction='none': per-token losses)."""
         x_BTn = self.hidden_states(idx_BT)
+        lm_head, vocab = self._whole("lm_head"), self.config.vocab_size
         if targets_BT is None:
-            return losslib.softcapped_logits(x_BTn, self._whole("lm_head"), self.config.vocab_size, self.dense)
+            return losslib.softcapped_logits(x_BTn, lm_head, vocab, self.train_matmul)
         if reduction == "none":
-            return self.loss_head.per_token(x_BTn, self._whole("lm_head"), targets_BT, self.config.vocab_size, self.dense)
-        return self.loss_head.mean(x_BTn, self._whole("lm_head"), targets_BT, self.config.vocab_size, self.dense)
+            return self.loss_head.per_token(x_BTn, lm_head, targets_BT, vocab, self.train_matmul)
+        return self.loss_head.mean(x_BTn, lm_head, targets_BT, vocab, self.train_matmul)
 
     def set_fp8(self, fp8: bool) -> None:
         """fp8 on or off in the forward and backward pass: the dense layers' matmul and the loss head that goes with it."""
         self.fp8 = fp8
-        self.dense = dense.choose(self.backend, fp8)
+        self.train_matmul = dense.choose(self.backend, fp8)  # __call__'s dense layers and lm_head: fp8 when on
         self.loss_head = losslib.choose(self.backend, self.loss_chunk, fp8)
 
     def hidden_states(self, idx_BT: jax.Array) -> jax.Array:
-        """Final normalised hidden states (B, T, n) before the lm_head."""
+        """Final normalised hidden states (B, T, n) before the lm_head (nanochat gpt.py GPT.forward up to it)."""
         cfg = self.config
         T = idx_BT.shape[1]
         if T > 10 * cfg.sequence_len:
@@ -315,16 +372,12 @@ class GPT(nnx.Module):
         cos, sin = self._rotary(T)
         x = self._embed(idx_BT)
         x0 = self._smear(x, jnp.pad(x[:, :-1], ((0, 0), (1, 0), (0, 0))))  # token 0 has no predecessor: unchanged
-
-        @functools.lru_cache(maxsize=None)  # one wrapped function per window size
-        def layer_fn(window_left: int):
-            def attend(q, k, v):  # -> (output, nothing kept)
-                return attentionlib.attention(q, k, v, window_left=window_left, impl=self.backend.attention,
-                                              mesh=self.backend.mesh), None
-            return remat_layer(lambda x, layer: block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin,
-                                                              config=cfg, matmul=self.dense), self.remat)
-
-        x, _ = self._trunk(x0, lambda i, x, layer: layer_fn(cfg.window_sizes[i])(x, layer), self.scan_layers)
+        # One layer function per window size, under the --remat policy: the layers of a scanned run share it.
+        layer_fns = {w: remat_layer(functools.partial(
+            block_forward, x0_BTn=x0, idx_BT=idx_BT, cos=cos, sin=sin, config=cfg, matmul=self.train_matmul,
+            attend=functools.partial(sequence_attention, window_left=w, backend=self.backend)), self.remat)
+            for w in sorted(set(cfg.window_sizes))}
+        x, _ = self._trunk(x0, lambda i, x, layer: layer_fns[cfg.window_sizes[i]](x, layer), self.scan_layers)
         return x
 
     def decode_step(self, token_B: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
@@ -339,16 +392,11 @@ class GPT(nnx.Module):
         cos, sin = (jax.lax.dynamic_slice_in_dim(t, pos, 1) for t in self._rotary(cache["k"].shape[2]))
         embedding = self._embed(idx_BT)
         x0 = self._smear(embedding, cache["prev"])
-
-        def layer_call(i, x, layer):
-            def attend(q, k, v):  # -> (output, this layer's updated caches)
-                k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"][i], k.astype(cache["k"].dtype), pos, axis=1)
-                v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"][i], v.astype(cache["v"].dtype), pos, axis=1)
-                return attentionlib.cached_attention(q, k_cache, v_cache, pos, cfg.window_sizes[i]), (k_cache, v_cache)
-            return block_forward(x, x0, idx_BT, layer, attend=attend, cos=cos, sin=sin, config=cfg, matmul=self.matmul)
-
-        x, caches = self._trunk(x0, layer_call, scan=False)
-        logits = losslib.softcapped_logits(x, self._whole("lm_head"), cfg.vocab_size, self.matmul)[:, 0]
+        layer_fn = functools.partial(block_forward, x0_BTn=x0, idx_BT=idx_BT, cos=cos, sin=sin, config=cfg,
+                                     matmul=self.plain_matmul)
+        x, caches = self._trunk(x0, lambda i, x, layer: layer_fn(x, layer, attend=functools.partial(
+            decode_attention, cache=cache, i=i, pos=pos, window_left=cfg.window_sizes[i])), scan=False)
+        logits = losslib.softcapped_logits(x, self._whole("lm_head"), cfg.vocab_size, self.plain_matmul)[:, 0]
         return logits, {"k": jnp.stack([k for k, _ in caches]), "v": jnp.stack([v for _, v in caches]),
                         "prev": embedding.astype(cache["prev"].dtype)}
 
@@ -376,38 +424,48 @@ class GPT(nnx.Module):
         if not channels:
             return x_BTn
         gate_BT1 = self._whole("smear_lambda").astype(x_BTn.dtype) * jax.nn.sigmoid(
-            self.matmul(x_BTn[..., :channels], self._whole("smear_gate")))
+            self.plain_matmul(x_BTn[..., :channels], self._whole("smear_gate")))
         return x_BTn + gate_BT1 * prev_BTn
 
     def _trunk(self, x0_BTn: jax.Array, layer_call, scan: bool) -> tuple[jax.Array, list]:
         """Every layer in order, then backout and the final norm: (x, each layer's output). `layer_call(i, x, layer)`
-        applies layer i and returns (x, output); runs of repeated layers are scanned when `scan` (layer_call must
-        then depend on i only through its window)."""
+        applies layer i to its arrays and returns (x, output).
+
+        The layer stacking: parameters are stored stacked over layers, and `layer_runs` cuts the layers into runs.
+        With `scan`, a run of repeated layers (one window-pattern period, repeated) is one `lax.scan` over the
+        repeats, so its body is compiled once and compile time stays flat in depth (layer_call must then depend on i
+        only through its window); otherwise, and for the layers outside such runs, each layer is traced on its own
+        (unrolled: Backend.scan_layers says why GPUs unroll; decode_step always does)."""
         cfg = self.config
         layers = self._layer_arrays()
         x, x_mid, outputs = x0_BTn, None, []
         for start, period, repeats in layer_runs(cfg, scan):
-            def body(x, arrays, start=start, period=period):
-                outs = []
-                for j in range(period):
-                    layer = {k: v if v is None else meshlib.whole(paramslib.named(k), cfg, v)
-                             for k, v in layer_at(arrays, cfg, start, j).items()}
-                    x, out = layer_call(start + j, x, layer)
-                    outs.append(out)
-                return x, tuple(outs)
             arrays = run_arrays(layers, cfg, start, period, repeats)
+            one_repeat = functools.partial(self._run_period, layer_call=layer_call, start=start, period=period)
             if repeats > 1:
                 with jax.named_scope(LAYER_SCAN):  # the name jaxchat.inventory finds the scan's stacked writes by
-                    x, outs = jax.lax.scan(body, x, arrays)  # each output stacked over the repeats
+                    x, outs = jax.lax.scan(one_repeat, x, arrays)  # each output stacked over the repeats
                 outputs += [jax.tree.map(lambda t, r=r: t[r], outs[j]) for r in range(repeats) for j in range(period)]
             else:
-                x, outs = body(x, {k: v[0] for k, v in arrays.items()})
+                x, outs = one_repeat(x, {k: v[0] for k, v in arrays.items()})
                 outputs += list(outs)
             if start + period * repeats - 1 == cfg.backout_layer:
                 x_mid = x
         if x_mid is not None:  # nanochat 92d63d4 GPT.forward: subtract the mid-stack residual before the final norm
             x = x - self._whole("backout_lambda").astype(x.dtype) * x_mid
         return rmsnorm(x), outputs
+
+    def _run_period(self, x: jax.Array, arrays: dict, *, layer_call, start: int,
+                    period: int) -> tuple[jax.Array, tuple]:
+        """Layers start .. start + period - 1 from one repeat of their run's arrays (a scan body, or called once):
+        (x, each layer's output)."""
+        outs = []
+        for j in range(period):
+            layer = {k: v if v is None else meshlib.whole(paramslib.named(k), self.config, v)
+                     for k, v in layer_at(arrays, self.config, start, j).items()}
+            x, out = layer_call(start + j, x, layer)
+            outs.append(out)
+        return x, tuple(outs)
 
     def _whole(self, name: str) -> jax.Array:
         """A parameter that is not per layer, whole (all-gathered where FSDP splits it: jaxchat.mesh.whole)."""
@@ -421,7 +479,6 @@ class GPT(nnx.Module):
     def _holder(self, p: paramslib.Param) -> nnx.Module:
         """The module that holds parameter p as an attribute: `blocks` for blocks/*, else the GPT."""
         return self.blocks if p.path.startswith("blocks/") else self
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Counting (nanochat gpt.py GPT.num_scaling_params and GPT.estimate_flops)

@@ -11,7 +11,8 @@ from jaxchat import parity
 import json
 
 from jaxchat.convert import read_reference_npz, to_reference
-from jaxchat.model import (GPT, GPTConfig, config_for_depth, estimate_flops, layer_runs, num_scaling_params,
+from jaxchat import params as paramslib
+from jaxchat.model import (GPT, Blocks, GPTConfig, config_for_depth, estimate_flops, layer_runs, num_scaling_params,
                            rotary_tables)
 
 TINY = GPTConfig(sequence_len=32, vocab_size=100, n_layer=10, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SSSL")
@@ -257,6 +258,17 @@ def test_recipe_92d63d4_parameter_tree():
     assert model.smear_gate.shape == (24, 1) and model.smear_lambda.shape == () and model.backout_lambda.shape == ()
     assert model.blocks.ve_gate.shape == (6, 12, 1)
     assert not hasattr(GPT(TINY, rngs=nnx.Rngs(0)), "smear_gate")  # 348fbb3's tree is unchanged
+
+
+def test_the_annotated_parameters_are_the_declared_ones():
+    """GPT's and Blocks' nnx.Param annotations (what a reader and an IDE see) name exactly jaxchat.params.PARAMS,
+    and the 92d63d4 model, which has all of them, holds each where its annotation says."""
+    annotated = {f"blocks/{k}" for k, v in Blocks.__annotations__.items() if v is nnx.Param}
+    annotated |= {k for k, v in GPT.__annotations__.items() if v is nnx.Param}
+    assert annotated == {p.path for p in paramslib.PARAMS}
+    state = nnx.to_pure_dict(nnx.state(GPT(R92D63D4, rngs=nnx.Rngs(0)), nnx.Param))
+    assert {p.path for p in paramslib.PARAMS} == {f"{k}/{j}" if isinstance(v, dict) else k
+                                                 for k, v in state.items() for j in (v if isinstance(v, dict) else [0])}
 
 
 def test_recipe_92d63d4_rotary_tables_in_compute_dtype():
