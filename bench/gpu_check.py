@@ -111,14 +111,10 @@ def jaxchat_case(spec: dict) -> dict:
     xla_flags.apply()  # before the backend starts, as `python -m jaxchat.train` does
     host_memory.keep_freed_memory()
     import jax
-    import numpy as np
 
-    from jaxchat import build, compile_cache, memory, optim
+    from jaxchat import build, compile_cache
     from jaxchat import mesh as meshlib
-    from jaxchat import recipe as recipes
     from jaxchat.config import parse_flags
-    from jaxchat.model import estimate_flops
-    from jaxchat.targets import peak_flops
 
     events = collections.Counter()
     jax.monitoring.register_event_listener(lambda event, **kw: events.update([event]))
@@ -134,8 +130,31 @@ def jaxchat_case(spec: dict) -> dict:
             return build.compile_train_step(c, plan, mesh, run_backend)
 
     built = compile_step()
-    cold = built.memory
     cold_events = {e: events[e] for e in CACHE_EVENTS}
+    dt, times, loss, stats = time_jaxchat_step(built, c, plan, mesh, device, spec["steps"], spec["warmup"])
+    jax.clear_caches()  # the in-memory executables gone: the next compile can only load from the persistent cache
+    before = dict(events)
+    warm = compile_step().memory
+    cold = built.memory
+    return dict(
+        jaxchat_result(c, plan, run_backend, device, cold, dt, times, stats),
+        compile_s_cold=round(cold.compile_seconds, 2), compile_s_warm=round(warm.compile_seconds, 2),
+        cache_cold={e.rsplit("/", 1)[1]: cold_events[e] for e in CACHE_EVENTS},
+        cache_warm={e.rsplit("/", 1)[1]: events[e] - before.get(e, 0) for e in CACHE_EVENTS},
+        loss=round(loss, 4))
+
+
+def time_jaxchat_step(built, c, plan, mesh, device, steps: int, warmup: int) -> tuple[float, list[float], float, dict]:
+    """(median seconds, timed seconds, last loss, the device's memory stats) of the compiled step (jaxchat.build's)
+    on random tokens at step 0's schedule, from its initial state; the state is freed on return."""
+    import jax
+    import numpy as np
+
+    from jaxchat import mesh as meshlib
+    from jaxchat import optim
+    from jaxchat import recipe as recipes
+
+    cold = built.memory
     params, opt_state = built.initial_state(c.seed)
     rows, accum, T = cold.device_batch_size, cold.grad_accum, c.max_seq_len
     tokens = np.random.default_rng(0).integers(0, plan.model.vocab_size, (accum, rows, T + 1), dtype=np.int32)
@@ -152,13 +171,19 @@ def jaxchat_case(spec: dict) -> dict:
             state["params"], state["opt_state"], inputs, targets_, schedule)
         jax.block_until_ready(state["metrics"])
 
-    dt, times = median_step(step, spec["steps"], spec["warmup"])
-    stats = device.memory_stats()
-    loss = float(state["metrics"]["loss"])
-    del state, params, opt_state
-    jax.clear_caches()  # the in-memory executables gone: the next compile can only load from the persistent cache
-    before = dict(events)
-    warm = compile_step().memory
+    dt, times = median_step(step, steps, warmup)
+    return dt, times, float(state["metrics"]["loss"]), device.memory_stats()
+
+
+def jaxchat_result(c, plan, run_backend, device, cold, dt: float, times: list[float], stats: dict | None) -> dict:
+    """The case's shape, speed, MFU and memory as the JSON line reports them (cold: the compiled StepMemory)."""
+    import jax
+
+    from jaxchat import memory
+    from jaxchat.model import estimate_flops
+    from jaxchat.targets import peak_flops
+
+    rows, accum, T = cold.device_batch_size, cold.grad_accum, c.max_seq_len
     tokens_per_step = accum * rows * T
     return dict(
         depth=plan.model.n_layer, n_embd=plan.model.n_embd, fp8=run_backend.fp8, device_batch=rows, grad_accum=accum,
@@ -168,11 +193,7 @@ def jaxchat_case(spec: dict) -> dict:
         tokens_per_s=round(tokens_per_step / dt, 1),
         mfu=round(100 * estimate_flops(plan.model) * tokens_per_step / dt / peak_flops(device.device_kind), 2),
         peak_gib_measured=round(stats["peak_bytes_in_use"] / GiB, 2) if stats else None,
-        peak_gib_predicted_here=round(memory.peak_bytes(cold.compiled) / GiB, 2),
-        compile_s_cold=round(cold.compile_seconds, 2), compile_s_warm=round(warm.compile_seconds, 2),
-        cache_cold={e.rsplit("/", 1)[1]: cold_events[e] for e in CACHE_EVENTS},
-        cache_warm={e.rsplit("/", 1)[1]: events[e] - before.get(e, 0) for e in CACHE_EVENTS},
-        loss=round(loss, 4))
+        peak_gib_predicted_here=round(memory.peak_bytes(cold.compiled) / GiB, 2))
 
 
 def nanochat_case(spec: dict) -> dict:
@@ -282,30 +303,36 @@ def log(message: str) -> None:
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def run(a) -> dict:
-    start = time.perf_counter()
-    left = lambda: a.budget_s - (time.perf_counter() - start)  # noqa: E731
-    tmp = tempfile.mkdtemp(prefix="gpu_check.")
-    # An empty base directory: no tokenizer there, so every case has nanochat's vocabulary (32768), and aot too
+def case_name(depth: int, fp8: bool) -> str:
+    return f"d{depth}-{'fp8' if fp8 else 'bf16'}"
+
+
+def case_timeout(a, depth: int) -> float:
+    """Seconds one case may take: d12 156 s, d24 252 s on the GPU; a dry run on a busy 2-core machine (nanochat's
+    optimizer compiled on CPU) takes minutes."""
+    return 60 + 8 * depth if not a.dry_run else 300
+
+
+def worker_command(a, kind: str, depth: int, fp8: bool, **spec) -> list[str]:
+    """The command line of a worker process (--worker=jaxchat or nanochat) for one case."""
+    flags = dict(flags=train_flags(a, depth, fp8), steps=a.steps, warmup=a.warmup, **spec)
+    return [sys.executable, os.path.abspath(__file__), f"--worker={kind}", json.dumps(flags)]
+
+
+def worker_env(a, tmp: str) -> dict:
+    """The workers' environment. An empty base directory: no tokenizer there, so every case has nanochat's vocabulary
+    (32768), and aot too."""
     env = dict(os.environ, JAXCHAT_BASE_DIR=os.path.join(tmp, "base"), WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if a.dry_run:
         env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     else:  # torch's compile cache there too: nanochat compiles cold, as jaxchat does
         env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tmp, "inductor")
-    cases = [(d, fp8) for d in a.depths for fp8 in ((False,) if a.no_fp8 else (False, True))]
-    name = lambda d, fp8: f"d{d}-{'fp8' if fp8 else 'bf16'}"  # noqa: E731
-    # d12: 156 s, d24: 252 s; a dry run on a busy 2-core machine (nanochat's optimizer compiled on CPU: minutes)
-    per_case_timeout = lambda d: 60 + 8 * d if not a.dry_run else 300  # noqa: E731
-    me = [sys.executable, os.path.abspath(__file__)]
-    spec = lambda d, fp8, **kw: json.dumps(dict(flags=train_flags(a, d, fp8), steps=a.steps, warmup=a.warmup, **kw))  # noqa: E731
+    return env
 
-    # jaxchat.aot on the CPU, started first: it runs while nanochat runs on the GPU
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, a.aot_jobs))
-    aot_runs = {name(d, fp8): pool.submit(aot, a, train_flags(a, d, fp8), env, min(per_case_timeout(d), left()))
-                for d, fp8 in cases}
-    log(f"jaxchat.aot: {len(aot_runs)} compiles started ({a.aot_jobs} at once)")
 
+def nanochat_cases(a, env: dict, left) -> dict:
+    """nanochat's step per depth, each in a worker of its own ({"skipped": why} without torch or a checkout)."""
     nanochat, skip = {}, nanochat_skip_reason(a)
     if skip:
         print(f"nanochat: skipped ({skip})", flush=True)
@@ -315,11 +342,14 @@ def run(a) -> dict:
             nanochat[key] = {"skipped": skip}
             continue
         log(f"nanochat {key}: starting")
-        nanochat[key] = run_json([*me, "--worker=nanochat", spec(d, False, nanochat_dir=a.nanochat_dir,
-                                                                 eager=a.torch_eager)],
-                                 dict(env, JAX_PLATFORMS="cpu"), min(per_case_timeout(d), left()))
+        command = worker_command(a, "nanochat", d, False, nanochat_dir=a.nanochat_dir, eager=a.torch_eager)
+        nanochat[key] = run_json(command, dict(env, JAX_PLATFORMS="cpu"), min(case_timeout(a, d), left()))
         log(f"nanochat {key}: {_summary(nanochat[key])}")
+    return nanochat
 
+
+def jaxchat_cases(a, cases: list, env: dict, tmp: str, left, aot_runs: dict) -> dict:
+    """jaxchat's step per case, each in a worker of its own, with jaxchat.aot's prediction for it beside it."""
     def predicted(key: str) -> dict:
         p = aot_runs[key].result()
         log(f"jaxchat.aot {key}: {p.get('peak_gib', p.get('error'))} GiB predicted")
@@ -329,28 +359,51 @@ def run(a) -> dict:
     aot_results = {} if a.dry_run else {key: predicted(key) for key in aot_runs}
     jaxchat = {}
     for d, fp8 in cases:
-        key = name(d, fp8)
+        key = case_name(d, fp8)
         log(f"jaxchat {key}: starting")
         cache = os.path.join(tmp, f"jax_cache_{key}")  # fresh per case: its first compile is cold
-        jaxchat[key] = run_json([*me, "--worker=jaxchat", spec(d, fp8, cache_dir=cache)], env,
-                                min(per_case_timeout(d), left()))
+        command = worker_command(a, "jaxchat", d, fp8, cache_dir=cache)
+        jaxchat[key] = run_json(command, env, min(case_timeout(a, d), left()))
         log(f"jaxchat {key}: {_summary(jaxchat[key])}")
     for key, r in jaxchat.items():
         p = aot_results.get(key) or predicted(key)
         r.update(peak_gib_predicted=p.get("peak_gib"), projection=p.get("projection"), aot=p)
-    pool.shutdown()
+    return jaxchat
 
+
+def tokens_ratios(jaxchat: dict, nanochat: dict) -> dict:
+    """jaxchat's tokens/s over nanochat's at the same depth, per jaxchat case where both ran."""
     ratios = {}
     for key, r in jaxchat.items():
         n = nanochat.get(key.split("-")[0], {})
         if r.get("tokens_per_s") and n.get("tokens_per_s"):
             ratios[key] = round(r["tokens_per_s"] / n["tokens_per_s"], 3)
+    return ratios
+
+
+def run(a) -> dict:
+    start = time.perf_counter()
+    left = lambda: a.budget_s - (time.perf_counter() - start)  # noqa: E731
+    tmp = tempfile.mkdtemp(prefix="gpu_check.")
+    env = worker_env(a, tmp)
+    cases = [(d, fp8) for d in a.depths for fp8 in ((False,) if a.no_fp8 else (False, True))]
+
+    # jaxchat.aot on the CPU, started first: it runs while nanochat runs on the GPU
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, a.aot_jobs))
+    aot_runs = {case_name(d, fp8): pool.submit(aot, a, train_flags(a, d, fp8), env, min(case_timeout(a, d), left()))
+                for d, fp8 in cases}
+    log(f"jaxchat.aot: {len(aot_runs)} compiles started ({a.aot_jobs} at once)")
+    nanochat = nanochat_cases(a, env, left)
+    jaxchat = jaxchat_cases(a, cases, env, tmp, left, aot_runs)
+    pool.shutdown()
+
     first = next((r for r in [*jaxchat.values(), *nanochat.values()] if "device" in r), {})
     return dict(
         check="gpu_check", dry_run=a.dry_run, device=first.get("device"), backend=first.get("backend"),
         jax=_version("jax"), jaxlib=_version("jaxlib"), torch=_version("torch"),
         seq_len=a.seq_len, steps=a.steps, warmup=a.warmup, nanochat_dir=a.nanochat_dir, jaxchat=jaxchat,
-        nanochat=nanochat, ratio_tokens_per_s=ratios, total_s=round(time.perf_counter() - start, 1))
+        nanochat=nanochat, ratio_tokens_per_s=tokens_ratios(jaxchat, nanochat),
+        total_s=round(time.perf_counter() - start, 1))
 
 
 def _version(package: str) -> str | None:
