@@ -152,7 +152,7 @@ def optimizer_flags(c=DEFAULTS) -> dict:
 
 
 def _parse_flag(key: str, value, like, origin: str = ""):
-    """A flag's value as the type of its default; --device-batch-size also takes 'auto' (stored as memory.AUTO).
+    """A flag's value as the type of its default; --device-batch-size also takes 'auto' (stored as AUTO).
 
     origin: where a non-string value came from (a config file), named in the error."""
     if key == "device_batch_size" and str(value).strip().lower() == "auto":

@@ -197,7 +197,7 @@ def _relu_squared(h: jax.Array) -> jax.Array:
 
 # ----------------------------------------------------------------------------------------------------------------
 # One transformer layer (nanochat gpt.py Block.forward). `layer` holds the layer's slice of each per-layer parameter
-# (jaxchat.params), by name; `matmul(x, w)` is every dense layer's matmul (GPT.dense_matmul or GPT.plain_matmul).
+# (jaxchat.params), by name; `matmul(x, w)` is every dense layer's matmul (GPT.train_matmul or GPT.plain_matmul).
 
 
 def attention_inputs(a_BTn, idx_BT, layer: dict, *, cos, sin, config: GPTConfig, matmul):

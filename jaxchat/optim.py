@@ -2,8 +2,8 @@
 
     r = jaxchat.recipe.get("348fbb3")      # the AdamW groups, Muon variant and schedules are the recipe's
     wd_scaled = r.weight_decay_rule(0.2, depth=depth, ...)   # jaxchat.plan applies the recipe's transfer rules
-    tx = make_optimizer(model_dim=n, weight_decay=wd_scaled, batch_lr_scale=recipe.batch_lr_scale(B),
-                        **r.optimizer_options())
+    tx = make_optimizer(model_dim=n, **config.optimizer_flags(c), weight_decay=wd_scaled,  # the flags' LRs, betas
+                        batch_lr_scale=recipe.batch_lr_scale(B), **r.optimizer_options())
     opt_state = tx.init(params)          # under `with jax.set_mesh(mesh):` (or with out_shardings) on a mesh
     values = schedule_values(it, num_iterations=N, warmup_ratio=0.0, warmdown_ratio=0.5, final_lr_frac=0.0,
                              weight_decay=wd_scaled)                          # {lrm, momentum, wd}: Python floats
