@@ -101,8 +101,8 @@ class GPTConfig:
         return self.constants.backout_layer(self.n_layer)
 
 
-def config_for_depth(depth: int, *, aspect_ratio: int = DEFAULTS["aspect_ratio"],
-                     head_dim: int = DEFAULTS["head_dim"], max_seq_len: int = DEFAULTS["max_seq_len"], vocab_size: int = GPTConfig.vocab_size,
+def config_for_depth(depth: int, *, aspect_ratio: int = DEFAULTS["aspect_ratio"], head_dim: int = DEFAULTS["head_dim"],
+                     max_seq_len: int = DEFAULTS["max_seq_len"], vocab_size: int = GPTConfig.vocab_size,
                      window_pattern: str = DEFAULTS["window_pattern"], recipe: str = DEFAULTS["recipe"]) -> GPTConfig:
     """The one dial: width = depth * aspect_ratio rounded up to a multiple of head_dim, heads = width / head_dim.
     The defaults are the flags' (jaxchat.config) and nanochat's GPTConfig vocabulary."""
@@ -372,12 +372,12 @@ class GPT(nnx.Module):
         cos, sin = self._rotary(T)
         x = self._embed(idx_BT)
         x0 = self._smear(x, jnp.pad(x[:, :-1], ((0, 0), (1, 0), (0, 0))))  # token 0 has no predecessor: unchanged
+        layer_fn = functools.partial(block_forward, x0_BTn=x0, idx_BT=idx_BT, cos=cos, sin=sin, config=cfg,
+                                     matmul=self.train_matmul)
         # One layer function per window size, under the --remat policy: the layers of a scanned run share it.
-        layer_fns = {w: remat_layer(functools.partial(
-            block_forward, x0_BTn=x0, idx_BT=idx_BT, cos=cos, sin=sin, config=cfg, matmul=self.train_matmul,
-            attend=functools.partial(sequence_attention, window_left=w, backend=self.backend)), self.remat)
-            for w in sorted(set(cfg.window_sizes))}
-        x, _ = self._trunk(x0, lambda i, x, layer: layer_fns[cfg.window_sizes[i]](x, layer), self.scan_layers)
+        by_window = {w: remat_layer(functools.partial(layer_fn, attend=functools.partial(
+            sequence_attention, window_left=w, backend=self.backend)), self.remat) for w in set(cfg.window_sizes)}
+        x, _ = self._trunk(x0, lambda i, x, layer: by_window[cfg.window_sizes[i]](x, layer), self.scan_layers)
         return x
 
     def decode_step(self, token_B: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
@@ -394,8 +394,12 @@ class GPT(nnx.Module):
         x0 = self._smear(embedding, cache["prev"])
         layer_fn = functools.partial(block_forward, x0_BTn=x0, idx_BT=idx_BT, cos=cos, sin=sin, config=cfg,
                                      matmul=self.plain_matmul)
-        x, caches = self._trunk(x0, lambda i, x, layer: layer_fn(x, layer, attend=functools.partial(
-            decode_attention, cache=cache, i=i, pos=pos, window_left=cfg.window_sizes[i])), scan=False)
+
+        def layer_call(i, x, layer):  # layer i, reading and writing its own caches
+            attend = functools.partial(decode_attention, cache=cache, i=i, pos=pos, window_left=cfg.window_sizes[i])
+            return layer_fn(x, layer, attend=attend)
+
+        x, caches = self._trunk(x0, layer_call, scan=False)
         logits = losslib.softcapped_logits(x, self._whole("lm_head"), cfg.vocab_size, self.plain_matmul)[:, 0]
         return logits, {"k": jnp.stack([k for k, _ in caches]), "v": jnp.stack([v for _, v in caches]),
                         "prev": embedding.astype(cache["prev"].dtype)}
