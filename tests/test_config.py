@@ -5,8 +5,7 @@ import re
 import pytest
 
 from jaxchat.common import JAXCHAT_ONLY, UserError
-from jaxchat.config import FLAGS, JAXCHAT_GROUP, defaults, parse_flags, range_text
-from jaxchat.memory import AUTO
+from jaxchat.config import AUTO, FLAGS, JAXCHAT_GROUP, defaults, parse_flags, range_text
 
 
 def test_reference_defaults():
