@@ -21,6 +21,7 @@ from jaxchat import recipe as recipes
 from jaxchat.recipe import batch_lr_scale
 from jaxchat import tokenizer as toklib
 from jaxchat.common import UserError, check_name, check_output, replacing, user_path
+from jaxchat.config import DEFAULTS, optimizer_flags
 from jaxchat.convert import Layout, config_from_dict
 
 
@@ -102,12 +103,9 @@ def group_settings(user_config: dict, total_batch_size: int, model_dim: int, sch
     """Each optimizer group's fields as nanochat's param_groups hold them after the last step (the LR multiplier,
     Muon momentum and weight decay of that step applied), by jaxchat optimizer label; `total_batch_size` is the
     batch the run trained with (the recipe's auto batch resolved)."""
-    betas = (user_config.get("adam_beta1", 0.8), user_config.get("adam_beta2", 0.95))  # recipes with fixed betas
-    base = optim.group_hyperparams(
-        model_dim=model_dim, embedding_lr=user_config["embedding_lr"], unembedding_lr=user_config["unembedding_lr"],
-        matrix_lr=user_config["matrix_lr"], scalar_lr=user_config["scalar_lr"], adam_betas=betas,
-        batch_lr_scale=batch_lr_scale(total_batch_size), adamw_groups=recipe.adamw_groups,
-        muon_variant=recipe.muon)
+    flags = optimizer_flags(dict(DEFAULTS, **user_config))  # a run saved without --adam-beta*: the flags' defaults
+    base = optim.group_hyperparams(model_dim=model_dim, **flags, batch_lr_scale=batch_lr_scale(total_batch_size),
+                                   adamw_groups=recipe.adamw_groups, muon_variant=recipe.muon)
     return optim.param_group_fields(base, recipe.adamw_groups, float(schedule["lrm"]), float(schedule["momentum"]),
                                     float(schedule["wd"]))
 
