@@ -21,7 +21,7 @@ from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import xla_flags
 from jaxchat.config import optimizer_flags
-from jaxchat.model import config_for_depth
+from jaxchat.config import config_for_depth
 from jaxchat.step import abstract_training, step_input_specs
 
 

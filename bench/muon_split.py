@@ -20,7 +20,8 @@ from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat.config import optimizer_flags
 from jaxchat.mesh import abstract_like
-from jaxchat.model import abstract_model, config_for_depth
+from jaxchat.model import abstract_model
+from jaxchat.config import config_for_depth
 
 
 def main(argv: list[str]) -> None:

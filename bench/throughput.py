@@ -28,7 +28,8 @@ from jaxchat import mesh as meshlib
 from jaxchat import optim
 from jaxchat import xla_flags
 from jaxchat.config import optimizer_flags
-from jaxchat.model import config_for_depth, estimate_flops
+from jaxchat.model import estimate_flops
+from jaxchat.config import config_for_depth
 from jaxchat.targets import peak_flops
 from jaxchat.step import compile_step, init_training
 

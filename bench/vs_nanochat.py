@@ -34,7 +34,8 @@ from jaxchat import optim
 from jaxchat import cli, host_memory
 from jaxchat.common import UserError
 from jaxchat.config import optimizer_flags
-from jaxchat.model import GPTConfig, config_for_depth
+from jaxchat.model import GPTConfig
+from jaxchat.config import config_for_depth
 from jaxchat import backend
 from jaxchat.step import init_training
 

@@ -11,6 +11,7 @@ flags. Booleans take
 
 import argparse
 import importlib.util
+import math
 import os
 import types
 
@@ -18,6 +19,7 @@ from ml_collections import ConfigDict
 
 from jaxchat import recipe as recipes
 from jaxchat.common import JAXCHAT_ONLY, HelpFormatter, UserError, check_name, finite_float, user_path
+from jaxchat.model import GPTConfig
 from jaxchat.remat import REMAT_POLICIES
 
 AUTO = 0  # --device-batch-size=auto, as the flags store it (the one place that says 0 means auto; jaxchat.memory)
@@ -136,8 +138,22 @@ FLAGS = {
 
 PATH_FLAGS = ("init_from",)  # flags naming a file or folder: `~` and relative paths expanded by common.user_path
 # Every flag's default by name, read-only: the one home of nanochat's defaults, which the library functions that
-# take a flag's value (model.config_for_depth, plan.make_plan) default to.
+# take a flag's value (config_for_depth, plan.make_plan) default to.
 DEFAULTS = types.MappingProxyType({name: default for flags in FLAGS.values() for name, default, _ in flags})
+
+
+def config_for_depth(depth: int, *, aspect_ratio: int = DEFAULTS["aspect_ratio"], head_dim: int = DEFAULTS["head_dim"],
+                     max_seq_len: int = DEFAULTS["max_seq_len"], vocab_size: int = GPTConfig.vocab_size,
+                     window_pattern: str = DEFAULTS["window_pattern"], recipe: str = DEFAULTS["recipe"]) -> GPTConfig:
+    """The one dial: width = depth * aspect_ratio rounded up to a multiple of head_dim, heads = width / head_dim.
+    The defaults are the flags' (DEFAULTS) and nanochat's GPTConfig vocabulary."""
+    if min(depth, aspect_ratio, head_dim, max_seq_len) <= 0:  # library guard: the command line refuses it first (config.validate)
+        raise ValueError(f"depth {depth}, aspect_ratio {aspect_ratio}, head_dim {head_dim} and max_seq_len "
+                         f"{max_seq_len} must be positive")
+    model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
+    n_head = model_dim // head_dim
+    return GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                     n_kv_head=n_head, n_embd=model_dim, window_pattern=window_pattern, recipe=recipe)
 
 
 def defaults() -> ConfigDict:

@@ -3,7 +3,7 @@ window-pattern repeats.
 
 Recipe 348fbb3 is nanochat's January model; recipe 92d63d4 (nanochat HEAD) adds smear and backout, a 12-channel x3
 value-embedding gate, QK x1.2, RoPE base 100000, quarter-context short windows and new initialisations. What differs
-is data: one `ModelRecipe` per commit in jaxchat.recipe.MODEL_RECIPES, chosen by `GPTConfig.recipe`.
+is data: one `ModelRecipe` per commit in jaxchat.architecture.MODEL_RECIPES, chosen by `GPTConfig.recipe`.
 
 Parameters are float32 and stored stacked over layers (Flax kernel layout (in, out), leading axis = layer), so
 the forward pass can `lax.scan` over repeats of the window pattern and compile time stays flat in depth. Each one is
@@ -29,9 +29,8 @@ from jaxchat import dense
 from jaxchat import loss as losslib
 from jaxchat import mesh as meshlib
 from jaxchat import params as paramslib
-from jaxchat import recipe as recipes
+from jaxchat import architecture
 from jaxchat.common import UserError
-from jaxchat.config import DEFAULTS
 from jaxchat.remat import remat_layer
 
 VOCAB_PAD = 64
@@ -52,7 +51,7 @@ class GPTConfig:
     n_kv_head: int = 6
     n_embd: int = 768
     window_pattern: str = "SSSL"
-    recipe: str = recipes.DEFAULT
+    recipe: str = architecture.DEFAULT
 
     def __post_init__(self):
         pattern = self.window_pattern.upper()
@@ -60,14 +59,14 @@ class GPTConfig:
             raise ValueError(f"window_pattern {self.window_pattern!r} must use only the letters S and L")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise UserError(f"n_embd {self.n_embd} must divide by n_head {self.n_head}, which must divide by n_kv_head {self.n_kv_head}")
-        if self.recipe not in recipes.MODEL_RECIPES:
-            raise UserError(f"recipe {self.recipe!r} is not one of {', '.join(recipes.MODEL_RECIPES)}")
+        if self.recipe not in architecture.MODEL_RECIPES:
+            raise UserError(f"recipe {self.recipe!r} is not one of {', '.join(architecture.MODEL_RECIPES)}")
         object.__setattr__(self, "window_pattern", pattern)
 
     @property
-    def constants(self) -> recipes.ModelRecipe:
+    def constants(self) -> architecture.ModelRecipe:
         """The recipe's model constants."""
-        return recipes.MODEL_RECIPES[self.recipe]
+        return architecture.MODEL_RECIPES[self.recipe]
 
     @property
     def head_dim(self) -> int:
@@ -99,20 +98,6 @@ class GPTConfig:
     def backout_layer(self) -> int | None:
         """The layer whose output residual backout subtracts before the final norm (None: no backout)."""
         return self.constants.backout_layer(self.n_layer)
-
-
-def config_for_depth(depth: int, *, aspect_ratio: int = DEFAULTS["aspect_ratio"], head_dim: int = DEFAULTS["head_dim"],
-                     max_seq_len: int = DEFAULTS["max_seq_len"], vocab_size: int = GPTConfig.vocab_size,
-                     window_pattern: str = DEFAULTS["window_pattern"], recipe: str = DEFAULTS["recipe"]) -> GPTConfig:
-    """The one dial: width = depth * aspect_ratio rounded up to a multiple of head_dim, heads = width / head_dim.
-    The defaults are the flags' (jaxchat.config) and nanochat's GPTConfig vocabulary."""
-    if min(depth, aspect_ratio, head_dim, max_seq_len) <= 0:  # library guard: the command line refuses it first (config.validate)
-        raise ValueError(f"depth {depth}, aspect_ratio {aspect_ratio}, head_dim {head_dim} and max_seq_len "
-                         f"{max_seq_len} must be positive")
-    model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
-    n_head = model_dim // head_dim
-    return GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                     n_kv_head=n_head, n_embd=model_dim, window_pattern=window_pattern, recipe=recipe)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,8 +141,8 @@ def scale(x: jax.Array, factor: float) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=16)
-def rotary_tables(seq_len: int, head_dim: int, base: float = recipes.ModelRecipe.rope_base,
-                  dtype=jnp.dtype(recipes.ModelRecipe.rope_dtype)) -> tuple[np.ndarray, np.ndarray]:
+def rotary_tables(seq_len: int, head_dim: int, base: float = architecture.ModelRecipe.rope_base,
+                  dtype=jnp.dtype(architecture.ModelRecipe.rope_dtype)) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin of shape (seq_len, head_dim/2): computed in float32 then rounded to `dtype`, as the reference does."""
     inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
     angle = np.outer(np.arange(seq_len, dtype=np.float32), inv_freq.astype(np.float32))

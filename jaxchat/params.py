@@ -177,7 +177,7 @@ class Param:
 
 
 def recipe_value(name: str) -> Callable:
-    """The recipe constant `name` (jaxchat.recipe.ModelRecipe) of a config."""
+    """The recipe constant `name` (jaxchat.architecture.ModelRecipe) of a config."""
     return lambda config: getattr(config.constants, name)
 
 

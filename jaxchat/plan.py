@@ -14,7 +14,8 @@ from jaxchat import cli
 from jaxchat import recipe as recipes
 from jaxchat.common import UserError, cli_parser, finite_float
 from jaxchat.config import DEFAULTS
-from jaxchat.model import GPTConfig, config_for_depth, estimate_flops, num_scaling_params
+from jaxchat.model import GPTConfig, estimate_flops, num_scaling_params
+from jaxchat.config import config_for_depth
 
 
 def num_iterations(*, num_iterations: int, target_flops: float, target_param_data_ratio: float, flops_per_token: int,

@@ -7,8 +7,8 @@ recipe of nanochat's HEAD: leaderboard run 6's code as maintained since).
     r.weight_decay_rule(...), r.auto_batch    # batch / weight-decay transfer (jaxchat.plan applies them)
 
 A recipe is data: everything that differs between the two is a field here, so no code asks which recipe it runs.
-The model side (`ModelRecipe`: RoPE base, windows, gates, smear, backout, initialisation) is here too, in
-MODEL_RECIPES; jaxchat.model reads it through `GPTConfig.recipe`, set from the same name.
+The model side (`ModelRecipe`: RoPE base, windows, gates, smear, backout, initialisation) is in
+jaxchat.architecture under the same names; jaxchat.model reads it through `GPTConfig.recipe`.
 """
 
 import dataclasses
@@ -17,67 +17,10 @@ import types
 from typing import Any, Callable
 
 from jaxchat import optim
+from jaxchat.architecture import DEFAULT, MODEL_RECIPES
 from jaxchat.common import UserError
 
-DEFAULT = "348fbb3"
 REFERENCE_BATCH_SIZE = 2**19  # the batch (tokens) nanochat tuned its learning rates at
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The model side of a recipe (jaxchat.model reads it through GPTConfig.recipe)
-
-def _half_context(seq_len: int) -> int:
-    """nanochat 348fbb3 GPT._compute_window_sizes: S = T // 2."""
-    return seq_len // 2
-
-
-def _quarter_context_in_tiles(seq_len: int) -> int:
-    """nanochat 92d63d4 GPT._compute_window_sizes: S = ceil(T / 4) rounded up to a multiple of 128 (FA3's tile)."""
-    return -(-seq_len // 4 // 128) * 128
-
-
-def _no_backout(n_layer: int) -> None:
-    return None
-
-
-def _half_depth(n_layer: int) -> int:
-    """nanochat 92d63d4 GPT.forward: backout reads the residual after layer L // 2 (0-based)."""
-    return n_layer // 2
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelRecipe:
-    """The model constants of one nanochat commit; the defaults are 348fbb3's."""
-
-    rope_base: float = 10000.0
-    rope_dtype: str | None = "bfloat16"  # rotary tables rounded to this dtype; None: to the compute dtype
-    short_window: Callable[[int], int] = _half_context  # left window of S layers from the sequence length
-    ve_gate_channels: int = 32  # the value-embedding gate reads this many channels of the normalised block input
-    ve_gate_scale: float = 2.0  # gate = scale * sigmoid(...)
-    qk_scale: float = 1.0  # q and k multiplied by this after RoPE and QK-norm
-    smear_channels: int = 0  # the smear gate reads this many embedding channels; 0: no smear (and no smear leaves)
-    backout_layer: Callable[[int], int | None] = _no_backout  # layer whose output residual backout subtracts
-    # Initialisation (nanochat GPT.init_weights): normal std of wte, c_fc's uniform bound relative to c_q's,
-    # resid/x0 lambdas as (start, drop) for layer i: start - drop * i / max(L - 1, 1), and uniform upper bounds
-    # U(0, b) of the gates (0: zeros) and the smear/backout lambdas' constants.
-    wte_std: float = 1.0
-    c_fc_scale: float = 1.0
-    resid_init: tuple[float, float] = (1.0, 0.0)
-    x0_init: tuple[float, float] = (0.1, 0.0)
-    ve_gate_init: float = 0.0
-    smear_gate_init: float = 0.0
-    smear_lambda_init: float = 0.0
-    backout_lambda_init: float = 0.0
-
-
-MODEL_RECIPES = {
-    "348fbb3": ModelRecipe(),
-    "92d63d4": ModelRecipe(rope_base=100000.0, rope_dtype=None, short_window=_quarter_context_in_tiles,
-                           ve_gate_channels=12, ve_gate_scale=3.0, qk_scale=1.2, smear_channels=24,
-                           backout_layer=_half_depth, wte_std=0.8, c_fc_scale=0.4, resid_init=(1.15, 0.10),
-                           x0_init=(0.20, 0.15), ve_gate_init=0.02, smear_gate_init=0.02, smear_lambda_init=0.0,
-                           backout_lambda_init=0.2),
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,6 +120,9 @@ RECIPES = {
                                   weight_decay=optim.muon_weight_decay_cosine),
         auto_batch=True, weight_decay_rule=t_epoch_weight_decay_rule, raw_token_bytes=True, fixed_betas=True),
 }
+
+
+assert RECIPES.keys() == MODEL_RECIPES.keys()  # each commit's training side beside its model side
 
 
 def get(name: str) -> Recipe:

@@ -239,7 +239,7 @@ def test_a_length_no_device_batch_holds_is_refused_before_tracing():
     import dataclasses
 
     from jaxchat import backend
-    from jaxchat.model import config_for_depth
+    from jaxchat.config import config_for_depth
 
     cpu = backend.for_devices(jax.devices("cpu"))
     demo = dict(aspect_ratio=32, head_dim=64, vocab_size=4096)

@@ -12,8 +12,8 @@ import json
 
 from jaxchat.convert import read_reference_npz, to_reference
 from jaxchat import params as paramslib
-from jaxchat.model import (GPT, Blocks, GPTConfig, config_for_depth, estimate_flops, layer_runs, num_scaling_params,
-                           rotary_tables)
+from jaxchat.model import GPT, Blocks, GPTConfig, estimate_flops, layer_runs, num_scaling_params, rotary_tables
+from jaxchat.config import config_for_depth
 
 TINY = GPTConfig(sequence_len=32, vocab_size=100, n_layer=10, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SSSL")
 

@@ -160,7 +160,7 @@ def test_resuming_with_another_recipe_is_one_line():
     import dataclasses
 
     from jaxchat.config import parse_flags
-    from jaxchat.model import config_for_depth
+    from jaxchat.config import config_for_depth
     from jaxchat.train import resume_point
     c = parse_flags(["--recipe=92d63d4", "--depth=4", "--resume-from-step=5"])
     saved = dataclasses.asdict(config_for_depth(4))
