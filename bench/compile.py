@@ -15,14 +15,14 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxchat import recipe
+from jaxchat.training import recipe
 
-from jaxchat import mesh as meshlib
-from jaxchat import optim
-from jaxchat import xla_flags
-from jaxchat.config import optimizer_flags
-from jaxchat.config import config_for_depth
-from jaxchat.step import abstract_training, step_input_specs
+from jaxchat.model import mesh as meshlib
+from jaxchat.runtime import xla_flags
+from jaxchat.training import optim
+from jaxchat.training.config import config_for_depth
+from jaxchat.training.config import optimizer_flags
+from jaxchat.training.step import abstract_training, step_input_specs
 
 
 def hlo_op_count(compiled: jax.stages.Compiled) -> int:

@@ -13,9 +13,10 @@ import time
 
 import jax
 
-from jaxchat import cli, core_bundle, core_eval
 from jaxchat.base_eval import DTYPES, load_model
-from jaxchat.common import check_output, print0
+from jaxchat.eval import core_bundle, core_eval
+from jaxchat.runtime import cli
+from jaxchat.runtime.common import check_output, print0
 
 
 def main(argv=None) -> None:

@@ -1,16 +1,17 @@
 """The GPU check: jaxchat's real train step and nanochat's on one GPU, at d12 and d24, T 2048, in one run.
 
 Per jaxchat case (depth x bf16/--fp8), in a process of its own: the step built and compiled as `python -m
-jaxchat.train` builds it (its flags, jaxchat.train's plan and optimizer, jaxchat.step's compile), cold in an empty
-persistent compilation cache, then timed (block_until_ready on every step, the median of the steady steps after the
-warm-up), the GPU's measured peak (`peak_bytes_in_use`), then compiled again warm: jax's in-memory caches cleared, the
-program loaded from the persistent cache that the cold compile filled (its hits counted). Beside each case, `python -m
-jaxchat.aot --target=h100 --devices=1` with the same flags (XLA's predicted peak for that target, and its projection
+jaxchat.train` builds it (its flags, jaxchat.train's plan and optimizer, jaxchat.training.step's compile), cold in an
+empty persistent compilation cache, then timed (block_until_ready on every step, the median of the steady steps after
+the warm-up), the GPU's measured peak (`peak_bytes_in_use`), then compiled again warm: jax's in-memory caches cleared,
+the program loaded from the persistent cache that the cold compile filled (its hits counted). Beside each case, `python
+-m jaxchat.aot --target=h100 --devices=1` with the same flags (XLA's predicted peak for that target, and its projection
 where this checkout's aot has one), run on the CPU while nanochat runs on the GPU. Per depth, nanochat's GPT and
 MuonAdamW built as its scripts/base_train.py builds them (bench/vs_nanochat.py's NanochatSide: torch.compile, bf16
 autocast), timed the same way at the same shape, in its own process. One micro-batch per step on both sides
-(--total-batch-size = device batch x T). MFU: nanochat's count of FLOPs per token (jaxchat.model.estimate_flops) over
-the device's bf16 peak (jaxchat.targets.peak_flops), for both sides and for --fp8 too, as nanochat labels bf16_mfu.
+(--total-batch-size = device batch x T). MFU: nanochat's count of FLOPs per token (jaxchat.model.gpt.estimate_flops)
+over the device's bf16 peak (jaxchat.runtime.targets.peak_flops), for both sides and for --fp8 too, as nanochat labels
+bf16_mfu.
 
 Each phase has a timeout and the whole run a budget (--budget-s): a phase that fails or runs out is reported as such
 and the others still run. Prints a table, then one JSON line (the last line). `--dry-run`: the same path on CPU at a
@@ -106,15 +107,16 @@ def median_step(step, steps: int, warmup: int) -> tuple[float, list[float]]:
 
 def jaxchat_case(spec: dict) -> dict:
     """jaxchat's train step of these flags on this process's first device: compile cold, time, measure, compile warm."""
-    from jaxchat import host_memory, xla_flags
+    from jaxchat.runtime import host_memory, xla_flags
 
     xla_flags.apply()  # before the backend starts, as `python -m jaxchat.train` does
     host_memory.keep_freed_memory()
     import jax
 
-    from jaxchat import build, compile_cache
-    from jaxchat import mesh as meshlib
-    from jaxchat.config import parse_flags
+    from jaxchat.model import mesh as meshlib
+    from jaxchat.runtime import compile_cache
+    from jaxchat.training import build
+    from jaxchat.training.config import parse_flags
 
     events = collections.Counter()
     jax.monitoring.register_event_listener(lambda event, **kw: events.update([event]))
@@ -125,7 +127,7 @@ def jaxchat_case(spec: dict) -> dict:
     run_backend = build.backend_for(c, mesh)
     plan = build.run_plan(c, build.planned_vocab(c)[0], device_batch_size=c.device_batch_size, data_parallel_size=1)
 
-    def compile_step():  # as `python -m jaxchat.train` compiles it (jaxchat.build)
+    def compile_step():  # as `python -m jaxchat.train` compiles it (jaxchat.training.build)
         with contextlib.redirect_stdout(sys.stderr):  # the optimizer's summary line stays off the JSON output
             return build.compile_train_step(c, plan, mesh, run_backend)
 
@@ -145,14 +147,15 @@ def jaxchat_case(spec: dict) -> dict:
 
 
 def time_jaxchat_step(built, c, plan, mesh, device, steps: int, warmup: int) -> tuple[float, list[float], float, dict]:
-    """(median seconds, timed seconds, last loss, the device's memory stats) of the compiled step (jaxchat.build's)
-    on random tokens at step 0's schedule, from its initial state; the state is freed on return."""
+    """(median seconds, timed seconds, last loss, the device's memory stats) of the compiled step
+    (jaxchat.training.build's) on random tokens at step 0's schedule, from its initial state; the state is freed on
+    return."""
     import jax
     import numpy as np
 
-    from jaxchat import mesh as meshlib
-    from jaxchat import optim
-    from jaxchat import recipe as recipes
+    from jaxchat.model import mesh as meshlib
+    from jaxchat.training import optim
+    from jaxchat.training import recipe as recipes
 
     cold = built.memory
     params, opt_state = built.initial_state(c.seed)
@@ -179,9 +182,9 @@ def jaxchat_result(c, plan, run_backend, device, cold, dt: float, times: list[fl
     """The case's shape, speed, MFU and memory as the JSON line reports them (cold: the compiled StepMemory)."""
     import jax
 
-    from jaxchat import memory
-    from jaxchat.model import estimate_flops
-    from jaxchat.targets import peak_flops
+    from jaxchat.model.gpt import estimate_flops
+    from jaxchat.runtime.targets import peak_flops
+    from jaxchat.training import memory
 
     rows, accum, T = cold.device_batch_size, cold.grad_accum, c.max_seq_len
     tokens_per_step = accum * rows * T
@@ -203,10 +206,10 @@ def nanochat_case(spec: dict) -> dict:
     sys.path.insert(0, str(ROOT / "bench"))
     from vs_nanochat import NanochatSide
 
-    from jaxchat.config import parse_flags
-    from jaxchat.model import estimate_flops
-    from jaxchat.targets import peak_flops
-    from jaxchat.build import planned_vocab, run_plan
+    from jaxchat.model.gpt import estimate_flops
+    from jaxchat.runtime.targets import peak_flops
+    from jaxchat.training.build import planned_vocab, run_plan
+    from jaxchat.training.config import parse_flags
 
     c = parse_flags(spec["flags"])
     config = run_plan(c, planned_vocab(c)[0], device_batch_size=c.device_batch_size, data_parallel_size=1).model

@@ -1,9 +1,9 @@
 """Projected time to each run's horizon on 8 GPUs: d12, d20, d24, d26 (their configs) x recipe 348fbb3 / 92d63d4 x
 bf16 / --fp8, as the Markdown table of docs/performance.md. Each (depth, recipe, precision) is compiled once by
 XLA:GPU for 8 H100s (`python -m jaxchat.aot --reproject=h200,a100`, no GPU) and that one program is projected by
-jaxchat.projection with the H100's, the H200's and the A100's figures (jaxchat.targets): the H200 and A100 columns
-are the H100's program re-projected, not programs compiled for them. The A100 has no fp8 (n/a). A roofline model of
-XLA's optimised program, not a measurement.
+jaxchat.training.projection with the H100's, the H200's and the A100's figures (jaxchat.runtime.targets): the H200 and
+A100 columns are the H100's program re-projected, not programs compiled for them. The A100 has no fp8 (n/a). A roofline
+model of XLA's optimised program, not a measurement.
 
     python bench/horizon.py                          # all 16 compiles (20-200 s each on 2 cores)
     python bench/horizon.py --depths 12 24 --recipes 92d63d4

@@ -15,16 +15,16 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxchat import recipe
+from jaxchat.training import recipe
 
-from jaxchat import backend
-from jaxchat import mesh as meshlib
-from jaxchat import optim
-from jaxchat import xla_flags
-from jaxchat.config import optimizer_flags, parse_flags
-from jaxchat.plan import make_plan
-from jaxchat.dataloader import make_loaders, prepare_data, step_batch
-from jaxchat.step import compile_step, init_training
+from jaxchat.data.dataloader import make_loaders, prepare_data, step_batch
+from jaxchat.model import mesh as meshlib
+from jaxchat.runtime import backend
+from jaxchat.runtime import xla_flags
+from jaxchat.training import optim
+from jaxchat.training.config import optimizer_flags, parse_flags
+from jaxchat.training.plan import make_plan
+from jaxchat.training.step import compile_step, init_training
 
 
 def set_up(c, steps: int) -> tuple:

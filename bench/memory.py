@@ -39,8 +39,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     import jax
 
-    from jaxchat import xla_flags
-    from jaxchat.targets import GPU_TARGETS
+    from jaxchat.runtime import xla_flags
+    from jaxchat.runtime.targets import GPU_TARGETS
     usable = GPU_TARGETS[args.target].memory_bytes * xla_flags.memory_fraction() / 2**30
     print(f"XLA's predicted peak per device (GiB; --remat=auto's choice), {args.devices} x "
           f"{GPU_TARGETS[args.target].device_kind}, usable {usable:.1f} GiB (90%: {0.9 * usable:.1f}); "

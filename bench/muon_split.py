@@ -14,14 +14,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxchat import recipe
+from jaxchat.training import recipe
 
-from jaxchat import mesh as meshlib
-from jaxchat import optim
-from jaxchat.config import optimizer_flags
-from jaxchat.mesh import abstract_like
-from jaxchat.model import abstract_model
-from jaxchat.config import config_for_depth
+from jaxchat.model import mesh as meshlib
+from jaxchat.model.gpt import abstract_model
+from jaxchat.model.mesh import abstract_like
+from jaxchat.training import optim
+from jaxchat.training.config import config_for_depth
+from jaxchat.training.config import optimizer_flags
 
 
 def main(argv: list[str]) -> None:

@@ -19,10 +19,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxchat import optim, parity
-from jaxchat import cli
-from jaxchat.common import UserError
-from jaxchat.convert import model_from_reference, read_reference_npz
+from jaxchat import parity
+from jaxchat.interop.convert import model_from_reference, read_reference_npz
+from jaxchat.runtime import cli
+from jaxchat.runtime.common import UserError
+from jaxchat.training import optim
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures")
 

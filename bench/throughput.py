@@ -20,18 +20,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxchat import recipe
+from jaxchat.training import recipe
 
-from jaxchat import backend, fp8, host_memory
-from jaxchat import memory
-from jaxchat import mesh as meshlib
-from jaxchat import optim
-from jaxchat import xla_flags
-from jaxchat.config import optimizer_flags
-from jaxchat.model import estimate_flops
-from jaxchat.config import config_for_depth
-from jaxchat.targets import peak_flops
-from jaxchat.step import compile_step, init_training
+from jaxchat.model import fp8
+from jaxchat.model import mesh as meshlib
+from jaxchat.model.gpt import estimate_flops
+from jaxchat.runtime import backend, host_memory
+from jaxchat.runtime import xla_flags
+from jaxchat.runtime.targets import peak_flops
+from jaxchat.training import memory
+from jaxchat.training import optim
+from jaxchat.training.config import config_for_depth
+from jaxchat.training.config import optimizer_flags
+from jaxchat.training.step import compile_step, init_training
 
 
 def parse_args(argv=None) -> argparse.Namespace:

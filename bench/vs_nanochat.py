@@ -4,8 +4,8 @@ Both projects run as they do by default on the backend: float32 compute on CPU, 
 on CUDA, `torch.compile` of the model as scripts/base_train.py does unless --torch-eager). Each side runs in its own
 worker process (its own allocator, threads and memory, as each project trains alone), and the two take turns one
 step at a time, so load from elsewhere on the machine hits both alike. jaxchat's worker sets glibc's malloc as
-`python -m jaxchat.train` does (jaxchat.host_memory); --nanochat-malloc gives nanochat's worker the same. Prints one
-JSON line: each side's median step, forward+backward and optimizer times, and `ratio` = jaxchat steps/s / nanochat
+`python -m jaxchat.train` does (jaxchat.runtime.host_memory); --nanochat-malloc gives nanochat's worker the same. Prints
+one JSON line: each side's median step, forward+backward and optimizer times, and `ratio` = jaxchat steps/s / nanochat
 steps/s; also each step's CPU time, `cpu_ratio` and the load average, for a machine that other processes keep busy.
 
     git clone https://github.com/karpathy/nanochat /tmp/nanochat && git -C /tmp/nanochat checkout 348fbb3
@@ -27,17 +27,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxchat import recipe
+from jaxchat.training import recipe
 
-from jaxchat import mesh as meshlib
-from jaxchat import optim
-from jaxchat import cli, host_memory
-from jaxchat.common import UserError
-from jaxchat.config import optimizer_flags
-from jaxchat.model import GPTConfig
-from jaxchat.config import config_for_depth
-from jaxchat import backend
-from jaxchat.step import init_training
+from jaxchat.model import mesh as meshlib
+from jaxchat.model.gpt import GPTConfig
+from jaxchat.runtime import backend
+from jaxchat.runtime import cli, host_memory
+from jaxchat.runtime.common import UserError
+from jaxchat.training import optim
+from jaxchat.training.config import config_for_depth
+from jaxchat.training.config import optimizer_flags
+from jaxchat.training.step import init_training
 
 
 def parse(argv):
@@ -58,7 +58,7 @@ def parse(argv):
                         "the other side runs (seconds-long steps), the first step of a turn pays to fault it back in")
     p.add_argument("--torch-eager", action="store_true", help="nanochat's model without torch.compile")
     p.add_argument("--nanochat-malloc", action="store_true",
-                   help="give nanochat's worker jaxchat's malloc setting too (jaxchat.host_memory; jaxchat's worker "
+                   help="give nanochat's worker jaxchat's malloc setting too (jaxchat.runtime.host_memory; jaxchat's worker "
                         "has it, as `python -m jaxchat.train` does): how much of the ratio is the allocator")
     return p.parse_args(argv)
 

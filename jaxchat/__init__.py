@@ -12,5 +12,5 @@ every module:
     i, o   a dense layer's input and output features
     M, O, I    Muon: matrices of a stack, rows (fan_out) and columns (fan_in) in the reference orientation
     t, s   a block's share of T and S; a digit is a literal size (`spans_R2`, `gate_BT1`)
-A parameter's declared shape (jaxchat.params) writes products as adjacent letters: HD = H x D, 4n = 4 x n.
+A parameter's declared shape (jaxchat.model.params) writes products as adjacent letters: HD = H x D, 4n = 4 x n.
 """

@@ -2,10 +2,10 @@
 real train step for GPUs or TPUs that are not here, as `python -m jaxchat.train` would on them, and print what XLA's
 compiler made of it: per-device memory against the target's usable memory, the device batch `auto` picks there,
 compile time, the kernel inventory (cuDNN or splash attention, cuBLASLt and fp8 GEMMs, collectives, anything that
-should not be there) and, on GPUs, a roofline projection of the step's time (jaxchat.projection).
+should not be there) and, on GPUs, a roofline projection of the step's time (jaxchat.training.projection).
 
 No accelerator is needed. GPUs: the CUDA plugin (`pip install "jax[cuda12]==<the installed jax version>"`); XLA's GPU
-compiler runs on the host with the target's description (jaxchat.targets). TPUs: libtpu (`pip install
+compiler runs on the host with the target's description (jaxchat.runtime.targets). TPUs: libtpu (`pip install
 "jax[tpu]==<the installed jax version>"`), whose XLA:TPU compiler takes a slice's topology (v5e:2x4, v5p:2x2x2...)
 and refuses at compile time a program that does not fit a chip. The figures are XLA's prediction; what a real run
 measures can differ (the GPU autotuner's choices, the CUDA runtime's own memory).
@@ -18,9 +18,9 @@ import os
 import sys
 import time
 
-from jaxchat import cli, xla_flags
-from jaxchat.common import UserError
-from jaxchat.targets import GPU_TARGETS, HOST_BOUNDS, MULTI_HOST_CHIPS, TPU_TARGETS
+from jaxchat.runtime import cli, xla_flags
+from jaxchat.runtime.common import UserError
+from jaxchat.runtime.targets import GPU_TARGETS, HOST_BOUNDS, MULTI_HOST_CHIPS, TPU_TARGETS
 
 def topology_devices(target: str, devices: int, hosts: int | None = None) -> list:
     """Compile-only devices of a slice or of `hosts` x `devices / hosts` GPUs of the target (None: the target's usual
@@ -39,7 +39,7 @@ def topology_devices(target: str, devices: int, hosts: int | None = None) -> lis
 
 def _needs_plugin(platform: str, target: str) -> None:
     """The compiler for `target` is JAX's plugin for its platform (no device needed): one line if it is missing."""
-    from jaxchat import backend
+    from jaxchat.runtime import backend
 
     if platform not in backend.installed_plugins():
         raise UserError(f"compiling for {target} needs JAX's {platform} plugin (not a device): "
@@ -93,9 +93,10 @@ def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int
 
     jaxchat's XLA flags must be in $XLA_FLAGS before the process's first backend starts (cli.run and the tests'
     conftest apply them): with XLA's defaults every GEMM is a Triton fusion and there is no fp8 GEMM."""
-    from jaxchat import build, fp8, inventory
-    from jaxchat import mesh as meshlib
-    from jaxchat.config import parse_flags
+    from jaxchat.model import fp8
+    from jaxchat.model import mesh as meshlib
+    from jaxchat.training import build, inventory
+    from jaxchat.training.config import parse_flags
 
     c = parse_flags(argv)
     target_devices = topology_devices(target, devices, hosts)
@@ -142,11 +143,11 @@ def compile_for_target(argv: list[str], *, target: str, devices: int, hosts: int
 
 
 def project(hlo: str, target: str, devices: int, plan) -> dict | None:
-    """The roofline projection of this program's step on the target (jaxchat.projection); None for TPUs (the model
-    reads XLA:GPU's kernels: cuBLAS GEMMs, cuDNN attention, NCCL collectives)."""
+    """The roofline projection of this program's step on the target (jaxchat.training.projection); None for TPUs (the
+    model reads XLA:GPU's kernels: cuBLAS GEMMs, cuDNN attention, NCCL collectives)."""
     if target not in GPU_TARGETS:
         return None
-    from jaxchat import projection
+    from jaxchat.training import projection
     result = projection.project(hlo, GPU_TARGETS[target], devices=devices, tokens_per_step=plan.total_batch_size,
                                 flops_per_token=plan.flops_per_token, steps=plan.num_iterations, name=target)
     return dataclasses.asdict(result)
@@ -223,7 +224,7 @@ def table(r: dict) -> str:
 
 
 PROJECTION_LABEL = ("roofline model of XLA's optimised program, not a measurement; assumptions in "
-                    "jaxchat/targets.py")
+                    "jaxchat/runtime/targets.py")
 
 
 def projection_rows(p: dict | None) -> list[tuple[str, str]]:

@@ -21,12 +21,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxchat import cli, compile_cache, core_bundle, core_eval, dataset, mesh as meshlib
-from jaxchat.common import (JAXCHAT_ONLY, UserError, base_dir, check_output, cli_parser, print0, replacing,
+from jaxchat.data import dataset
+from jaxchat.data.tokenizer import Tokenizer, check_recorded, default_dir
+from jaxchat.eval import core_bundle, core_eval
+from jaxchat.eval.loss_eval import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
+from jaxchat.model import mesh as meshlib
+from jaxchat.model.gpt import GPT, abstract_model
+from jaxchat.runtime import cli, compile_cache
+from jaxchat.runtime.common import (JAXCHAT_ONLY, UserError, base_dir, check_output, cli_parser, print0, replacing,
                             user_path)
-from jaxchat.loss_eval import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
-from jaxchat.model import GPT, abstract_model
-from jaxchat.tokenizer import Tokenizer, check_recorded, default_dir
 
 EVALS = ("core", "bpb", "sample")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -34,8 +37,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def load_nanochat_checkpoint(path: str, compute_dtype=jnp.float32) -> tuple:
     """(model, step or None) from a parity-format .npz or a nanochat .pt checkpoint."""
-    from jaxchat import nanochat_ckpt
-    from jaxchat.convert import model_from_reference, read_reference_npz
+    from jaxchat.interop import nanochat_ckpt
+    from jaxchat.interop.convert import model_from_reference, read_reference_npz
 
     if not os.path.exists(path):
         raise UserError(f"--nanochat-checkpoint {path} does not exist")
@@ -60,7 +63,7 @@ def largest_model_tag() -> str:
 
 def open_checkpoint(model_tag: str, step: int | str = "last"):
     """(reader, step, meta record) of a saved jaxchat checkpoint, nothing restored yet."""
-    from jaxchat import checkpoint  # imported lazily: orbax is slow to import and not needed for .npz models
+    from jaxchat.runtime import checkpoint  # imported lazily: orbax is slow to import and not needed for .npz models
 
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(model_tag), async_save=False, step_flag="--step")
     step = ckpt.resolve_step(step)
@@ -72,7 +75,7 @@ def restore_model(ckpt, step: int, meta: dict, compute_dtype=None) -> tuple[GPT,
 
     As nanochat/checkpoint_manager.py load_model with phase="eval".
     """
-    from jaxchat.convert import config_from_dict
+    from jaxchat.interop.convert import config_from_dict
 
     config = config_from_dict(meta["model_config"])
     kwargs = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
@@ -127,7 +130,7 @@ def split_bpb(model: GPT, tokenizer: Tokenizer, source: str, device_batch_size: 
     bpb_step, token_bytes = make_bpb_step(graphdef), jnp.asarray(tokenizer.get_token_bytes())
     results = {}
     for split in ("train", "val"):
-        from jaxchat.dataloader import DataLoader  # grain: imported only when bpb is asked for
+        from jaxchat.data.dataloader import DataLoader  # grain: imported only when bpb is asked for
 
         loader = DataLoader(tokenizer, dataset.list_shards(source, split), device_batch_size * jax.local_device_count(),
                             seq_len)
@@ -195,7 +198,7 @@ class Loaded(NamedTuple):
 def load_model(args: argparse.Namespace) -> Loaded:
     """The model, tokenizer, name, step and data source of the command-line choice of model; the tokenizer is the one
     the checkpoint records (checked before the parameters are read)."""
-    from jaxchat import nanochat_ckpt
+    from jaxchat.interop import nanochat_ckpt
 
     compute_dtype = DTYPES[args.dtype]
     if args.nanochat_checkpoint:
@@ -217,7 +220,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
         name, source = os.path.basename(args.nanochat_checkpoint), "fineweb-edu"
         which = f"{args.nanochat_checkpoint}" + (f" (step {step})" if step is not None else "")
     else:
-        from jaxchat.checkpoint import recorded_tokenizer
+        from jaxchat.runtime.checkpoint import recorded_tokenizer
 
         model_tag = args.model_tag or largest_model_tag()
         ckpt, step, meta = open_checkpoint(model_tag, "last" if args.step is None else args.step)

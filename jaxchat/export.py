@@ -4,7 +4,7 @@
     NANOCHAT_BASE_DIR=DIR torchrun --nproc_per_node=W -m scripts.chat_sft -- --model-tag=d24   # in nanochat
 
 Writes DIR/base_checkpoints/<tag>/{model,meta}_<step>.pt|json, optim_<step>_rank<r>.pt for r < W, and
-DIR/tokenizer/{tokenizer.pkl,token_bytes.pt}: nanochat's names, layouts and dtypes (jaxchat.nanochat_ckpt).
+DIR/tokenizer/{tokenizer.pkl,token_bytes.pt}: nanochat's names, layouts and dtypes (jaxchat.interop.nanochat_ckpt).
 Needs PyTorch (pip install -e '.[torch]').
 """
 
@@ -16,13 +16,15 @@ import sys
 
 import numpy as np
 
-from jaxchat import cli, nanochat_ckpt, optim
-from jaxchat import recipe as recipes
-from jaxchat.recipe import batch_lr_scale
-from jaxchat import tokenizer as toklib
-from jaxchat.common import UserError, check_name, check_output, replacing, user_path
-from jaxchat.config import DEFAULTS, optimizer_flags
-from jaxchat.convert import Layout, config_from_dict
+from jaxchat.data import tokenizer as toklib
+from jaxchat.interop import nanochat_ckpt
+from jaxchat.interop.convert import Layout, config_from_dict
+from jaxchat.runtime import cli
+from jaxchat.runtime.common import UserError, check_name, check_output, replacing, user_path
+from jaxchat.training import optim
+from jaxchat.training import recipe as recipes
+from jaxchat.training.config import DEFAULTS, optimizer_flags
+from jaxchat.training.recipe import batch_lr_scale
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +64,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def open_jaxchat(model_tag: str, step: int | None) -> tuple:
     """(reader, step, meta) of a jaxchat checkpoint, nothing restored yet."""
-    from jaxchat.checkpoint import Checkpointer, checkpoint_dir
+    from jaxchat.runtime.checkpoint import Checkpointer, checkpoint_dir
 
     ckpt = Checkpointer(checkpoint_dir(model_tag), async_save=False, step_flag="--step")
     step = ckpt.resolve_step("last" if step is None else step)
@@ -163,7 +165,7 @@ def export(argv: list[str]) -> dict[str, str]:
     args = parse_args(argv)
     check_output(args.to, "--to", directory=True)  # before reading anything
     nanochat_ckpt.torch_module()  # before reading anything: one line if PyTorch is missing
-    from jaxchat.checkpoint import recorded_tokenizer  # orbax: slow to import, so not for --help
+    from jaxchat.runtime.checkpoint import recorded_tokenizer  # orbax: slow to import, so not for --help
 
     opened = open_jaxchat(args.model_tag, args.step)
     _, step, meta = opened

@@ -7,7 +7,7 @@ Reads `config/*`, `param/*`, `idx`, `targets` (nanochat/gpt.py GPT's parameter n
 the current backend. If the fixture has `opt/json`, it also runs its optimizer steps (batches
 `step{k}_idx`/`step{k}_targets`, fresh state, from `param/*`) and writes `step{k}_loss` and `step{k}/<name>`
 (parameters after step k). An fp8 unit fixture (`x`, `w`, `go`) gets jaxchat's fp8 matmul
-instead: `q_x`, `q_w`, `q_go`, `inv_*`, `y`, `grad_x`, `grad_w` (jaxchat.fp8.unit_fixture_outputs).
+instead: `q_x`, `q_w`, `q_go`, `inv_*`, `y`, `grad_x`, `grad_w` (jaxchat.model.fp8.unit_fixture_outputs).
 """
 
 import json
@@ -19,10 +19,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxchat import cli, fp8, optim, recipe as recipes
-from jaxchat.common import UserError, check_output, cli_parser, read_input, user_path
-from jaxchat.convert import model_from_reference, read_reference_npz, to_reference
-from jaxchat.model import GPT
+from jaxchat.interop.convert import model_from_reference, read_reference_npz, to_reference
+from jaxchat.model import fp8
+from jaxchat.model.gpt import GPT
+from jaxchat.runtime import cli
+from jaxchat.runtime.common import UserError, check_output, cli_parser, read_input, user_path
+from jaxchat.training import optim, recipe as recipes
 
 
 def loss_and_grads(model: GPT, idx: np.ndarray, targets: np.ndarray) -> tuple[jax.Array, jax.Array, dict]:

@@ -14,9 +14,10 @@ from contextlib import contextmanager
 import tiktoken
 import tiktoken.load
 
-from jaxchat import cli, dataset
-from jaxchat.common import JAXCHAT_ONLY, UserError, cli_parser
-from jaxchat.tokenizer import Tokenizer, default_dir
+from jaxchat.data import dataset
+from jaxchat.data.tokenizer import Tokenizer, default_dir
+from jaxchat.runtime import cli
+from jaxchat.runtime.common import JAXCHAT_ONLY, UserError, cli_parser
 
 SAMPLES = {
     "news": (

@@ -1,10 +1,11 @@
 """Base-model pretraining: `python -m jaxchat.train`, nanochat's scripts/base_train.py (348fbb3) with its flags.
 
-This module is the command line and the loop; the step is built from the flags and compiled in jaxchat/build.py (the
-path jaxchat.aot shares), the step itself lives in jaxchat/step.py, the process is set up by jaxchat/cli.py (SETUP).
-`train_with()` runs the phases in order: `set_up` (the devices, data, the checkpoint to resume, the step compiled for
-the device batch, model and optimizer state, the plan), `restore_or_start` (a checkpoint, or step 0), `run_loop` (evaluation
-at chosen steps in `evaluate_at_step`, one optimizer step at a time in `train_one_step`, saves) and `finish`.
+This module is the command line and the loop; the step is built from the flags and compiled in jaxchat/training/build.py
+(the path jaxchat.aot shares), the step itself lives in jaxchat/training/step.py, the process is set up by
+jaxchat/runtime/cli.py (SETUP). `train_with()` runs the phases in order: `set_up` (the devices, data, the checkpoint to
+resume, the step compiled for the device batch, model and optimizer state, the plan), `restore_or_start` (a checkpoint,
+or step 0), `run_loop` (evaluation at chosen steps in `evaluate_at_step`, one optimizer step at a time in
+`train_one_step`, saves) and `finish`.
 """
 
 import contextlib
@@ -23,23 +24,26 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from jaxchat import build, cli, fp8, memory, nanochat_ckpt
-from jaxchat import mesh as meshlib
-from jaxchat import optim
-from jaxchat import recipe as recipes
-from jaxchat.checkpoint import Checkpointer, checkpoint_dir, input_changes, recorded_tokenizer
-from jaxchat.common import UserError, base_dir, check_writable, fmt_bytes, print0
-from jaxchat.config import parse_flags
-from jaxchat.dataloader import (ShardLoaders, check_resume_data, global_batch, make_loaders, prepare_data,
+from jaxchat.data.dataloader import (ShardLoaders, check_resume_data, global_batch, make_loaders, prepare_data,
                                 saved_states, shard_layout, step_batch)
-from jaxchat.distributed import gather_json
-from jaxchat.faults import SaveTimer, Stopped, StopRequest
-from jaxchat.loss_eval import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
-from jaxchat.monitor import Monitor, step_line
-from jaxchat.plan import Plan, device_batch_warning
-from jaxchat.step import without_fp8
-from jaxchat.targets import peak_flops
-from jaxchat.tokenizer import check_recorded
+from jaxchat.data.tokenizer import check_recorded
+from jaxchat.eval.loss_eval import SAMPLE_PROMPTS, evaluate_bpb, greedy_generate, make_bpb_step
+from jaxchat.interop import nanochat_ckpt
+from jaxchat.model import fp8
+from jaxchat.model import mesh as meshlib
+from jaxchat.runtime import cli
+from jaxchat.runtime.checkpoint import Checkpointer, checkpoint_dir, input_changes, recorded_tokenizer
+from jaxchat.runtime.common import UserError, base_dir, check_writable, fmt_bytes, print0
+from jaxchat.runtime.distributed import gather_json
+from jaxchat.runtime.faults import SaveTimer, Stopped, StopRequest
+from jaxchat.runtime.monitor import Monitor, step_line
+from jaxchat.runtime.targets import peak_flops
+from jaxchat.training import build, memory
+from jaxchat.training import optim
+from jaxchat.training import recipe as recipes
+from jaxchat.training.config import parse_flags
+from jaxchat.training.plan import Plan, device_batch_warning
+from jaxchat.training.step import without_fp8
 
 
 def model_tag(c: ConfigDict) -> str:
@@ -135,8 +139,8 @@ class TrainState:
 
 def set_up(c: ConfigDict, stop_request: StopRequest) -> tuple[Run, Any, Any]:
     """(run, params, opt_state): the devices, data, the checkpoint to resume (checked before compiling), the step
-    compiled for the device batch (jaxchat.build: auto decided here, before the plan and the loaders exist), model
-    and optimizer state (sharded), the plan."""
+    compiled for the device batch (jaxchat.training.build: auto decided here, before the plan and the loaders exist),
+    model and optimizer state (sharded), the plan."""
     mesh = meshlib.make_mesh(c.fsdp)
     run_backend = build.backend_for(c, mesh)  # decided once: dtype, attention, loss, fp8
     device_kind = jax.devices()[0].device_kind
@@ -180,8 +184,8 @@ def find_core_bundle(c: ConfigDict) -> str | None:
     """The CORE bundle when --core-metric-every asks for CORE: a missing or broken one fails now, not hours in."""
     if c.core_metric_every <= 0:
         return None
-    from jaxchat import core_eval
-    from jaxchat.core_bundle import find_bundle
+    from jaxchat.eval import core_eval
+    from jaxchat.eval.core_bundle import find_bundle
     bundle = find_bundle(download=False)  # the error names the download command
     core_eval.check_bundle(bundle, c.core_metric_max_per_task, "--core-metric-max-per-task")  # every task file
     return bundle
@@ -350,7 +354,7 @@ def evaluate_at_step(run: Run, state: TrainState, step: int, last: bool) -> None
         state.monitor.log({"step": step, "total_training_flops": flops, "total_training_time": loop.total_training_time,
                            "val/bpb": loop.val_bpb}, step)
     if run.core_bundle and (last or (step > 0 and step % c.core_metric_every == 0)):
-        from jaxchat import core_eval
+        from jaxchat.eval import core_eval
         with guard("the CORE evaluation"):
             results = core_eval.evaluate_core(nnx.merge(run.graphdef, state.params), run.tok,
                                               bundle_dir=run.core_bundle, max_per_task=c.core_metric_max_per_task)

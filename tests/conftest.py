@@ -5,12 +5,12 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # jaxchat's GPU flags, as `python -m jaxchat.train` sets them: XLA reads them once, when the process's first backend
 # starts, and tests/test_aot.py compiles for H100s in this process (CPU compiles ignore them)
-from jaxchat import xla_flags  # noqa: E402
+from jaxchat.runtime import xla_flags  # noqa: E402
 
 xla_flags.apply()
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# glibc's default malloc in the runs the tests start: jaxchat.host_memory's one arena costs the compile threads
+# glibc's default malloc in the runs the tests start: jaxchat.runtime.host_memory's one arena costs the compile threads
 # about 2.5 s per tiny run (11.5 s against 14 s) and the tests' steps are too small to gain from it
 os.environ.setdefault("JAXCHAT_MALLOC", "0")
 

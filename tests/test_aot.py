@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from jaxchat import aot, inventory
+from jaxchat import aot
+from jaxchat.training import inventory
 
 CUDA_PLUGIN = any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
 needs_plugin = pytest.mark.skipif(not CUDA_PLUGIN, reason="the CUDA plugin is not installed: pip install "
@@ -128,8 +129,8 @@ def test_h100_bf16_step_has_cudnn_attention_in_every_layer_and_fits(compiled):
 @pytest.mark.slow
 @needs_plugin
 def test_h100_step_has_a_projection_whose_parts_sum_to_the_step(compiled):
-    """The roofline projection of d12 at T 2048 on 8 H100s (jaxchat.projection): positive, its parts summing to the
-    step, MFU below 1, tokens/s and the horizon's time following from the step, and labelled in the table."""
+    """The roofline projection of d12 at T 2048 on 8 H100s (jaxchat.training.projection): positive, its parts summing to
+    the step, MFU below 1, tokens/s and the horizon's time following from the step, and labelled in the table."""
     r = compiled(*D12)
     p = r["projection"]
     assert p["step_s"] > 0 and p["kernels"] > 0 and p["flops"] > 0 and p["bytes"] > 0
@@ -140,7 +141,7 @@ def test_h100_step_has_a_projection_whose_parts_sum_to_the_step(compiled):
     assert p["tokens_per_s_per_device"] == pytest.approx(2**19 / 8 / p["step_s"])  # d12's 2^19 tokens per step
     assert p["tokens_per_s_per_node"] == pytest.approx(8 * p["tokens_per_s_per_device"])
     assert p["horizon_steps"] > 0 and p["horizon_s"] == pytest.approx(p["horizon_steps"] * p["step_s"])
-    assert "not a measurement; assumptions in jaxchat/targets.py" in aot.table(r)
+    assert "not a measurement; assumptions in jaxchat/runtime/targets.py" in aot.table(r)
 
 
 @needs_plugin
@@ -151,7 +152,7 @@ def test_h100_fp8_step_has_three_fp8_gemms_per_qualifying_layer(compiled):
     # weight gradients' (one fp8 x) at this width, so there are at most 3 per layer call
     assert r["bf16_qualifying_gemms"] == 0 and 0 < r["fp8_gemms"] <= 3 * (6 * 12 + 1) * r["grad_accum"]
     assert r["cudnn_attention_per_layer"] == [1.0, 1.0] and r["cpu_attention"] == 0 and r["f32_gemms"] == 0
-    assert r["fp8_gemms_f32_out"] == 0  # every fp8 GEMM writes bf16 (jaxchat.fp8._dot), none a float32 copy
+    assert r["fp8_gemms_f32_out"] == 0  # every fp8 GEMM writes bf16 (jaxchat.model.fp8._dot), none a float32 copy
     assert r["loop_collectives"] == {} and r["fits"] and r["problems"] == []
 
 
@@ -174,7 +175,7 @@ def test_h100_fsdp_step_gathers_parameters_asynchronously(compiled):
 @needs_plugin
 def test_inventory_catches_cpu_attention_in_a_gpu_step(compiled, monkeypatch):
     """The check can fail: a GPU step traced with the CPU attention (the fault jaxchat once had) is reported."""
-    from jaxchat import backend
+    from jaxchat.runtime import backend
     real = backend.for_mesh
     monkeypatch.setattr(backend, "for_mesh", lambda *a, **k: dataclasses.replace(real(*a, **k), attention="blocked"))
     r = compiled("--depth=2", "--max-seq-len=256", "--device-batch-size=1", "--total-batch-size=2048")
@@ -187,7 +188,7 @@ def test_inventory_catches_cpu_attention_in_a_gpu_step(compiled, monkeypatch):
 def test_inventory_catches_a_scanned_layer_stack_in_a_gpu_step(compiled, monkeypatch):
     """The check can fail: the same GPU step with its layers scanned (the CPU's choice, and the GPU's before) writes
     the backward's residuals into stacked buffers inside the loop, and is reported."""
-    from jaxchat import backend
+    from jaxchat.runtime import backend
     real, real_problems = backend.for_mesh, aot.problems
     monkeypatch.setattr(backend, "for_mesh", lambda *a, **k: dataclasses.replace(real(*a, **k), scan_layers=True))
     monkeypatch.setattr(aot, "problems", lambda counts, run_backend, *a, **k: real_problems(
@@ -217,7 +218,7 @@ def test_command_prints_a_table_and_one_json_line(tmp_path):
 def test_missing_plugin_is_one_line(monkeypatch):
     """Without the CUDA plugin: one line naming what to install, exit code 2."""
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    from jaxchat.common import UserError
+    from jaxchat.runtime.common import UserError
     with pytest.raises(UserError, match=r"needs JAX's cuda plugin \(not a device\): pip install -e '\.\[cuda12\]'"):
         aot.topology_devices("h100", 8, 1)
 
@@ -279,7 +280,7 @@ def test_v5e_step_has_splash_attention_in_every_layer_and_fits(compiled):
 def test_tpu_slice_bad_input_is_one_line(monkeypatch):
     """A slice libtpu would not describe, or v4 (libtpu's compile-only v4 chips are two devices each), or no libtpu:
     one line saying what to use instead."""
-    from jaxchat.common import UserError
+    from jaxchat.runtime.common import UserError
     for target, chips, hosts, says in (("v5e", 6, None, "a power-of-two number of chips"),
                                        ("v5p", 2, None, "at least 4"), ("v5e", 8, 4, "use --hosts=1"),
                                        ("v6e", 16, 2, "use --hosts=4"), ("v4", 8, None, "one of v5e, v5p, v6e")):
@@ -326,9 +327,10 @@ def test_tpu_evaluation_runs_splash_in_its_shard_map_without_a_mesh_in_context()
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxchat import backend, loss_eval
-    from jaxchat import mesh as meshlib
-    from jaxchat.model import GPTConfig, abstract_model
+    from jaxchat.eval import loss_eval
+    from jaxchat.model import mesh as meshlib
+    from jaxchat.model.gpt import GPTConfig, abstract_model
+    from jaxchat.runtime import backend
     mesh = meshlib.make_mesh(devices=aot.topology_devices("v5e", 8))
     tpu = backend.for_mesh(mesh)
     config = GPTConfig(sequence_len=256, vocab_size=512, n_layer=2, n_head=1, n_kv_head=1, n_embd=128,

@@ -1,11 +1,11 @@
-"""The attention kernels of jaxchat.attention against jax.nn's: jaxchat's blocked CPU attention, and on TPU splash
+"""The attention kernels of jaxchat.model.attention against jax.nn's: jaxchat's blocked CPU attention, and on TPU splash
 attention (run here in Pallas interpret mode): outputs and gradients."""
 
 import jax
 import numpy as np
 import pytest
 
-from jaxchat.attention import attention
+from jaxchat.model.attention import attention
 
 
 @pytest.mark.parametrize("T, window, kv_heads", [(32, 32, 2), (30, 12, 2), (21, 5, 1)])
@@ -38,8 +38,8 @@ def test_splash_attention_equals_cpu_attention_in_interpret_mode(window, kv_head
     the train step runs it), gives jaxchat's CPU attention's outputs and input gradients in float32."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from jaxchat import mesh as meshlib
-    from jaxchat.attention import splash_attention
+    from jaxchat.model import mesh as meshlib
+    from jaxchat.model.attention import splash_attention
     T, heads = 128, 2  # the smallest length splash tiles (its lanes are 128 wide)
     q, k, v, g = (jax.random.normal(key, (2, T, n, 16)) for key, n in zip(jax.random.split(jax.random.key(1), 4),
                                                                            (heads, kv_heads, kv_heads, heads)))

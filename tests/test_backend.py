@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxchat import backend
-from jaxchat.model import GPT, GPTConfig
+from jaxchat.model.gpt import GPT, GPTConfig
+from jaxchat.runtime import backend
 
 TINY = GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, window_pattern="SL")
 
@@ -109,7 +109,7 @@ def test_installed_plugins_start_only_where_their_device_is(tmp_path, nodes, pci
 def test_jax_platforms_that_cannot_work_is_one_line(tmp_path):
     """JAX_PLATFORMS=cuda without the plugin was a bare AssertionError from jax.devices(): one line with the
     install command; with the plugin but no device, one line saying so; a platform that is here is left to JAX."""
-    from jaxchat.common import UserError
+    from jaxchat.runtime.common import UserError
 
     empty, gpu_here = fake_machine(tmp_path / "a"), fake_machine(tmp_path / "b", "dev/nvidiactl")
     with pytest.raises(UserError, match=r"^JAX_PLATFORMS=cuda asks for cuda, whose JAX plugin is not installed: "
@@ -162,7 +162,7 @@ def test_nothing_asks_jax_default_backend():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "jaxchat"
-    calls = [f"{p.name}:{node.lineno}" for p in sorted(root.glob("*.py")) for node in ast.walk(ast.parse(p.read_text()))
+    calls = [f"{p.name}:{node.lineno}" for p in sorted(root.rglob("*.py")) for node in ast.walk(ast.parse(p.read_text()))
              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
              and node.func.attr == "default_backend"]
     assert not calls, calls

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import TINY_RUN
-from jaxchat.common import UserError
+from jaxchat.runtime.common import UserError
 
 TINY = TINY_RUN + ["--num-iterations=2", "--eval-every=-1"]
 
@@ -34,7 +34,7 @@ def base_dir(tmp_path_factory):
     shutil.copytree(path / "base_data_demo", path / "base_data")
     shards = sorted((path / "base_data").glob("*.parquet"))
     shards[-1].rename(path / "base_data" / "shard_01822.parquet")
-    from jaxchat.tok_train import train_tokenizer
+    from jaxchat.data.tok_train import train_tokenizer
     train_tokenizer(source="demo", vocab_size=1024, max_chars=300_000, doc_cap=10_000, out_dir=str(path / "tok1024"))
     yield path
     if old is None:
@@ -100,9 +100,9 @@ def test_bad_input_is_one_clear_line(base_dir, argv, message):
 def test_checkpoint_at_the_horizon_finishes_at_once(base_dir, capsys):
     """A checkpoint at this run's last step is a finished run: no error, the loop goes straight to the final
     evaluation (one past it is refused: CASES)."""
-    from jaxchat.config import parse_flags
-    from jaxchat.build import run_plan
     from jaxchat.train import check_horizon
+    from jaxchat.training.build import run_plan
+    from jaxchat.training.config import parse_flags
     c = parse_flags(TINY + ["--model-tag=tiny"])
     check_horizon(c, 2, run_plan(c, 4096, device_batch_size=1), [1, 2])
     assert ("Checkpoint step 2 is this run's horizon (2 steps, from --num-iterations): nothing left to train; running "
@@ -231,7 +231,7 @@ def test_corrupt_tokenizer_names_the_file(base_dir, tmp_path, monkeypatch):
     ("import sys\ndef get_config():\n    sys.exit(3)\n", "line 3: SystemExit: sys.exit(3)"),
 ], ids=["syntax", "none", "float-depth", "int-run", "exit-at-import", "exit-in-get-config"])
 def test_config_file_errors_name_the_file(tmp_path, body, message):
-    from jaxchat.config import parse_flags
+    from jaxchat.training.config import parse_flags
     path = tmp_path / "my_config.py"
     path.write_text(body)
     with pytest.raises(UserError) as e:
@@ -242,7 +242,7 @@ def test_config_file_errors_name_the_file(tmp_path, body, message):
 def test_every_numeric_flag_has_a_documented_range():
     """Every numeric flag has a range; its default is inside it, its --help line states it, and a value just past
     either end is refused in one line naming the flag."""
-    from jaxchat.config import RANGES, check_ranges, defaults, make_parser, parse_flags, range_text
+    from jaxchat.training.config import RANGES, check_ranges, defaults, make_parser, parse_flags, range_text
     c = defaults()
     numeric = {k for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert numeric == set(RANGES)
@@ -331,8 +331,8 @@ def test_bad_shards_name_the_file(base_dir, tmp_path, monkeypatch, case):
 
 
 def test_invalid_utf8_while_training_names_the_file(base_dir, tmp_path):
-    from jaxchat.dataloader import DataLoader
-    from jaxchat.tokenizer import Tokenizer
+    from jaxchat.data.dataloader import DataLoader
+    from jaxchat.data.tokenizer import Tokenizer
     path = tmp_path / "shard_00000.parquet"
     pq.write_table(_invalid_utf8_table(), path)
     loader = DataLoader(Tokenizer.load(str(base_dir / "tokenizer_demo")), [str(path)], 1, 16, rank=0, world_size=1)
@@ -399,7 +399,7 @@ def test_core_settings_checked_against_the_bundle_at_start_up(base_dir, tmp_path
 
 def test_resume_with_another_tokenizer_of_the_same_size(base_dir):
     """Same vocabulary size, other tokens (a retrained tokenizer): the model fits, the recorded inputs differ."""
-    from jaxchat.tokenizer import Tokenizer, encoding_from_ranks
+    from jaxchat.data.tokenizer import Tokenizer, encoding_from_ranks
     from jaxchat.train import train
     tok_dir = base_dir / "tokenizer_demo"
     enc = Tokenizer.load(str(tok_dir)).enc
@@ -421,8 +421,9 @@ def test_retrained_tokenizer_is_refused_then_kept_and_found(base_dir):
     """tok_train over the tokenizer checkpoint 'tiny' was trained with: refused without --force; with it, the old one
     is kept as tokenizer_demo.<fingerprint>; a resume names the command that puts it back, base_eval finds and uses
     it, an explicit --tokenizer-dir of the wrong one is refused; --restore puts it back and nothing was deleted."""
-    from jaxchat import base_eval, tok_train
-    from jaxchat.tokenizer import Tokenizer, kept_dir, kept_fingerprints
+    from jaxchat import base_eval
+    from jaxchat.data import tok_train
+    from jaxchat.data.tokenizer import Tokenizer, kept_dir, kept_fingerprints
     from jaxchat.train import train
     tok_dir = base_dir / "tokenizer_demo"
     original = Tokenizer.load(str(tok_dir)).fingerprint()
@@ -452,7 +453,8 @@ def test_retrained_tokenizer_is_refused_then_kept_and_found(base_dir):
 def test_output_paths_are_checked_before_the_work(base_dir, tmp_path):
     """Every output flag (base_eval --json, export --to, tok_train --out-dir, parity --out) goes through
     common.check_output before any reading, training or evaluating: one line naming the flag."""
-    from jaxchat import base_eval, parity, tok_train
+    from jaxchat import base_eval, parity
+    from jaxchat.data import tok_train
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     bundle = write_bundle(tmp_path / "bundle", LM_TASK, {"lm.jsonl": '{"context": "a", "continuation": "b"}\n'})
@@ -499,7 +501,7 @@ def test_resume_on_changed_train_shards(base_dir, tmp_path, monkeypatch):
 
 
 def test_second_run_on_the_same_tag_refuses(base_dir):
-    from jaxchat.checkpoint import Checkpointer
+    from jaxchat.runtime.checkpoint import Checkpointer
     from jaxchat.train import train
     ckpt = base_dir / "base_checkpoints" / "tiny"
     other = subprocess.Popen(["sleep", "60"])  # a live process on this host holds the lock
@@ -518,7 +520,7 @@ def test_second_run_on_the_same_tag_refuses(base_dir):
 @pytest.mark.slow
 def test_full_disk_during_a_save_is_one_line(base_dir, tmp_path, capsys):
     """A checkpoint folder on a 16 MiB file system: the first save(s) fit, then one does not."""
-    from jaxchat.checkpoint import Checkpointer
+    from jaxchat.runtime.checkpoint import Checkpointer
     from jaxchat.train import train
     mount = tmp_path / "small"
     _mount_tmpfs(mount, "16m")
@@ -545,7 +547,7 @@ def test_failed_write_inside_orbax_is_one_line(tmp_path):
     """The disk fills while orbax writes (the free-space check passed): one line, no temporary folder left."""
     import jax.numpy as jnp
     import numpy as np
-    from jaxchat.checkpoint import Checkpointer
+    from jaxchat.runtime.checkpoint import Checkpointer
     mount = tmp_path / "tiny_fs"
     _mount_tmpfs(mount, "300k")  # 256 KiB of state passes the check; orbax writes ~320 KiB
     try:

@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import shared_fixture
 
-from jaxchat import base_eval, dataset
-from jaxchat.common import UserError
+from jaxchat import base_eval
+from jaxchat.data import dataset
+from jaxchat.runtime.common import UserError
 
 WORDS = ("the cat sat on a mat while seven birds sang about rivers, stones and 42 quiet lamps; "
          "every morning she wrote letters to distant friends").split()
@@ -22,8 +23,8 @@ WORDS = ("the cat sat on a mat while seven birds sang about rivers, stones and 4
 
 @pytest.fixture(scope="module")
 def fixture_model():
-    from jaxchat.convert import model_from_reference, read_reference_npz
-    from jaxchat.tokenizer import Tokenizer
+    from jaxchat.data.tokenizer import Tokenizer
+    from jaxchat.interop.convert import model_from_reference, read_reference_npz
 
     root = shared_fixture("core_small")
     config, state, _ = read_reference_npz(str(root / "model.npz"))
@@ -45,7 +46,7 @@ def base(tmp_path, monkeypatch):
 
 def reference_bpb(model, tokenizer, split: str, rows: int, steps: int) -> float:
     """Plain bits per byte: per-token losses of the model on the loader's first batches, weighted by token bytes."""
-    from jaxchat.dataloader import DataLoader
+    from jaxchat.data.dataloader import DataLoader
 
     loader = DataLoader(tokenizer, dataset.list_shards("fineweb-edu", split), rows, model.config.sequence_len,
                         rank=0, world_size=1)

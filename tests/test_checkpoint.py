@@ -1,5 +1,5 @@
-"""jaxchat.checkpoint's contract, with orbax on disk: save and restore (onto a mesh), the list of complete steps,
-'last', rotation of temporary checkpoints, moving newer steps aside, and one clear line for a missing step or a
+"""jaxchat.runtime.checkpoint's contract, with orbax on disk: save and restore (onto a mesh), the list of complete
+steps, 'last', rotation of temporary checkpoints, moving newer steps aside, and one clear line for a missing step or a
 corrupt checkpoint. (The lock, full disks and crashes mid-save: tests/test_bad_input.py and tests/test_crash.py.)"""
 
 import os
@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxchat import mesh as meshlib
-from jaxchat.checkpoint import Checkpointer, checkpoint_dir
-from jaxchat.mesh import abstract_like
-from jaxchat.common import UserError
+from jaxchat.model import mesh as meshlib
+from jaxchat.model.mesh import abstract_like
+from jaxchat.runtime.checkpoint import Checkpointer, checkpoint_dir
+from jaxchat.runtime.common import UserError
 
 
 def state(seed: int = 0):

@@ -1,5 +1,5 @@
-"""jaxchat.cli: every `python -m jaxchat.X` sets its process up through cli.run, as its Setup declares, before it
-reads its flags; a signal while the processes join is one line at once."""
+"""jaxchat.runtime.cli: every `python -m jaxchat.X` sets its process up through cli.run, as its Setup declares, before
+it reads its flags; a signal while the processes join is one line at once."""
 
 import os
 import signal
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxchat import xla_flags
+from jaxchat.runtime import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ["train", "aot", "base_eval", "core_eval", "core_bundle", "dataset", "tok_train", "tok_eval", "export",
@@ -99,7 +99,7 @@ def test_a_signal_while_joining_the_other_processes_is_one_line_at_once(tmp_path
 
 CHOSEN = r"""
 import jax
-from jaxchat import cli
+from jaxchat.runtime import cli
 cli.run(lambda: print(jax.config.jax_platforms), setup=cli.Setup(compile_only=True))
 """
 

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-from jaxchat.common import JAXCHAT_ONLY
+from jaxchat.runtime.common import JAXCHAT_ONLY
 
 CLIS = ["base_eval", "dataset", "tok_train", "tok_eval", "core_bundle"]
 
@@ -51,7 +51,7 @@ def test_core_eval_is_the_bundle_command():
     import subprocess
     import sys
 
-    from jaxchat import core_bundle
+    from jaxchat.eval import core_bundle
 
     proc = subprocess.run([sys.executable, "-m", "jaxchat.core_eval", "--help"], capture_output=True, text=True,
                           timeout=300)
@@ -60,7 +60,8 @@ def test_core_eval_is_the_bundle_command():
 
 
 def test_base_eval_and_dataset_flags_parse():
-    from jaxchat import base_eval, dataset, tok_train
+    from jaxchat import base_eval
+    from jaxchat.data import dataset, tok_train
 
     args = base_eval.parse_args(["--eval", "bpb", "--device-batch-size", "4", "--split-tokens", "1024"])
     assert args.evals == ["bpb"] and args.device_batch_size == 4 and args.split_tokens == 1024

@@ -11,8 +11,8 @@ import pytest
 from conftest import TINY_RUN
 from crash_harness import prepare
 
-from jaxchat import compile_cache
-from jaxchat.config import parse_flags
+from jaxchat.runtime import compile_cache
+from jaxchat.training.config import parse_flags
 
 TINY = TINY_RUN + ["--num-iterations=2", "--eval-every=-1", "--tensorboard=false"]  # a step and validation
 HIT, MISS = "Persistent compilation cache hit for '", "PERSISTENT COMPILATION CACHE MISS for '"
@@ -62,7 +62,7 @@ def test_second_start_loads_every_program_from_the_cache(tmp_path):
 
 PROGRAM = """
 import sys, jax, jax.numpy as jnp
-from jaxchat import compile_cache
+from jaxchat.runtime import compile_cache
 {patch}
 compile_cache.enable(sys.argv[1])
 print(float(jax.jit(lambda x: (jnp.sin(x) * 3).sum())(jnp.arange(8.0))))
@@ -147,7 +147,8 @@ def test_flag_places_and_off(tmp_path, monkeypatch, jax_cache_config):
 
 GPU_PROGRAM = """
 import sys
-from jaxchat import aot, compile_cache
+from jaxchat import aot
+from jaxchat.runtime import compile_cache
 compile_cache.enable(sys.argv[1])
 aot.compile_for_target(["--depth=2", "--max-seq-len=256", "--total-batch-size=2048", "--device-batch-size=2"],
                        target="h100", devices=2)

@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from jaxchat.common import JAXCHAT_ONLY, UserError
-from jaxchat.config import AUTO, FLAGS, JAXCHAT_GROUP, defaults, parse_flags, range_text
+from jaxchat.runtime.common import JAXCHAT_ONLY, UserError
+from jaxchat.training.config import AUTO, FLAGS, JAXCHAT_GROUP, defaults, parse_flags, range_text
 
 
 def test_reference_defaults():
@@ -107,8 +107,8 @@ def test_every_float_flag_refuses_non_finite_numbers(text, tmp_path):
     ("plan", ["--target-param-data-ratio=nan"]), ("plan", ["--target-flops=inf"]), ("plan", ["--weight-decay=-inf"]),
     ("tok_train", ["--max-chars=nan"]), ("tok_train", ["--max-chars=inf"])])
 def test_other_commands_float_flags_refuse_non_finite_numbers(command, argv):
-    """jaxchat.plan's and tok_train's own float flags go through the same validator (their argparse type), one line
-    naming the flag via cli.run (exit code 2: test_bad_input.py)."""
+    """jaxchat.training.plan's and tok_train's own float flags go through the same validator (their argparse type), one
+    line naming the flag via cli.run (exit code 2: test_bad_input.py)."""
     import importlib
 
     main = importlib.import_module(f"jaxchat.{command}").main
@@ -121,7 +121,7 @@ def test_no_command_parses_a_float_flag_without_the_validator():
     """Every float flag of every command is parsed by common.finite_float (a new `type=float` would let NaN in)."""
     from pathlib import Path
 
-    sources = sorted((Path(__file__).resolve().parents[1] / "jaxchat").glob("*.py"))
+    sources = sorted((Path(__file__).resolve().parents[1] / "jaxchat").rglob("*.py"))
     offenders = [f"{p.name}:{i}" for p in sources for i, line in enumerate(p.read_text().splitlines(), 1)
                  if re.search(r"type\s*=\s*float\b", line)]
     assert not offenders, offenders

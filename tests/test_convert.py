@@ -8,9 +8,10 @@ import pytest
 from flax import nnx
 
 from conftest import shared_fixture
-from jaxchat.common import UserError
-from jaxchat.convert import config_from_dict, from_reference, load_params, read_reference_npz, to_reference, to_reference_names
-from jaxchat.model import GPT, GPTConfig
+from jaxchat.interop.convert import (config_from_dict, from_reference, load_params, read_reference_npz, to_reference,
+                                     to_reference_names)
+from jaxchat.model.gpt import GPT, GPTConfig
+from jaxchat.runtime.common import UserError
 
 
 def test_round_trip_is_exact():
@@ -47,7 +48,7 @@ def test_pt_file_when_torch_is_installed(tmp_path):
     torch = pytest.importorskip("torch", reason="torch not installed: .pt import is optional")
     import json
 
-    from jaxchat.nanochat_ckpt import read_checkpoint
+    from jaxchat.interop.nanochat_ckpt import read_checkpoint
     config, state, _ = read_reference_npz(shared_fixture("nanochat_parity_d2.npz"))
     torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "model_000010.pt")
     model_config = {k: getattr(config, k) for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head",
@@ -99,7 +100,7 @@ def test_recipe_92d63d4_model_round_trip_and_recipe_of_a_config_dict():
 
 def test_recipe_92d63d4_pt_file_is_recognised_by_its_smear_gate(tmp_path):
     torch = pytest.importorskip("torch", reason="torch not installed: .pt import is optional")
-    from jaxchat.nanochat_ckpt import read_checkpoint
+    from jaxchat.interop.nanochat_ckpt import read_checkpoint
     config, state, _ = read_reference_npz(shared_fixture("nanochat_head_d4.npz"))
     torch.save({f"_orig_mod.{k}": torch.from_numpy(v) for k, v in state.items()}, tmp_path / "model_000001.pt")
     model_config = {k: getattr(config, k) for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head",

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import shared_fixture
 
-from jaxchat import core_bundle, core_eval
-from jaxchat.common import UserError
+from jaxchat.eval import core_bundle, core_eval
+from jaxchat.runtime.common import UserError
 
 
 def fixture_bundle() -> Path:

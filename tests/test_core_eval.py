@@ -10,8 +10,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from jaxchat import core_eval
-from jaxchat.common import UserError
+from jaxchat.eval import core_eval
+from jaxchat.runtime.common import UserError
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "core_small"
 MARGIN_TOL = 1e-4  # decisions closer than this to a tie may flip between float32 implementations
@@ -26,9 +26,9 @@ def fixture_dir() -> Path:
 @pytest.fixture(scope="module")
 def reference():
     """(model, tokenizer, expected.json) of the fixture."""
-    from jaxchat.convert import read_reference_npz
-    from jaxchat.convert import model_from_reference
-    from jaxchat.tokenizer import Tokenizer
+    from jaxchat.data.tokenizer import Tokenizer
+    from jaxchat.interop.convert import model_from_reference
+    from jaxchat.interop.convert import read_reference_npz
 
     root = fixture_dir()
     config, state, _ = read_reference_npz(str(root / "model.npz"))
@@ -115,7 +115,7 @@ def test_model_on_mesh_gives_the_backend_its_mesh():
     jitted scoring has no mesh in context), and the caller's model is left as it was."""
     from flax import nnx
 
-    from jaxchat.model import GPT, GPTConfig
+    from jaxchat.model.gpt import GPT, GPTConfig
     model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=16),
                 rngs=nnx.Rngs(0))
     graphdef, state, mesh = core_eval.model_on_mesh(model)
@@ -270,10 +270,10 @@ try:  # cross-process collectives on CPU (the default in newer jax)
 except AttributeError:
     pass
 jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-from jaxchat.convert import read_reference_npz
-from jaxchat.core_eval import evaluate_core
-from jaxchat.convert import model_from_reference
-from jaxchat.tokenizer import Tokenizer
+from jaxchat.interop.convert import read_reference_npz
+from jaxchat.eval.core_eval import evaluate_core
+from jaxchat.interop.convert import model_from_reference
+from jaxchat.data.tokenizer import Tokenizer
 root = sys.argv[3]
 config, state, _ = read_reference_npz(root + "/model.npz")
 r = evaluate_core(model_from_reference(config, state), Tokenizer.load(root + "/tokenizer"), root + "/eval_bundle",

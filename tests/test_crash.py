@@ -54,7 +54,7 @@ def test_half_written_checkpoint_is_ignored(base_dir, uninterrupted):
     for path in (ckpt / "partial" / f"{STEPS + 1}.orbax-checkpoint-tmp-1234" / "params").rglob("*"):
         if path.is_file():
             path.write_bytes(path.read_bytes()[:5])
-    from jaxchat.checkpoint import Checkpointer
+    from jaxchat.runtime.checkpoint import Checkpointer
     assert Checkpointer(str(ckpt / "partial")).resolve_step("last") == STEPS
 
 
@@ -116,8 +116,8 @@ def test_locks_rotation_and_a_failed_final_evaluation_lose_nothing(base_dir, mon
     never taking a --save-every step; the final checkpoint committed before the final evaluation, whose failure (a
     validation shard gone) is one line; the lock released."""
     from jaxchat import train as train_mod
-    from jaxchat.checkpoint import Checkpointer
-    from jaxchat.common import UserError
+    from jaxchat.runtime.checkpoint import Checkpointer
+    from jaxchat.runtime.common import UserError
 
     def vanished(*args, **kwargs):
         raise FileNotFoundError(2, "No such file or directory", "shard_00002.parquet")
@@ -150,7 +150,7 @@ def test_signals_during_evaluations_save_first_and_lose_nothing(base_dir, uninte
     (not saved yet: no --save-every) and exits 129; the resume, Ctrl-C'd during the final evaluation (its checkpoint
     saved before), exits 130, and a second Ctrl-C while exiting adds at most one line, no traceback. The final state
     equals the uninterrupted run's."""
-    from jaxchat.checkpoint import Checkpointer
+    from jaxchat.runtime.checkpoint import Checkpointer
     # Each validation reads 400 batches (a second or more on 2 cores): the signals, sent 0.15 s after the step line
     # that precedes it (the step boundary's stop check comes right after that line), land inside one.
     evals = ("--save-every=-1", "--eval-every=5", f"--eval-tokens={64 * 400}")
@@ -174,7 +174,7 @@ def test_signals_during_evaluations_save_first_and_lose_nothing(base_dir, uninte
 def test_a_signal_during_a_fresh_runs_first_validation_saves_step_0(base_dir):
     """A fresh run's step 0 has no checkpoint (resume_step named it as if it had one): SIGTERM during its first
     validation printed "checkpoint 0 saved" with nothing saved. Now step 0 is saved, and the line is true."""
-    from jaxchat.checkpoint import Checkpointer
+    from jaxchat.runtime.checkpoint import Checkpointer
     # The plan's last line comes just before the loop; the step-0 validation reads 2000 batches (seconds).
     evals = ("--save-every=-1", "--eval-every=5", f"--eval-tokens={64 * 2000}")
     code, output = run(base_dir, "firsteval", resume=False, extra=evals,

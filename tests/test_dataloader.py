@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import shared_fixture
 
-from jaxchat.common import UserError
-from jaxchat.dataloader import DataLoader, check_resume_shards
-from jaxchat.dataset import list_shards
-from jaxchat.tokenizer import Tokenizer
+from jaxchat.data.dataloader import DataLoader, check_resume_shards
+from jaxchat.data.dataset import list_shards
+from jaxchat.data.tokenizer import Tokenizer
+from jaxchat.runtime.common import UserError
 
 
 @pytest.fixture(scope="module")

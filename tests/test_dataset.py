@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jaxchat import dataset
-from jaxchat.common import UserError
+from jaxchat.data import dataset
+from jaxchat.runtime.common import UserError
 
 
 @pytest.fixture(autouse=True)
@@ -220,8 +220,8 @@ def test_demo_and_bare_directories_record_their_validation_shard_by_name(tmp_pat
 
 SLOW_SERVER = """
 import http.server, sys, threading, time
-from jaxchat import dataset
-from jaxchat import cli
+from jaxchat.data import dataset
+from jaxchat.runtime import cli
 
 class Slow(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # 64 MB at 2 MB/s: a shard takes half a minute

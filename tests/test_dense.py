@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxchat import backend, dense
+from jaxchat.model import dense
+from jaxchat.runtime import backend
 
 
 @pytest.mark.parametrize("n_in, n_out", [(16, 48), (48, 16)])  # both operand orders of the weight gradient

@@ -1,10 +1,10 @@
-"""jaxchat.distributed's contract without starting a second process (tests/test_multiprocess.py does that): where
-the coordinator is under SLURM, what a single process does, and the one-line errors for incomplete flags."""
+"""jaxchat.runtime.distributed's contract without starting a second process (tests/test_multiprocess.py does that):
+where the coordinator is under SLURM, what a single process does, and the one-line errors for incomplete flags."""
 
 import pytest
 
-from jaxchat import distributed
-from jaxchat.common import UserError
+from jaxchat.runtime import distributed
+from jaxchat.runtime.common import UserError
 
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORDINATOR_PORT", "SLURM_JOB_ID",
        "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NTASKS_PER_NODE")

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from jaxchat.download import build_directory, fetch
+from jaxchat.data.download import build_directory, fetch
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

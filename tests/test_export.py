@@ -63,9 +63,10 @@ def flat(tree: dict, prefix: str = "") -> dict:
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_round_trip_is_bit_identical(base_dir, trained, tmp_path, world_size):
-    from jaxchat import nanochat_ckpt, optim
-    from jaxchat.convert import Layout, config_from_dict, from_reference
     from jaxchat.export import export, read_jaxchat
+    from jaxchat.interop import nanochat_ckpt
+    from jaxchat.interop.convert import Layout, config_from_dict, from_reference
+    from jaxchat.training import optim
 
     export([f"--model-tag={trained}", f"--to={tmp_path}", f"--world-size={world_size}"])
     step, params, opt, meta = read_jaxchat(trained, None)
@@ -121,9 +122,9 @@ def test_embeddings_in_bfloat16_like_nanochat_on_cuda(base_dir, trained, tmp_pat
 
 def fixture_checkpoint(name: str, tag: str, tokenizer_dir: Path) -> tuple:
     """A jaxchat checkpoint holding a parity fixture's weights (imported through convert.from_reference)."""
-    from jaxchat.checkpoint import Checkpointer, checkpoint_dir
-    from jaxchat.convert import from_reference, read_reference_npz, to_reference_names
-    from jaxchat.tokenizer import Tokenizer
+    from jaxchat.data.tokenizer import Tokenizer
+    from jaxchat.interop.convert import from_reference, read_reference_npz, to_reference_names
+    from jaxchat.runtime.checkpoint import Checkpointer, checkpoint_dir
 
     config, state, data = read_reference_npz(str(shared_fixture(name)))
     if set(to_reference_names(config)) != set(state):
@@ -142,7 +143,7 @@ def fixture_checkpoint(name: str, tag: str, tokenizer_dir: Path) -> tuple:
 @pytest.fixture(scope="module")
 def tokenizer_500(base_dir, trained, tmp_path_factory):
     """A real 500-token tokenizer (the parity fixtures' vocabulary), trained on the demo corpus."""
-    from jaxchat.tok_train import train_tokenizer
+    from jaxchat.data.tok_train import train_tokenizer
     out = tmp_path_factory.mktemp("tok500")
     train_tokenizer(source="demo", vocab_size=500, max_chars=2_000_000, doc_cap=10_000, out_dir=str(out))
     return out
@@ -151,7 +152,7 @@ def tokenizer_500(base_dir, trained, tmp_path_factory):
 @pytest.mark.entry
 @pytest.mark.parametrize("name", list(FIXTURES))
 def test_fixture_weights_export_as_nanochat_saved_them(base_dir, tokenizer_500, tmp_path, name):
-    from jaxchat.nanochat_ckpt import META_KEYS
+    from jaxchat.interop.nanochat_ckpt import META_KEYS
     tag = "fx_" + FIXTURES[name]
     config, data = fixture_checkpoint(name, tag, tokenizer_500)
     run = run_export(f"--model-tag={tag}", f"--to={tmp_path}", f"--tokenizer-dir={tokenizer_500}", "--no-optimizer")
@@ -245,9 +246,11 @@ def test_init_from_then_train_gives_the_reference_losses(base_dir, tokenizer_500
     step's loss is the reference's (the weights are nanochat's, exported as nanochat saves them and read back
     through the .pt files)."""
     import jax
-    from jaxchat import mesh as meshlib
-    from jaxchat import nanochat_ckpt, optim, parity
-    from jaxchat.step import abstract_training
+    from jaxchat import parity
+    from jaxchat.interop import nanochat_ckpt
+    from jaxchat.model import mesh as meshlib
+    from jaxchat.training import optim
+    from jaxchat.training.step import abstract_training
 
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity
     config, data = fixture_checkpoint(name, "fx_init_" + config_tag(name), tokenizer_500)
@@ -276,13 +279,14 @@ def test_resume_optimizer_restores_every_moment(base_dir, trained, tmp_path, wor
     """--init-from with --resume-optimizer: jaxchat's optimizer state, through nanochat's rank shards, comes back
     bit for bit (Muon momentum and factored second moments, AdamW moments and step count)."""
     import jax
-    from jaxchat import mesh as meshlib
-    from jaxchat import nanochat_ckpt, optim
-    from jaxchat.recipe import get as get_recipe
-    from jaxchat.config import optimizer_flags
-    from jaxchat.convert import Layout, config_from_dict
     from jaxchat.export import export, read_jaxchat
-    from jaxchat.step import abstract_training
+    from jaxchat.interop import nanochat_ckpt
+    from jaxchat.interop.convert import Layout, config_from_dict
+    from jaxchat.model import mesh as meshlib
+    from jaxchat.training import optim
+    from jaxchat.training.config import optimizer_flags
+    from jaxchat.training.recipe import get as get_recipe
+    from jaxchat.training.step import abstract_training
 
     export([f"--model-tag={trained}", f"--to={tmp_path}", f"--world-size={world_size}"])
     _, params, opt, meta = read_jaxchat(trained, None)
@@ -316,12 +320,14 @@ def test_record_recipe_optimizer_is_nanochats(base_dir, tokenizer_500, tmp_path)
     groups with the smear one, Muon by shape, each holding the parameters the fixture's reference groups list), loaded
     by nanochat's own MuonAdamW (with a checkout), and read back bit for bit."""
     import jax
-    from jaxchat import mesh as meshlib
-    from jaxchat import nanochat_ckpt, optim, parity
-    from jaxchat.checkpoint import Checkpointer, checkpoint_dir
-    from jaxchat.convert import Layout
+    from jaxchat import parity
     from jaxchat.export import read_jaxchat
-    from jaxchat.step import abstract_training
+    from jaxchat.interop import nanochat_ckpt
+    from jaxchat.interop.convert import Layout
+    from jaxchat.model import mesh as meshlib
+    from jaxchat.runtime.checkpoint import Checkpointer, checkpoint_dir
+    from jaxchat.training import optim
+    from jaxchat.training.step import abstract_training
 
     name, tag = "nanochat_head_d4.npz", "fx_opt"
     config, data = fixture_checkpoint(name, tag + "_weights", tokenizer_500)
@@ -365,8 +371,8 @@ def test_record_recipe_optimizer_is_nanochats(base_dir, tokenizer_500, tmp_path)
 
 def first_batch(argv: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The micro-batches of a run's first step (A, rows, T), read as the training loop reads them."""
-    from jaxchat.config import parse_flags
-    from jaxchat.dataloader import make_loaders, prepare_data
+    from jaxchat.data.dataloader import make_loaders, prepare_data
+    from jaxchat.training.config import parse_flags
 
     c = parse_flags(argv)
     tok, files = prepare_data(c.data)
@@ -380,8 +386,8 @@ def first_batch(argv: list[str]) -> tuple[np.ndarray, np.ndarray]:
 def test_train_init_from_starts_from_nanochat_weights(base_dir, trained, tmp_path):
     """`--init-from` a nanochat directory: the first step's loss is the loss of those weights on that batch, as
     jaxchat's forward and (with a nanochat checkout) nanochat's own model compute it; --resume-optimizer trains on."""
-    from jaxchat import nanochat_ckpt
-    from jaxchat.convert import model_from_reference
+    from jaxchat.interop import nanochat_ckpt
+    from jaxchat.interop.convert import model_from_reference
     from jaxchat.train import train
 
     export_dir = tmp_path / "nanochat"
@@ -420,9 +426,9 @@ def test_export_and_init_from_check_the_recorded_tokenizer(base_dir, trained, tm
     the one the checkpoint records, found by its fingerprint; an explicit wrong --tokenizer-dir, and --init-from a
     nanochat directory of the original tokenizer into a run of the other, are refused in one line naming where the
     right one is; --force over another tokenizer in --to keeps that one aside too."""
-    from jaxchat import tokenizer as toklib
-    from jaxchat.common import UserError
+    from jaxchat.data import tokenizer as toklib
     from jaxchat.export import export
+    from jaxchat.runtime.common import UserError
     from jaxchat.train import train
     tok_dir = base_dir / "tokenizer_demo"
     export([f"--model-tag={trained}", f"--to={tmp_path / 'before'}", "--no-optimizer"])
@@ -465,8 +471,8 @@ def test_corrupt_nanochat_files_are_one_line_before_compiling(base_dir, trained,
     import shutil
 
     from jaxchat.base_eval import load_nanochat_checkpoint
-    from jaxchat.common import UserError
     from jaxchat.export import export
+    from jaxchat.runtime.common import UserError
     from jaxchat.train import train
     good = tmp_path / "good"
     export([f"--model-tag={trained}", f"--to={good}"])
@@ -514,7 +520,7 @@ def test_corrupt_nanochat_files_are_one_line_before_compiling(base_dir, trained,
 def test_refusals_exit_2_in_one_line_from_the_command_line(base_dir, trained, tmp_path):
     """tok_train over a tokenizer a checkpoint uses and base_eval of a garbage nanochat model, as commands (started
     together): exit code 2, one line, no traceback, nothing replaced."""
-    from jaxchat.tokenizer import Tokenizer
+    from jaxchat.data.tokenizer import Tokenizer
     garbage = tmp_path / "nc" / "base_checkpoints" / "x" / "model_000001.pt"
     garbage.parent.mkdir(parents=True)
     garbage.write_bytes(os.urandom(3000))
@@ -539,10 +545,10 @@ def test_init_from_a_nanochat_folder_without_its_tokenizer_is_one_line(tmp_path)
     folder to copy the tokenizer into; once it is there, the usual fingerprint check takes over."""
     import shutil
 
-    from jaxchat import nanochat_ckpt
-    from jaxchat import tokenizer as toklib
-    from jaxchat.common import UserError
-    from jaxchat.convert import config_from_dict
+    from jaxchat.data import tokenizer as toklib
+    from jaxchat.interop import nanochat_ckpt
+    from jaxchat.interop.convert import config_from_dict
+    from jaxchat.runtime.common import UserError
 
     model_config = dict(sequence_len=64, vocab_size=265, n_layer=2, n_head=1, n_kv_head=1, n_embd=32)
     ckpt = tmp_path / "nc" / "base_checkpoints" / "r"
@@ -569,9 +575,9 @@ def test_an_unfinished_export_is_named_and_leaves_no_temporary_file(tmp_path):
     """kill -9 during export left optim_*.pt.tmp and a model file the next export refused to overwrite without
     saying why: the refusal now names the unfinished export, --force clears its .tmp files; a write that fails (or a
     signal, an exception under cli.run) removes its own .tmp."""
-    from jaxchat import nanochat_ckpt
-    from jaxchat.common import UserError
     from jaxchat.export import check_targets
+    from jaxchat.interop import nanochat_ckpt
+    from jaxchat.runtime.common import UserError
 
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer.pkl").write_bytes(b"ours")
@@ -595,8 +601,8 @@ def test_an_unfinished_export_is_named_and_leaves_no_temporary_file(tmp_path):
 def test_damaged_values_in_nanochat_files_are_one_line(tmp_path):
     """Bytes flipped inside a tensor keep the zip and the shapes intact: NaN, an absurd exponent or a negative second
     moment passed every check and gave a NaN loss at step 1 blamed on the learning rate."""
-    from jaxchat.common import UserError
-    from jaxchat.nanochat_ckpt import check_values
+    from jaxchat.interop.nanochat_ckpt import check_values
+    from jaxchat.runtime.common import UserError
 
     good = {"w": torch.ones(4, 4), "step": torch.tensor(3.0), "ids": torch.arange(3)}
     check_values(good, "f.pt", "fix")
@@ -612,7 +618,7 @@ def test_base_eval_of_a_nanochat_model_without_its_tokenizer_is_one_line(tmp_pat
     """The same class in base_eval: --nanochat-checkpoint without tokenizer/ beside it, and no --tokenizer-dir,
     evaluated with the base dir's tokenizer silently."""
     from jaxchat import base_eval
-    from jaxchat.common import UserError
+    from jaxchat.runtime.common import UserError
 
     monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path / "base"))
     ckpt = tmp_path / "nc" / "base_checkpoints" / "r"

@@ -1,4 +1,4 @@
-"""jaxchat.faults' contract: while training a signal (SIGTERM, SIGINT, SIGHUP) becomes a stop request at a step
+"""jaxchat.runtime.faults' contract: while training a signal (SIGTERM, SIGINT, SIGHUP) becomes a stop request at a step
 boundary or an evaluation's next batch (the shell's exit code); before training, after the final save, while exiting,
 or at a second Ctrl-C, it ends the process at once with one line, after `on_exit`."""
 
@@ -12,8 +12,8 @@ import time
 import pytest
 
 from conftest import hangup_default
-from jaxchat import faults
-from jaxchat.faults import SaveTimer, Stopped, StopRequest, any_process
+from jaxchat.runtime import faults
+from jaxchat.runtime.faults import SaveTimer, Stopped, StopRequest, any_process
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
@@ -49,7 +49,7 @@ def test_an_ignored_signal_stays_ignored():
 
 
 def run(body: str) -> subprocess.CompletedProcess:
-    script = "import os, signal, time\nfrom jaxchat.faults import StopRequest\n" + textwrap.dedent(body)
+    script = "import os, signal, time\nfrom jaxchat.runtime.faults import StopRequest\n" + textwrap.dedent(body)
     with hangup_default():
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
@@ -102,9 +102,9 @@ def test_every_evaluation_loop_stops_at_its_next_batch(capsys):
     import numpy as np
     from flax import nnx
 
-    from jaxchat.core_eval import RowScorer
-    from jaxchat.loss_eval import evaluate_bpb, greedy_generate, make_bpb_step
-    from jaxchat.model import GPT, GPTConfig
+    from jaxchat.eval.core_eval import RowScorer
+    from jaxchat.eval.loss_eval import evaluate_bpb, greedy_generate, make_bpb_step
+    from jaxchat.model.gpt import GPT, GPTConfig
 
     config = GPTConfig(sequence_len=32, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, window_pattern="L")
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))))
@@ -142,7 +142,7 @@ def test_sighup_from_a_terminal_that_hung_up_still_saves(tmp_path):
     master, slave = pty.openpty()
     script = textwrap.dedent("""
         import os, signal
-        from jaxchat.faults import StopRequest
+        from jaxchat.runtime.faults import StopRequest
         request = StopRequest()
         request.training = True
         input()  # the test closes the terminal, then sends SIGHUP
@@ -170,7 +170,7 @@ def test_ctrl_c_outside_training_is_one_line():
     segmentation fault: tests/test_core_eval.py::test_ctrl_c_during_core_is_one_line_and_130_never_a_crash)."""
     script = textwrap.dedent("""
         import threading, time
-        from jaxchat import cli
+        from jaxchat.runtime import cli
 
         def interrupted():
             threading.Thread(target=time.sleep, args=(60,)).start()  # still busy, like XLA's compile threads

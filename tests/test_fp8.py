@@ -18,9 +18,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import TINY_RUN, shared_fixture
-from jaxchat import backend, fp8, parity
-from jaxchat import mesh as meshlib
-from jaxchat.architecture import MODEL_RECIPES
+from jaxchat import parity
+from jaxchat.model import fp8
+from jaxchat.model import mesh as meshlib
+from jaxchat.model.architecture import MODEL_RECIPES
+from jaxchat.runtime import backend
 
 
 def test_unit_fixture_parity(tmp_path):
@@ -84,7 +86,7 @@ def test_qualifying_layers():
 def test_qualifying_matmuls_are_counted_from_the_parameter_table():
     """Per layer q, k, v, both projections and c_fc, and the lm_head, where they qualify (jaxchat.aot's expected fp8
     GEMMs); a width under 128 has none."""
-    from jaxchat.config import config_for_depth
+    from jaxchat.training.config import config_for_depth
 
     assert fp8.qualifying_matmuls(config_for_depth(12)) == 6 * 12 + 1
     assert fp8.qualifying_matmuls(config_for_depth(24, max_seq_len=2048)) == 6 * 24 + 1
@@ -223,8 +225,8 @@ def test_fp8_quantises_only_the_qualifying_layers(monkeypatch, recipe):
     the embeddings or the scalars), decoding never does, and the gates' and embeddings' gradients keep the direction
     of the unquantised model's (cosine > 0.99), float32 and in the same tree; in both recipes."""
     from flax import nnx
-    from jaxchat.model import GPT
-    from jaxchat.config import config_for_depth
+    from jaxchat.model.gpt import GPT
+    from jaxchat.training.config import config_for_depth
     config = config_for_depth(2, aspect_ratio=64, head_dim=32, max_seq_len=64, vocab_size=512, recipe=recipe)
     n, Vp = config.n_embd, config.padded_vocab
     idx = jnp.asarray(np.random.default_rng(0).integers(0, 512, (4, 65)), jnp.int32)

@@ -10,7 +10,7 @@ import pytest
 # faults (minor, from the kernel's count) one more 64 MB buffer costs after the first was freed.
 CODE = """
 import ctypes, resource
-from jaxchat import host_memory
+from jaxchat.runtime import host_memory
 applied = host_memory.keep_freed_memory()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxchat import backend
-from jaxchat import loss as losslib
+from jaxchat.model import loss as losslib
+from jaxchat.runtime import backend
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""jaxchat.loss_eval's contract: bits per byte as nanochat/loss_eval.py evaluate_bpb defines it (348fbb3), jitted
+"""jaxchat.eval.loss_eval's contract: bits per byte as nanochat/loss_eval.py evaluate_bpb defines it (348fbb3), jitted
 and not, and greedy generation with the KV cache equal to the argmax of full forward passes."""
 
 import math
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxchat import mesh as meshlib
-from jaxchat.loss_eval import evaluate_bpb, greedy_generate, make_bpb_step
-from jaxchat.model import GPT, GPTConfig
+from jaxchat.eval.loss_eval import evaluate_bpb, greedy_generate, make_bpb_step
+from jaxchat.model import mesh as meshlib
+from jaxchat.model.gpt import GPT, GPTConfig
 
 pytestmark = pytest.mark.slow
 

@@ -10,15 +10,15 @@ import pytest
 from flax import nnx
 
 
-from jaxchat import recipe
-from jaxchat import memory
-from jaxchat import mesh as meshlib
-from jaxchat import optim
-from jaxchat import cli
-from jaxchat.common import UserError
-from jaxchat.config import optimizer_flags
-from jaxchat.model import GPT, GPTConfig
-from jaxchat.step import abstract_training, compile_step
+from jaxchat.model import mesh as meshlib
+from jaxchat.model.gpt import GPT, GPTConfig
+from jaxchat.runtime import cli
+from jaxchat.runtime.common import UserError
+from jaxchat.training import memory
+from jaxchat.training import optim
+from jaxchat.training import recipe
+from jaxchat.training.config import optimizer_flags
+from jaxchat.training.step import abstract_training, compile_step
 
 # 5 layers of period 2 (pattern L, VE every other layer): 2 scanned repeats and 1 unrolled tail layer.
 TINY = GPTConfig(sequence_len=32, vocab_size=100, n_layer=5, n_head=2, n_kv_head=2, n_embd=32, window_pattern="L")
@@ -142,7 +142,7 @@ def test_auto_picks_a_smaller_batch_under_a_tiny_budget_and_keeps_the_total(one_
 def test_out_of_memory_is_one_line_exit_2_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
     from jax.errors import JaxRuntimeError
 
-    from jaxchat.checkpoint import Checkpointer, checkpoint_dir
+    from jaxchat.runtime.checkpoint import Checkpointer, checkpoint_dir
     from jaxchat.train import train
 
     monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
@@ -225,7 +225,7 @@ def test_tpu_compile_refusal_means_does_not_fit_and_peak_is_xlas(v5e_chip):
 def test_attention_pairs_count_what_the_cpu_attention_allocates():
     """memory.attention_pairs mirrors attention._attention_blocks without allocating: its count is the masks' (and
     the kept probabilities') size, so the bound covers what tracing would allocate in numpy."""
-    from jaxchat.attention import _attention_blocks
+    from jaxchat.model.attention import _attention_blocks
 
     for T, w in [(64, 64), (64, 32), (100, 7), (256, 128), (2048, 1024)]:
         assert memory.attention_pairs(T, w, "blocked") == sum(m.size for *_, m in _attention_blocks(T, w)), (T, w)
@@ -238,8 +238,8 @@ def test_a_length_no_device_batch_holds_is_refused_before_tracing():
     on CPU and on an H100's 80 GiB with cuDNN attention."""
     import dataclasses
 
-    from jaxchat import backend
-    from jaxchat.config import config_for_depth
+    from jaxchat.runtime import backend
+    from jaxchat.training.config import config_for_depth
 
     cpu = backend.for_devices(jax.devices("cpu"))
     demo = dict(aspect_ratio=32, head_dim=64, vocab_size=4096)

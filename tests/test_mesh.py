@@ -5,11 +5,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxchat import recipe
-from jaxchat import mesh as meshlib
-from jaxchat.common import UserError
-from jaxchat.config import optimizer_flags
-from jaxchat.model import GPT, GPTConfig, abstract_model
+from jaxchat.model import mesh as meshlib
+from jaxchat.model.gpt import GPT, GPTConfig, abstract_model
+from jaxchat.runtime.common import UserError
+from jaxchat.training import recipe
+from jaxchat.training.config import optimizer_flags
 
 CONFIG = GPTConfig(sequence_len=32, vocab_size=120, n_layer=8, n_head=2, n_kv_head=2, n_embd=64)
 
@@ -51,7 +51,7 @@ def test_every_parameter_of_each_recipe_has_logical_axes(recipe):
     params = nnx.to_pure_dict(nnx.state(abstract_model(dataclasses.replace(CONFIG, recipe=recipe)), nnx.Param))
     mesh = meshlib.make_mesh(fsdp=2)
     assert jax.tree.structure(meshlib.param_shardings(params, mesh)) == jax.tree.structure(params)
-    with pytest.raises(ValueError, match=r"without logical axes \(not declared in jaxchat.params.PARAMS\): \['new_gate'\]"):
+    with pytest.raises(ValueError, match=r"without logical axes \(not declared in jaxchat.model.params.PARAMS\): \['new_gate'\]"):
         meshlib.param_shardings(params | {"new_gate": params["resid_lambdas"]}, mesh)
 
 
@@ -67,8 +67,8 @@ def compiled_update(mesh, param_shardings, recipe_name: str = "348fbb3") -> str:
     """Optimized HLO of MuonAdamW's update on the optimizer-state layout of `mesh` (as in the ZeRO-2 train step)."""
     import jax.numpy as jnp
 
-    from jaxchat import optim, recipe
-    from jaxchat.mesh import abstract_like
+    from jaxchat.model.mesh import abstract_like
+    from jaxchat.training import optim, recipe
 
     params = abstract_params()
     tx = optim.make_optimizer(**optimizer_flags(), model_dim=CONFIG.n_embd, weight_decay=0.2, muon_dtype=jnp.bfloat16,
@@ -109,7 +109,7 @@ def test_muon_splits_stacks_that_do_not_divide_the_devices():
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxchat import optim
+    from jaxchat.training import optim
 
     config = dataclasses.replace(CONFIG, n_layer=6)
     model = GPT(config, rngs=nnx.Rngs(0))

@@ -10,10 +10,10 @@ from conftest import LOCAL_FIXTURES, shared_fixture
 from jaxchat import parity
 import json
 
-from jaxchat.convert import read_reference_npz, to_reference
-from jaxchat import params as paramslib
-from jaxchat.model import GPT, Blocks, GPTConfig, estimate_flops, layer_runs, num_scaling_params, rotary_tables
-from jaxchat.config import config_for_depth
+from jaxchat.interop.convert import read_reference_npz, to_reference
+from jaxchat.model import params as paramslib
+from jaxchat.model.gpt import GPT, Blocks, GPTConfig, estimate_flops, layer_runs, num_scaling_params, rotary_tables
+from jaxchat.training.config import config_for_depth
 
 TINY = GPTConfig(sequence_len=32, vocab_size=100, n_layer=10, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SSSL")
 
@@ -261,7 +261,7 @@ def test_recipe_92d63d4_parameter_tree():
 
 
 def test_the_annotated_parameters_are_the_declared_ones():
-    """GPT's and Blocks' nnx.Param annotations (what a reader and an IDE see) name exactly jaxchat.params.PARAMS,
+    """GPT's and Blocks' nnx.Param annotations (what a reader and an IDE see) name exactly jaxchat.model.params.PARAMS,
     and the 92d63d4 model, which has all of them, holds each where its annotation says."""
     annotated = {f"blocks/{k}" for k, v in Blocks.__annotations__.items() if v is nnx.Param}
     annotated |= {k for k, v in GPT.__annotations__.items() if v is nnx.Param}
@@ -314,7 +314,7 @@ def test_narrow_elementwise_steps_are_recomputed_without_a_barrier(fn):
     """In bf16 the norms, the lambda mix and relu^2 are recomputed in the backward pass (only their bf16 inputs kept),
     with no optimisation barrier fencing off the incoming gradient (model.recomputed_when_narrow), and their
     gradients are those of the plain function; in float32 nothing is wrapped."""
-    from jaxchat import model as modellib
+    from jaxchat.model import gpt as modellib
     f = getattr(modellib, fn)
     args = [jnp.linspace(-2, 2, 4 * 64, dtype=jnp.bfloat16).reshape(4, 64)]
     args += [args[0][::-1], jnp.float32(0.7), jnp.float32(0.2)] if fn == "_mix" else []

@@ -1,10 +1,10 @@
-"""jaxchat.monitor's contract: nanochat's step line, the peak-FLOPs table, TensorBoard scalars on disk."""
+"""jaxchat.runtime.monitor's contract: nanochat's step line, the peak-FLOPs table, TensorBoard scalars on disk."""
 
 import math
 import struct
 
-from jaxchat.monitor import Monitor, step_line
-from jaxchat.targets import PEAK_FLOPS, peak_flops
+from jaxchat.runtime.monitor import Monitor, step_line
+from jaxchat.runtime.targets import PEAK_FLOPS, peak_flops
 
 
 def test_step_line_is_nanochats_format():

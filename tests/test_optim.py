@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxchat import optim, recipe
-from jaxchat.config import optimizer_flags
+from jaxchat.training import optim, recipe
+from jaxchat.training.config import optimizer_flags
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 

@@ -42,7 +42,7 @@ def run(path) -> tuple[dict, dict]:
     The optimizer part of `parity.compute` only (its forward/backward part is tested in test_model.py).
     """
     from jaxchat import parity
-    from jaxchat.convert import model_from_reference, read_reference_npz, to_reference
+    from jaxchat.interop.convert import model_from_reference, read_reference_npz, to_reference
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity, as `python -m jaxchat.parity`
     config, state, data = read_reference_npz(str(path))
     batches = [(data[f"step{k}_idx"], data[f"step{k}_targets"]) for k in (1, 2, 3)]
@@ -127,8 +127,9 @@ def steps_from_reference_parameters(path) -> tuple[dict, list[dict]]:
     In three free steps, the few elements on a discontinuity of step 1 (Adam where |g| ~ eps, the cautious mask
     where O ~ 0; see the module docstring) change step 2's gradients, which moves small tensors such as a 2x12
     ve_gate by ~1e-3 of their update; restarting each step from the reference's parameters tests each update alone."""
-    from jaxchat import optim, parity
-    from jaxchat.convert import model_from_reference, read_reference_npz, to_reference
+    from jaxchat import parity
+    from jaxchat.interop.convert import model_from_reference, read_reference_npz, to_reference
+    from jaxchat.training import optim
     jax.config.update("jax_default_matmul_precision", "highest")
     config, _, data = read_reference_npz(str(path))
     tx, values = parity.optimizer_from_settings(json.loads(str(data["opt/json"])), config.n_embd, config.recipe)

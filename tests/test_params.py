@@ -1,5 +1,5 @@
 """One declaration per parameter: the model, the sharding, the nanochat converter, the optimizer groups and the counts
-all follow jaxchat.params.PARAMS, for both recipes, and a new declaration reaches every one of them."""
+all follow jaxchat.model.params.PARAMS, for both recipes, and a new declaration reaches every one of them."""
 
 import dataclasses
 import math
@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxchat import convert, optim, recipe
-from jaxchat import mesh as meshlib
-from jaxchat import params as paramslib
-from jaxchat.config import optimizer_flags
-from jaxchat.model import GPT, GPTConfig, estimate_flops, num_scaling_params
+from jaxchat.interop import convert
+from jaxchat.model import mesh as meshlib
+from jaxchat.model import params as paramslib
+from jaxchat.model.gpt import GPT, GPTConfig, estimate_flops, num_scaling_params
+from jaxchat.training import optim, recipe
+from jaxchat.training.config import optimizer_flags
 
 # 5 layers (value embeddings on 0, 2, 4), grouped-query attention, a vocabulary that needs padding
 CONFIG = GPTConfig(sequence_len=32, vocab_size=100, n_layer=5, n_head=4, n_kv_head=2, n_embd=64)
@@ -112,9 +113,9 @@ def test_a_new_block_matrix_is_one_declaration(monkeypatch):
 def test_an_undeclared_leaf_is_an_error():
     params = model_params(CONFIG)
     params["blocks"]["c_new"] = params["blocks"]["c_q"]
-    with pytest.raises(ValueError, match=r"no optimizer group for parameter blocks/c_new \(not in jaxchat.params"):
+    with pytest.raises(ValueError, match=r"no optimizer group for parameter blocks/c_new \(not in jaxchat.model.params"):
         optim.param_labels(params, recipe.get(CONFIG.recipe).adamw_groups)
-    with pytest.raises(ValueError, match=r"not declared in jaxchat.params.PARAMS\): \['blocks/c_new'\]"):
+    with pytest.raises(ValueError, match=r"not declared in jaxchat.model.params.PARAMS\): \['blocks/c_new'\]"):
         meshlib.param_shardings(params, meshlib.make_mesh(fsdp=2))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxchat.common import UserError, base_dir, user_path
+from jaxchat.runtime.common import UserError, base_dir, user_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,8 +43,11 @@ def test_path_flags_are_expanded_where_parsed(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXCHAT_BASE_DIR", "~/jc")
     monkeypatch.chdir(tmp_path)
     home = tmp_path / "home"
-    from jaxchat import base_eval, compile_cache, core_bundle, export, tok_train
-    from jaxchat.config import parse_flags
+    from jaxchat import base_eval, export
+    from jaxchat.data import tok_train
+    from jaxchat.eval import core_bundle
+    from jaxchat.runtime import compile_cache
+    from jaxchat.training.config import parse_flags
 
     assert base_dir() == str(home / "jc")
     assert parse_flags(["--init-from=~/nc/base_checkpoints/d4"]).init_from == str(home / "nc/base_checkpoints/d4")
@@ -71,8 +74,8 @@ def test_a_model_tag_that_leaves_its_folder_is_one_line(tag, tmp_path, monkeypat
     shares, refuses it; train's and export's flags are refused at start-up by the same check."""
     monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
     from jaxchat import export
-    from jaxchat.checkpoint import checkpoint_dir
-    from jaxchat.config import parse_flags
+    from jaxchat.runtime.checkpoint import checkpoint_dir
+    from jaxchat.training.config import parse_flags
 
     with pytest.raises(UserError, match=r"--model-tag=.* must be a plain folder name"):
         checkpoint_dir(tag)

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from jaxchat.common import UserError
-from jaxchat.model import estimate_flops, num_scaling_params
-from jaxchat.config import config_for_depth
-from jaxchat.plan import device_batch_warning, grad_accum_steps, make_plan, num_iterations, readme_tables
+from jaxchat.model.gpt import estimate_flops, num_scaling_params
+from jaxchat.runtime.common import UserError
+from jaxchat.training.config import config_for_depth
+from jaxchat.training.plan import device_batch_warning, grad_accum_steps, make_plan, num_iterations, readme_tables
 
 # nanochat/gpt.py at 348fbb3: its GPT built on PyTorch's meta device, parameter counts per group, num_scaling_params()
 # and estimate_flops().

@@ -1,12 +1,12 @@
-"""jaxchat.projection's roofline model on a hand-written XLA:GPU program, against the arithmetic done by hand: a
-cuBLAS GEMM and an elementwise fusion inside a while loop of 3 trips, overlapping an async all-reduce."""
+"""jaxchat.training.projection's roofline model on a hand-written XLA:GPU program, against the arithmetic done by hand:
+a cuBLAS GEMM and an elementwise fusion inside a while loop of 3 trips, overlapping an async all-reduce."""
 
 import dataclasses
 
 import pytest
 
-from jaxchat import projection
-from jaxchat.targets import GPU_TARGETS, Efficiency
+from jaxchat.runtime.targets import GPU_TARGETS, Efficiency
+from jaxchat.training import projection
 
 STATE = "(s32[], bf16[4096,4096], bf16[4096,4096], f32[16777216])"
 HLO = f"""HloModule m, is_scheduled=true
@@ -132,10 +132,10 @@ def test_causal_pairs_with_and_without_a_window():
 
 
 def test_reproject_on_an_unknown_gpu_is_one_line():
-    """python -m jaxchat.aot --reproject names GPUs of jaxchat.targets; another is one line (exit code 2 via cli.run),
-    before anything compiles."""
+    """python -m jaxchat.aot --reproject names GPUs of jaxchat.runtime.targets; another is one line (exit code 2 via
+    cli.run), before anything compiles."""
     from jaxchat import aot
-    from jaxchat.common import UserError
+    from jaxchat.runtime.common import UserError
     with pytest.raises(UserError, match="--reproject=h200,b200: b200 is not one of h100, h200, a100") as error:
         aot.main(["--reproject=h200,b200", "--depth=2"])
     assert "\n" not in str(error.value)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import shared_fixture
-from jaxchat import config, optim, recipe
-from jaxchat.common import UserError
-from jaxchat.plan import make_plan, transfer
+from jaxchat.runtime.common import UserError
+from jaxchat.training import config, optim, recipe
+from jaxchat.training.plan import make_plan, transfer
 
 R92D63D4 = recipe.get("92d63d4")
 RATIOS = (8, 10.5, 12)
@@ -120,7 +120,7 @@ def test_92d63d4_groups_and_learning_rates():
 
 
 def test_recipe_flag_defaults_and_precedence():
-    from jaxchat.config import parse_flags
+    from jaxchat.training.config import parse_flags
     flags = parse_flags(["--recipe=92d63d4"])
     assert {k: flags[k] for k in R92D63D4.defaults} == dict(R92D63D4.defaults)
     assert parse_flags([]).total_batch_size == 524288 and parse_flags([]).recipe == "348fbb3"
@@ -159,9 +159,9 @@ class SavedStep:
 def test_resuming_with_another_recipe_is_one_line():
     import dataclasses
 
-    from jaxchat.config import parse_flags
-    from jaxchat.config import config_for_depth
     from jaxchat.train import resume_point
+    from jaxchat.training.config import config_for_depth
+    from jaxchat.training.config import parse_flags
     c = parse_flags(["--recipe=92d63d4", "--depth=4", "--resume-from-step=5"])
     saved = dataclasses.asdict(config_for_depth(4))
     del saved["recipe"]  # a checkpoint from before recipes: 348fbb3's

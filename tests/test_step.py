@@ -1,5 +1,5 @@
-"""jaxchat.step's contract: abstract and real state agree, the compiled step is the jitted step is the eager step,
-the device batch is decided (auto or checked) before anything trains, and batches reach the devices as given."""
+"""jaxchat.training.step's contract: abstract and real state agree, the compiled step is the jitted step is the eager
+step, the device batch is decided (auto or checked) before anything trains, and batches reach the devices as given."""
 
 import jax
 import jax.numpy as jnp
@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxchat import recipe
-from jaxchat import memory
-from jaxchat import mesh as meshlib
-from jaxchat import optim
-from jaxchat.common import UserError
-from jaxchat.config import optimizer_flags
-from jaxchat.model import GPTConfig
-from jaxchat.dataloader import ShardLoaders, global_batch, shard_layout, step_batch
-from jaxchat.step import abstract_training, init_training, plan_and_compile, step_input_specs
+from jaxchat.data.dataloader import ShardLoaders, global_batch, shard_layout, step_batch
+from jaxchat.model import mesh as meshlib
+from jaxchat.model.gpt import GPTConfig
+from jaxchat.runtime.common import UserError
+from jaxchat.training import memory
+from jaxchat.training import optim
+from jaxchat.training import recipe
+from jaxchat.training.config import optimizer_flags
+from jaxchat.training.step import abstract_training, init_training, plan_and_compile, step_input_specs
 
 CONFIG = GPTConfig(sequence_len=16, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
 SCHEDULE = optim.schedule_arrays(optim.schedule_values(3, num_iterations=10, warmup_ratio=0.0, warmdown_ratio=0.5,

@@ -1,4 +1,4 @@
-"""jaxchat.step on 8 host devices: accumulation, device count and FSDP do not change the result (one device:
+"""jaxchat.training.step on 8 host devices: accumulation, device count and FSDP do not change the result (one device:
 tests/test_step.py)."""
 
 import jax
@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxchat import recipe
-from jaxchat import mesh as meshlib
-from jaxchat import optim
-from jaxchat.config import optimizer_flags
-from jaxchat.model import GPTConfig
-from jaxchat.step import init_training
+from jaxchat.model import mesh as meshlib
+from jaxchat.model.gpt import GPTConfig
+from jaxchat.training import optim
+from jaxchat.training import recipe
+from jaxchat.training.config import optimizer_flags
+from jaxchat.training.step import init_training
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from conftest import shared_fixture
 
-from jaxchat.common import UserError
-from jaxchat.dataset import build_demo_corpus
-from jaxchat.tok_train import train_tokenizer
-from jaxchat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from jaxchat.data.dataset import build_demo_corpus
+from jaxchat.data.tok_train import train_tokenizer
+from jaxchat.data.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from jaxchat.runtime.common import UserError
 
 VOCAB = 512
 
@@ -100,7 +100,7 @@ def test_tok_eval_runs_offline(trained, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv", [["--vocab-size=0"], ["--demo", "--vocab-size=0"], ["--max-chars=0"]])
 def test_tok_train_rejects_impossible_sizes(argv, tmp_path, monkeypatch):
-    from jaxchat import tok_train
+    from jaxchat.data import tok_train
     monkeypatch.setenv("JAXCHAT_BASE_DIR", str(tmp_path))
     with pytest.raises(UserError, match="must be"):
         tok_train.main(argv)
@@ -110,7 +110,7 @@ def test_tok_train_rejects_impossible_sizes(argv, tmp_path, monkeypatch):
 def test_a_replaced_tokenizer_is_kept_never_deleted(trained, tmp_path):
     """Tokenizer.save over another tokenizer, even an unreadable one, keeps it beside the directory; a truncated
     tokenizer.pkl is one line naming it (common.read_input)."""
-    from jaxchat.tokenizer import kept_fingerprints, restore
+    from jaxchat.data.tokenizer import kept_fingerprints, restore
     tok, out = trained
     target = tmp_path / "tok"
     assert tok.save(str(target)) is None  # nothing there before

@@ -1,4 +1,4 @@
-"""jaxchat.watchdog's contract, with an in-memory key-value store standing in for the coordinator's: a peer that
+"""jaxchat.runtime.watchdog's contract, with an in-memory key-value store standing in for the coordinator's: a peer that
 stops beating, reports a failure or finishes; this process's own failure (abort). Each case runs in a subprocess,
 since the watchdog ends its process with os._exit."""
 
@@ -6,11 +6,11 @@ import subprocess
 import sys
 import textwrap
 
-from jaxchat import watchdog
+from jaxchat.runtime import watchdog
 
 HARNESS = textwrap.dedent("""
     import sys, threading, time
-    from jaxchat import watchdog
+    from jaxchat.runtime import watchdog
 
     class Store:  # the coordinator's key-value store, in memory
         def __init__(self):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from jaxchat import xla_flags
+from jaxchat.runtime import xla_flags
 
 
 def test_user_flags_win_and_defaults_fill_in():
@@ -20,7 +20,7 @@ def test_user_flags_win_and_defaults_fill_in():
 
 
 def start_backend(env: dict) -> subprocess.CompletedProcess:
-    code = ("import os; from jaxchat import xla_flags; xla_flags.apply(); import jax; "
+    code = ("import os; from jaxchat.runtime import xla_flags; xla_flags.apply(); import jax; "
             "jax.numpy.zeros(1).block_until_ready(); print(os.environ['XLA_FLAGS'])")
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 

@@ -1,0 +1,1 @@
+"""Evaluation: validation bits per byte and samples, the CORE bundle and metric."""

@@ -1,0 +1,1 @@
+"""nanochat's files: its state dict to jaxchat's parameters and back, its checkpoint directory."""
