@@ -29,7 +29,7 @@ from jaxchat.model import dense
 from jaxchat.model import loss as losslib
 from jaxchat.model import mesh as meshlib
 from jaxchat.model import params as paramslib
-from jaxchat.model.remat import remat_layer
+from jaxchat.model import remat as rematlib
 from jaxchat.runtime import backend as backendlib
 from jaxchat.runtime.common import UserError
 
@@ -119,12 +119,17 @@ def recomputed_when_narrow(fn):
     with the roofline of docs/performance.md: the record command 1,142 -> 1,069 ms per step, peak 55.8 -> 53.5 GiB;
     configs/d24.py (bf16) 634 -> 638 ms, 55.0 -> 52.9 GiB. The barrier's other use, keeping XLA from merging the recomputation
     back into the forward, is not needed in a scanned layer stack (TPU), whose forward and backward are separate loops,
-    and unrolled (GPU) the figures above show nothing merged back: the peak fell."""
-    checkpointed = jax.checkpoint(fn, prevent_cse=False)
+    and unrolled (GPU) the figures above show nothing merged back: the peak fell. Inside a layer that a --remat
+    policy recomputes (remat.remat_layer) the barrier stays: without it XLA merged the two recomputations and kept
+    the float32 intermediates after all (d24 at device batch 32, bf16: 62.2 GiB with --remat=dots grew to 85.5)."""
+    own = jax.checkpoint(fn, prevent_cse=False)
+    under_policy = jax.checkpoint(fn)
 
     @functools.wraps(fn)
     def wrapper(x, *args):
-        return (checkpointed if jnp.dtype(x.dtype).itemsize < 4 else fn)(x, *args)
+        if jnp.dtype(x.dtype).itemsize >= 4:
+            return fn(x, *args)
+        return (under_policy if rematlib.under_layer_policy() else own)(x, *args)
     return wrapper
 
 
@@ -319,7 +324,7 @@ class GPT(nnx.Module):
         the forward and backward pass (`__call__`) run the qualifying dense layers in fp8 (jaxchat.model.fp8),
         decode_step never; backend: the attention kernel and loss head of the devices the model runs on (None: this
         process's); scan_layers: scan repeated layers (None: the backend's choice, Backend.scan_layers)."""
-        remat_layer(lambda: None, remat)  # validate the name now
+        rematlib.remat_layer(lambda: None, remat)  # validate the name now
         self.config = config
         self.compute_dtype = jnp.dtype(compute_dtype)
         self.remat = remat
@@ -360,7 +365,7 @@ class GPT(nnx.Module):
         layer_fn = functools.partial(block_forward, x0_BTn=x0, idx_BT=idx_BT, cos=cos, sin=sin, config=cfg,
                                      matmul=self.train_matmul)
         # One layer function per window size, under the --remat policy: the layers of a scanned run share it.
-        by_window = {w: remat_layer(functools.partial(layer_fn, attend=functools.partial(
+        by_window = {w: rematlib.remat_layer(functools.partial(layer_fn, attend=functools.partial(
             sequence_attention, window_left=w, backend=self.backend)), self.remat) for w in set(cfg.window_sizes)}
         x, _ = self._trunk(x0, lambda i, x, layer: by_window[cfg.window_sizes[i]](x, layer), self.scan_layers)
         return x

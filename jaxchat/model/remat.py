@@ -1,8 +1,14 @@
 """Rematerialisation policies per transformer layer (--remat): what the backward pass keeps instead of recomputing."""
 
+import contextvars
+import functools
+
 import jax
 
 from jaxchat.model import attention as attentionlib
+
+# True while a layer is traced under a --remat policy (remat_layer); jaxchat.model.gpt.recomputed_when_narrow reads it
+_UNDER_POLICY = contextvars.ContextVar("under_layer_remat_policy", default=False)
 
 REMAT_POLICIES = {
     "none": None,  # no jax.checkpoint: every activation is kept
@@ -25,4 +31,19 @@ def remat_layer(fn, remat: str):
     """`fn` wrapped in jax.checkpoint with the named policy ('none' returns it unchanged)."""
     if remat not in REMAT_POLICIES:  # library guard: the command line refuses it first (config.validate)
         raise ValueError(f"remat {remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
-    return fn if remat == "none" else jax.checkpoint(fn, policy=REMAT_POLICIES[remat])
+    if remat == "none":
+        return fn
+
+    @functools.wraps(fn)
+    def traced_under_policy(*args, **kwargs):
+        token = _UNDER_POLICY.set(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _UNDER_POLICY.reset(token)
+    return jax.checkpoint(traced_under_policy, policy=REMAT_POLICIES[remat])
+
+
+def under_layer_policy() -> bool:
+    """Whether the code being traced is a layer under a --remat policy (remat_layer)."""
+    return _UNDER_POLICY.get()
