@@ -1,3 +1,3 @@
 """The train step as a library: the flags, the two recipes and the MuonAdamW optimizer they configure, the plan,
-memory prediction, checkpoints, and what aot reads from the compiled program (kernel inventory, roofline
+memory prediction, and what aot reads from the compiled program (kernel inventory, roofline
 projection)."""
