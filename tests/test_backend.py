@@ -31,10 +31,12 @@ def gpu(capability: str, kind: str = "GPU") -> Device:
 def test_backend_of_devices(device, dtype, attention, fp8, note):
     """cuDNN attention where it exists and the step is bf16; XLA's with one line elsewhere on GPU; splash attention
     and bf16 on TPU; jaxchat's blocked attention and float32 on CPU; fp8 GEMMs from compute capability 8.9; layers
-    unrolled on GPU only, gradients reduced by GSPMD on TPU only (Backend's comments say why)."""
+    unrolled and the narrow recomputation without its barrier on GPU only, gradients reduced by GSPMD on TPU only
+    (Backend's comments say why)."""
     b = backend.for_devices([device], dtype)
     assert not b.fp8  # only where --fp8 asks for it
-    assert (b.scan_layers, b.per_device_gradients) == (device.platform != "gpu", device.platform != "tpu")
+    gpu, tpu = device.platform == "gpu", device.platform == "tpu"
+    assert (b.scan_layers, b.per_device_gradients, b.recompute_barrier) == (not gpu, not tpu, not gpu)
     assert b.loss_block_tokens == (1024 if device.platform == "cpu" else 8192)
     assert (b.attention, b.fp8_gemms) == (attention, fp8)
     assert (note in b.note) if note else b.note == ""
@@ -135,7 +137,7 @@ def _run(code: str, **env) -> "subprocess.CompletedProcess":
 
     environ = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"} | env
     environ["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    return subprocess.run([sys.executable, "-c", f"import jax\nfrom jaxchat import cli\n{code}"],
+    return subprocess.run([sys.executable, "-c", f"import jax\nfrom jaxchat.runtime import cli\n{code}"],
                           env=environ, capture_output=True, text=True, timeout=120)
 
 

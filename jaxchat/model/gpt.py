@@ -112,24 +112,23 @@ def recomputed_when_narrow(fn):
     arithmetic and the gradients are the same. Compiled for H100s (jaxchat.aot), d26 at device batch 16 needs 92.9 GiB
     per device instead of 110.3. In a float32 step (CPU) there is no narrower input to keep: nothing is recomputed.
 
-    prevent_cse=False: jax.checkpoint's default puts the backward's recomputation behind an optimisation barrier,
+    Without the barrier (prevent_cse=False): jax.checkpoint's default puts the backward's recomputation behind an optimisation barrier,
     which also fences off the incoming gradient, so XLA cannot fuse the scaling of the fp8 GEMM that produced it into
     the fp8 quantisation that reads it (each backward fp8 GEMM's output was rescaled in a pass of its own) and keeps
     the forward's scaled MLP input for the backward besides the GEMM's raw output. Compiled for 8 H100s and projected
     with the roofline of docs/performance.md: the record command 1,142 -> 1,069 ms per step, peak 55.8 -> 53.5 GiB;
-    configs/d24.py (bf16) 634 -> 638 ms, 55.0 -> 52.9 GiB. The barrier's other use, keeping XLA from merging the recomputation
-    back into the forward, is not needed in a scanned layer stack (TPU), whose forward and backward are separate loops,
-    and unrolled (GPU) the figures above show nothing merged back: the peak fell. Inside a layer that a --remat
-    policy recomputes (remat.remat_layer) the barrier stays: without it XLA merged the two recomputations and kept
-    the float32 intermediates after all (d24 at device batch 32, bf16: 62.2 GiB with --remat=dots grew to 85.5)."""
+    configs/d24.py (bf16) 634 -> 638 ms, 55.0 -> 52.9 GiB. So the barrier goes where the backend says
+    (Backend.recompute_barrier: on GPU), and stays inside a layer that a --remat policy recomputes or a scanned run of
+    layers (remat.keeping_barrier), where XLA kept more without it (H100, d24 at device batch 32, bf16,
+    --remat=dots: 62.2 -> 85.5 GiB), and on TPU (tests/test_aot.py's small v5e step: 0.43 -> 0.49 GiB)."""
     own = jax.checkpoint(fn, prevent_cse=False)
-    under_policy = jax.checkpoint(fn)
+    kept = jax.checkpoint(fn)
 
     @functools.wraps(fn)
     def wrapper(x, *args):
         if jnp.dtype(x.dtype).itemsize >= 4:
             return fn(x, *args)
-        return (under_policy if rematlib.under_layer_policy() else own)(x, *args)
+        return (kept if rematlib.keeps_barrier() else own)(x, *args)
     return wrapper
 
 
@@ -403,7 +402,8 @@ class GPT(nnx.Module):
 
     def _embed(self, idx_BT: jax.Array) -> jax.Array:
         """Normalised token embeddings in the compute dtype."""
-        return rmsnorm(lookup(self._whole("wte"), idx_BT, self.compute_dtype))
+        with rematlib.barrier_kept(self.backend.recompute_barrier):  # as in the layers (_trunk)
+            return rmsnorm(lookup(self._whole("wte"), idx_BT, self.compute_dtype))
 
     def _rotary(self, length: int) -> tuple[jax.Array, jax.Array]:
         """The recipe's rotary tables for positions 0..length-1 (rounded to bf16 or to the compute dtype)."""
@@ -430,6 +430,11 @@ class GPT(nnx.Module):
         repeats, so its body is compiled once and compile time stays flat in depth (layer_call must then depend on i
         only through its window); otherwise, and for the layers outside such runs, each layer is traced on its own
         (unrolled: Backend.scan_layers says why GPUs unroll; decode_step always does)."""
+        with rematlib.barrier_kept(self.backend.recompute_barrier):
+            return self._layers(x0_BTn, layer_call, scan)
+
+    def _layers(self, x0_BTn: jax.Array, layer_call, scan: bool) -> tuple[jax.Array, list]:
+        """_trunk's work (_trunk says how the layers are stacked)."""
         cfg = self.config
         layers = self._layer_arrays()
         x, x_mid, outputs = x0_BTn, None, []
@@ -438,7 +443,7 @@ class GPT(nnx.Module):
             one_repeat = functools.partial(self._run_period, layer_call=layer_call, start=start, period=period)
             if repeats > 1:
                 with jax.named_scope(LAYER_SCAN):  # the name jaxchat.training.inventory finds the scan's stacked writes by
-                    x, outs = jax.lax.scan(one_repeat, x, arrays)  # each output stacked over the repeats
+                    x, outs = jax.lax.scan(rematlib.keeping_barrier(one_repeat), x, arrays)  # outputs stacked
                 outputs += [jax.tree.map(lambda t, r=r: t[r], outs[j]) for r in range(repeats) for j in range(period)]
             else:
                 x, outs = one_repeat(x, {k: v[0] for k, v in arrays.items()})

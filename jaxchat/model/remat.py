@@ -1,5 +1,6 @@
 """Rematerialisation policies per transformer layer (--remat): what the backward pass keeps instead of recomputing."""
 
+import contextlib
 import contextvars
 import functools
 
@@ -7,8 +8,10 @@ import jax
 
 from jaxchat.model import attention as attentionlib
 
-# True while a layer is traced under a --remat policy (remat_layer); jaxchat.model.gpt.recomputed_when_narrow reads it
-_UNDER_POLICY = contextvars.ContextVar("under_layer_remat_policy", default=False)
+# True while a layer is traced where jaxchat.model.gpt.recomputed_when_narrow keeps jax.checkpoint's barrier: the
+# backend's choice (Backend.recompute_barrier, set by GPT._trunk), and always inside a --remat policy (remat_layer)
+# or a scanned run of layers (GPT._trunk)
+_KEEP_BARRIER = contextvars.ContextVar("narrow_recompute_keeps_barrier", default=True)
 
 REMAT_POLICIES = {
     "none": None,  # no jax.checkpoint: every activation is kept
@@ -31,19 +34,28 @@ def remat_layer(fn, remat: str):
     """`fn` wrapped in jax.checkpoint with the named policy ('none' returns it unchanged)."""
     if remat not in REMAT_POLICIES:  # library guard: the command line refuses it first (config.validate)
         raise ValueError(f"remat {remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
-    if remat == "none":
-        return fn
+    return fn if remat == "none" else jax.checkpoint(keeping_barrier(fn), policy=REMAT_POLICIES[remat])
 
+
+@contextlib.contextmanager
+def barrier_kept(keep: bool = True):
+    """Within: the narrow steps' recomputation keeps jax.checkpoint's barrier if `keep` (or an enclosing one did)."""
+    token = _KEEP_BARRIER.set(keep)
+    try:
+        yield
+    finally:
+        _KEEP_BARRIER.reset(token)
+
+
+def keeping_barrier(fn):
+    """fn, traced with the narrow steps' recomputation behind jax.checkpoint's barrier (keeps_barrier)."""
     @functools.wraps(fn)
-    def traced_under_policy(*args, **kwargs):
-        token = _UNDER_POLICY.set(True)
-        try:
+    def traced(*args, **kwargs):
+        with barrier_kept():
             return fn(*args, **kwargs)
-        finally:
-            _UNDER_POLICY.reset(token)
-    return jax.checkpoint(traced_under_policy, policy=REMAT_POLICIES[remat])
+    return traced
 
 
-def under_layer_policy() -> bool:
-    """Whether the code being traced is a layer under a --remat policy (remat_layer)."""
-    return _UNDER_POLICY.get()
+def keeps_barrier() -> bool:
+    """Whether the code being traced is a layer under a --remat policy or in a scanned run (keeping_barrier)."""
+    return _KEEP_BARRIER.get()

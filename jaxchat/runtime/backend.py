@@ -40,6 +40,11 @@ class Backend:
     # and step for the record command, against 7.9 GB) and on CPU; GSPMD on TPU, where XLA:TPU predicts more memory for
     # the per-device step (d12 on v5e-8 at device batch 32: 15.2 GiB, over 90% of the chip's 15.75, against 13.3).
     per_device_gradients: bool = True
+    # Whether the norms', lambda mix's and relu^2's own bf16 recomputation (jaxchat.model.gpt.recomputed_when_narrow)
+    # keeps jax.checkpoint's optimisation barrier. Not on GPU: there the barrier kept each backward fp8 GEMM's output
+    # scaling a pass of its own (the record command on 8 H100s: 1,142 ms projected with it, 1,069 without, peak 55.8
+    # and 53.5 GiB); on TPU XLA keeps more without it (tests/test_aot.py's small v5e step: 0.43 -> 0.49 GiB).
+    recompute_barrier: bool = True
     # the mesh's abstract mesh (for_mesh): splash attention's shard_map where no mesh is in context (evaluation)
     mesh: jax.sharding.AbstractMesh | None = None
     note: str = ""  # one line for the user where the platform lacks what it would normally use
@@ -96,6 +101,7 @@ def for_devices(devices, compute_dtype: str | None = None, fp8: bool = False) ->
                    loss_block_tokens=1024 if cpu else 8192,
                    fp8_gemms=platform == "gpu" and capability is not None and capability >= (8, 9), fp8=fp8,
                    scan_layers=platform != "gpu", per_device_gradients=platform != "tpu",
+                   recompute_barrier=platform != "gpu",
                    note=note)
 
 
