@@ -112,15 +112,16 @@ def recomputed_when_narrow(fn):
     arithmetic and the gradients are the same. Compiled for H100s (jaxchat.aot), d26 at device batch 16 needs 92.9 GiB
     per device instead of 110.3. In a float32 step (CPU) there is no narrower input to keep: nothing is recomputed.
 
-    Without the barrier (prevent_cse=False): jax.checkpoint's default puts the backward's recomputation behind an optimisation barrier,
-    which also fences off the incoming gradient, so XLA cannot fuse the scaling of the fp8 GEMM that produced it into
-    the fp8 quantisation that reads it (each backward fp8 GEMM's output was rescaled in a pass of its own) and keeps
-    the forward's scaled MLP input for the backward besides the GEMM's raw output. Compiled for 8 H100s and projected
-    with the roofline of docs/performance.md: the record command 1,142 -> 1,069 ms per step, peak 55.8 -> 53.5 GiB;
-    configs/d24.py (bf16) 634 -> 638 ms, 55.0 -> 52.9 GiB. So the barrier goes where the backend says
-    (Backend.recompute_barrier: on GPU), and stays inside a layer that a --remat policy recomputes or a scanned run of
-    layers (remat.keeping_barrier), where XLA kept more without it (H100, d24 at device batch 32, bf16,
-    --remat=dots: 62.2 -> 85.5 GiB), and on TPU (tests/test_aot.py's small v5e step: 0.43 -> 0.49 GiB)."""
+    Without the barrier (prevent_cse=False): jax.checkpoint's default puts the backward's recomputation behind an
+    optimisation barrier, which also fences off the incoming gradient, so XLA cannot fuse the scaling of the fp8
+    GEMM that produced it into the fp8 quantisation that reads it (each backward fp8 GEMM's output was rescaled in a
+    pass of its own) and keeps the forward's scaled MLP input for the backward besides the GEMM's raw output.
+    Compiled for 8 H100s and projected with the roofline of docs/performance.md: the record command 1,142 -> 1,069
+    ms per step, peak 55.8 -> 53.5 GiB; configs/d24.py (bf16) 634 -> 638 ms, 55.0 -> 52.9 GiB. So the barrier is
+    dropped where the backend says so (Backend.recompute_barrier: on GPU), and stays inside a layer that a --remat policy
+    recomputes or a scanned run of layers (remat.keeping_barrier), where XLA kept more without it (H100, d24 at
+    device batch 32, bf16, --remat=dots: 62.2 -> 85.5 GiB), and on TPU (tests/test_aot.py's small v5e step: 0.43 ->
+    0.49 GiB)."""
     own = jax.checkpoint(fn, prevent_cse=False)
     kept = jax.checkpoint(fn)
 

@@ -9,8 +9,8 @@ import jax
 from jaxchat.model import attention as attentionlib
 
 # True while a layer is traced where jaxchat.model.gpt.recomputed_when_narrow keeps jax.checkpoint's barrier: the
-# backend's choice (Backend.recompute_barrier, set by GPT._trunk), and always inside a --remat policy (remat_layer)
-# or a scanned run of layers (GPT._trunk)
+# backend's choice (Backend.recompute_barrier, set by GPT._trunk and GPT._embed), and always inside a --remat policy
+# (remat_layer) or a scanned run of layers (GPT._trunk); outside the model, kept
 _KEEP_BARRIER = contextvars.ContextVar("narrow_recompute_keeps_barrier", default=True)
 
 REMAT_POLICIES = {
@@ -39,7 +39,7 @@ def remat_layer(fn, remat: str):
 
 @contextlib.contextmanager
 def barrier_kept(keep: bool = True):
-    """Within: the narrow steps' recomputation keeps jax.checkpoint's barrier if `keep` (or an enclosing one did)."""
+    """Within: the narrow steps' recomputation keeps jax.checkpoint's barrier (keep) or drops it (not keep)."""
     token = _KEEP_BARRIER.set(keep)
     try:
         yield
