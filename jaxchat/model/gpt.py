@@ -118,10 +118,10 @@ def recomputed_when_narrow(fn):
     pass of its own) and keeps the forward's scaled MLP input for the backward besides the GEMM's raw output.
     Compiled for 8 H100s and projected with the roofline of docs/performance.md: the record command 1,142 -> 1,069
     ms per step, peak 55.8 -> 53.5 GiB; configs/d24.py (bf16) 634 -> 638 ms, 55.0 -> 52.9 GiB. So the barrier is
-    dropped where the backend says so (Backend.recompute_barrier: on GPU), and stays inside a layer that a --remat policy
-    recomputes or a scanned run of layers (remat.keeping_barrier), where XLA kept more without it (H100, d24 at
-    device batch 32, bf16, --remat=dots: 62.2 -> 85.5 GiB), and on TPU (tests/test_aot.py's small v5e step: 0.43 ->
-    0.49 GiB)."""
+    dropped where the backend says so (Backend.recompute_barrier: on GPU), and stays inside a layer that a --remat
+    policy recomputes or a scanned run of layers (remat.keeping_barrier), where XLA kept more without it (H100, d24
+    at device batch 32, bf16, --remat=dots: 62.2 -> 85.5 GiB), and on TPU (tests/test_aot.py's small v5e step: 0.43
+    -> 0.49 GiB)."""
     own = jax.checkpoint(fn, prevent_cse=False)
     kept = jax.checkpoint(fn)
 
@@ -360,14 +360,17 @@ class GPT(nnx.Module):
         if T > 10 * cfg.sequence_len:
             raise UserError(f"sequence of {T} tokens exceeds the rotary cache of {10 * cfg.sequence_len}")
         cos, sin = self._rotary(T)
-        x = self._embed(idx_BT)
-        x0 = self._smear(x, jnp.pad(x[:, :-1], ((0, 0), (1, 0), (0, 0))))  # token 0 has no predecessor: unchanged
-        layer_fn = functools.partial(block_forward, x0_BTn=x0, idx_BT=idx_BT, cos=cos, sin=sin, config=cfg,
-                                     matmul=self.train_matmul)
-        # One layer function per window size, under the --remat policy: the layers of a scanned run share it.
-        by_window = {w: rematlib.remat_layer(functools.partial(layer_fn, attend=functools.partial(
-            sequence_attention, window_left=w, backend=self.backend)), self.remat) for w in set(cfg.window_sizes)}
-        x, _ = self._trunk(x0, lambda i, x, layer: by_window[cfg.window_sizes[i]](x, layer), self.scan_layers)
+        # the only differentiated pass: here the backend decides whether the norms', lambda mix's and relu^2's own
+        # recomputation keeps jax.checkpoint's barrier (recomputed_when_narrow)
+        with rematlib.barrier_kept(self.backend.recompute_barrier):
+            x = self._embed(idx_BT)
+            x0 = self._smear(x, jnp.pad(x[:, :-1], ((0, 0), (1, 0), (0, 0))))  # token 0 has no predecessor: unchanged
+            layer_fn = functools.partial(block_forward, x0_BTn=x0, idx_BT=idx_BT, cos=cos, sin=sin, config=cfg,
+                                         matmul=self.train_matmul)
+            # One layer function per window size, under the --remat policy: the layers of a scanned run share it.
+            by_window = {w: rematlib.remat_layer(functools.partial(layer_fn, attend=functools.partial(
+                sequence_attention, window_left=w, backend=self.backend)), self.remat) for w in set(cfg.window_sizes)}
+            x, _ = self._trunk(x0, lambda i, x, layer: by_window[cfg.window_sizes[i]](x, layer), self.scan_layers)
         return x
 
     def decode_step(self, token_B: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
@@ -403,8 +406,7 @@ class GPT(nnx.Module):
 
     def _embed(self, idx_BT: jax.Array) -> jax.Array:
         """Normalised token embeddings in the compute dtype."""
-        with rematlib.barrier_kept(self.backend.recompute_barrier):  # as in the layers (_trunk)
-            return rmsnorm(lookup(self._whole("wte"), idx_BT, self.compute_dtype))
+        return rmsnorm(lookup(self._whole("wte"), idx_BT, self.compute_dtype))
 
     def _rotary(self, length: int) -> tuple[jax.Array, jax.Array]:
         """The recipe's rotary tables for positions 0..length-1 (rounded to bf16 or to the compute dtype)."""
@@ -431,11 +433,6 @@ class GPT(nnx.Module):
         repeats, so its body is compiled once and compile time stays flat in depth (layer_call must then depend on i
         only through its window); otherwise, and for the layers outside such runs, each layer is traced on its own
         (unrolled: Backend.scan_layers says why GPUs unroll; decode_step always does)."""
-        with rematlib.barrier_kept(self.backend.recompute_barrier):
-            return self._layers(x0_BTn, layer_call, scan)
-
-    def _layers(self, x0_BTn: jax.Array, layer_call, scan: bool) -> tuple[jax.Array, list]:
-        """_trunk's work (_trunk says how the layers are stacked)."""
         cfg = self.config
         layers = self._layer_arrays()
         x, x_mid, outputs = x0_BTn, None, []

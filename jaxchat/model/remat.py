@@ -2,14 +2,13 @@
 
 import contextlib
 import contextvars
-import functools
 
 import jax
 
 from jaxchat.model import attention as attentionlib
 
 # True while a layer is traced where jaxchat.model.gpt.recomputed_when_narrow keeps jax.checkpoint's barrier: the
-# backend's choice (Backend.recompute_barrier, set by GPT._trunk and GPT._embed), and always inside a --remat policy
+# backend's choice (Backend.recompute_barrier, set by GPT.hidden_states), and always inside a --remat policy
 # (remat_layer) or a scanned run of layers (GPT._trunk); outside the model, kept
 _KEEP_BARRIER = contextvars.ContextVar("narrow_recompute_keeps_barrier", default=True)
 
@@ -49,11 +48,7 @@ def barrier_kept(keep: bool = True):
 
 def keeping_barrier(fn):
     """fn, traced with the narrow steps' recomputation behind jax.checkpoint's barrier (keeps_barrier)."""
-    @functools.wraps(fn)
-    def traced(*args, **kwargs):
-        with barrier_kept():
-            return fn(*args, **kwargs)
-    return traced
+    return barrier_kept()(fn)  # a contextmanager is also a decorator, entered afresh at each call
 
 
 def keeps_barrier() -> bool:
